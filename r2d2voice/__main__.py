@@ -1,0 +1,6 @@
+"""``python -m r2d2voice``."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

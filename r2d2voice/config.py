@@ -1,0 +1,250 @@
+"""Settings from CLI flags > process environment > env file, validated into one frozen object.
+
+No trio, no sounddevice: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger("r2d2voice.config")
+
+DEFAULT_URL = "wss://api.openai.com/v1/realtime"
+#: Newest GA realtime model that the openai SDK does not list as deprecated.
+DEFAULT_MODEL = "gpt-realtime-2.1"
+DEFAULT_INSTRUCTIONS = (
+    "You are R2, a small friendly robot. Answer briefly and warmly, in one or two short sentences."
+)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+BACKENDS = ("openai", "local")
+DUPLEX_MODES = ("half", "full")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its env name, default and parser."""
+
+    env: str
+    attr: str
+    default: Any
+    parse: Callable[[str], Any]
+    rule: str  # what a valid value looks like, for the error message
+    doc: str
+
+
+def _str(v: str) -> str:
+    return v
+
+
+def _opt_str(v: str) -> str | None:
+    return v or None
+
+
+def _number(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(v: str) -> float:
+        x = float(v)
+        if not lo <= x <= hi:
+            raise ValueError
+        return x
+
+    return parse
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(v: str) -> int:
+        x = int(v)
+        if not lo <= x <= hi:
+            raise ValueError
+        return x
+
+    return parse
+
+
+def _choice(options: tuple[str, ...], upper: bool = False) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        x = v.strip().upper() if upper else v.strip().lower()
+        if x not in options:
+            raise ValueError
+        return x
+
+    return parse
+
+
+def _url(v: str) -> str:
+    if not v.startswith(("ws://", "wss://")):
+        raise ValueError
+    return v
+
+
+KEYS: tuple[Key, ...] = (
+    Key("OPENAI_API_KEY", "api_key", None, _opt_str, "an API key", "API key (backend openai)"),
+    Key("REALTIME_URL", "realtime_url", DEFAULT_URL, _url, "a ws:// or wss:// URL",
+        "Realtime websocket endpoint"),
+    Key("REALTIME_MODEL", "model", DEFAULT_MODEL, _str, "a model name", "Realtime model"),
+    Key("REALTIME_VOICE", "voice", "alloy", _str, "a voice name", "reply voice"),
+    Key("R2D2_INSTRUCTIONS", "instructions", DEFAULT_INSTRUCTIONS, _str, "text",
+        "system instructions"),
+    Key("R2D2_TRANSCRIBE_MODEL", "transcribe_model", "gpt-4o-transcribe", _str, "a model name",
+        "model transcribing the user's speech"),
+    Key("R2D2_BACKEND", "backend", "openai", _choice(BACKENDS), "'openai' or 'local'",
+        "service to talk to"),
+    Key("R2D2_DB", "db", None, _opt_str, "a file path", "transcript database"),
+    Key("R2D2_INPUT_DEVICE", "input_device", None, _opt_str, "a device index or name",
+        "microphone"),
+    Key("R2D2_OUTPUT_DEVICE", "output_device", None, _opt_str, "a device index or name",
+        "speaker"),
+    Key("R2D2_OUTPUT_LATENCY", "output_latency", 0.03, _number(0.0, 2.0),
+        "a number of seconds between 0 and 2", "speaker latency"),
+    Key("R2D2_VAD_THRESHOLD", "vad_threshold", 0.5, _number(0.0, 1.0),
+        "a number between 0 and 1", "server VAD threshold"),
+    Key("R2D2_VAD_SILENCE_MS", "vad_silence_ms", 500, _int(100, 10_000),
+        "a whole number of ms between 100 and 10000", "silence that ends a turn"),
+    Key("R2D2_VAD_PREFIX_MS", "vad_prefix_ms", 300, _int(0, 5_000),
+        "a whole number of ms between 0 and 5000", "audio kept before speech starts"),
+    Key("R2D2_LOG_LEVEL", "log_level", "INFO", _choice(LOG_LEVELS, upper=True),
+        "one of DEBUG, INFO, WARNING, ERROR", "log level"),
+)
+KEYS_BY_ENV = {k.env: k for k in KEYS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. ``repr`` never shows the API key."""
+
+    api_key: str | None = field(default=None, repr=False)
+    realtime_url: str = DEFAULT_URL
+    model: str = DEFAULT_MODEL
+    voice: str = "alloy"
+    instructions: str = DEFAULT_INSTRUCTIONS
+    transcribe_model: str = "gpt-4o-transcribe"
+    backend: str = "openai"
+    db: Path = field(default_factory=lambda: default_db_path({}))
+    input_device: str | None = None
+    output_device: str | None = None
+    output_latency: float = 0.03
+    vad_threshold: float = 0.5
+    vad_silence_ms: int = 500
+    vad_prefix_ms: int = 300
+    log_level: str = "INFO"
+    env_file: Path | None = None
+    #: where each key's value came from ("--flag", "environment", an env file path, "default")
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr
+        )
+        key = "'***'" if self.api_key else "None"
+        return f"Settings(api_key={key}, {shown})"
+
+    def require_api_key(self) -> str:
+        """The key for the OpenAI backend, or a ConfigError (exit 3) saying how to set it."""
+        if not self.api_key:
+            raise ConfigError(
+                "OPENAI_API_KEY is not set: put it in .env (see .env.example), the environment, "
+                "or use --backend local"
+            )
+        return self.api_key
+
+
+def default_db_path(environ: Mapping[str, str]) -> Path:
+    """$STATE_DIRECTORY (systemd) > $XDG_DATA_HOME > ~/.local/share, + r2d2voice db name."""
+    state = environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0]) / "conversations.db"
+    data_home = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "r2d2voice" / "conversations.db"
+
+
+def find_env_file(explicit: str | os.PathLike[str] | None, cwd: Path | None = None,
+                  home: Path | None = None) -> Path | None:
+    """``--env-file`` if given (must exist), else ./.env, else ~/.r2d2/.env, else None."""
+    if explicit is not None:
+        p = Path(explicit)
+        if not p.is_file():
+            raise ConfigError(f"env file {p} does not exist or is not a file")
+        return p
+    for candidate in ((cwd or Path.cwd()) / ".env", (home or Path.home()) / ".r2d2" / ".env"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    try:
+        values = dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read env file {path}: {exc.__class__.__name__}") from None
+    return {k: v for k, v in values.items() if v is not None}
+
+
+_warned_readable: set[Path] = set()
+
+
+def _warn_if_readable(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH) and path not in _warned_readable:
+        _warned_readable.add(path)
+        log.warning("%s holds OPENAI_API_KEY and is readable by other users: chmod 600 %s",
+                    path, path)
+
+
+def load_settings(
+    *,
+    env_file: str | os.PathLike[str] | None = None,
+    flags: Mapping[str, tuple[Any, str]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    home: Path | None = None,
+) -> Settings:
+    """Build Settings: ``flags`` (env key -> (value, "--flag")) > ``environ`` > env file > default.
+
+    Raises ConfigError naming the key and where its bad value came from.
+    """
+    environ = os.environ if environ is None else environ
+    path = find_env_file(env_file, cwd=cwd, home=home)
+    file_values = _read_env_file(path) if path else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in KEYS:
+        raw: Any = None
+        source = "default"
+        if flags and flags.get(key.env, (None, ""))[0] is not None:
+            raw, source = flags[key.env]
+        elif key.env in environ:
+            raw, source = environ[key.env], "environment"
+        elif key.env in file_values:
+            raw, source = file_values[key.env], str(path)
+        if raw is None:
+            values[key.attr] = key.default
+        else:
+            try:
+                values[key.attr] = key.parse(str(raw))
+            except ValueError:
+                where = "on the command line" if source.startswith("--") else f"in {source}"
+                if source == "environment":
+                    where = "in the environment"
+                shown = "***" if key.env == "OPENAI_API_KEY" else str(raw)
+                flag = f" ({source})" if source.startswith("--") else ""
+                raise ConfigError(
+                    f"{key.env}{flag} {where} must be {key.rule}, got {shown!r}"
+                ) from None
+        sources[key.attr] = source
+    if values["api_key"] and sources["api_key"] == str(path) and path is not None:
+        _warn_if_readable(path)
+    db = values.pop("db")
+    values["db"] = Path(db).expanduser() if db else default_db_path(environ)
+    return Settings(**values, env_file=path, sources=sources)

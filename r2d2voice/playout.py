@@ -1,0 +1,243 @@
+"""Reply audio waiting for the speaker: a bounded, thread-safe queue of 24 kHz mono int16 audio.
+
+Filled by the downlink (trio thread), drained by the PortAudio output callback (or a WAV sink).
+Every method takes one :class:`threading.Lock` for a short, bounded amount of work; nothing
+blocks and :meth:`PlayoutBuffer.read_into` allocates no sample buffers, so it is safe to call
+from an audio callback. Each item's received and played sample counts are kept so that an
+interrupted reply can be truncated at exactly what the user heard.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .audio import RATE
+
+#: Per-item bookkeeping kept for this many most recent items (bounded for weeks-long runs).
+MAX_TRACKED_ITEMS = 256
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """A piece of one reply item's audio (int16 mono 24 kHz)."""
+
+    item_id: str
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class PlayoutStatistics:
+    """Counters since the buffer was created (all in samples at 24 kHz, except underruns).
+
+    ``dropped_samples``: discarded because the buffer was full (oldest first).
+    ``cancelled_samples``: discarded on purpose (cancel, clear, or audio arriving for a cancelled
+    item). ``underruns``: times the consumer reported it had to play silence.
+    """
+
+    queued_samples: int
+    dropped_samples: int
+    cancelled_samples: int
+    underruns: int
+    played_samples: int
+
+
+class _Item:
+    __slots__ = ("cancelled", "played", "received")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.played = 0
+        self.cancelled = False
+
+
+class PlayoutBuffer:
+    """Bounded FIFO of reply audio, tagged by conversation item id.
+
+    Policy when full: :meth:`push` never blocks; the OLDEST queued samples are dropped and
+    counted in ``dropped_samples`` (the downlink never waits for the speaker).
+    """
+
+    def __init__(
+        self, capacity_samples: int = 60 * RATE, max_items: int = MAX_TRACKED_ITEMS
+    ) -> None:
+        if capacity_samples < 1:
+            raise ValueError("capacity_samples must be >= 1")
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        self.capacity_samples = capacity_samples
+        self._max_items = max_items
+        self._lock = threading.Lock()
+        self._chunks: deque[AudioChunk] = deque()
+        self._head_offset = 0  # samples of _chunks[0] already played or dropped
+        self._queued = 0
+        self._items: OrderedDict[str, _Item] = OrderedDict()
+        self._dropped = 0
+        self._cancelled = 0
+        self._underruns = 0
+        self._played = 0
+
+    # -- bookkeeping (lock held) --------------------------------------------------------------
+
+    def _item(self, item_id: str) -> _Item:
+        item = self._items.get(item_id)
+        if item is None:
+            item = self._items[item_id] = _Item()
+            if len(self._items) > self._max_items:
+                self._items.popitem(last=False)
+        return item
+
+    def _discard_head(self, n: int) -> None:
+        """Remove up to n samples from the head without playing them."""
+        while n > 0 and self._chunks:
+            head = self._chunks[0]
+            take = min(n, len(head.pcm) - self._head_offset)
+            self._head_offset += take
+            self._queued -= take
+            n -= take
+            if self._head_offset == len(head.pcm):
+                self._chunks.popleft()
+                self._head_offset = 0
+
+    # -- producer side ------------------------------------------------------------------------
+
+    def push(self, item_id: str, pcm: np.ndarray) -> None:
+        """Queue audio for ``item_id``; never blocks (drop-oldest when full, see class doc)."""
+        pcm = np.asarray(pcm)
+        if pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise ValueError(f"PlayoutBuffer takes 1-D int16 audio, got {pcm.dtype} {pcm.shape}")
+        # Copy outside the lock: the caller may reuse its array.
+        pcm = pcm.copy()
+        n = len(pcm)
+        with self._lock:
+            item = self._item(item_id)
+            item.received += n
+            if item.cancelled:
+                self._cancelled += n
+                return
+            if n == 0:
+                return
+            if n > self.capacity_samples:
+                # The chunk alone overflows: keep only its newest part.
+                self._dropped += n - self.capacity_samples
+                pcm = pcm[n - self.capacity_samples :]
+                n = len(pcm)
+            overflow = self._queued + n - self.capacity_samples
+            if overflow > 0:
+                self._dropped += overflow
+                self._discard_head(overflow)
+            self._chunks.append(AudioChunk(item_id, pcm))
+            self._queued += n
+
+    def cancel(self, item_id: str) -> int:
+        """Drop ``item_id``'s queued audio and any later push for it; return samples dropped."""
+        with self._lock:
+            item = self._item(item_id)
+            item.cancelled = True
+            if not any(c.item_id == item_id for c in self._chunks):
+                return 0
+            dropped = 0
+            kept: deque[AudioChunk] = deque()
+            for i, chunk in enumerate(self._chunks):
+                if chunk.item_id == item_id:
+                    dropped += len(chunk.pcm) - (self._head_offset if i == 0 else 0)
+                else:
+                    kept.append(chunk)
+            if self._chunks[0].item_id == item_id:
+                self._head_offset = 0  # the new head (if any) is untouched
+            self._chunks = kept
+            self._queued -= dropped
+            self._cancelled += dropped
+            return dropped
+
+    def clear(self) -> int:
+        """Drop everything queued (items are not marked cancelled); return samples dropped."""
+        with self._lock:
+            dropped = self._queued
+            self._chunks.clear()
+            self._head_offset = 0
+            self._queued = 0
+            self._cancelled += dropped
+            return dropped
+
+    # -- consumer side ------------------------------------------------------------------------
+
+    def read_into(self, out: np.ndarray) -> int:
+        """Fill ``out`` (1-D int16) with queued audio; zero the rest; return samples written.
+
+        Spans item boundaries and credits each item's played count. No sample buffer is
+        allocated, so it is fit for a PortAudio callback.
+        """
+        n = len(out)
+        written = 0
+        with self._lock:
+            while written < n and self._chunks:
+                head = self._chunks[0]
+                start = self._head_offset
+                take = min(n - written, len(head.pcm) - start)
+                out[written : written + take] = head.pcm[start : start + take]
+                written += take
+                item = self._items.get(head.item_id)
+                if item is not None:
+                    item.played += take
+                self._head_offset = start + take
+                if self._head_offset == len(head.pcm):
+                    self._chunks.popleft()
+                    self._head_offset = 0
+            self._queued -= written
+            self._played += written
+        if written < n:
+            out[written:] = 0
+        return written
+
+    def read(self, n: int) -> np.ndarray:
+        """Up to ``n`` samples of queued audio (shorter or empty when less is queued)."""
+        out = np.empty(max(0, n), dtype=np.int16)
+        written = self.read_into(out)
+        return out[:written]
+
+    def note_underrun(self) -> None:
+        """Record that the consumer had to play silence for lack of audio."""
+        with self._lock:
+            self._underruns += 1
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def played_samples(self, item_id: str) -> int:
+        """Samples of ``item_id`` handed to the consumer so far (0 if unknown or forgotten)."""
+        with self._lock:
+            item = self._items.get(item_id)
+            return item.played if item is not None else 0
+
+    def received_samples(self, item_id: str) -> int:
+        """Samples pushed for ``item_id`` so far, including dropped ones (0 if unknown)."""
+        with self._lock:
+            item = self._items.get(item_id)
+            return item.received if item is not None else 0
+
+    def playing_item(self) -> str | None:
+        """The item whose audio is at the head of the queue, or None when nothing is queued."""
+        with self._lock:
+            return self._chunks[0].item_id if self._chunks else None
+
+    def queued_samples(self) -> int:
+        with self._lock:
+            return self._queued
+
+    def tracked_items(self) -> int:
+        """How many items have bookkeeping (at most ``max_items``)."""
+        with self._lock:
+            return len(self._items)
+
+    def statistics(self) -> PlayoutStatistics:
+        with self._lock:
+            return PlayoutStatistics(
+                queued_samples=self._queued,
+                dropped_samples=self._dropped,
+                cancelled_samples=self._cancelled,
+                underruns=self._underruns,
+                played_samples=self._played,
+            )

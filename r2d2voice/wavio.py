@@ -1,0 +1,167 @@
+"""Sound files in and out: load any audio file as 24 kHz mono PCM16, write replies as WAV.
+
+Reading goes through libsndfile (soundfile), so every WAV flavour (8/16/24/32-bit integer,
+float32/64, any channel count, WAVE_FORMAT_EXTENSIBLE) and FLAC, OGG, ... are accepted;
+resampling uses soxr. Unusable files raise :class:`UsageError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from types import TracebackType
+
+import numpy as np
+import soundfile as sf
+
+from .audio import RATE, Resampler, bytes_to_pcm16, float_to_pcm16, to_mono
+from .errors import RuntimeFailure, UsageError
+
+# Decoded in blocks of this many source frames so a long file never exists as float64 in
+# memory all at once; only the int16 24 kHz result is kept.
+_READ_BLOCK_FRAMES = 1 << 16
+
+# soundfile/libsndfile raise assorted exception types for malformed input.
+_DECODE_ERRORS = (sf.SoundFileError, RuntimeError, ValueError, TypeError, EOFError, OverflowError)
+
+
+def _show(path: str | os.PathLike[str]) -> str:
+    """The path as shown in a one-line message (repr only if it would break the line)."""
+    text = os.fsdecode(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_reason(exc: OSError) -> str:
+    reasons = {
+        errno.ENOENT: "no such file",
+        errno.EISDIR: "is a directory",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a parent of it is not a directory",
+        errno.ENOSPC: "no space left on device",
+        errno.EROFS: "read-only file system",
+    }
+    return reasons.get(exc.errno or 0, _one_line(exc.strerror or exc))
+
+
+def _decode_reason(exc: BaseException) -> str:
+    detail = getattr(exc, "error_string", None) or str(exc) or type(exc).__name__
+    detail = _one_line(detail).rstrip(".")
+    return f"not a readable audio file ({detail})"
+
+
+def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a sound file as 24 kHz mono int16 (channels averaged, resampled with soxr)."""
+    shown = _show(path)
+    if os.path.isdir(path):
+        raise UsageError(f"cannot read audio file {shown}: is a directory")
+    try:
+        # Python's open gives a precise reason (missing, permission); soundfile then opens the
+        # path itself: its file-object mode prints tracebacks from cffi callbacks on bad input.
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UsageError(f"cannot read audio file {shown}: not a regular file")
+        return _decode(path, shown)
+    except OSError as exc:
+        raise UsageError(f"cannot read audio file {shown}: {_os_reason(exc)}") from None
+    except _DECODE_ERRORS as exc:
+        raise UsageError(f"cannot read audio file {shown}: {_decode_reason(exc)}") from None
+    except MemoryError:
+        raise UsageError(f"cannot read audio file {shown}: too large to load") from None
+
+
+def _decode(path: str | os.PathLike[str], shown: str) -> np.ndarray:
+    with sf.SoundFile(path) as snd:
+        if snd.channels < 1:
+            raise UsageError(f"cannot read audio file {shown}: it has no audio channels")
+        if snd.samplerate < 1:
+            raise UsageError(f"cannot read audio file {shown}: invalid sample rate")
+        resampler = Resampler(snd.samplerate, RATE, channels=1)
+        parts: list[np.ndarray] = []
+        frames = 0
+        while True:
+            block = snd.read(_READ_BLOCK_FRAMES, dtype="float32", always_2d=True)
+            if not len(block):
+                break
+            frames += len(block)
+            # Float files may hold NaN/inf or values far out of range: keep the filter finite.
+            np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+            np.clip(block, -1.0, 1.0, out=block)
+            parts.append(float_to_pcm16(resampler.process(to_mono(block))))
+        if frames == 0:
+            raise UsageError(f"cannot read audio file {shown}: it contains no audio (0 frames)")
+        parts.append(float_to_pcm16(resampler.process(np.zeros(0, np.float32), last=True)))
+    return np.concatenate(parts)
+
+
+class WavWriter:
+    """Writes 24 kHz mono PCM16 WAV incrementally; a valid file after close, even if empty.
+
+    ``write`` takes int16 samples (or little-endian PCM16 bytes). Usable as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = path
+        self._shown = _show(path)
+        self.frames_written = 0
+        if os.path.isdir(path):
+            raise UsageError(f"cannot write WAV file {self._shown}: is a directory")
+        try:
+            # Python's open gives a precise reason; soundfile then opens the path itself (its
+            # file-object mode prints tracebacks from cffi callbacks when a write fails).
+            with open(path, "wb"):
+                pass
+            self._snd: sf.SoundFile | None = sf.SoundFile(
+                path, "w", samplerate=RATE, channels=1, format="WAV", subtype="PCM_16"
+            )
+        except OSError as exc:
+            raise UsageError(f"cannot write WAV file {self._shown}: {_os_reason(exc)}") from None
+        except _DECODE_ERRORS as exc:
+            raise UsageError(f"cannot write WAV file {self._shown}: {_one_line(exc)}") from None
+
+    @property
+    def closed(self) -> bool:
+        return self._snd is None
+
+    def write(self, pcm: np.ndarray | bytes | bytearray | memoryview) -> None:
+        """Append samples (1-D int16 array, or PCM16 little-endian bytes)."""
+        if self._snd is None:
+            raise ValueError(f"WAV file {self._shown} is closed")
+        if isinstance(pcm, (bytes, bytearray, memoryview)):
+            pcm = bytes_to_pcm16(pcm)
+        pcm = np.asarray(pcm)
+        if pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise ValueError(f"WavWriter takes 1-D int16 audio, got {pcm.dtype} {pcm.shape}")
+        if not len(pcm):
+            return
+        try:
+            self._snd.write(pcm)
+        except (*_DECODE_ERRORS, OSError) as exc:
+            raise RuntimeFailure(f"cannot write WAV file {self._shown}: {_one_line(exc)}") from None
+        self.frames_written += len(pcm)
+
+    def close(self) -> None:
+        """Finish the header and close the file (idempotent)."""
+        snd, self._snd = self._snd, None
+        if snd is None:
+            return
+        try:
+            snd.close()
+        except (*_DECODE_ERRORS, OSError) as exc:
+            raise RuntimeFailure(f"cannot write WAV file {self._shown}: {_one_line(exc)}") from None
+
+    def __enter__(self) -> WavWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

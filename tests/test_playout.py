@@ -1,0 +1,241 @@
+"""The playout buffer: drop-oldest policy, cancellation, per-item played counts, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from r2d2voice.audio import RATE
+from r2d2voice.playout import AudioChunk, PlayoutBuffer, PlayoutStatistics
+
+
+def ramp(start: int, n: int) -> np.ndarray:
+    """Distinct, recognisable samples: start, start+1, ..."""
+    return (np.arange(start, start + n) % 30000).astype(np.int16)
+
+
+def test_fifo_order_across_items_and_played_counts() -> None:
+    buf = PlayoutBuffer()
+    buf.push("a", ramp(0, 300))
+    buf.push("a", ramp(300, 300))
+    buf.push("b", ramp(600, 500))
+    assert buf.playing_item() == "a"
+    assert buf.queued_samples() == 1100
+    first = buf.read(450)
+    assert first.tolist() == list(range(450))
+    assert (buf.played_samples("a"), buf.played_samples("b")) == (450, 0)
+    # One read spanning the a -> b boundary credits each item with its own share.
+    second = buf.read(400)
+    assert second.tolist() == list(range(450, 850))
+    assert (buf.played_samples("a"), buf.played_samples("b")) == (600, 250)
+    assert buf.playing_item() == "b"
+    rest = buf.read(10_000)  # shorter than asked: the caller pads with silence
+    assert rest.tolist() == list(range(850, 1100))
+    assert buf.read(10).size == 0
+    assert buf.playing_item() is None
+    assert (buf.played_samples("a"), buf.played_samples("b")) == (600, 500)
+    assert (buf.received_samples("a"), buf.received_samples("b")) == (600, 500)
+    assert buf.played_samples("unknown") == buf.received_samples("unknown") == 0
+    assert buf.statistics() == PlayoutStatistics(
+        queued_samples=0, dropped_samples=0, cancelled_samples=0, underruns=0, played_samples=1100
+    )
+
+
+def test_push_copies_the_callers_array() -> None:
+    buf = PlayoutBuffer()
+    pcm = ramp(0, 100)
+    buf.push("a", pcm)
+    pcm[:] = 0
+    assert buf.read(100).tolist() == list(range(100))
+
+
+def test_capacity_drops_oldest_and_counts() -> None:
+    buf = PlayoutBuffer(capacity_samples=1000)
+    buf.push("a", ramp(0, 600))
+    buf.read(100)  # head offset inside the first chunk
+    buf.push("b", ramp(600, 700))  # 500 + 700 queued > 1000: the 200 oldest go
+    stats = buf.statistics()
+    assert stats.queued_samples == 1000 and stats.dropped_samples == 200
+    out = buf.read(2000)
+    assert out.tolist() == list(range(300, 1300))
+    assert buf.played_samples("a") == 400  # 100 + 300: the dropped 200 were never heard
+    assert buf.played_samples("b") == 700
+    assert buf.received_samples("a") == 600
+
+
+def test_chunk_larger_than_capacity_keeps_its_newest_part() -> None:
+    buf = PlayoutBuffer(capacity_samples=1000)
+    buf.push("a", ramp(0, 400))
+    buf.push("b", ramp(400, 1500))
+    assert buf.statistics().dropped_samples == 400 + 500
+    assert buf.playing_item() == "b"
+    assert buf.read(5000).tolist() == list(range(900, 1900))
+
+
+def test_drop_oldest_across_many_chunks() -> None:
+    buf = PlayoutBuffer(capacity_samples=RATE)
+    for i in range(100):  # 100 x 20 ms = 2 s into a 1 s buffer
+        buf.push(f"item{i // 10}", ramp(i * 480, 480))
+    stats = buf.statistics()
+    assert stats.queued_samples == RATE and stats.dropped_samples == 100 * 480 - RATE
+    assert buf.playing_item() == "item5"
+    assert buf.read(RATE)[0] == 100 * 480 - RATE
+
+
+def test_cancel_drops_queued_audio_and_later_pushes() -> None:
+    buf = PlayoutBuffer()
+    buf.push("a", ramp(0, 500))
+    buf.push("b", ramp(500, 300))
+    buf.push("a", ramp(800, 200))  # interleaved chunk of a, after b
+    buf.read(100)
+    assert buf.cancel("a") == 400 + 200
+    assert buf.playing_item() == "b"
+    assert buf.queued_samples() == 300
+    buf.push("a", ramp(0, 1000))  # late audio for a cancelled item is discarded
+    assert buf.queued_samples() == 300
+    assert buf.read(1000).tolist() == list(range(500, 800))
+    assert buf.played_samples("a") == 100
+    assert buf.received_samples("a") == 1700
+    stats = buf.statistics()
+    assert stats.cancelled_samples == 600 + 1000 and stats.dropped_samples == 0
+    assert buf.cancel("a") == 0
+
+
+def test_cancel_before_any_audio_and_of_a_middle_item() -> None:
+    buf = PlayoutBuffer()
+    assert buf.cancel("future") == 0
+    buf.push("future", ramp(0, 100))
+    assert buf.queued_samples() == 0
+    buf.push("a", ramp(0, 10))
+    buf.push("b", ramp(10, 10))
+    buf.push("c", ramp(20, 10))
+    buf.read(5)
+    assert buf.cancel("b") == 10
+    assert buf.read(100).tolist() == [*range(5, 10), *range(20, 30)]
+
+
+def test_clear_drops_everything_but_does_not_cancel() -> None:
+    buf = PlayoutBuffer()
+    buf.push("a", ramp(0, 500))
+    buf.push("b", ramp(0, 500))
+    buf.read(200)
+    assert buf.clear() == 800
+    assert buf.queued_samples() == 0 and buf.playing_item() is None
+    buf.push("a", ramp(0, 50))  # a was not cancelled: new audio plays
+    assert buf.read(100).size == 50
+    assert buf.played_samples("a") == 250
+    assert buf.statistics().cancelled_samples == 800
+
+
+def test_read_into_zero_fills_the_rest() -> None:
+    buf = PlayoutBuffer()
+    out = np.full(480, 7, dtype=np.int16)
+    assert buf.read_into(out) == 0
+    assert not out.any()
+    buf.push("a", ramp(1, 100))
+    out[:] = 7
+    assert buf.read_into(out) == 100
+    assert out[:100].tolist() == list(range(1, 101))
+    assert not out[100:].any()
+    buf.note_underrun()
+    buf.note_underrun()
+    assert buf.statistics().underruns == 2
+
+
+def test_rejects_audio_that_is_not_int16_mono() -> None:
+    buf = PlayoutBuffer()
+    with pytest.raises(ValueError):
+        buf.push("a", np.zeros(10, dtype=np.float32))
+    with pytest.raises(ValueError):
+        buf.push("a", np.zeros((10, 2), dtype=np.int16))
+    assert buf.queued_samples() == 0
+
+
+def test_item_bookkeeping_is_bounded() -> None:
+    buf = PlayoutBuffer(capacity_samples=1000, max_items=256)
+    for i in range(10_000):
+        buf.push(f"item_{i}", ramp(0, 10))
+        buf.read(10)
+    assert buf.tracked_items() == 256
+    assert buf.played_samples("item_9999") == 10
+    assert buf.played_samples("item_9744") == 10  # the 256th most recent is still known
+    assert buf.played_samples("item_0") == 0  # long forgotten
+    for i in range(1000):
+        buf.cancel(f"gone_{i}")
+    assert buf.tracked_items() == 256
+
+
+def test_audio_chunk_is_a_frozen_record() -> None:
+    chunk = AudioChunk("item", ramp(0, 3))
+    with pytest.raises(AttributeError):
+        chunk.item_id = "other"  # type: ignore[misc]
+
+
+def test_threads_conserve_every_sample() -> None:
+    """A writer thread pushes while a reader thread drains; nothing is lost or duplicated."""
+    buf = PlayoutBuffer(capacity_samples=10 * RATE)
+    total_items, per_item, chunk = 40, 4800, 480
+    done = threading.Event()
+    received: list[np.ndarray] = []
+
+    def writer() -> None:
+        for i in range(total_items):
+            for start in range(0, per_item, chunk):
+                buf.push(f"item{i}", ramp(i * per_item + start, chunk))
+        done.set()
+
+    def reader() -> None:
+        out = np.zeros(441, dtype=np.int16)
+        while True:
+            finished = done.is_set()  # read before draining: no push can follow an empty read
+            n = buf.read_into(out)
+            received.append(out[:n].copy())
+            if n == 0 and finished:
+                return
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    got = np.concatenate(received)
+    assert got.tolist() == ramp(0, total_items * per_item).tolist()
+    assert all(buf.played_samples(f"item{i}") == per_item for i in range(total_items))
+    stats = buf.statistics()
+    assert stats.played_samples == total_items * per_item
+    assert stats.dropped_samples == stats.queued_samples == 0
+
+
+def test_threads_with_overflow_and_cancels_account_for_every_sample() -> None:
+    buf = PlayoutBuffer(capacity_samples=2000)
+    pushed = 0
+    done = threading.Event()
+    played: list[int] = []
+
+    def writer() -> None:
+        nonlocal pushed
+        for i in range(3000):
+            buf.push(f"item{i % 50}", ramp(0, 97))
+            pushed += 97
+            if i % 7 == 0:
+                buf.cancel(f"item{(i + 3) % 50}")
+        done.set()
+
+    def reader() -> None:
+        out = np.zeros(64, dtype=np.int16)
+        while not done.is_set() or buf.queued_samples():
+            played.append(buf.read_into(out))
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    stats = buf.statistics()
+    assert stats.queued_samples == 0
+    assert sum(played) == stats.played_samples
+    assert stats.played_samples + stats.dropped_samples + stats.cancelled_samples == pushed
+    assert sum(buf.received_samples(f"item{i}") for i in range(50)) == pushed

@@ -1,0 +1,252 @@
+"""End to end: ``r2d2voice replay`` against the local backend, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import trio
+
+from r2d2voice.localserver import BackendConfig, Faults, serve_local
+
+ROOT = Path(__file__).parents[1]
+TWO_TURNS = ROOT / "data" / "samples" / "two_turns.wav"
+SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("R2D2_", "OPENAI", "REALTIME", "NOTIFY_SOCKET", "JOURNAL"))}
+    env.update(extra)
+    return env
+
+
+async def cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+              timeout: float = 60) -> trio.CompletedProcess[bytes]:
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            [sys.executable, "-m", "r2d2voice", *args], cwd=cwd,
+            env=env or clean_env(HOME=str(cwd)), capture_stdout=True, capture_stderr=True,
+            check=False)
+
+
+def messages(db: Path) -> list[dict]:
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    rows = con.execute("SELECT m.*, s.service_session_id, s.ended_at FROM messages m "
+                       "JOIN sessions s ON s.id = m.session_id ORDER BY m.created_at, m.id")
+    out = [dict(r) for r in rows]
+    con.close()
+    return out
+
+
+@asynccontextmanager
+async def local_server(config: BackendConfig) -> AsyncIterator[str]:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_local, "127.0.0.1", 0, config)
+        yield f"ws://127.0.0.1:{port}/v1/realtime"
+        nursery.cancel_scope.cancel()
+
+
+async def test_multi_turn_replay_stores_every_transcript_with_ids(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    r = await cli("replay", str(TWO_TURNS), "--backend", "local", "--db", str(db), cwd=tmp_path)
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.count("you: (speech,") == 2 and out.count("r2: *") == 2
+    assert "2 turns answered" in out
+    rows = messages(db)
+    assert [m["role"] for m in rows] == ["user", "assistant", "user", "assistant"]
+    for m in rows:
+        assert m["item_id"].startswith("item_") and m["text"]
+        assert m["service_session_id"].startswith("sess_") and m["ended_at"]
+        assert json.loads(m["raw_event"])["item_id"] == m["item_id"]
+    assert all(m["response_id"].startswith("resp_") for m in rows if m["role"] == "assistant")
+    reply, rate = sf.read(tmp_path / "two_turns.reply.wav", dtype="int16")
+    assert rate == 24000 and reply.ndim == 1
+    assert len(reply) == pytest.approx(2 * 24000, abs=480)  # two whole 1 s replies
+    assert np.abs(reply).max() > 3000  # audible beeps, not silence
+
+
+async def test_fast_and_realtime_replays_give_the_same_conversation(tmp_path: Path) -> None:
+    runs = {}
+    for speed in ("fast", "realtime"):
+        d = tmp_path / speed
+        d.mkdir()
+        r = await cli("replay", str(TWO_TURNS), "--backend", "local", "--speed", speed,
+                      "--db", str(d / "c.db"), cwd=d)
+        assert r.returncode == 0, r.stderr.decode()
+        texts = [(m["role"], m["text"]) for m in messages(d / "c.db")]
+        audio = sf.read(d / "two_turns.reply.wav", dtype="int16")[0]
+        runs[speed] = (texts, audio)
+    assert runs["fast"][0] == runs["realtime"][0]
+    assert len(runs["fast"][0]) == 4
+    assert np.array_equal(runs["fast"][1], runs["realtime"][1])
+
+
+@pytest.mark.parametrize(("subtype", "rate", "channels", "fmt"), [
+    ("PCM_U8", 8000, 1, "WAV"),
+    ("PCM_24", 44100, 2, "WAVEX"),
+    ("FLOAT", 48000, 2, "WAV"),
+    ("PCM_32", 22050, 1, "WAV"),
+    ("PCM_16", 16000, 1, "FLAC"),
+])
+async def test_odd_audio_formats_hold_the_same_conversation(
+    tmp_path: Path, subtype: str, rate: int, channels: int, fmt: str
+) -> None:
+    import soxr
+
+    speech, src_rate = sf.read(TWO_TURNS, dtype="float32")
+    x = soxr.resample(speech, src_rate, rate)
+    if channels == 2:
+        x = np.stack([x, x * 0.9], axis=1)
+    path = tmp_path / ("odd.flac" if fmt == "FLAC" else "odd.wav")
+    sf.write(path, x, rate, subtype=subtype, format=fmt)
+    r = await cli("replay", str(path), "--backend", "local", "--db", str(tmp_path / "c.db"),
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    assert [m["role"] for m in messages(tmp_path / "c.db")] == ["user", "assistant"] * 2
+
+
+@pytest.mark.parametrize("make", ["missing", "directory", "text", "empty", "zero_channels"])
+async def test_unusable_input_is_one_line_exit_2(tmp_path: Path, make: str) -> None:
+    path = tmp_path / f"{make}.wav"
+    if make == "directory":
+        path.mkdir()
+    elif make == "text":
+        path.write_text("this is not audio\n")
+    elif make == "empty":
+        sf.write(path, np.zeros(0, np.int16), 24000, subtype="PCM_16")
+    elif make == "zero_channels":
+        data = bytearray((ROOT / "data" / "samples" / "hello.wav").read_bytes()[:44])
+        data[22:24] = (0).to_bytes(2, "little")  # NumChannels = 0
+        path.write_bytes(bytes(data))
+    r = await cli("replay", str(path), "--backend", "local", "--db", str(tmp_path / "c.db"),
+                  cwd=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert path.name in err
+    assert not (tmp_path / "c.db").exists()  # nothing started
+
+
+async def test_a_junk_sending_server_does_not_break_the_conversation(tmp_path: Path) -> None:
+    cfg = BackendConfig(realtime_factor=20, faults=Faults(junk=True))
+    async with local_server(cfg) as url:
+        r = await cli("replay", str(TWO_TURNS), "--backend", "local", "--url", url,
+                      "--db", str(tmp_path / "c.db"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    assert [m["role"] for m in messages(tmp_path / "c.db")] == ["user", "assistant"] * 2
+    con = sqlite3.connect(tmp_path / "c.db")
+    errors = con.execute("SELECT source, type FROM errors").fetchall()
+    assert errors and all(src == "service" for src, _ in errors)  # the junk error events
+
+
+async def test_rejected_key_exits_3_after_one_attempt(tmp_path: Path) -> None:
+    attempts = 0
+
+    async with local_server(BackendConfig(api_key="the-right-key")) as url:
+        port = int(url.split(":")[2].split("/")[0])
+
+        async def proxy(client: trio.SocketStream) -> None:
+            nonlocal attempts
+            attempts += 1
+            upstream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with client, upstream, trio.open_nursery() as n:
+                async def pump(a: trio.SocketStream, b: trio.SocketStream) -> None:
+                    try:
+                        async for chunk in a:
+                            await b.send_all(chunk)
+                    except trio.BrokenResourceError:
+                        pass
+                    n.cancel_scope.cancel()
+                n.start_soon(pump, client, upstream)
+                n.start_soon(pump, upstream, client)
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, proxy, 0)
+            proxy_port = listeners[0].socket.getsockname()[1]
+            env = clean_env(HOME=str(tmp_path), OPENAI_API_KEY=SECRET)
+            r = await cli("replay", str(TWO_TURNS), "--backend", "openai", "--url",
+                          f"ws://127.0.0.1:{proxy_port}/v1/realtime", "--db",
+                          str(tmp_path / "c.db"), cwd=tmp_path, env=env)
+            nursery.cancel_scope.cancel()
+    err = r.stderr.decode()
+    assert r.returncode == 3, err
+    assert "rejected the API key" in err and err.strip().count("\n") == 0
+    assert SECRET not in err and SECRET not in r.stdout.decode()
+    assert attempts == 1
+
+
+async def test_missing_key_for_openai_backend_is_exit_3(tmp_path: Path) -> None:
+    r = await cli("replay", str(TWO_TURNS), "--db", str(tmp_path / "c.db"), cwd=tmp_path)
+    assert r.returncode == 3
+    assert "OPENAI_API_KEY is not set" in r.stderr.decode()
+
+
+async def test_api_key_appears_in_no_output_log_or_database_byte(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    async with local_server(BackendConfig(api_key=SECRET, realtime_factor=20)) as url:
+        env = clean_env(HOME=str(tmp_path), OPENAI_API_KEY=SECRET)
+        r = await cli("--log-level", "DEBUG", "replay", str(TWO_TURNS), "--backend", "openai",
+                      "--url", url, "--db", str(db), cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stderr.decode()
+        exports = [await cli("export", "--db", str(db), "--format", f, cwd=tmp_path, env=env)
+                   for f in ("jsonl", "csv", "markdown")]
+    assert len(messages(db)) == 4
+    blobs = [r.stdout, r.stderr, *(e.stdout for e in exports)]
+    blobs += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    assert b"DEBUG" in r.stderr  # the debug log really was on
+    for blob in blobs:
+        assert SECRET.encode() not in blob
+
+
+async def test_sigterm_ends_a_replay_within_2_s_keeping_what_was_said(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    cfg = BackendConfig(realtime_factor=20)
+    async with local_server(cfg) as url, trio.open_nursery() as nursery:
+        proc = await nursery.start(lambda task_status: trio.run_process(
+            [sys.executable, "-m", "r2d2voice", "replay", str(TWO_TURNS), "--speed", "realtime",
+             "--backend", "local", "--url", url, "--db", str(db)],
+            cwd=tmp_path, env=clean_env(HOME=str(tmp_path)), capture_stdout=True,
+            capture_stderr=True, check=False, task_status=task_status))
+        # wait for the first answer to be committed, then stop mid-conversation
+        with trio.fail_after(30):
+            while not (db.exists() and any(m["role"] == "assistant" for m in messages(db))):
+                await trio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        t0 = trio.current_time()
+        with trio.fail_after(10):
+            await proc.wait()
+        elapsed = trio.current_time() - t0
+    assert proc.returncode == 0
+    assert elapsed < 2.5
+    rows = messages(db)
+    assert rows[0]["role"] == "user" and rows[1]["role"] == "assistant"
+    assert rows[0]["ended_at"]  # the session got its end time
+
+
+async def test_talking_over_a_long_reply_in_realtime_truncates_it(tmp_path: Path) -> None:
+    """The second sentence starts while the first 6 s reply plays: barge-in."""
+    db = tmp_path / "c.db"
+    cfg = BackendConfig(realtime_factor=20, faults=Faults(reply_seconds=6.0))
+    async with local_server(cfg) as url:
+        r = await cli("replay", str(TWO_TURNS), "--speed", "realtime", "--backend", "local",
+                      "--url", url, "--db", str(db), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    rows = [m for m in messages(db) if m["role"] == "assistant"]
+    first = rows[0]
+    assert first["interrupted"] == 1
+    assert 0 < first["played_ms"] < 6000
+    reply = sf.read(tmp_path / "two_turns.reply.wav", dtype="int16")[0]
+    # the file holds what was played: the cut first reply, then the whole second one
+    assert len(reply) / 24000 == pytest.approx(first["played_ms"] / 1000 + 6.0, abs=0.1)
