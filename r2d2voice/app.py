@@ -17,7 +17,16 @@ import trio
 from . import protocol as p
 from .config import Settings
 from .link import Endpoint
-from .pipeline import Console, Context, Sink, Source, Stopper, record_calls, run_conversation
+from .pipeline import (
+    Console,
+    Context,
+    LinkPolicy,
+    Sink,
+    Source,
+    Stopper,
+    record_calls,
+    run_conversation,
+)
 from .store import Store
 
 log = logging.getLogger("r2d2voice.app")
@@ -73,6 +82,8 @@ def session_config(settings: Settings) -> p.SessionConfig:
         vad_threshold=settings.vad_threshold,
         vad_prefix_ms=settings.vad_prefix_ms,
         vad_silence_ms=settings.vad_silence_ms,
+        retention_ratio=settings.truncation_ratio,
+        token_limit=settings.context_token_limit or None,
     )
 
 
@@ -81,6 +92,44 @@ class Outcome:
     session_id: str
     ctx: Context | None
     wall_seconds: float
+
+
+class StoreSessions:
+    """Service sessions as rows in the store: one per connection, chained after reconnects."""
+
+    def __init__(self, store: AsyncStore, *, backend: str, model: str, voice: str,
+                 metadata: dict[str, Any]) -> None:
+        self.store = store
+        self.backend, self.model, self.voice = backend, model, voice
+        self.metadata = metadata
+
+    async def begin(self, previous: str | None) -> str:
+        return await self.store.call(
+            self.store.store.start_session, backend=self.backend, model=self.model,
+            voice=self.voice, previous_session_id=previous, metadata=self.metadata)
+
+    async def end(self, session_id: str, stats: dict[str, int]) -> None:
+        def write() -> None:
+            with self.store.store.batch():
+                self.store.store.end_session(session_id)
+                setter = getattr(self.store.store, "set_session_stats", None)
+                if setter is not None:
+                    setter(session_id, stats)
+
+        await self.store.call(write)
+
+    async def context(self, chain: list[str], limit: int) -> list[tuple[str, str]]:
+        return await self.store.call(self.store.store.recent_turns, chain, limit)
+
+
+def link_policy(settings: Settings, live: bool) -> LinkPolicy:
+    return LinkPolicy(
+        session_max_seconds=settings.session_max_minutes * 60,
+        context_turns=settings.context_turns,
+        duplex=settings.duplex,
+        echo_tail=settings.echo_tail_ms / 1000,
+        barge_in_dbfs=settings.barge_in_dbfs,
+    )
 
 
 async def converse(
@@ -93,35 +142,32 @@ async def converse(
     stopper: Stopper | None = None,
     on_configured: Callable[[], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    policy: LinkPolicy | None = None,
 ) -> Outcome:
     """One conversation from ``source`` to ``sink``, every transcript stored as it arrives."""
     started = time.monotonic()
     store = AsyncStore(await trio.to_thread.run_sync(Store.open, settings.db))
+    backend = "local" if settings.backend == "local" and url is None else settings.backend
+    sessions = StoreSessions(store, backend=backend, model=settings.model, voice=settings.voice,
+                             metadata=metadata or {})
+    ctx: Context | None = None
     try:
-        backend = "local" if settings.backend == "local" and url is None else settings.backend
-        session_id = await store.call(
-            store.store.start_session, backend=backend, model=settings.model,
-            voice=settings.voice, metadata=metadata or {},
-        )
-        try:
-            async with open_endpoint(settings, url) as endpoint:
-                ctx = await run_conversation(
-                    endpoint, session_config(settings), source, sink,
-                    functools.partial(store.record, session_id),
-                    console=console, stopper=stopper, on_configured=on_configured,
-                )
-        except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await store.call(store.store.record_error, session_id, source="local",
-                                 type=type(exc).__name__, code=None, message=str(exc)[:500])
-            raise
-        finally:
-            with trio.CancelScope(shield=True):
-                await store.call(store.store.end_session, session_id)
+        async with open_endpoint(settings, url) as endpoint:
+            ctx = await run_conversation(
+                endpoint, session_config(settings), source, sink, sessions, store.record,
+                console=console, stopper=stopper, on_configured=on_configured,
+                policy=policy or link_policy(settings, source.live),
+            )
+    except BaseException as exc:
+        with trio.CancelScope(shield=True):
+            await store.call(store.store.record_error, None, source="local",
+                             type=type(exc).__name__, code=None, message=str(exc)[:500])
+        raise
     finally:
         with trio.CancelScope(shield=True):
             await store.call(store.store.close)
-    return Outcome(session_id, ctx, time.monotonic() - started)
+    return Outcome(ctx.session_ids[0] if ctx and ctx.session_ids else "-", ctx,
+                   time.monotonic() - started)
 
 
 class TextConsole:

@@ -238,3 +238,55 @@ def serve_local_cmd(ctx: click.Context, host: str, port: int) -> None:
         serve_local_command(host, port)
 
     _guard(body)
+
+
+_since_option = click.option("--since", default=None,
+                             help="ISO 8601 date or datetime (UTC if no offset).")
+_until_option = click.option("--until", default=None,
+                             help="ISO 8601 date or datetime; a date covers that day.")
+_session_option = click.option("--session", "sessions", multiple=True,
+                               help="Only this session (repeatable).")
+_report_format_option = click.option("--format", "fmt", type=click.Choice(["text", "json"]),
+                                     default="text", show_default=True)
+
+
+@main.command()
+@_db_option
+@_since_option
+@_until_option
+@_session_option
+@_report_format_option
+@click.pass_context
+def usage(ctx: click.Context, db: str | None, since: str | None, until: str | None,
+          sessions: tuple[str, ...], fmt: str) -> None:
+    """Token usage per day and per session, with an estimated cost (prices: R2D2_PRICE_*)."""
+
+    def body() -> None:
+        settings = _settings(ctx, db=db)
+        from .reports import run_usage
+
+        run_usage(settings.db, out=sys.stdout, settings=settings, fmt=fmt, sessions=sessions,
+                  since=since, until=until)
+
+    _guard(body)
+
+
+@main.command()
+@_db_option
+@_since_option
+@_until_option
+@_session_option
+@_report_format_option
+@click.pass_context
+def stats(ctx: click.Context, db: str | None, since: str | None, until: str | None,
+          sessions: tuple[str, ...], fmt: str) -> None:
+    """Reply latency percentiles, responses by status, interruptions and pipeline counters."""
+
+    def body() -> None:
+        settings = _settings(ctx, db=db)
+        from .reports import run_stats
+
+        run_stats(settings.db, out=sys.stdout, fmt=fmt, sessions=sessions, since=since,
+                  until=until)
+
+    _guard(body)

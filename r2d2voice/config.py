@@ -78,6 +78,15 @@ def _choice(options: tuple[str, ...], upper: bool = False) -> Callable[[str], st
     return parse
 
 
+def _off_or_number(lo: float, hi: float) -> Callable[[str], float | None]:
+    number = _number(lo, hi)
+
+    def parse(v: str) -> float | None:
+        return None if v.strip().lower() in ("off", "none", "") else number(v)
+
+    return parse
+
+
 def _url(v: str) -> str:
     if not v.startswith(("ws://", "wss://")):
         raise ValueError
@@ -111,6 +120,28 @@ KEYS: tuple[Key, ...] = (
         "a whole number of ms between 0 and 5000", "audio kept before speech starts"),
     Key("R2D2_LOG_LEVEL", "log_level", "INFO", _choice(LOG_LEVELS, upper=True),
         "one of DEBUG, INFO, WARNING, ERROR", "log level"),
+    Key("R2D2_DUPLEX", "duplex", "half", _choice(DUPLEX_MODES), "'half' or 'full'",
+        "half: mic muted while the robot speaks"),
+    Key("R2D2_ECHO_TAIL_MS", "echo_tail_ms", 300, _int(0, 5_000),
+        "a whole number of ms between 0 and 5000", "mic stays muted this long after a reply"),
+    Key("R2D2_BARGE_IN_DBFS", "barge_in_dbfs", -25.0, _off_or_number(-90.0, 0.0),
+        "'off' or a level in dBFS between -90 and 0", "speech this loud interrupts (half duplex)"),
+    Key("R2D2_CONTEXT_TURNS", "context_turns", 10, _int(0, 200),
+        "a whole number between 0 and 200", "turns re-sent to a new session"),
+    Key("R2D2_SESSION_MAX_MINUTES", "session_max_minutes", 55.0, _number(0.05, 60.0),
+        "a number of minutes between 0.05 and 60", "recycle the connection after this long"),
+    Key("R2D2_TRUNCATION_RATIO", "truncation_ratio", 0.8, _number(0.0, 1.0),
+        "a number between 0 and 1", "share of context kept when it overflows"),
+    Key("R2D2_CONTEXT_TOKEN_LIMIT", "context_token_limit", 16000, _int(0, 1_000_000),
+        "a whole number of tokens (0 = the model's limit)", "context that triggers truncation"),
+    *(
+        Key(f"R2D2_PRICE_{name.upper()}", f"price_{name}", default, _number(0.0, 10_000.0),
+            "a price in USD per million tokens", "price per 1M tokens")
+        for name, default in (
+            ("audio_in", 32.0), ("audio_in_cached", 0.4), ("text_in", 4.0),
+            ("text_in_cached", 0.4), ("audio_out", 64.0), ("text_out", 16.0),
+        )
+    ),
 )
 KEYS_BY_ENV = {k.env: k for k in KEYS}
 
@@ -134,6 +165,19 @@ class Settings:
     vad_silence_ms: int = 500
     vad_prefix_ms: int = 300
     log_level: str = "INFO"
+    duplex: str = "half"
+    echo_tail_ms: int = 300
+    barge_in_dbfs: float | None = -25.0
+    context_turns: int = 10
+    session_max_minutes: float = 55.0
+    truncation_ratio: float = 0.8
+    context_token_limit: int = 16000
+    price_audio_in: float = 32.0
+    price_audio_in_cached: float = 0.4
+    price_text_in: float = 4.0
+    price_text_in_cached: float = 0.4
+    price_audio_out: float = 64.0
+    price_text_out: float = 16.0
     env_file: Path | None = None
     #: where each key's value came from ("--flag", "environment", an env file path, "default")
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)

@@ -14,9 +14,14 @@ downlink → recorder   256 records wait, and log that it waited (transcripts ar
 downlink → uplink     16 events   wait (control events are few and small)
 ====================  ==========  ==========================================================
 
+Source, playback and recorder live for the whole run; the link supervisor opens one websocket
+(one service session) after another: on connection loss it reconnects with exponential backoff
+and jitter, before the service's session time limit it recycles the connection at a quiet
+moment, and each new session gets the last turns re-sent as context.
+
 End of stream flows by closing channels: the source closes its channel → the uplink waits for
-the open turns to be answered and closes the websocket → the downlink stores what it has and
-closes its channels → playback drains, the recorder drains. ``Stopper.stop()`` (SIGTERM, Ctrl-C,
+the open turns to be answered and closes the websocket → the supervisor closes the playback and
+recorder channels → playback drains, the recorder drains. ``Stopper.stop()`` (SIGTERM, Ctrl-C,
 timeout) cancels the source and skips the waiting; a 2 s deadline backs it up, and the recorder
 lives outside that deadline so nothing received is lost.
 """
@@ -24,9 +29,11 @@ lives outside that deadline so nothing received is lost.
 from __future__ import annotations
 
 import logging
+import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -34,6 +41,7 @@ import numpy as np
 import trio
 
 from . import protocol as p
+from .audio import rms_dbfs
 from .errors import ConfigError, RuntimeFailure
 from .link import ConnectionClosed, Endpoint, open_realtime, send_event
 from .playout import AudioChunk, PlayoutBuffer
@@ -45,6 +53,7 @@ AUDIO_BOUND = 256
 RECORDS_BOUND = 256
 CONTROL_BOUND = 16
 STOP_GRACE = 2.0
+FRAME_SECONDS = 0.02
 
 
 class Watch:
@@ -64,18 +73,49 @@ class Watch:
 
 @dataclass
 class Statistics:
-    """Counters a person (or ``stats``) reads after a run."""
+    """Counters of one run; each session stores its share (see ``delta``)."""
 
     frames_sent: int = 0
     frames_dropped: int = 0
+    frames_gated: int = 0
     audio_chunks_dropped: int = 0
     record_waits: int = 0
     junk_messages: int = 0
     service_errors: int = 0
     interruptions: int = 0
-    reply_samples: int = 0
+    reconnects: int = 0
     user_turns: int = 0
     assistant_turns: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def delta(self, since: dict[str, int]) -> dict[str, int]:
+        return {k: v - since.get(k, 0) for k, v in self.snapshot().items()}
+
+
+@dataclass(frozen=True)
+class LinkPolicy:
+    """How the link behaves over a long run."""
+
+    reconnect: bool = True
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    #: a session that lived this long resets the backoff
+    healthy_after: float = 20.0
+    #: recycle the connection at a quiet moment after this long (the service stops at 60 min)
+    session_max_seconds: float = 55 * 60
+    #: turns re-sent as text items to a new session
+    context_turns: int = 10
+    ping_interval: float = 15.0
+    ping_timeout: float = 10.0
+    #: "half": mic audio is not sent while a reply plays and for ``echo_tail`` after it
+    duplex: str = "half"
+    echo_tail: float = 0.3
+    #: in half duplex, mic audio this loud (dBFS RMS) for ``barge_in_ms`` opens the gate
+    #: (barge-in); None: no barge-in while the robot speaks
+    barge_in_dbfs: float | None = -25.0
+    barge_in_ms: int = 120
 
 
 class Source(Protocol):
@@ -100,6 +140,14 @@ class Console(Protocol):
     def status(self, text: str) -> None: ...
 
 
+class Sessions(Protocol):
+    """The store's view of service sessions (the app implements it over SQLite)."""
+
+    async def begin(self, previous: str | None) -> str: ...
+    async def end(self, session_id: str, stats: dict[str, int]) -> None: ...
+    async def context(self, chain: list[str], limit: int) -> list[tuple[str, str]]: ...
+
+
 class _Quiet:
     def transcript(self, role: str, text: str) -> None:
         pass
@@ -117,9 +165,13 @@ class Context:
     watch: Watch = field(default_factory=Watch)
     stats: Statistics = field(default_factory=Statistics)
     stopping: bool = False
-    #: set by the uplink just before it closes the socket itself
-    closing: bool = False
+    #: bumped for every new connection; a source can tell a turn was sent to a dead link
+    epoch: int = 0
+    connected: bool = False
     pending_user_items: set[str] = field(default_factory=set)
+    #: trio time when reply audio was last queued for the speaker (half-duplex echo gate)
+    last_playing: float = -1e9
+    session_ids: list[str] = field(default_factory=list)
 
 
 class Stopper:
@@ -142,7 +194,7 @@ class Stopper:
             hook()
 
 
-Recorder = Callable[[list[Any]], Awaitable[None]]
+Recorder = Callable[[str, list[Any]], Awaitable[None]]
 
 
 def _utc(ts: float) -> datetime:
@@ -154,33 +206,36 @@ async def run_conversation(
     session_config: p.SessionConfig,
     source: Source,
     sink: Sink,
+    sessions: Sessions,
     record: Recorder,
     *,
     console: Console | None = None,
     stopper: Stopper | None = None,
+    policy: LinkPolicy | None = None,
     settle_seconds: float = 1.0,
     on_configured: Callable[[], None] | None = None,
 ) -> Context:
-    """Run one Realtime session from source to sink until the source ends and every turn is
-    answered, or until ``stopper`` fires. ``record`` receives batches of protocol Store* actions
-    (the recorder task calls it; it must not drop them).
+    """Run a conversation from source to sink until the source ends and every turn is
+    answered, or until ``stopper`` fires. ``record(session_id, batch)`` receives batches of
+    protocol Store* actions (the recorder task calls it; it must not drop them).
 
     Raises ConfigError for a rejected key or a fatal service error, RuntimeFailure when the
-    connection is lost, in both cases after everything received has been recorded.
+    connection is lost and ``policy.reconnect`` is off — in every case after everything received
+    has been recorded.
     """
     console = console or _Quiet()
     stopper = stopper or Stopper()
+    policy = policy or LinkPolicy()
     ctx = Context(p.Conversation(), PlayoutBuffer())
-    fatal: list[BaseException] = []
 
     frames_send, frames_recv = trio.open_memory_channel[bytes](FRAMES_BOUND)
     audio_send, audio_recv = trio.open_memory_channel[AudioChunk](AUDIO_BOUND)
     records_send, records_recv = trio.open_memory_channel[Any](RECORDS_BOUND)
-    control_send, control_recv = trio.open_memory_channel[dict[str, Any]](CONTROL_BOUND)
 
-    async with open_realtime(endpoint) as ws, trio.open_nursery() as outer:
+    async with trio.open_nursery() as outer:
         outer.start_soon(_recorder, records_recv, record)
         with trio.CancelScope() as inner_scope:
+            source_scope = trio.CancelScope()
 
             def _on_stop() -> None:
                 ctx.stopping = True
@@ -189,7 +244,6 @@ async def run_conversation(
                                            trio.current_time() + STOP_GRACE)
                 ctx.watch.changed()
 
-            source_scope = trio.CancelScope()
             async with trio.open_nursery() as inner:
                 stopper.on_stop(_on_stop)
 
@@ -199,18 +253,19 @@ async def run_conversation(
                     await trio.lowlevel.checkpoint()
 
                 inner.start_soon(source_task)
-                inner.start_soon(_uplink, ws, session_config, frames_recv, control_recv, ctx,
-                                 settle_seconds)
-                inner.start_soon(_downlink, ws, ctx, audio_send, records_send, control_send,
-                                 console, fatal, on_configured)
                 inner.start_soon(sink.run, audio_recv, ctx.buffer)
-    if fatal:
-        raise fatal[0]
+                link = _Supervisor(endpoint, session_config, source.live, sessions, ctx, policy,
+                                   console, settle_seconds, on_configured)
+                await link.run(frames_recv, audio_send, records_send)
+                if link.failure is not None:
+                    _on_stop()  # the source and the speaker need not go on
+    if link.failure is not None:
+        raise link.failure
     return ctx
 
 
 async def _recorder(receive: trio.MemoryReceiveChannel[Any], record: Recorder) -> None:
-    """The only writer of the database: batches whatever is already queued, commits at once."""
+    """The only writer of transcripts: batches whatever is already queued, commits at once."""
     async with receive:
         async for first in receive:
             batch = [first]
@@ -220,33 +275,370 @@ async def _recorder(receive: trio.MemoryReceiveChannel[Any], record: Recorder) -
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             with trio.CancelScope(shield=True):
-                await record(batch)
+                by_session: dict[str, list[Any]] = {}
+                for session_id, action in batch:
+                    by_session.setdefault(session_id, []).append(action)
+                for session_id, actions in by_session.items():
+                    await record(session_id, actions)
 
 
-async def _uplink(
-    ws: Any,
-    cfg: p.SessionConfig,
-    frames: trio.MemoryReceiveChannel[bytes],
-    control: trio.MemoryReceiveChannel[dict[str, Any]],
-    ctx: Context,
-    settle_seconds: float,
-) -> None:
-    """Frames → ``input_audio_buffer.append``; control events as the downlink asks.
-    When the source ends, wait for the open turns to be answered, then close the socket."""
-    try:
-        await send_event(ws, p.session_update(cfg))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_forward_control, ws, control)
-            async with frames:
-                async for frame in frames:
+@dataclass
+class _Connection:
+    """How one connection ended."""
+
+    session_id: str
+    closing: bool = False  # we closed it: source done, or stopping
+    recycle: bool = False  # we closed it to start a fresh session
+    lost: str | None = None
+    fatal: BaseException | None = None
+
+
+class _Supervisor:
+    """Owns the long-lived channel ends and runs one connection after another."""
+
+    def __init__(self, endpoint: Endpoint, cfg: p.SessionConfig, live: bool, sessions: Sessions,
+                 ctx: Context, policy: LinkPolicy, console: Console, settle_seconds: float,
+                 on_configured: Callable[[], None] | None) -> None:
+        self.endpoint = endpoint
+        self.cfg = cfg
+        self.live = live
+        self.sessions = sessions
+        self.ctx = ctx
+        self.policy = policy
+        self.console = console
+        self.settle_seconds = settle_seconds
+        self.on_configured = on_configured
+        self.carry: bytes | None = None  # a frame taken but not sent when a link died
+        self.source_done = False
+        #: why the run must end with an error, raised once everything is drained and stored
+        self.failure: BaseException | None = None
+
+    async def run(self, frames: trio.MemoryReceiveChannel[bytes],
+                  audio: trio.MemorySendChannel[AudioChunk],
+                  records: trio.MemorySendChannel[Any]) -> None:
+        """Connections until done; closes the long-lived channels on the way out."""
+        async with frames, audio, records:
+            try:
+                await self._loop(frames, audio, records)
+            except (ConfigError, RuntimeFailure) as exc:
+                self.failure = exc
+
+    async def _loop(self, frames: trio.MemoryReceiveChannel[bytes],
+                    audio: trio.MemorySendChannel[AudioChunk],
+                    records: trio.MemorySendChannel[Any]) -> None:
+        ctx, policy = self.ctx, self.policy
+        attempt = 0
+        previous: str | None = None
+        while True:
+            if ctx.stopping:
+                return
+            if attempt:
+                delay = min(policy.backoff_max, policy.backoff_initial * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.0)
+                self.console.status(f"reconnecting (attempt {attempt})")
+                log.warning("reconnecting in %.1f s (attempt %d)", delay, attempt)
+                with trio.move_on_after(delay):
+                    await ctx.watch.wait_for(lambda: ctx.stopping)
+                if ctx.stopping:
+                    return
+            try:
+                started = trio.current_time()
+                conn = await self._connect_and_run(frames, audio, records, previous)
+            except RuntimeFailure as exc:  # could not connect: try again
+                if not policy.reconnect:
+                    raise
+                log.warning("%s", exc)
+                attempt += 1
+                continue
+            previous = conn.session_id
+            if conn.fatal is not None:
+                raise conn.fatal
+            if conn.recycle:
+                attempt = 0
+                log.info("recycled the connection before the service's session limit")
+                continue
+            if conn.lost is None:
+                return  # done or stopping
+            if not policy.reconnect:
+                raise RuntimeFailure(f"connection to the Realtime service lost ({conn.lost})")
+            ctx.stats.reconnects += 1
+            healthy = trio.current_time() - started >= policy.healthy_after
+            attempt = 1 if healthy else attempt + 1
+
+    async def _connect_and_run(self, frames: trio.MemoryReceiveChannel[bytes],
+                               audio: trio.MemorySendChannel[AudioChunk],
+                               records: trio.MemorySendChannel[Any],
+                               previous: str | None) -> _Connection:
+        ctx = self.ctx
+        async with open_realtime(self.endpoint) as ws:
+            context: list[tuple[str, str]] = []
+            if previous is not None and self.policy.context_turns > 0:
+                context = await self.sessions.context(ctx.session_ids, self.policy.context_turns)
+            session_id = await self.sessions.begin(previous)
+            ctx.session_ids.append(session_id)
+            conn = _Connection(session_id)
+            ctx.conversation = p.Conversation()
+            ctx.pending_user_items.clear()
+            ctx.epoch += 1
+            ctx.connected = True
+            ctx.watch.changed()
+            before = ctx.stats.snapshot()
+            if self.live:
+                self._drop_stale(frames)
+            try:
+                async with trio.open_nursery() as nursery:
+                    control_send, control_recv = trio.open_memory_channel[dict[str, Any]](
+                        CONTROL_BOUND)
+                    nursery.start_soon(self._uplink, ws, conn, context, frames, control_recv)
+                    nursery.start_soon(self._downlink, ws, conn, audio, records, control_send,
+                                       nursery.cancel_scope)
+                    nursery.start_soon(self._keepalive, ws, conn)
+                    nursery.start_soon(self._recycle_timer, ws, conn)
+            finally:
+                ctx.connected = False
+                ctx.watch.changed()
+                with trio.CancelScope(shield=True):
+                    await self.sessions.end(session_id, ctx.stats.delta(before))
+        return conn
+
+    def _drop_stale(self, frames: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Live audio captured while disconnected is dropped, not sent stale."""
+        dropped = 1 if self.carry is not None else 0
+        self.carry = None
+        while True:
+            try:
+                frames.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            dropped += 1
+        if dropped:
+            self.ctx.stats.frames_dropped += dropped
+            log.info("dropped %d stale microphone frames after reconnecting", dropped)
+
+    # -- uplink -----------------------------------------------------------------------------
+    async def _uplink(self, ws: Any, conn: _Connection, context: list[tuple[str, str]],
+                      frames: trio.MemoryReceiveChannel[bytes],
+                      control: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+        """Session config, context, then frames → ``input_audio_buffer.append`` and control
+        events; when the source ends, wait for open turns to be answered and close."""
+        ctx = self.ctx
+        gate = _EchoGate(self.policy) if self.live and self.policy.duplex == "half" else None
+        try:
+            await send_event(ws, p.session_update(self.cfg))
+            for role, text in context:
+                await send_event(ws, p.item_create_text(role, text))
+            if context:
+                log.info("re-sent %d turns of context to the new session", len(context))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_forward_control, ws, control)
+                if self.carry is not None:
+                    frame, self.carry = self.carry, None
                     await send_event(ws, p.input_audio_append(frame))
-                    ctx.stats.frames_sent += 1
-            if not ctx.stopping:
-                await _wait_settled(ctx, settle_seconds)
-            nursery.cancel_scope.cancel()
-    except ConnectionClosed:
-        return
-    ctx.closing = True
+                while not self.source_done:
+                    try:
+                        frame = await frames.receive()
+                    except trio.EndOfChannel:
+                        self.source_done = True
+                        break
+                    if gate is not None:
+                        out = gate.filter(frame, ctx)
+                        if not out:
+                            ctx.stats.frames_gated += 1
+                            continue
+                    else:
+                        out = [frame]
+                    for f in out:
+                        try:
+                            await send_event(ws, p.input_audio_append(f))
+                        except ConnectionClosed:
+                            if not self.live:  # a replay loses nothing: resend it
+                                self.carry = f
+                            raise
+                        ctx.stats.frames_sent += 1
+                if not ctx.stopping:
+                    await _wait_settled(ctx, self.settle_seconds)
+                nursery.cancel_scope.cancel()
+        except ConnectionClosed:
+            return
+        conn.closing = True
+        await _close(ws)
+
+    # -- downlink ---------------------------------------------------------------------------
+    async def _downlink(self, ws: Any, conn: _Connection,
+                        audio: trio.MemorySendChannel[AudioChunk],
+                        records: trio.MemorySendChannel[Any],
+                        control: trio.MemorySendChannel[dict[str, Any]],
+                        scope: trio.CancelScope) -> None:
+        """Server events → conversation state → audio, records and control events."""
+        ctx, console = self.ctx, self.console
+        conv = ctx.conversation
+
+        async def store(action: Any) -> None:
+            try:
+                records.send_nowait((conn.session_id, action))
+            except trio.WouldBlock:
+                ctx.stats.record_waits += 1
+                log.warning("recorder is behind (%d records queued): waiting for it",
+                            RECORDS_BOUND)
+                await records.send((conn.session_id, action))
+
+        async def route(actions: list[p.Action]) -> None:
+            for a in actions:
+                if isinstance(a, p.Play):
+                    pcm = np.frombuffer(a.pcm, dtype="<i2")
+                    ctx.last_playing = trio.current_time()
+                    try:
+                        audio.send_nowait(AudioChunk(a.item_id, pcm))
+                    except trio.WouldBlock:
+                        ctx.stats.audio_chunks_dropped += 1
+                elif isinstance(a, p.BargeIn):
+                    item = ctx.buffer.playing_item()
+                    if item is not None:
+                        ctx.buffer.cancel(item)
+                        ctx.stats.interruptions += 1
+                        played = ctx.buffer.played_samples(item)
+                        log.info("barge-in: reply %s stopped after %.2f s", item,
+                                 played / p.RATE)
+                        if conv.received_samples(item):  # an item of this session
+                            await route(conv.interrupted(item, played))
+                elif isinstance(a, p.Send):
+                    await control.send(a.event)
+                else:
+                    if isinstance(a, p.StoreMessage) and not a.partial:
+                        if a.role == "user":
+                            ctx.pending_user_items.discard(a.item_id)
+                            ctx.stats.user_turns += 1
+                        else:
+                            ctx.stats.assistant_turns += 1
+                        console.transcript(a.role, a.text)
+                    elif isinstance(a, p.StoreError):
+                        ctx.stats.service_errors += 1
+                        log.warning("service error %s%s: %s", a.type,
+                                    f" ({a.code})" if a.code else "", a.message)
+                    await store(a)
+
+        async with control:
+            try:
+                while True:
+                    try:
+                        message = await ws.get_message()
+                    except ConnectionClosed as exc:
+                        if not (ctx.stopping or conn.closing or conn.recycle or conn.lost):
+                            reason = exc.reason
+                            conn.lost = f"close code {reason.code}" if reason else "closed"
+                        if conn.lost:
+                            log.warning("connection to the Realtime service lost: %s", conn.lost)
+                            await store(p.StoreError("connection_lost", None, conn.lost, False))
+                        break
+                    try:
+                        event = p.parse_event(message)
+                    except p.ProtocolError as exc:
+                        ctx.stats.junk_messages += 1
+                        log.debug("ignored: %s", exc)
+                        continue
+                    if isinstance(event, p.Ignored):
+                        log.debug("ignored event %s", event.type)
+                        continue
+                    if isinstance(event, p.InputCommitted):
+                        ctx.pending_user_items.add(event.item_id)
+                    elif isinstance(event, p.UserTranscriptFailed):
+                        ctx.pending_user_items.discard(event.item_id)
+                    await route(conv.receive(event, time.time()))
+                    console.status(_status(ctx))
+                    if isinstance(event, p.SessionUpdated) and self.on_configured:
+                        self.on_configured()
+                    if isinstance(event, p.ServiceError):
+                        if event.fatal:
+                            conn.fatal = ConfigError(
+                                f"the Realtime service refused: {event.message}"
+                                + (f" ({event.code})" if event.code else ""))
+                            break
+                        if event.ends_session:
+                            conn.lost = f"session ended by the service ({event.code})"
+                    ctx.watch.changed()
+            finally:
+                with trio.CancelScope(shield=True):
+                    for a in conv.flush(time.time()):
+                        await store(a)
+                ctx.watch.changed()
+        # this connection is over: stop its uplink, keepalive and timer too
+        scope.cancel()
+        await _close(ws)
+
+    # -- keepalive and recycling ------------------------------------------------------------
+    async def _keepalive(self, ws: Any, conn: _Connection) -> None:
+        """A ping the service does not answer in time means the link is dead."""
+        while True:
+            await trio.sleep(self.policy.ping_interval)
+            with trio.move_on_after(self.policy.ping_timeout) as waited:
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    return
+            if waited.cancelled_caught:
+                conn.lost = "ping timeout"
+                await _close(ws)
+                return
+
+    async def _recycle_timer(self, ws: Any, conn: _Connection) -> None:
+        """Before the service's session limit, start a fresh session at a quiet moment."""
+        ctx = self.ctx
+        await trio.sleep(self.policy.session_max_seconds)
+        log.info("session limit near: recycling the connection at the next quiet moment")
+
+        def quiet() -> bool:
+            return (ctx.conversation.idle and not ctx.pending_user_items
+                    and ctx.buffer.queued_samples() == 0)
+
+        while True:
+            await ctx.watch.wait_for(quiet)
+            with trio.move_on_after(0.5) as still:
+                await ctx.watch.wait_for(lambda: not quiet())
+            if still.cancelled_caught:
+                break
+        conn.recycle = True
+        await _close(ws)
+
+
+class _EchoGate:
+    """Half duplex: while a reply plays (and ``echo_tail`` after), mic frames are held back so
+    the speaker can't trigger the service's VAD. Speech clearly louder than the playback leak
+    (``barge_in_dbfs`` for ``barge_in_ms``) opens the gate, sending the held frames first."""
+
+    def __init__(self, policy: LinkPolicy) -> None:
+        self.policy = policy
+        self.need = max(1, policy.barge_in_ms // 20)
+        self.held: deque[bytes] = deque(maxlen=max(self.need, 15))
+        self.loud = 0
+        self.open_until_quiet = False
+
+    def filter(self, frame: bytes, ctx: Context) -> list[bytes]:
+        now = trio.current_time()
+        if ctx.buffer.queued_samples() > 0:
+            ctx.last_playing = now
+        playing = now - ctx.last_playing < self.policy.echo_tail
+        if not playing:
+            self.open_until_quiet = False
+            self.held.clear()
+            self.loud = 0
+            return [frame]
+        if self.open_until_quiet:
+            return [frame]
+        if self.policy.barge_in_dbfs is None:
+            return []
+        self.held.append(frame)
+        level = rms_dbfs(np.frombuffer(frame, dtype="<i2"))
+        self.loud = self.loud + 1 if level >= self.policy.barge_in_dbfs else 0
+        if self.loud >= self.need:
+            log.info("barge-in: speech over the robot (%.0f dBFS); opening the mic", level)
+            self.open_until_quiet = True
+            out = list(self.held)
+            self.held.clear()
+            return out
+        return []
+
+
+async def _close(ws: Any) -> None:
     with trio.move_on_after(1.0) as scope:
         scope.shield = True
         await ws.aclose()
@@ -261,10 +653,9 @@ async def _forward_control(ws: Any, control: trio.MemoryReceiveChannel[dict[str,
 async def _wait_settled(ctx: Context, settle_seconds: float) -> None:
     """Until no turn is open: no speech, no reply in progress, user transcripts in, for
     ``settle_seconds`` in a row (the service may still be deciding about the tail)."""
-    conv = ctx.conversation
 
     def settled() -> bool:
-        return ctx.stopping or (conv.idle and not ctx.pending_user_items)
+        return ctx.stopping or (ctx.conversation.idle and not ctx.pending_user_items)
 
     while not ctx.stopping:
         await ctx.watch.wait_for(settled)
@@ -272,110 +663,6 @@ async def _wait_settled(ctx: Context, settle_seconds: float) -> None:
             await ctx.watch.wait_for(lambda: not settled())
         if quiet.cancelled_caught:
             return
-
-
-async def _downlink(
-    ws: Any,
-    ctx: Context,
-    audio: trio.MemorySendChannel[AudioChunk],
-    records: trio.MemorySendChannel[Any],
-    control: trio.MemorySendChannel[dict[str, Any]],
-    console: Console,
-    fatal: list[BaseException],
-    on_configured: Callable[[], None] | None,
-) -> None:
-    """Server events → conversation state → audio, records and control events."""
-    conv = ctx.conversation
-
-    async def store(action: Any) -> None:
-        try:
-            records.send_nowait(action)
-        except trio.WouldBlock:
-            ctx.stats.record_waits += 1
-            log.warning("recorder is behind (%d records queued): waiting for it",
-                        RECORDS_BOUND)
-            await records.send(action)
-
-    async def route(actions: list[p.Action]) -> None:
-        for a in actions:
-            if isinstance(a, p.Play):
-                pcm = np.frombuffer(a.pcm, dtype="<i2")
-                try:
-                    audio.send_nowait(AudioChunk(a.item_id, pcm))
-                except trio.WouldBlock:
-                    ctx.stats.audio_chunks_dropped += 1
-            elif isinstance(a, p.BargeIn):
-                item = ctx.buffer.playing_item()
-                if item is not None:
-                    ctx.buffer.cancel(item)
-                    ctx.stats.interruptions += 1
-                    played = ctx.buffer.played_samples(item)
-                    log.info("barge-in: reply %s stopped after %.2f s", item, played / p.RATE)
-                    await route(conv.interrupted(item, played))
-            elif isinstance(a, p.Send):
-                await control.send(a.event)
-            else:
-                if isinstance(a, p.StoreMessage) and not a.partial:
-                    if a.role == "user":
-                        ctx.pending_user_items.discard(a.item_id)
-                        ctx.stats.user_turns += 1
-                    else:
-                        ctx.stats.assistant_turns += 1
-                    console.transcript(a.role, a.text)
-                elif isinstance(a, p.StoreError):
-                    ctx.stats.service_errors += 1
-                    log.warning("service error %s%s: %s", a.type,
-                                f" ({a.code})" if a.code else "", a.message)
-                await store(a)
-
-    async with audio, records, control:
-        try:
-            while True:
-                try:
-                    message = await ws.get_message()
-                except ConnectionClosed as exc:
-                    if not (ctx.stopping or ctx.closing):
-                        reason = exc.reason
-                        fatal.append(RuntimeFailure(
-                            "connection to the Realtime service lost"
-                            + (f" (close code {reason.code})" if reason else "")))
-                        await store(p.StoreError("connection_lost", None,
-                                                 str(reason) if reason else "", False))
-                    break
-                try:
-                    event = p.parse_event(message)
-                except p.ProtocolError as exc:
-                    ctx.stats.junk_messages += 1
-                    log.debug("ignored: %s", exc)
-                    continue
-                if isinstance(event, p.Ignored):
-                    log.debug("ignored event %s", event.type)
-                    continue
-                now = time.time()
-                if isinstance(event, p.InputCommitted):
-                    ctx.pending_user_items.add(event.item_id)
-                elif isinstance(event, p.UserTranscriptFailed):
-                    ctx.pending_user_items.discard(event.item_id)
-                await route(conv.receive(event, now))
-                console.status(_status(ctx))
-                if isinstance(event, p.SessionUpdated) and on_configured:
-                    on_configured()
-                if isinstance(event, p.ServiceError) and event.fatal:
-                    fatal.append(ConfigError(
-                        f"the Realtime service refused: {event.message}"
-                        + (f" ({event.code})" if event.code else "")))
-                    break
-                ctx.watch.changed()
-        finally:
-            with trio.CancelScope(shield=True):
-                for a in conv.flush(time.time()):
-                    await store(a)
-            ctx.stopping = ctx.stopping or bool(fatal)
-            ctx.watch.changed()
-    if fatal:
-        with trio.move_on_after(1.0) as scope:
-            scope.shield = True
-            await ws.aclose()
 
 
 def _status(ctx: Context) -> str:

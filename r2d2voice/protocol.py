@@ -61,6 +61,8 @@ class SessionConfig:
     interrupt_response: bool = True
     #: keep this share of the context when it overflows (``truncation.retention_ratio``)
     retention_ratio: float | None = None
+    #: conversation tokens (after instructions) that trigger truncation; None: model default
+    token_limit: int | None = None
 
 
 def session_update(cfg: SessionConfig) -> dict[str, Any]:
@@ -87,7 +89,11 @@ def session_update(cfg: SessionConfig) -> dict[str, Any]:
         },
     }
     if cfg.retention_ratio is not None:
-        session["truncation"] = {"type": "retention_ratio", "retention_ratio": cfg.retention_ratio}
+        truncation: dict[str, Any] = {"type": "retention_ratio",
+                                      "retention_ratio": cfg.retention_ratio}
+        if cfg.token_limit:
+            truncation["token_limits"] = {"post_instructions": cfg.token_limit}
+        session["truncation"] = truncation
     return _client("session.update", session=session)
 
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
+from . import protocol as p
 from .audio import FRAME_BYTES, FRAME_SAMPLES, RATE
 from .pipeline import Context
 from .playout import AudioChunk, PlayoutBuffer
-from .vad import find_turns
+from .vad import Turn, find_turns
 from .wavio import WavWriter
 
 log = logging.getLogger("r2d2voice.replay")
@@ -82,35 +83,58 @@ class FileSource:
 
     async def _fast(self, send: trio.MemorySendChannel[bytes], data: bytes, total: int,
                     ctx: Context) -> None:
-        conv = ctx.conversation
+        def conv() -> p.Conversation:  # a reconnect brings a new conversation object
+            return ctx.conversation
+
         frame = 0
         for turn in self.turns:
-            # never start talking while the robot is still busy with the previous turn
-            await ctx.watch.wait_for(lambda: conv.idle or ctx.stopping)
             end = min(total, -(-turn.close_sample // FRAME_SAMPLES) + 5)
-            done_before, commits_before = conv.responses_done, conv.turns_committed
-            for i in range(frame, end):
-                await send.send(data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
-                self._progress(i + 1, total)
-            frame = end
-            with trio.move_on_after(NOTICE_TIMEOUT) as noticed:
-                await ctx.watch.wait_for(
-                    lambda c=commits_before: conv.turns_committed > c or conv.user_speaking
-                    or ctx.stopping)
-            if noticed.cancelled_caught:
-                log.info("the service did not hear the turn ending at %.1f s; going on",
+            for _attempt in range(3):
+                # never start talking while the robot is busy or the link is down
+                await ctx.watch.wait_for(lambda: (ctx.connected and conv().idle)
+                                         or ctx.stopping)
+                epoch = ctx.epoch
+                done_before, commits_before = conv().responses_done, conv().turns_committed
+                for i in range(frame, end):
+                    await send.send(data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
+                    self._progress(i + 1, total)
+                if await self._answered(ctx, epoch, done_before, commits_before, turn):
+                    break
+                # the link died during this turn: send the whole turn again
+                log.info("link changed during the turn ending at %.1f s: sending it again",
                          turn.end_sample / RATE)
-                continue
-            with trio.move_on_after(self.turn_timeout) as answered:
-                await ctx.watch.wait_for(
-                    lambda d=done_before: (conv.responses_done > d and conv.idle)
-                    or ctx.stopping)
-            if answered.cancelled_caught:
-                log.warning("no reply within %.0f s to the turn ending at %.1f s; going on",
-                            self.turn_timeout, turn.end_sample / RATE)
+            frame = end
         for i in range(frame, total):
             await send.send(data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
             self._progress(i + 1, total)
+
+    async def _answered(self, ctx: Context, epoch: int, done_before: int, commits_before: int,
+                        turn: Turn) -> bool:
+        """Wait for the turn's reply; False if the connection changed meanwhile."""
+
+        def moved_on() -> bool:
+            return ctx.stopping or ctx.epoch != epoch
+
+        with trio.move_on_after(NOTICE_TIMEOUT) as noticed:
+            await ctx.watch.wait_for(
+                lambda: moved_on() or ctx.conversation.turns_committed > commits_before
+                or ctx.conversation.user_speaking)
+        if ctx.epoch != epoch:
+            return ctx.stopping
+        if noticed.cancelled_caught:
+            log.info("the service did not hear the turn ending at %.1f s; going on",
+                     turn.end_sample / RATE)
+            return True
+        with trio.move_on_after(self.turn_timeout) as answered:
+            await ctx.watch.wait_for(
+                lambda: moved_on() or (ctx.conversation.responses_done > done_before
+                                       and ctx.conversation.idle))
+        if ctx.epoch != epoch and ctx.conversation.responses_done <= done_before:
+            return ctx.stopping
+        if answered.cancelled_caught:
+            log.warning("no reply within %.0f s to the turn ending at %.1f s; going on",
+                        self.turn_timeout, turn.end_sample / RATE)
+        return True
 
     def _progress(self, done: int, total: int) -> None:
         if self.progress and (done == total or done % 25 == 0):

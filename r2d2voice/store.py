@@ -36,8 +36,10 @@ __all__ = [
     "ErrorRow",
     "MessageRow",
     "SessionRow",
+    "SessionStatsRow",
     "Store",
     "UsageRow",
+    "UsageSummaryRow",
     "format_ts",
     "parse_ts",
     "utc_now",
@@ -133,6 +135,36 @@ class UsageRow:
     @property
     def output_total(self) -> int:
         return self.output_text + self.output_audio
+
+
+@dataclass(frozen=True)
+class UsageSummaryRow:
+    """Token usage summed over the responses of one group (a UTC day, or a session).
+
+    ``input_cached`` is part of ``input_text + input_audio``. The store keeps only the cached
+    total, so ``cached_text_est`` / ``cached_audio_est`` split it per response in proportion to
+    that response's text and audio input (an estimate, used for pricing).
+    """
+
+    key: str
+    responses: int
+    input_text: int
+    input_audio: int
+    input_cached: int
+    output_text: int
+    output_audio: int
+    cached_text_est: float
+    cached_audio_est: float
+
+
+@dataclass(frozen=True)
+class SessionStatsRow:
+    """One session's pipeline counters (``metadata["stats"]``; None when not recorded)."""
+
+    session_id: str
+    started_at: str
+    previous_session_id: str | None
+    stats: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -287,6 +319,42 @@ SELECT s.id, s.started_at, s.ended_at, s.backend, s.model, s.voice,
        s.previous_session_id, s.service_session_id
 FROM sessions AS s
 """
+
+
+# Per response: token columns with NULL as 0, and the cached total split between text and
+# audio in proportion to the response's own text/audio input (capped at that input).
+_USAGE_PER_RESPONSE = """
+SELECT r.session_id, r.created_at, it, ia, ic, ot, oa,
+       CASE WHEN it + ia > 0 THEN min(ic, it + ia) * 1.0 * it / (it + ia) ELSE 0.0 END AS ct,
+       CASE WHEN it + ia > 0 THEN min(ic, it + ia) * 1.0 * ia / (it + ia) ELSE 0.0 END AS ca
+FROM (SELECT session_id, created_at,
+             COALESCE(input_text_tokens, 0) AS it, COALESCE(input_audio_tokens, 0) AS ia,
+             COALESCE(input_cached_tokens, 0) AS ic, COALESCE(output_text_tokens, 0) AS ot,
+             COALESCE(output_audio_tokens, 0) AS oa
+      FROM responses) AS r
+"""
+
+
+def _where(
+    session_col: str,
+    time_col: str,
+    sessions: Sequence[str],
+    since: datetime | None,
+    until: datetime | None,
+) -> tuple[str, list[Any]]:
+    """`` WHERE ...`` (or "") and its arguments: session ids, ``since`` <= time < ``until``."""
+    where: list[str] = []
+    args: list[Any] = []
+    if sessions:
+        where.append(f"{session_col} IN ({', '.join('?' * len(sessions))})")
+        args.extend(sessions)
+    if since is not None:
+        where.append(f"{time_col} >= ?")
+        args.append(format_ts(since))
+    if until is not None:
+        where.append(f"{time_col} < ?")
+        args.append(format_ts(until))
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 def _message_row(r: tuple[Any, ...]) -> MessageRow:
@@ -700,6 +768,34 @@ class Store:
                 ),
             )
 
+    def set_session_stats(self, session_id: str, stats: dict[str, Any]) -> None:
+        """Store the pipeline's counters as ``metadata["stats"]``, keeping the other keys.
+
+        Read-modify-write inside one ``BEGIN IMMEDIATE`` transaction, so no other writer
+        interleaves. Replaces any earlier ``stats``; metadata that is not a JSON object is
+        replaced by a new object. An unknown session id changes nothing.
+        """
+        if not isinstance(stats, dict):
+            raise TypeError(f"stats must be a dict, not {type(stats).__name__}")
+        encoded = json.dumps(stats, ensure_ascii=False)  # fails before the transaction
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT metadata FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                return
+            try:
+                meta = json.loads(row[0]) if row[0] else {}
+            except ValueError:
+                meta = {}
+            if not isinstance(meta, dict):
+                meta = {}
+            meta["stats"] = json.loads(encoded)
+            conn.execute(
+                "UPDATE sessions SET metadata = ? WHERE id = ?",
+                (json.dumps(meta, ensure_ascii=False), session_id),
+            )
+
     def record_error(
         self,
         session_id: str | None,
@@ -809,6 +905,123 @@ class Store:
             list(sessions),
         ).fetchall()
         return [UsageRow(*r) for r in rows]
+
+    def usage_summary(
+        self,
+        by: str,
+        *,
+        sessions: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageSummaryRow]:
+        """Token usage of the responses created in [``since``, ``until``), grouped ``by``
+        ``"day"`` (UTC date of ``responses.created_at``, oldest first) or ``"session"``
+        (sessions by start). Groups without responses are left out."""
+        if by == "day":
+            key, join, order = "substr(r.created_at, 1, 10)", "", "1"
+        elif by == "session":
+            key, join = "r.session_id", " JOIN sessions AS s ON s.id = r.session_id"
+            order = "s.started_at, s.id"
+        else:
+            raise ValueError(f"by must be 'day' or 'session', not {by!r}")
+        where, args = _where("r.session_id", "r.created_at", sessions, since, until)
+        rows = self.conn.execute(
+            f"SELECT {key}, count(*), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot), sum(r.oa),"
+            f" sum(r.ct), sum(r.ca) FROM ({_USAGE_PER_RESPONSE}) AS r{join}{where}"
+            f" GROUP BY {key} ORDER BY {order}",
+            args,
+        ).fetchall()
+        return [UsageSummaryRow(*r) for r in rows]
+
+    def response_latencies(
+        self,
+        *,
+        sessions: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """Sorted ``first_audio_ms`` and ``first_played_ms`` values (NULLs left out) of the
+        responses created in [``since``, ``until``)."""
+        where, args = _where("session_id", "created_at", sessions, since, until)
+        out: list[list[int]] = []
+        for col in ("first_audio_ms", "first_played_ms"):
+            cond = f"{where} AND {col} IS NOT NULL" if where else f" WHERE {col} IS NOT NULL"
+            rows = self.conn.execute(
+                f"SELECT {col} FROM responses{cond} ORDER BY {col}", args
+            ).fetchall()
+            out.append([int(r[0]) for r in rows])
+        return out[0], out[1]
+
+    def response_status_counts(
+        self,
+        *,
+        sessions: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> dict[str, int]:
+        """Responses created in [``since``, ``until``) counted by status (by name)."""
+        where, args = _where("session_id", "created_at", sessions, since, until)
+        rows = self.conn.execute(
+            f"SELECT status, count(*) FROM responses{where} GROUP BY status ORDER BY status",
+            args,
+        ).fetchall()
+        return {status: n for status, n in rows}
+
+    def count_interrupted(
+        self,
+        *,
+        sessions: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> int:
+        """Messages created in [``since``, ``until``) marked interrupted (cut-off replies)."""
+        where, args = _where("session_id", "created_at", sessions, since, until)
+        cond = f"{where} AND interrupted = 1" if where else " WHERE interrupted = 1"
+        return int(self.conn.execute(f"SELECT count(*) FROM messages{cond}", args).fetchone()[0])
+
+    def count_errors(
+        self,
+        *,
+        sessions: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> dict[str, int]:
+        """Recorded errors in [``since``, ``until``) by source (``service`` / ``local``).
+
+        With ``sessions``, errors not tied to a session are left out."""
+        where, args = _where("session_id", "at", sessions, since, until)
+        rows = self.conn.execute(
+            f"SELECT source, count(*) FROM errors{where} GROUP BY source", args
+        ).fetchall()
+        counts = dict.fromkeys(ERROR_SOURCES, 0)
+        counts.update({source: n for source, n in rows})
+        return counts
+
+    def session_stats(
+        self,
+        sessions: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[SessionStatsRow]:
+        """Sessions started in [``since``, ``until``) with their ``metadata["stats"]``
+        object (None when absent or unreadable), oldest first."""
+        where, args = _where("id", "started_at", sessions, since, until)
+        rows = self.conn.execute(
+            "SELECT id, started_at, previous_session_id, metadata FROM sessions"
+            f"{where} ORDER BY started_at, id",
+            args,
+        ).fetchall()
+        out = []
+        for sid, started, previous, meta in rows:
+            stats = None
+            try:
+                loaded = json.loads(meta) if meta else None
+            except ValueError:
+                loaded = None
+            if isinstance(loaded, dict) and isinstance(loaded.get("stats"), dict):
+                stats = loaded["stats"]
+            out.append(SessionStatsRow(sid, started, previous, stats))
+        return out
 
     def list_errors(self, session_id: str | None = None) -> list[ErrorRow]:
         """Recorded errors (of one session, or all), oldest first."""

@@ -45,6 +45,7 @@ def _os_reason(exc: OSError) -> str:
         errno.ENOTDIR: "a parent of it is not a directory",
         errno.ENOSPC: "no space left on device",
         errno.EROFS: "read-only file system",
+        errno.ENXIO: "a pipe with no reader",
     }
     return reasons.get(exc.errno or 0, _one_line(exc.strerror or exc))
 
@@ -61,11 +62,16 @@ def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
     if os.path.isdir(path):
         raise UsageError(f"cannot read audio file {shown}: is a directory")
     try:
-        # Python's open gives a precise reason (missing, permission); soundfile then opens the
+        # Opening it here gives a precise reason (missing, permission); soundfile then opens the
         # path itself: its file-object mode prints tracebacks from cffi callbacks on bad input.
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise UsageError(f"cannot read audio file {shown}: not a regular file")
+        # O_NONBLOCK: opening a FIFO must not hang waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        if not regular:
+            raise UsageError(f"cannot read audio file {shown}: not a regular file")
         return _decode(path, shown)
     except OSError as exc:
         raise UsageError(f"cannot read audio file {shown}: {_os_reason(exc)}") from None
@@ -112,10 +118,10 @@ class WavWriter:
         if os.path.isdir(path):
             raise UsageError(f"cannot write WAV file {self._shown}: is a directory")
         try:
-            # Python's open gives a precise reason; soundfile then opens the path itself (its
+            # Opening it here gives a precise reason; soundfile then opens the path itself (its
             # file-object mode prints tracebacks from cffi callbacks when a write fails).
-            with open(path, "wb"):
-                pass
+            # O_NONBLOCK: a FIFO without a reader fails instead of hanging.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666))
             self._snd: sf.SoundFile | None = sf.SoundFile(
                 path, "w", samplerate=RATE, channels=1, format="WAV", subtype="PCM_16"
             )

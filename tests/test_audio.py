@@ -161,8 +161,19 @@ def test_to_mono() -> None:
 
 
 def test_pcm_conversions() -> None:
-    f = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 1.7, -3.0, 1e-5], dtype=np.float32)
-    assert float_to_pcm16(f).tolist() == [0, 16384, -16384, 32767, -32768, 32767, -32768, 0]
+    f = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 1.7, -3.0, 1e-5, np.nan, np.inf], dtype=np.float32)
+    assert float_to_pcm16(f).tolist() == [
+        0,
+        16384,
+        -16384,
+        32767,
+        -32768,
+        32767,
+        -32768,
+        0,
+        0,
+        32767,
+    ]
     x = np.array([-32768, -1, 0, 1, 32767], dtype=np.int16)
     assert float_to_pcm16(pcm16_to_float(x)).tolist() == x.tolist()
     assert pcm16_to_bytes(x) == b"\x00\x80\xff\xff\x00\x00\x01\x00\xff\x7f"  # little-endian

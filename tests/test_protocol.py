@@ -15,7 +15,7 @@ from r2d2voice import protocol as p
 CLIENT = TypeAdapter(RealtimeClientEvent)
 CFG = p.SessionConfig(instructions="Be R2.", voice="verse", transcribe_model="gpt-4o-transcribe",
                       vad_threshold=0.6, vad_prefix_ms=200, vad_silence_ms=700,
-                      retention_ratio=0.8)
+                      retention_ratio=0.8, token_limit=12000)
 
 
 def every_client_event() -> list[dict]:
@@ -61,7 +61,8 @@ def test_session_update_is_ga_shaped() -> None:
     assert s["audio"]["output"] == {"format": {"type": "audio/pcm", "rate": 24000},
                                     "voice": "verse"}
     assert s["audio"]["input"]["transcription"] == {"model": "gpt-4o-transcribe"}
-    assert s["truncation"] == {"type": "retention_ratio", "retention_ratio": 0.8}
+    assert s["truncation"] == {"type": "retention_ratio", "retention_ratio": 0.8,
+                               "token_limits": {"post_instructions": 12000}}
     # the old beta shape must not leak in
     assert "modalities" not in s and "input_audio_format" not in s
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import wave
@@ -209,6 +210,57 @@ def test_zero_channels(tmp_path: Path) -> None:
     path = tmp_path / "nochan.wav"
     path.write_bytes(riff(struct.pack("<HHIIHH", 1, 0, 16000, 0, 0, 16), b"\x00" * 100))
     assert_usage_error(path)
+
+
+def test_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.wav"
+    os.mkfifo(path)
+    assert "not a regular file" in assert_usage_error(path)
+
+
+def test_float_file_with_nan_and_inf_loads(tmp_path: Path) -> None:
+    x = sine(440.0, RATE, 1.0)
+    x[1000:1010] = np.nan
+    x[5000] = np.inf
+    x[6000] = -1e30
+    path = tmp_path / "nan.wav"
+    sf.write(path, x, RATE, subtype="FLOAT")
+    pcm = load_audio(path)
+    assert len(pcm) == RATE
+    assert rms_dbfs(pcm[12000:]) == pytest.approx(SINE_DBFS, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"),
+    [("WAV", "PCM_16"), ("WAVEX", "PCM_24"), ("WAV", "FLOAT"), ("FLAC", "PCM_16"),
+     ("WAV", "PCM_U8")],
+)  # fmt: skip
+def test_corrupted_files_never_escape_as_other_errors(
+    tmp_path: Path, fmt: str, subtype: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    buf = io.BytesIO()
+    sf.write(buf, sine(440.0, 8000, 0.5), 8000, format=fmt, subtype=subtype)
+    good = buf.getvalue()
+    rng = np.random.default_rng(7)
+    path = tmp_path / "bad.wav"
+    refused = 0
+    for i in range(200):
+        data = bytearray(good)
+        if i % 2:
+            data = data[: rng.integers(0, len(data))]
+        else:
+            for _ in range(rng.integers(1, 6)):
+                data[rng.integers(0, 64)] = rng.integers(0, 256)
+        path.write_bytes(bytes(data))
+        try:
+            pcm = load_audio(path)
+        except UsageError as exc:
+            refused += 1
+            assert "\n" not in str(exc) and str(path) in str(exc)
+        else:
+            assert pcm.dtype == np.int16 and pcm.ndim == 1
+    assert refused > 0
+    assert "Traceback" not in capfd.readouterr().err  # nothing printed by cffi callbacks
 
 
 def test_path_with_newline_stays_one_line(tmp_path: Path) -> None:

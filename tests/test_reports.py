@@ -1,0 +1,393 @@
+"""The ``usage`` and ``stats`` reports: exact totals, costs, percentiles, filters, bad input,
+and usage totals that match what the (local) service reported."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+from click.testing import CliRunner
+
+from r2d2voice import localserver
+from r2d2voice.cli import main
+from r2d2voice.reports import Prices, percentile, run_stats, run_usage
+from r2d2voice.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "samples" / "two_turns.wav"
+DAY1 = datetime(2025, 11, 20, 9, 30, 0, tzinfo=timezone.utc)
+DAY2 = DAY1 + timedelta(days=1)
+
+
+def usage(it: int, ia: int, ic: int, ot: int, oa: int) -> dict[str, Any]:
+    """A GA ``response.usage`` object."""
+    return {
+        "total_tokens": it + ia + ot + oa,
+        "input_tokens": it + ia,
+        "output_tokens": ot + oa,
+        "input_token_details": {"text_tokens": it, "audio_tokens": ia, "cached_tokens": ic},
+        "output_token_details": {"text_tokens": ot, "audio_tokens": oa},
+    }
+
+
+# Costs by hand, default prices (USD/1M): text in 4, cached 0.40; audio in 32, cached 0.40;
+# text out 16; audio out 64. Cached input is split per response in text:audio proportion.
+# r1: 100 text + 300 audio in, 200 cached -> 50 text + 150 audio cached
+R1 = (50 * 4 + 50 * 0.4 + 150 * 32 + 150 * 0.4 + 10 * 16 + 500 * 64) / 1e6  # 0.03724
+R2 = (100 * 32 + 5 * 16 + 50 * 64) / 1e6  # 0.00648
+R3 = (40 * 0.4 + 8 * 16 + 120 * 64) / 1e6  # all 40 text input cached: 0.007824
+R5 = (60 * 4 + 140 * 32 + 20 * 16 + 200 * 64) / 1e6  # 0.01784
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Session a on day 1, b and c (continuing b) on day 2, with known usage/latency/stats."""
+    path = tmp_path / "r2.db"
+    with Store.open(path) as s:
+        a = s.start_session(backend="openai", model="gpt-realtime", voice="ash", started_at=DAY1,
+                            metadata={"command": "run"})  # fmt: skip
+        b = s.start_session(backend="openai", model="gpt-realtime", voice="ash", started_at=DAY2)
+        c = s.start_session(backend="openai", model="gpt-realtime", voice="ash",
+                            started_at=DAY2 + timedelta(hours=1), previous_session_id=b)
+        t = DAY1 + timedelta(seconds=5)
+        s.record_response(a, "r1", status="completed", usage=usage(100, 300, 200, 10, 500),
+                          created_at=t)  # fmt: skip
+        s.set_response_latency(a, "r1", first_audio_ms=300, first_played_ms=350)
+        s.record_response(a, "r2", status="cancelled", usage=usage(0, 100, 0, 5, 50),
+                          created_at=t + timedelta(seconds=10))  # fmt: skip
+        s.set_response_latency(a, "r2", first_audio_ms=500)
+        s.upsert_message(a, role="assistant", item_id="i2", text="cut", response_id="r2",
+                         created_at=t + timedelta(seconds=11))  # fmt: skip
+        s.mark_interrupted(a, "i2", 700)
+        t = DAY2 + timedelta(seconds=5)
+        s.record_response(b, "r3", status="completed", usage=usage(40, 0, 40, 8, 120),
+                          created_at=t)  # fmt: skip
+        s.set_response_latency(b, "r3", first_audio_ms=200, first_played_ms=260)
+        s.record_response(b, "r4", status="failed", usage=None, created_at=t + timedelta(seconds=1))
+        s.record_error(b, source="service", type="server_error", code=None, message="boom",
+                       at=t + timedelta(seconds=2))  # fmt: skip
+        t = DAY2 + timedelta(hours=1, seconds=5)
+        s.record_response(c, "r5", status="completed", usage=usage(60, 140, 0, 20, 200),
+                          created_at=t)  # fmt: skip
+        s.set_response_latency(c, "r5", first_audio_ms=100, first_played_ms=150)
+        s.set_session_stats(a, {"frames_dropped": 3, "underruns": 1, "reconnects": 0,
+                                "interruptions": 1, "junk_messages": 0})  # fmt: skip
+        s.set_session_stats(b, {"frames_dropped": 2, "reconnects": 1, "service_errors": 1,
+                                "frames_gated": 40, "custom": 5, "note": "x"})  # fmt: skip
+    return path, {"a": a, "b": b, "c": c}
+
+
+def report_of(fn: Any, path: Path, **kw: Any) -> dict[str, Any]:
+    return fn(path, out=io.StringIO(), fmt="json", **kw)
+
+
+def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    """Run ``r2d2voice`` in-process with an empty env file (no ./.env or ~/.r2d2/.env)."""
+    env_file = tmp_path / "empty.env"
+    env_file.touch()
+    return CliRunner().invoke(main, ["--env-file", str(env_file), *args], env=env)
+
+
+# ---------------------------------------------------------------------------- usage
+
+
+def test_usage_totals_per_day_and_session_with_default_prices(db, tmp_path: Path) -> None:
+    path, ids = db
+    result = cli(tmp_path, "usage", "--db", str(path), "--format", "json")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert [d["day"] for d in rep["days"]] == ["2025-11-20", "2025-11-21"]
+    assert [s["session_id"] for s in rep["sessions"]] == [ids["a"], ids["b"], ids["c"]]
+    day1, day2 = rep["days"]
+    assert {k: day1[k] for k in day1 if k not in ("day", "cost_usd")} == {
+        "responses": 2, "input_text": 100, "input_audio": 400, "input_cached": 200,
+        "output_text": 15, "output_audio": 550,
+    }  # fmt: skip
+    assert day2["responses"] == 3  # the failed response with no usage still counts
+    assert (day2["input_text"], day2["input_audio"], day2["input_cached"]) == (100, 140, 40)
+    assert day1["cost_usd"] == pytest.approx(R1 + R2, abs=1e-12)
+    assert day2["cost_usd"] == pytest.approx(R3 + R5, abs=1e-12)
+    costs = [s["cost_usd"] for s in rep["sessions"]]
+    assert costs == pytest.approx([R1 + R2, R3, R5], abs=1e-12)
+    total = rep["total"]
+    assert total == {
+        "responses": 5, "input_text": 200, "input_audio": 540, "input_cached": 240,
+        "output_text": 43, "output_audio": 870, "cost_usd": pytest.approx(0.069384, abs=1e-12),
+    }  # fmt: skip
+    assert rep["prices_usd_per_million"] == {
+        "audio_in": 32.0, "audio_in_cached": 0.4, "text_in": 4.0, "text_in_cached": 0.4,
+        "audio_out": 64.0, "text_out": 16.0,
+    }  # fmt: skip
+
+
+def test_usage_text_table(db, tmp_path: Path) -> None:
+    path, ids = db
+    result = cli(tmp_path, "usage", "--db", str(path))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Token usage by day (UTC)"
+    assert lines[1].split() == ["DAY", "RESPONSES", "IN", "TEXT", "IN", "AUDIO", "IN", "CACHED",
+                                "OUT", "TEXT", "OUT", "AUDIO", "COST", "USD"]  # fmt: skip
+    assert lines[2].split() == ["2025-11-20", "2", "100", "400", "200", "15", "550", "0.0437"]
+    assert lines[3].split() == ["2025-11-21", "3", "100", "140", "40", "28", "320", "0.0257"]
+    assert lines[4].split() == ["TOTAL", "5", "200", "540", "240", "43", "870", "0.0694"]
+    by_session = lines[lines.index("Token usage by session") + 2:]
+    assert by_session[0].split() == [ids["a"], "2", "100", "400", "200", "15", "550", "0.0437"]
+    assert by_session[3].split()[0] == "TOTAL"
+    assert "text in 4.00 (cached 0.40)" in result.stdout
+    assert "in proportion to each response's input" in result.stdout
+
+
+def test_usage_prices_from_settings_override_the_defaults(db) -> None:
+    path, _ = db
+    settings = SimpleNamespace(price_audio_in=10.0, price_text_out=1.5, price_text_in=None)
+    rep = report_of(run_usage, path, settings=settings)
+    assert rep["prices_usd_per_million"]["audio_in"] == 10.0
+    assert rep["prices_usd_per_million"]["text_in"] == 4.0  # None: the default
+    # uncached audio in: 150 (r1) + 100 (r2) + 140 (r5) = 390; text out 43
+    delta = 390 * (10.0 - 32.0) + 43 * (1.5 - 16.0)
+    assert rep["total"]["cost_usd"] == pytest.approx(0.069384 + delta / 1e6, abs=1e-12)
+
+
+def test_usage_prices_from_environment(db, tmp_path: Path) -> None:
+    path, _ = db
+    env = {"R2D2_PRICE_AUDIO_IN": "10", "R2D2_PRICE_TEXT_OUT": "1.5"}
+    result = cli(tmp_path, "usage", "--db", str(path), "--format", "json", env=env)
+    assert result.exit_code == 0, result.output
+    delta = 390 * (10.0 - 32.0) + 43 * (1.5 - 16.0)
+    cost = json.loads(result.stdout)["total"]["cost_usd"]
+    assert cost == pytest.approx(0.069384 + delta / 1e6, abs=1e-12)
+
+
+def test_bad_price_is_a_usage_error() -> None:
+    from r2d2voice.errors import UsageError
+
+    with pytest.raises(UsageError, match="price_text_in"):
+        Prices.from_settings(SimpleNamespace(price_text_in=-1.0))
+
+
+def test_usage_filters(db, tmp_path: Path) -> None:
+    path, ids = db
+    rep = report_of(run_usage, path, since="2025-11-21")
+    assert [d["day"] for d in rep["days"]] == ["2025-11-21"]
+    assert rep["total"]["responses"] == 3
+    rep = report_of(run_usage, path, until="2025-11-20")  # a date covers that whole day
+    assert [s["session_id"] for s in rep["sessions"]] == [ids["a"]]
+    rep = report_of(run_usage, path, sessions=[ids["c"], ids["a"]])
+    assert [s["session_id"] for s in rep["sessions"]] == [ids["a"], ids["c"]]
+    assert rep["total"]["cost_usd"] == pytest.approx(R1 + R2 + R5, abs=1e-12)
+    # only r2 was created after 09:30:10 on day 1
+    rep = report_of(run_usage, path, since="2025-11-20T09:30:10Z", until="2025-11-20T23:59:59")
+    assert rep["total"]["responses"] == 1
+    assert rep["total"]["cost_usd"] == pytest.approx(R2, abs=1e-12)
+
+
+def test_usage_of_an_empty_selection(db, tmp_path: Path) -> None:
+    path, _ = db
+    result = cli(tmp_path, "usage", "--db", str(path), "--since", "2030-01-01")
+    assert result.exit_code == 0
+    assert result.stdout == "no responses recorded in the selection\n"
+    rep = report_of(run_usage, path, since="2030-01-01")
+    assert rep["days"] == rep["sessions"] == []
+    assert rep["total"]["responses"] == 0 and rep["total"]["cost_usd"] == 0
+
+
+@pytest.mark.parametrize("command", ["usage", "stats"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--session", "nope"], "no session 'nope'"),
+        (["--since", "yesterday"], "--since: 'yesterday' is not an ISO 8601"),
+        (["--since", "2025-11-21", "--until", "2025-11-20"], "is not after --since"),
+        (["--format", "xml"], "Invalid value for '--format'"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(db, tmp_path: Path, command, args, message) -> None:
+    path, _ = db
+    result = cli(tmp_path, command, "--db", str(path), *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["usage", "stats"])
+def test_missing_database_exits_2_and_creates_nothing(tmp_path: Path, command: str) -> None:
+    missing = tmp_path / "none.db"
+    result = cli(tmp_path, command, "--db", str(missing))
+    assert result.exit_code == 2
+    assert result.stderr == f"r2d2voice: error: no such database: {missing}\n"
+    assert not missing.exists()
+
+
+# ---------------------------------------------------------------------------- stats
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert [percentile(values, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
+    assert [percentile([10, 20, 30], p) for p in (50, 90, 99)] == [20, 30, 30]
+    assert percentile([7], 50) == 7
+    assert percentile(list(range(10, 101, 10)), 90) == 90  # rank exactly 9, not 10
+    assert percentile([], 50) is None
+
+
+def test_stats_report(db, tmp_path: Path) -> None:
+    path, _ = db
+    result = cli(tmp_path, "stats", "--db", str(path), "--format", "json")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert rep["sessions"] == 3 and rep["sessions_with_stats"] == 2
+    assert rep["responses"] == {"total": 5,
+                                "by_status": {"cancelled": 1, "completed": 3, "failed": 1}}
+    lat = rep["latency_ms"]
+    assert lat["percentile_method"] == "nearest-rank"
+    # received: 100 200 300 500; played: 150 260 350
+    assert lat["speech_stopped_to_first_audio_received"] == {
+        "n": 4, "p50": 200, "p90": 500, "p99": 500}
+    assert lat["speech_stopped_to_first_audio_played"] == {
+        "n": 3, "p50": 260, "p90": 350, "p99": 350}
+    assert rep["interrupted_replies"] == 1
+    assert rep["errors"] == {"service": 1, "local": 0}
+    assert rep["counters"] == {
+        "frames_dropped": 5, "audio_chunks_dropped": None, "underruns": 1, "reconnects": 1,
+        "interruptions": 1, "junk_messages": 0, "service_errors": 1, "frames_gated": 40,
+        "custom": 5,
+    }  # fmt: skip
+    assert rep["reconnects"] == {"count": 1, "source": "counter"}
+    assert rep["sessions_continuing_earlier"] == 1
+
+
+def test_stats_text(db, tmp_path: Path) -> None:
+    path, _ = db
+    result = cli(tmp_path, "stats", "--db", str(path))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "Responses: 5 (cancelled 1, completed 3, failed 1)" in lines
+    assert "Latency from speech stopped, ms (nearest-rank percentiles)" in lines
+    assert ["first", "reply", "audio", "received", "4", "200", "500", "500"] in [
+        line.split() for line in lines]
+    assert "Interrupted replies: 1" in lines
+    assert "Pipeline counters, summed over 2 of 3 sessions that recorded them:" in lines
+    counters = {line.split()[0]: line.split()[1] for line in lines if line.startswith("  ")}
+    assert counters["frames_dropped"] == "5"
+    assert counters["audio_chunks_dropped"] == "n/a"
+    assert counters["custom"] == "5"
+
+
+def test_stats_filters_and_reconnects_without_the_counter(db) -> None:
+    path, ids = db
+    rep = report_of(run_stats, path, sessions=[ids["c"]])
+    assert rep["sessions"] == 1 and rep["sessions_with_stats"] == 0
+    assert rep["responses"]["by_status"] == {"completed": 1}
+    assert rep["latency_ms"]["speech_stopped_to_first_audio_played"]["p50"] == 150
+    assert set(rep["counters"].values()) == {None}
+    # no counter recorded: reconnects = sessions continuing an earlier one (c continues b)
+    assert rep["reconnects"] == {"count": 1, "source": "previous_session_id"}
+    rep = report_of(run_stats, path, since="2025-11-21")
+    assert rep["sessions"] == 2 and rep["responses"]["total"] == 3
+    assert rep["interrupted_replies"] == 0  # the interruption was on day 1
+    assert rep["counters"]["frames_dropped"] == 2
+    rep = report_of(run_stats, path, until="2025-11-20")
+    assert rep["reconnects"] == {"count": 0, "source": "counter"}
+
+
+def test_stats_with_no_data_says_n_a(tmp_path: Path) -> None:
+    path = tmp_path / "r2.db"
+    with Store.open(path) as s:
+        s.start_session(backend="local", model="m", voice=None, started_at=DAY1)
+    result = cli(tmp_path, "stats", "--db", str(path))
+    assert result.exit_code == 0, result.output
+    assert ["first", "reply", "audio", "played", "0", "n/a", "n/a", "n/a"] in [
+        line.split() for line in result.stdout.splitlines()]
+    assert "reconnects            0 (not counted by the pipeline" in result.stdout
+
+
+def test_set_session_stats_merges_into_metadata(db) -> None:
+    path, ids = db
+    with Store.open(path) as s:
+        meta = json.loads(s.conn.execute("SELECT metadata FROM sessions WHERE id = ?",
+                                         (ids["a"],)).fetchone()[0])  # fmt: skip
+        assert meta == {"command": "run", "stats": {"frames_dropped": 3, "underruns": 1,
+                        "reconnects": 0, "interruptions": 1, "junk_messages": 0}}  # fmt: skip
+        s.set_session_stats(ids["a"], {"underruns": 9})  # replaces the earlier stats
+        s.set_session_stats("no-such-session", {"underruns": 1})  # changes nothing
+        rows = {r.session_id: r for r in s.session_stats()}
+        assert rows[ids["a"]].stats == {"underruns": 9}
+        assert rows[ids["c"]].stats is None
+        meta = json.loads(s.conn.execute("SELECT metadata FROM sessions WHERE id = ?",
+                                         (ids["a"],)).fetchone()[0])  # fmt: skip
+        assert meta["command"] == "run"
+        with pytest.raises(TypeError):
+            s.set_session_stats(ids["a"], {"bad": object()})
+        assert rows[ids["a"]].stats == {"underruns": 9}
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+async def test_usage_totals_match_what_the_service_reported(tmp_path: Path, monkeypatch) -> None:
+    """A real replay against the local backend: ``usage`` totals equal the usage the backend
+    put in its ``response.done`` events."""
+    reported: list[dict[str, Any]] = []
+    closing = localserver._Reply.closing
+
+    def spy(self: Any) -> list[Any]:
+        events = closing(self)
+        reported.extend(e["response"]["usage"] for e in events if e["type"] == "response.done")
+        return events
+
+    monkeypatch.setattr(localserver._Reply, "closing", spy)
+    db = tmp_path / "r2.db"
+    (tmp_path / "home").mkdir()
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    env.pop("R2D2_DB", None)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(localserver.serve_local, "127.0.0.1", 0,
+                                   localserver.BackendConfig(realtime_factor=10.0))
+        proc = await trio.run_process(
+            [sys.executable, "-m", "r2d2voice", "replay", str(SAMPLE), "--backend", "local",
+             "--url", f"ws://127.0.0.1:{port}/v1/realtime", "--db", str(db),
+             "--out", str(tmp_path / "reply.wav")],
+            cwd=tmp_path, env=env, capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        nursery.cancel_scope.cancel()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"2 turns answered" in proc.stdout
+    assert len(reported) == 2
+
+    def summed(detail: str, kind: str) -> int:
+        return sum(u[detail][kind] for u in reported)
+
+    expected = {
+        "responses": len(reported),
+        "input_text": summed("input_token_details", "text_tokens"),
+        "input_audio": summed("input_token_details", "audio_tokens"),
+        "input_cached": summed("input_token_details", "cached_tokens"),
+        "output_text": summed("output_token_details", "text_tokens"),
+        "output_audio": summed("output_token_details", "audio_tokens"),
+    }
+    assert expected["input_audio"] > 0 and expected["output_audio"] > 0
+    assert sum(u["input_tokens"] for u in reported) == (
+        expected["input_text"] + expected["input_audio"])
+    result = cli(tmp_path, "usage", "--db", str(db), "--format", "json")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    total = rep["total"]
+    assert {k: total[k] for k in expected} == expected
+    assert [s["responses"] for s in rep["sessions"]] == [2]
+    p = Prices()
+    cost = (expected["input_text"] * p.text_in + expected["input_audio"] * p.audio_in
+            + expected["output_text"] * p.text_out + expected["output_audio"] * p.audio_out)
+    assert expected["input_cached"] == 0  # the local backend caches nothing
+    assert total["cost_usd"] == pytest.approx(cost / 1e6, abs=1e-12)
+    stats = json.loads(cli(tmp_path, "stats", "--db", str(db), "--format", "json").stdout)
+    assert stats["responses"] == {"total": 2, "by_status": {"completed": 2}}
+    assert stats["latency_ms"]["speech_stopped_to_first_audio_received"]["n"] == 2
