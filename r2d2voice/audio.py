@@ -45,7 +45,8 @@ def to_mono(x: np.ndarray) -> np.ndarray:
 
 def float_to_pcm16(x: np.ndarray) -> np.ndarray:
     """Float samples in [-1, 1] to int16 (scaled by 32768, rounded, clipped; NaN becomes 0)."""
-    y = np.rint(np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0) * _PCM16_SCALE)
+    f = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
+    y = np.rint(f * _PCM16_SCALE)
     return np.clip(y, -32768, 32767).astype(np.int16)
 
 

@@ -156,6 +156,9 @@ class BackendConfig:
     chunk_ms: int = 100
     realtime_factor: float = 1.0
     faults: Faults = field(default_factory=Faults)
+    #: for tests: called with (session id, client event) for every JSON client event received
+    observer: Callable[[str, dict[str, Any]], None] | None = field(
+        default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.reply_seconds > 0:
@@ -330,6 +333,8 @@ class LocalSession:
             return [self._error("The message is not valid JSON.", "invalid_json")]
         if not isinstance(event, dict):
             return [self._error("A client event must be a JSON object.", "invalid_json")]
+        if self.config.observer is not None:
+            self.config.observer(self.session["id"], event)
         event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
         type_ = event.get("type")
         handler = self._handlers.get(type_) if isinstance(type_, str) else None
@@ -1060,6 +1065,10 @@ async def _stream_reply(
         await out.send(event)
 
 
+#: pause between the Nth ``response.done`` and the reset (``Faults.abort_after_responses``)
+ABORT_DELAY_S = 0.2
+
+
 async def _abort(stream: trio.abc.Stream) -> None:
     """Reset the TCP connection: no close frame, no FIN (SO_LINGER 0 makes close send RST)."""
     if isinstance(stream, trio.SocketStream):
@@ -1087,6 +1096,9 @@ async def _send_loop(
             done += 1
             if done == faults.abort_after_responses:
                 log.info("fault: aborting the TCP connection after %d responses", done)
+                # A reset discards whatever the peer's kernel has not handed to it yet; wait a
+                # moment so the reply itself arrives and the blip hits between turns.
+                await trio.sleep(ABORT_DELAY_S)
                 await _abort(stream)
                 return
             if done == faults.close_after_responses:

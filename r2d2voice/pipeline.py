@@ -254,7 +254,7 @@ async def run_conversation(
 
                 inner.start_soon(source_task)
                 inner.start_soon(sink.run, audio_recv, ctx.buffer)
-                link = _Supervisor(endpoint, session_config, source.live, sessions, ctx, policy,
+                link = _Supervisor(endpoint, session_config, source, sessions, ctx, policy,
                                    console, settle_seconds, on_configured)
                 await link.run(frames_recv, audio_send, records_send)
                 if link.failure is not None:
@@ -296,12 +296,15 @@ class _Connection:
 class _Supervisor:
     """Owns the long-lived channel ends and runs one connection after another."""
 
-    def __init__(self, endpoint: Endpoint, cfg: p.SessionConfig, live: bool, sessions: Sessions,
+    def __init__(self, endpoint: Endpoint, cfg: p.SessionConfig, source: Source,
+                 sessions: Sessions,
                  ctx: Context, policy: LinkPolicy, console: Console, settle_seconds: float,
                  on_configured: Callable[[], None] | None) -> None:
         self.endpoint = endpoint
         self.cfg = cfg
-        self.live = live
+        self.live = source.live
+        #: frames queued for a dead link are stale: live audio, or a source that resends turns
+        self.drop_stale = source.live or bool(getattr(source, "resends", False))
         self.sessions = sessions
         self.ctx = ctx
         self.policy = policy
@@ -310,6 +313,7 @@ class _Supervisor:
         self.on_configured = on_configured
         self.carry: bytes | None = None  # a frame taken but not sent when a link died
         self.source_done = False
+        self.reconnecting = False  # the next session replaces a lost one
         #: why the run must end with an error, raised once everything is drained and stored
         self.failure: BaseException | None = None
 
@@ -361,7 +365,7 @@ class _Supervisor:
                 return  # done or stopping
             if not policy.reconnect:
                 raise RuntimeFailure(f"connection to the Realtime service lost ({conn.lost})")
-            ctx.stats.reconnects += 1
+            self.reconnecting = True
             healthy = trio.current_time() - started >= policy.healthy_after
             attempt = 1 if healthy else attempt + 1
 
@@ -383,7 +387,10 @@ class _Supervisor:
             ctx.connected = True
             ctx.watch.changed()
             before = ctx.stats.snapshot()
-            if self.live:
+            if self.reconnecting:  # counted in the session that replaces the lost one
+                self.reconnecting = False
+                ctx.stats.reconnects += 1
+            if self.drop_stale:
                 self._drop_stale(frames)
             try:
                 async with trio.open_nursery() as nursery:
@@ -411,7 +418,7 @@ class _Supervisor:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             dropped += 1
-        if dropped:
+        if dropped and self.live:
             self.ctx.stats.frames_dropped += dropped
             log.info("dropped %d stale microphone frames after reconnecting", dropped)
 
@@ -427,41 +434,45 @@ class _Supervisor:
             await send_event(ws, p.session_update(self.cfg))
             for role, text in context:
                 await send_event(ws, p.item_create_text(role, text))
-            if context:
-                log.info("re-sent %d turns of context to the new session", len(context))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_forward_control, ws, control)
+        except ConnectionClosed:
+            return
+        if context:
+            log.info("re-sent %d turns of context to the new session", len(context))
+        closed = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_forward_control, ws, control)
+            try:
                 if self.carry is not None:
-                    frame, self.carry = self.carry, None
-                    await send_event(ws, p.input_audio_append(frame))
+                    await send_event(ws, p.input_audio_append(self.carry))
+                    self.carry = None
                 while not self.source_done:
                     try:
                         frame = await frames.receive()
                     except trio.EndOfChannel:
                         self.source_done = True
                         break
-                    if gate is not None:
-                        out = gate.filter(frame, ctx)
-                        if not out:
-                            ctx.stats.frames_gated += 1
-                            continue
-                    else:
-                        out = [frame]
+                    out = gate.filter(frame, ctx) if gate is not None else [frame]
+                    if not out:
+                        ctx.stats.frames_gated += 1
+                        continue
                     for f in out:
                         try:
                             await send_event(ws, p.input_audio_append(f))
                         except ConnectionClosed:
-                            if not self.live:  # a replay loses nothing: resend it
+                            if not self.drop_stale:  # a replay loses nothing: resend it
                                 self.carry = f
+                            elif self.live:
+                                ctx.stats.frames_dropped += 1
                             raise
                         ctx.stats.frames_sent += 1
                 if not ctx.stopping:
                     await _wait_settled(ctx, self.settle_seconds)
-                nursery.cancel_scope.cancel()
-        except ConnectionClosed:
-            return
-        conn.closing = True
-        await _close(ws)
+            except ConnectionClosed:
+                closed = True
+            nursery.cancel_scope.cancel()
+        if not closed:
+            conn.closing = True
+            await _close(ws)
 
     # -- downlink ---------------------------------------------------------------------------
     async def _downlink(self, ws: Any, conn: _Connection,
@@ -590,11 +601,16 @@ class _Supervisor:
             return (ctx.conversation.idle and not ctx.pending_user_items
                     and ctx.buffer.queued_samples() == 0)
 
+        # the playout buffer drains without events: look every 100 ms
+        quiet_since: float | None = None
         while True:
-            await ctx.watch.wait_for(quiet)
-            with trio.move_on_after(0.5) as still:
-                await ctx.watch.wait_for(lambda: not quiet())
-            if still.cancelled_caught:
+            await trio.sleep(0.1)
+            now = trio.current_time()
+            if not quiet():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= 0.5:
                 break
         conn.recycle = True
         await _close(ws)
@@ -646,8 +662,11 @@ async def _close(ws: Any) -> None:
 
 async def _forward_control(ws: Any, control: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
     async with control:
-        async for event in control:
-            await send_event(ws, event)
+        try:
+            async for event in control:
+                await send_event(ws, event)
+        except ConnectionClosed:
+            return
 
 
 async def _wait_settled(ctx: Context, settle_seconds: float) -> None:

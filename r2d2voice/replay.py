@@ -42,6 +42,11 @@ class FileSource:
 
     live = False
 
+    @property
+    def resends(self) -> bool:
+        """Fast mode sends a turn again when its link died: queued frames are stale then."""
+        return not self.realtime
+
     def __init__(self, pcm: np.ndarray, *, realtime: bool, vad: VadParams,
                  turn_timeout: float = 60.0,
                  progress: Callable[[float], None] | None = None) -> None:
@@ -96,10 +101,13 @@ class FileSource:
                 epoch = ctx.epoch
                 done_before, commits_before = conv().responses_done, conv().turns_committed
                 for i in range(frame, end):
+                    if ctx.epoch != epoch:
+                        break  # the link died mid-turn: start the turn again
                     await send.send(data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
                     self._progress(i + 1, total)
-                if await self._answered(ctx, epoch, done_before, commits_before, turn):
-                    break
+                else:
+                    if await self._answered(ctx, epoch, done_before, commits_before, turn):
+                        break
                 # the link died during this turn: send the whole turn again
                 log.info("link changed during the turn ending at %.1f s: sending it again",
                          turn.end_sample / RATE)
