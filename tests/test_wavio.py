@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -270,12 +272,29 @@ def test_path_with_newline_stays_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(info.value) and "lines.wav" in str(info.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_permissions(tmp_path: Path) -> None:
     path = tmp_path / "secret.wav"
     sf.write(path, sine(440.0, 16000, 0.5), 16000)
     path.chmod(0)
-    assert "permission denied" in assert_usage_error(path)
+    if os.geteuid() != 0:
+        assert "permission denied" in assert_usage_error(path)
+        return
+    # root reads any file: check as an unprivileged user instead (setpriv, util-linux)
+    tmp_path.chmod(0o755)
+    for parent in tmp_path.parents:
+        if parent.stat().st_mode & 0o001 == 0:
+            parent.chmod(parent.stat().st_mode | 0o001)  # let 'nobody' traverse to it
+    code = ("import sys\nfrom r2d2voice.wavio import load_audio\n"
+            "from r2d2voice.errors import UsageError\n"
+            "try:\n    load_audio(sys.argv[1])\nexcept UsageError as e:\n    print(e)\n")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-c", code, str(path)],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert r.returncode == 0, r.stderr
+    message = r.stdout.strip()
+    assert "permission denied" in message and "secret.wav" in message
+    assert "\n" not in message
 
 
 # -- WavWriter -----------------------------------------------------------------------------

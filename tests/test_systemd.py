@@ -1,0 +1,59 @@
+"""The shipped systemd units: hardened (exposure <= 2.0) and valid, checked by systemd itself."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+UNITS = ROOT / "systemd"
+
+
+def analyze(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing: .ci/install installs the systemd package")
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def with_real_binary(unit: str, tmp_path: Path) -> Path:
+    """A copy of the unit whose ExecStart names a binary that exists here."""
+    binary = shutil.which("r2d2voice") or str(ROOT / ".venv" / "bin" / "r2d2voice")
+    text = (UNITS / unit).read_text()
+    text = re.sub(r"^ExecStart=\S+", f"ExecStart={binary}", text, flags=re.M)
+    out = tmp_path / unit
+    out.write_text(text)
+    return out
+
+
+def test_system_unit_exposure_is_at_most_2() -> None:
+    r = analyze("security", "--offline=yes", str(UNITS / "r2d2voice.service"))
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+    assert found, r.stdout + r.stderr
+    assert float(found.group(1)) <= 2.0
+
+
+def test_system_unit_settings_the_appliance_relies_on() -> None:
+    text = (UNITS / "r2d2voice.service").read_text()
+    for line in ("Type=notify", "Restart=on-failure", "RestartPreventExitStatus=3",
+                 "StateDirectory=r2d2voice", "EnvironmentFile=/etc/r2d2voice/r2d2voice.env",
+                 "DeviceAllow=char-alsa", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+        assert line in text, line
+    assert re.search(r"^WatchdogSec=\d+", text, re.M)
+
+
+@pytest.mark.parametrize(("unit", "flags"), [("r2d2voice.service", ()),
+                                             ("r2d2voice-user.service", ("--user",))])
+def test_units_verify_clean(tmp_path: Path, unit: str, flags: tuple[str, ...]) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    r = analyze("verify", *flags, str(with_real_binary(unit, tmp_path)),
+                env={"XDG_RUNTIME_DIR": str(runtime)})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", r.stderr
