@@ -242,30 +242,35 @@ def measure(argv: list[str], log: Path, cwd: Path) -> tuple[Result, int, str]:
     return Result(usage.ru_utime, usage.ru_stime, wall, 0), proc.returncode, log.read_text()
 
 
+class RunFailed(Exception):
+    """A client run that did not finish cleanly (reported, not counted in the figures)."""
+
+
 def run_r2d2voice(url: str, rec: Path, tmp: Path, n: int) -> Result:
     db = tmp / f"bench{n}.db"
     argv = [str(VENV_BIN / "r2d2voice"), "replay", str(rec), "--speed", "fast",
             "--backend", "local", "--url", url, "--db", str(db), "--out", str(tmp / "reply.wav")]
-    res, code, output = measure(argv, tmp / "r2d2voice.log", tmp)
+    res, code, output = measure(argv, tmp / f"r2d2voice{n}.log", tmp)
     if code != 0:
-        sys.exit(f"r2d2voice replay failed (exit {code}):\n{output}")
+        raise RunFailed(f"r2d2voice replay failed (exit {code}): {output.strip()[-500:]}")
     with sqlite3.connect(db) as conn:
         (rows,) = conn.execute(
             "SELECT count(*) FROM messages WHERE role = 'assistant' AND interrupted = 0"
         ).fetchone()
     m = re.search(r"(\d+) turns? answered", output)
     if not m or int(m.group(1)) != rows:
-        sys.exit(f"r2d2voice's summary disagrees with its database ({rows} replies):\n{output}")
+        raise RunFailed(f"r2d2voice's summary disagrees with its database ({rows} replies): "
+                        f"{output.strip()[-300:]}")
     res.replies = rows
     return res
 
 
-def run_sdk(url: str, rec: Path, tmp: Path) -> Result:
+def run_sdk(url: str, rec: Path, tmp: Path, n: int) -> Result:
     argv = [sys.executable, os.path.abspath(__file__), "--sdk-client", url, str(rec)]
-    res, code, output = measure(argv, tmp / "sdk.log", tmp)
+    res, code, output = measure(argv, tmp / f"sdk{n}.log", tmp)
     m = re.search(r"(\d+) responses completed", output)
     if code != 0 or not m:
-        sys.exit(f"SDK client failed (exit {code}):\n{output}")
+        raise RunFailed(f"SDK client failed (exit {code}): {output.strip()[-500:]}")
     res.replies = int(m.group(1))
     return res
 
@@ -303,16 +308,24 @@ def main() -> None:
         server, url = start_server(tmp)
         print(f"server: {url} (its CPU is not counted)")
         results: dict[str, list[Result]] = {"r2d2voice": [], "openai-sdk": []}
+        failures: dict[str, int] = {name: 0 for name in results}
         for n in range(args.runs):
-            for name in results:  # alternate, so drift hits both alike
-                res = run_r2d2voice(url, rec, tmp, n) if name == "r2d2voice" else run_sdk(
-                    url, rec, tmp)
+            for name, run in (("r2d2voice", run_r2d2voice), ("openai-sdk", run_sdk)):
+                # alternate, so drift hits both alike
+                try:
+                    res = run(url, rec, tmp, n)
+                except RunFailed as exc:
+                    failures[name] += 1
+                    print(f"  run {n + 1}/{args.runs} {name:<10} FAILED: {exc}", flush=True)
+                    continue
                 results[name].append(res)
                 print(f"  run {n + 1}/{args.runs} {name:<10} cpu {res.cpu:6.2f} s  "
                       f"wall {res.wall:6.1f} s  replies {res.replies}", flush=True)
+        if not all(results.values()):
+            sys.exit("no successful run for one of the clients; no figures")
 
-        print(f"\nmedian of {args.runs} run(s), client processes only "
-              f"(python start-up and imports included):")
+        print("\nmedian of the successful runs, client processes only "
+              "(python start-up and imports included):")
         print(f"{'client':<12}{'user s':>9}{'sys s':>9}{'total s':>9}{'wall s':>9}{'replies':>9}")
         medians = {}
         for name, runs in results.items():
@@ -327,6 +340,10 @@ def main() -> None:
         short = [n for n, rs in results.items() if any(r.replies != TURNS for r in rs)]
         if short:
             print(f"warning: {', '.join(short)} did not receive all {TURNS} replies in every run")
+        for name, count in failures.items():
+            if count:
+                print(f"warning: {name} failed {count} of {args.runs} run(s) (not counted; "
+                      f"see above)")
     finally:
         if server is not None:
             server.terminate()

@@ -66,7 +66,7 @@ def _settings(ctx: click.Context, **flags: Any) -> Any:
         "db": "R2D2_DB", "backend": "R2D2_BACKEND", "url": "REALTIME_URL",
         "model": "REALTIME_MODEL", "voice": "REALTIME_VOICE", "input_device": "R2D2_INPUT_DEVICE",
         "output_device": "R2D2_OUTPUT_DEVICE", "output_latency": "R2D2_OUTPUT_LATENCY",
-        "log_level": "R2D2_LOG_LEVEL",
+        "log_level": "R2D2_LOG_LEVEL", "duplex": "R2D2_DUPLEX",
     }
     opts = {**flags, "log_level": ctx.obj.get("log_level")}
     mapped = {
@@ -129,18 +129,21 @@ def replay(ctx: click.Context, file: Path, out: Path | None, speed: str, timeout
 @click.option("--output-device", default=None, help="Speaker: index or name substring.")
 @click.option("--output-latency", type=float, default=None,
               help="Speaker latency in seconds (small boards: ~0.03 avoids crackle).")
+@click.option("--duplex", type=click.Choice(["half", "full"]), default=None,
+              help="half: mic muted while the robot speaks; full: headset or echo-cancelled mic.")
 @_db_option
 @_backend_option
 @_url_option
 @click.pass_context
 def run(ctx: click.Context, input_device: str | None, output_device: str | None,
-        output_latency: float | None, db: str | None, backend: str | None,
+        output_latency: float | None, duplex: str | None, db: str | None, backend: str | None,
         url: str | None) -> None:
     """Talk through the microphone and speaker until SIGTERM/SIGINT (what systemd starts)."""
 
     def body() -> None:
         settings = _settings(ctx, db=db, backend=backend, input_device=input_device,
-                             output_device=output_device, output_latency=output_latency)
+                             output_device=output_device, output_latency=output_latency,
+                             duplex=duplex)
         from .commands import run_command
 
         run_command(settings, url=url)

@@ -387,6 +387,7 @@ class _Supervisor:
             ctx.connected = True
             ctx.watch.changed()
             before = ctx.stats.snapshot()
+            underruns_before = ctx.buffer.statistics().underruns
             if self.reconnecting:  # counted in the session that replaces the lost one
                 self.reconnecting = False
                 ctx.stats.reconnects += 1
@@ -404,8 +405,10 @@ class _Supervisor:
             finally:
                 ctx.connected = False
                 ctx.watch.changed()
+                stats = ctx.stats.delta(before)
+                stats["underruns"] = ctx.buffer.statistics().underruns - underruns_before
                 with trio.CancelScope(shield=True):
-                    await self.sessions.end(session_id, ctx.stats.delta(before))
+                    await self.sessions.end(session_id, stats)
         return conn
 
     def _drop_stale(self, frames: trio.MemoryReceiveChannel[bytes]) -> None:
@@ -555,6 +558,7 @@ class _Supervisor:
                     elif isinstance(event, p.UserTranscriptFailed):
                         ctx.pending_user_items.discard(event.item_id)
                     await route(conv.receive(event, time.time()))
+                    await route(_played_latencies(ctx, conv))
                     console.status(_status(ctx))
                     if isinstance(event, p.SessionUpdated) and self.on_configured:
                         self.on_configured()
@@ -569,7 +573,7 @@ class _Supervisor:
                     ctx.watch.changed()
             finally:
                 with trio.CancelScope(shield=True):
-                    for a in conv.flush(time.time()):
+                    for a in [*_played_latencies(ctx, conv), *conv.flush(time.time())]:
                         await store(a)
                 ctx.watch.changed()
         # this connection is over: stop its uplink, keepalive and timer too
@@ -684,6 +688,16 @@ async def _wait_settled(ctx: Context, settle_seconds: float) -> None:
             return
 
 
+def _played_latencies(ctx: Context, conv: p.Conversation) -> list[p.Action]:
+    """Latency records for replies whose first sample the speaker has taken by now."""
+    out: list[p.Action] = []
+    for item_id in list(conv.awaiting_play):
+        at = ctx.buffer.first_played_at(item_id)
+        if at is not None:
+            out += conv.first_played(item_id, at)
+    return out
+
+
 def _status(ctx: Context) -> str:
     """What the robot is doing, for ``systemctl status``."""
     conv = ctx.conversation
@@ -717,6 +731,9 @@ def record_calls(action: Any) -> list[tuple[str, dict[str, Any]]]:
                 "response_id": action.response_id,
                 "first_audio_ms": round(action.first_audio_ms)}))
         return calls
+    if isinstance(action, p.StoreLatency):
+        return [("set_response_latency", {"response_id": action.response_id,
+                                          "first_played_ms": round(action.first_played_ms)})]
     if isinstance(action, p.StoreError):
         return [("record_error", {"source": "service", "type": action.type, "code": action.code,
                                   "message": action.message})]

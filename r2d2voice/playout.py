@@ -10,6 +10,7 @@ interrupted reply can be truncated at exactly what the user heard.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -46,11 +47,12 @@ class PlayoutStatistics:
 
 
 class _Item:
-    __slots__ = ("cancelled", "played", "received")
+    __slots__ = ("cancelled", "first_played_at", "played", "received")
 
     def __init__(self) -> None:
         self.received = 0
         self.played = 0
+        self.first_played_at: float | None = None  # wall clock of the first sample handed out
         self.cancelled = False
 
 
@@ -182,6 +184,8 @@ class PlayoutBuffer:
                 written += take
                 item = self._items.get(head.item_id)
                 if item is not None:
+                    if item.played == 0 and take:
+                        item.first_played_at = time.time()
                     item.played += take
                 self._head_offset = start + take
                 if self._head_offset == len(head.pcm):
@@ -211,6 +215,12 @@ class PlayoutBuffer:
         with self._lock:
             item = self._items.get(item_id)
             return item.played if item is not None else 0
+
+    def first_played_at(self, item_id: str) -> float | None:
+        """Wall-clock time (``time.time()``) the first sample of ``item_id`` was handed out."""
+        with self._lock:
+            item = self._items.get(item_id)
+            return item.first_played_at if item is not None else None
 
     def received_samples(self, item_id: str) -> int:
         """Samples pushed for ``item_id`` so far, including dropped ones (0 if unknown)."""

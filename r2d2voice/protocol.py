@@ -424,6 +424,14 @@ class StoreResponse:
 
 
 @dataclass(frozen=True)
+class StoreLatency:
+    """End of user speech -> first reply sample handed to the speaker, in ms."""
+
+    response_id: str
+    first_played_ms: float
+
+
+@dataclass(frozen=True)
 class StoreError:
     type: str
     code: str | None
@@ -433,7 +441,7 @@ class StoreError:
 
 Action = (
     Play | BargeIn | Send | StoreSession | StoreMessage | StoreInterrupted | StoreResponse
-    | StoreError
+    | StoreLatency | StoreError
 )
 
 
@@ -473,6 +481,8 @@ class Conversation:
         self._response_created: dict[str, float] = {}
         self._speech_stopped_at: float | None = None
         self._first_audio: dict[str, float] = {}
+        #: reply item -> (response id, end of the user's speech) until its first sample plays
+        self.awaiting_play: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     # -- queries the shell uses ----------------------------------------------------------
     @property
@@ -489,6 +499,14 @@ class Conversation:
         """Apply one server event; return what the shell should do about it."""
         handler = getattr(self, "_on_" + type(event).__name__, None)
         return handler(event, now) if handler else []
+
+    def first_played(self, item_id: str, at: float) -> list[Action]:
+        """The first sample of reply ``item_id`` reached the speaker at wall time ``at``."""
+        pending = self.awaiting_play.pop(item_id, None)
+        if pending is None:
+            return []
+        response_id, stopped = pending
+        return [StoreLatency(response_id, round((at - stopped) * 1000, 1))]
 
     def interrupted(self, item_id: str, played_samples: int) -> list[Action]:
         """The speaker was stopped during ``item_id`` after ``played_samples`` at 24 kHz.
@@ -556,7 +574,12 @@ class Conversation:
     def _on_AudioDelta(self, ev: AudioDelta, now: float) -> list[Action]:
         reply = self._reply(ev.item_id, ev.response_id, now)
         reply.audio_samples += len(ev.pcm) // 2
-        self._first_audio.setdefault(ev.response_id, now)
+        if ev.response_id not in self._first_audio:
+            self._first_audio[ev.response_id] = now
+            stopped = self._speech_stopped_at
+            created = self._response_created.get(ev.response_id)
+            if stopped is not None and created is not None and stopped <= created:
+                self._remember(self.awaiting_play, ev.item_id, (ev.response_id, stopped))
         return [Play(ev.item_id, ev.pcm)] if ev.pcm else []
 
     def _on_TranscriptDelta(self, ev: TranscriptDelta, now: float) -> list[Action]:

@@ -241,3 +241,11 @@ def test_tracking_stays_bounded_over_a_long_run() -> None:
     assert len(conv._replies) <= conv.MAX_TRACKED_ITEMS
     assert len(conv._commit_times) <= conv.MAX_TRACKED_ITEMS
     assert conv.responses_done == 1000
+
+
+def test_first_played_latency_is_measured_from_the_end_of_speech() -> None:
+    conv = p.Conversation()
+    feed(conv, turn_events("u1", "r1", "a1", "Beep", b"\x00\x00" * 100), t0=100.0)
+    # speech stopped at 100.1; the speaker took the first sample at 100.9
+    assert conv.first_played("a1", 100.9) == [p.StoreLatency("r1", 800.0)]
+    assert conv.first_played("a1", 101.0) == []  # once per reply

@@ -86,6 +86,12 @@ async def test_fast_and_realtime_replays_give_the_same_conversation(tmp_path: Pa
                       "--db", str(d / "c.db"), cwd=d)
         assert r.returncode == 0, r.stderr.decode()
         texts = [(m["role"], m["text"]) for m in messages(d / "c.db")]
+        con = sqlite3.connect(d / "c.db")
+        latencies = con.execute("SELECT first_audio_ms, first_played_ms FROM responses").fetchall()
+        con.close()
+        # both latencies of every turn are measured and stored
+        assert len(latencies) == 2
+        assert all(a is not None and b is not None and 0 <= a <= b for a, b in latencies)
         audio = sf.read(d / "two_turns.reply.wav", dtype="int16")[0]
         runs[speed] = (texts, audio)
     assert runs["fast"][0] == runs["realtime"][0]
