@@ -253,12 +253,16 @@ _report_format_option = click.option("--format", "fmt", type=click.Choice(["text
                                      default="text", show_default=True)
 
 
+def _report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--db, --since, --until, --session, --format for the report commands."""
+    for option in (_report_format_option, _session_option, _until_option, _since_option,
+                   _db_option):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
-@_db_option
-@_since_option
-@_until_option
-@_session_option
-@_report_format_option
+@_report_options
 @click.pass_context
 def usage(ctx: click.Context, db: str | None, since: str | None, until: str | None,
           sessions: tuple[str, ...], fmt: str) -> None:
@@ -275,11 +279,7 @@ def usage(ctx: click.Context, db: str | None, since: str | None, until: str | No
 
 
 @main.command()
-@_db_option
-@_since_option
-@_until_option
-@_session_option
-@_report_format_option
+@_report_options
 @click.pass_context
 def stats(ctx: click.Context, db: str | None, since: str | None, until: str | None,
           sessions: tuple[str, ...], fmt: str) -> None:

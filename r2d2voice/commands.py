@@ -172,5 +172,6 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     try:
         outcome = trio.run(main)
     finally:
-        notifier.stopping()
+        if stopper.reason is None:  # a signal already sent STOPPING=1 (the on_stop hook)
+            notifier.stopping()
     log.info("stopped; session %s", outcome.session_id)

@@ -20,19 +20,28 @@ class DeviceSource:
         self.latency = latency
         self.stats = CaptureStatistics()
         self.running = trio.Event()
+        self._started_at = 0.0
 
     async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: run_capture(
                 send, self.device, latency=self.latency, stats=self.stats,
                 task_status=task_status))
+            self._started_at = trio.current_time()
             self.running.set()
 
     def healthy(self, within: float = 5.0) -> bool:
-        """Frames arrived in the last ``within`` seconds (or capture is still starting)."""
+        """Frames arrived in the last ``within`` seconds (or capture is still starting).
+
+        A stream that started less than ``within`` seconds ago and has not delivered its first
+        frame yet counts as healthy: a check falling between start and first frame must not
+        withhold a ping (one missed ping is a gap of a whole ``WatchdogSec``).
+        """
+        if not self.running.is_set():
+            return True
         last = self.stats.last_frame_time
         if last is None:
-            return not self.running.is_set()
+            last = self._started_at
         return trio.current_time() - last < within
 
 

@@ -634,9 +634,10 @@ class _EchoGate:
 
     def filter(self, frame: bytes, ctx: Context) -> list[bytes]:
         now = trio.current_time()
-        if ctx.buffer.queued_samples() > 0:
+        queued = ctx.buffer.queued_samples() > 0
+        if queued:
             ctx.last_playing = now
-        playing = now - ctx.last_playing < self.policy.echo_tail
+        playing = queued or now - ctx.last_playing < self.policy.echo_tail
         if not playing:
             self.open_until_quiet = False
             self.held.clear()
