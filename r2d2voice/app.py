@@ -178,6 +178,7 @@ class TextConsole:
         self.err = err or sys.stderr
         self.tty = bool(getattr(self.err, "isatty", lambda: False)())
         self._bar = False
+        self._status = ""
 
     def transcript(self, role: str, text: str) -> None:
         self.finish()
@@ -185,7 +186,9 @@ class TextConsole:
         print(f"{who}: {text}", file=self.out, flush=True)
 
     def status(self, text: str) -> None:
-        log.debug("status: %s", text)
+        if text != self._status:
+            self._status = text
+            log.debug("status: %s", text)
 
     def progress(self, fraction: float) -> None:
         if not self.tty:

@@ -402,6 +402,7 @@ class _Supervisor:
                                        nursery.cancel_scope)
                     nursery.start_soon(self._keepalive, ws, conn)
                     nursery.start_soon(self._recycle_timer, ws, conn)
+                    nursery.start_soon(self._status_loop)
             finally:
                 ctx.connected = False
                 ctx.watch.changed()
@@ -594,6 +595,12 @@ class _Supervisor:
                 conn.lost = "ping timeout"
                 await _close(ws)
                 return
+
+    async def _status_loop(self) -> None:
+        """The speaker drains without server events: keep STATUS= true (repeats are skipped)."""
+        while True:
+            await trio.sleep(0.1)
+            self.console.status(_status(self.ctx))
 
     async def _recycle_timer(self, ws: Any, conn: _Connection) -> None:
         """Before the service's session limit, start a fresh session at a quiet moment."""

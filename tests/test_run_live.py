@@ -1,0 +1,404 @@
+"""``r2d2voice run`` end to end: a real microphone and speaker (the private PulseAudio rig of
+tests/pulse.py), the embedded local backend, and systemd's notify protocol on a test socket.
+
+The service runs as a subprocess with the rig's environment, ``NOTIFY_SOCKET`` pointing at an
+``AF_UNIX`` datagram socket bound here and ``WATCHDOG_USEC=1000000`` (a ping every 0.5 s). The
+test plays a speech sample into the rig's ``mic`` sink (the service's microphone is
+``mic.monitor``) and records ``speaker.monitor``; the local backend answers every turn with
+1 s of R2 beeps peaking at -12 dBFS.
+
+Devices are ALSA's ``pulse`` device, which PortAudio opens at its default rate, 44.1 kHz, in
+front of the rig's 48 kHz sinks: the run path resamples 44.1 kHz <-> 24 kHz both ways.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from pulse import REPO, PulseRig, make_pulse_fixture
+
+pulse_rig = make_pulse_fixture()
+
+pytestmark = pytest.mark.pulse
+
+SPEECH = REPO / "data" / "samples" / "hello.wav"  # 2.7 s: 0.3 s silence, speech, 0.5 s silence
+WATCHDOG_USEC = 1_000_000
+PING_INTERVAL = WATCHDOG_USEC / 2 / 1_000_000
+REPLY_PEAK_DBFS = -12.0  # r2d2voice.beeps.PEAK_DBFS
+REPLY_SECONDS = 1.0
+SILENCE_DBFS = -60.0
+
+
+# -- the notify socket ----------------------------------------------------------------------------
+
+
+class NotifyListener:
+    """A bound ``AF_UNIX`` datagram socket standing in for systemd's ``$NOTIFY_SOCKET``.
+
+    A thread receives every datagram and stamps it with ``time.monotonic()`` (the test's clock);
+    each datagram is one sd_notify message of ``KEY=value`` lines.
+    """
+
+    def __init__(self) -> None:
+        # A short path: AF_UNIX socket paths are limited to 108 bytes.
+        self._dir = tempfile.mkdtemp(prefix="r2n-")
+        self.path = os.path.join(self._dir, "notify")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.path)
+        self._sock.settimeout(0.05)
+        self._messages: list[tuple[float, str]] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:  # socket.timeout
+                if self._closing.is_set():
+                    return  # nothing left in the queue
+                continue
+            except OSError:
+                return
+            self._messages.append((time.monotonic(), data.decode()))
+
+    def close(self) -> None:
+        """Stop after draining what is already queued (messages sent before the child exited)."""
+        self._closing.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> NotifyListener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def messages(self) -> list[tuple[float, str]]:
+        return list(self._messages)
+
+    def lines(self) -> list[tuple[float, str]]:
+        """Every ``KEY=value`` line with the arrival time of its datagram."""
+        return [(t, line) for t, msg in self.messages for line in msg.splitlines()]
+
+    def times(self, line: str) -> list[float]:
+        return [t for t, got in self.lines() if got == line]
+
+    def statuses(self) -> list[str]:
+        return [line[len("STATUS="):] for _, line in self.lines() if line.startswith("STATUS=")]
+
+
+# -- the service ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[bytes]
+    notify: NotifyListener
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()``; fail with the service's log if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                pytest.fail(f"r2d2voice run exited with {self.proc.returncode} before {what}:\n"
+                            f"{self.log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {timeout:g} s; notify: {self.notify.messages}\n"
+                            f"{self.log()}")
+            time.sleep(0.02)
+
+    def wait_ready(self) -> float:
+        self.wait_for("READY=1", lambda: bool(self.notify.times("READY=1")), timeout=20)
+        return self.notify.times("READY=1")[0]
+
+    def terminate(self) -> tuple[int, float]:
+        """SIGTERM; the exit code and the seconds it took to exit."""
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"r2d2voice run did not exit within 15 s of SIGTERM:\n{self.log()}")
+        return code, time.monotonic() - sent
+
+
+def service_env(rig: PulseRig, notify: NotifyListener, **extra: str) -> dict[str, str]:
+    """The rig's environment without any r2d2voice/Realtime settings of the caller's, plus the
+    systemd variables."""
+    env = {k: v for k, v in rig.env.items()
+           if not k.startswith(("R2D2_", "REALTIME_", "OPENAI_", "NOTIFY_", "WATCHDOG_"))}
+    env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC=str(WATCHDOG_USEC), **extra)
+    return env
+
+
+@contextlib.contextmanager
+def run_service(rig: PulseRig, workdir: Path, notify: NotifyListener, args: list[str],
+                **env: str) -> Iterator[Service]:
+    """``python -m r2d2voice run --backend local --db workdir/c.db ARGS``; killed if left running.
+
+    The working directory is ``workdir`` and HOME is the rig's: no ``.env`` file is read.
+    """
+    log_path = workdir / "service.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "r2d2voice", "run", "--backend", "local",
+             "--db", str(workdir / "c.db"), *args],
+            env=service_env(rig, notify, **env), cwd=workdir,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        yield Service(proc, notify, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- audio analysis -------------------------------------------------------------------------------
+
+
+def _dbfs(x: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
+    return 20 * np.log10(max(rms, 1e-10))
+
+
+def _active_windows(x: np.ndarray, rate: int, window_s: float = 0.02) -> np.ndarray:
+    """Indices of the 20 ms windows louder than -40 dBFS."""
+    n = int(rate * window_s)
+    windows = x[: len(x) // n * n].reshape(-1, n)
+    rms = np.sqrt(np.mean(np.square(windows, dtype=np.float64), axis=1))
+    return np.flatnonzero(rms > 0.01)
+
+
+def _tonality(x: np.ndarray, rate: int, window_s: float = 0.02) -> float:
+    """Median, over the active 20 ms windows, of the energy share within +-15% of the strongest
+    frequency: about 1 for R2's beeps and whistles (pure tones), well under 0.6 for speech
+    (harmonics spread over the spectrum)."""
+    n = int(rate * window_s)
+    hz = np.fft.rfftfreq(4 * n, 1 / rate)
+    shares = []
+    for i in _active_windows(x, rate, window_s):
+        w = x[i * n : (i + 1) * n].astype(np.float64) * np.hanning(n)
+        power = np.abs(np.fft.rfft(w, n=4 * n)) ** 2
+        peak = hz[int(np.argmax(power))]
+        shares.append(power[(hz > 0.85 * peak) & (hz < 1.15 * peak)].sum() / power.sum())
+    return float(np.median(shares))
+
+
+# -- one conversation, shared by the tests below --------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    code: int
+    stop_seconds: float
+    ready_at: float
+    term_at: float
+    lines: list[tuple[float, str]]
+    statuses: list[str]
+    log: str
+    db: Path
+    speaker: Path
+
+
+@pytest.fixture(scope="module")
+def conversation(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) -> Conversation:
+    """Start ``run``, say hello into the microphone, let R2 answer, SIGTERM it.
+
+    The input device comes from the environment (R2D2_INPUT_DEVICE), the output from the flag.
+    """
+    workdir = tmp_path_factory.mktemp("run")
+    speaker = workdir / "speaker.wav"
+    with NotifyListener() as notify, run_service(
+        pulse_rig, workdir, notify, ["--output-device", "pulse"], R2D2_INPUT_DEVICE="pulse"
+    ) as service:
+        ready_at = service.wait_ready()
+        with pulse_rig.record(speaker):
+            pulse_rig.play(SPEECH)  # returns when the whole sample has been played
+            service.wait_for("STATUS=speaking", lambda: "speaking" in notify.statuses(),
+                             timeout=10)
+            time.sleep(REPLY_SECONDS + 1.5)  # the reply plays in real time, then some silence
+        term_at = time.monotonic()
+        code, stop_seconds = service.terminate()
+    return Conversation(code, stop_seconds, ready_at, term_at, notify.lines(), notify.statuses(),
+                        service.log(), workdir / "c.db", speaker)
+
+
+def test_sigterm_stops_cleanly_and_says_so(conversation):
+    assert conversation.code == 0, conversation.log
+    assert conversation.stop_seconds < 3.0  # the pipeline drains within 2 s
+    stopping = [t for t, line in conversation.lines if line == "STOPPING=1"]
+    assert len(stopping) == 1, conversation.lines
+    assert stopping[0] >= conversation.term_at
+    assert "Traceback" not in conversation.log
+    assert "SIGTERM: finishing up" in conversation.log
+
+
+def test_ready_and_status_follow_the_conversation(conversation):
+    lines = [line for _, line in conversation.lines]
+    assert lines.count("READY=1") == 1
+    ready = lines.index("READY=1")
+    before = [line[len("STATUS="):] for line in lines[:ready] if line.startswith("STATUS=")]
+    after = [line[len("STATUS="):] for line in lines[ready:] if line.startswith("STATUS=")]
+    assert before[0] == "connecting"
+    assert before[-1] == "listening"  # what systemctl status shows once the service is active
+    # Then the user speaks; R2 thinks, then speaks (in that order).
+    order = ["listening (you are speaking)", "thinking", "speaking"]
+    positions = [after.index(s) for s in order]
+    assert positions == sorted(positions), after
+
+
+def test_status_returns_to_listening_after_the_reply(conversation):
+    assert conversation.statuses[-1] == "listening", conversation.statuses
+
+
+def test_watchdog_pings_every_half_watchdog_usec(conversation):
+    pings = [t for t, line in conversation.lines
+             if line == "WATCHDOG=1" and conversation.ready_at <= t <= conversation.term_at]
+    seconds = conversation.term_at - conversation.ready_at
+    # Every 0.5 s here; the exact cadence is a matter of load (a busy 2-CPU CI runner has
+    # delayed a ping by 0.8 s), so only "regularly, all through the speech and the reply".
+    assert len(pings) >= seconds / PING_INTERVAL / 2
+    gaps = np.diff([conversation.ready_at, *pings, conversation.term_at])
+    assert gaps.max() < 4 * PING_INTERVAL, gaps
+
+
+def test_both_turns_are_stored_with_item_ids(conversation):
+    with contextlib.closing(sqlite3.connect(conversation.db)) as db:
+        messages = db.execute(
+            "SELECT role, text, item_id, response_id, created_at, session_id FROM messages"
+            " ORDER BY created_at, id"
+        ).fetchall()
+        sessions = db.execute(
+            "SELECT id, backend, ended_at, started_at, metadata FROM sessions"
+        ).fetchall()
+    assert [m[0] for m in messages] == ["user", "assistant"], messages
+    user, reply = messages
+    assert user[2] and reply[2] and user[2] != reply[2]  # item ids from the service
+    assert reply[3]  # the response id
+    assert "R2 answers in beeps" in reply[1]
+    [(session_id, backend, ended_at, started_at, metadata)] = sessions
+    assert user[5] == reply[5] == session_id
+    assert backend == "local"
+    assert ended_at is not None and ended_at >= started_at  # SIGTERM closed the session
+    assert '"input": "pulse"' in metadata and '"output": "pulse"' in metadata
+    # The transcripts also go to the journal.
+    assert f"you: {user[1]}" in conversation.log and f"r2: {reply[1]}" in conversation.log
+
+
+def test_the_reply_is_heard_on_the_speaker_after_the_speech(conversation):
+    pcm, rate = soundfile.read(conversation.speaker, dtype="float64")
+    active = _active_windows(pcm, rate)
+    assert len(active), "the speaker stayed silent"
+    start, end = active[0] * 0.02, (active[-1] + 1) * 0.02
+    speech, _ = soundfile.read(SPEECH, dtype="float64")
+    speech_end = len(speech) / 16000 - 0.5  # the sample ends with 0.5 s of silence
+    # Nothing on the speaker while the user spoke (no echo of the microphone), then the reply.
+    assert start > speech_end
+    assert _dbfs(pcm[: int((start - 0.05) * rate)]) < SILENCE_DBFS
+    # All of the reply, once (longer only if a loaded machine made playback run dry mid-way).
+    assert REPLY_SECONDS - 0.15 < end - start < 3 * REPLY_SECONDS
+    reply = pcm[int(start * rate) : int(end * rate)]
+    peak_dbfs = 20 * np.log10(np.abs(reply).max())
+    assert peak_dbfs == pytest.approx(REPLY_PEAK_DBFS, abs=1.5)
+    assert _dbfs(reply) > -30
+    # Beeps, not speech leaking through: a tonal spectrum, unlike the sample that was spoken.
+    assert _tonality(reply, rate) > 0.8
+    assert _tonality(speech, 16000) < 0.6
+
+
+def test_devices_run_at_44100_hz_and_are_resampled(conversation):
+    # ALSA's pulse device opens at its default 44.1 kHz (the rig's sinks run at 48 kHz): capture
+    # and playback go through the 44.1 kHz <-> 24 kHz resamplers, and the reply above still comes
+    # out at its level and length.
+    assert re.search(r"capturing from \d+ 'pulse' at 44100 Hz", conversation.log)
+    assert re.search(r"playing to \d+ 'pulse' at 44100 Hz", conversation.log)
+    assert "ready: listening on pulse, speaking on pulse" in conversation.log
+
+
+# -- the watchdog follows the microphone ----------------------------------------------------------
+
+
+def test_watchdog_pings_stop_while_the_microphone_delivers_nothing(pulse_rig, tmp_path):
+    """Suspending the ``mic`` sink stops its monitor, the service's microphone: no frames reach
+    the pipeline, pings stop (systemd would restart the service); resumed, they come back."""
+    with NotifyListener() as notify, run_service(
+        pulse_rig, tmp_path, notify, ["--input-device", "pulse", "--output-device", "pulse"]
+    ) as service:
+        ready_at = service.wait_ready()
+        service.wait_for("pings", lambda: len([t for t in notify.times("WATCHDOG=1")
+                                                if t > ready_at]) >= 3, timeout=5)
+        suspended_at = time.monotonic()
+        pulse_rig.pactl("suspend-sink", "mic", "1")
+        try:
+
+            def quiet_for(seconds: float) -> bool:
+                return time.monotonic() - notify.times("WATCHDOG=1")[-1] > seconds
+
+            service.wait_for("the pings to stop", lambda: quiet_for(3 * PING_INTERVAL),
+                             timeout=10)
+            last_ping = notify.times("WATCHDOG=1")[-1]
+        finally:
+            pulse_rig.pactl("suspend-sink", "mic", "0")
+        resumed_at = time.monotonic()
+        service.wait_for("pings to resume",
+                         lambda: notify.times("WATCHDOG=1")[-1] > resumed_at, timeout=5)
+        code, _ = service.terminate()
+    assert code == 0, service.log()
+    # A hiccup is tolerated (frames must be missing for 5 s), a dead microphone is not.
+    assert 3.0 < last_ping - suspended_at < 7.0
+    assert "unhealthy: withholding watchdog pings" in service.log()
+    assert "healthy again: watchdog pings resumed" in service.log()
+
+
+# -- bad devices ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        pytest.param(["--input-device", "no such mic"], {},
+                     "no input device matches 'no such mic'; inputs: ", id="input-flag"),
+        pytest.param([], {"R2D2_OUTPUT_DEVICE": "no such speaker"},
+                     "no output device matches 'no such speaker'; outputs: ", id="output-env"),
+    ],
+)
+def test_a_missing_device_is_a_config_error_listing_the_devices(pulse_rig, tmp_path, args, env,
+                                                                  expected):
+    with NotifyListener() as notify:
+        res = subprocess.run(
+            [sys.executable, "-m", "r2d2voice", "run", "--backend", "local",
+             "--db", str(tmp_path / "c.db"), *args],
+            env=service_env(pulse_rig, notify, **env), cwd=tmp_path,
+            capture_output=True, text=True, timeout=60,
+        )
+    assert res.returncode == 3, res.stderr  # systemd: RestartPreventExitStatus=3
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith(f"r2d2voice: error: {expected}")
+    assert re.search(r"\d+ 'pulse'", line) and re.search(r"\d+ 'default'", line)
+    assert not any(msg.startswith("READY=1") for _, msg in notify.messages)
