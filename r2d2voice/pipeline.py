@@ -54,6 +54,8 @@ RECORDS_BOUND = 256
 CONTROL_BOUND = 16
 STOP_GRACE = 2.0
 FRAME_SECONDS = 0.02
+#: at most this many queued 20 ms frames are sent in one ``input_audio_buffer.append``
+MAX_APPEND_FRAMES = 10
 
 
 class Watch:
@@ -451,24 +453,38 @@ class _Supervisor:
                     self.carry = None
                 while not self.source_done:
                     try:
-                        frame = await frames.receive()
+                        queued = [await frames.receive()]
                     except trio.EndOfChannel:
                         self.source_done = True
                         break
-                    out = gate.filter(frame, ctx) if gate is not None else [frame]
-                    if not out:
-                        ctx.stats.frames_gated += 1
-                        continue
-                    for f in out:
+                    # frames already waiting (a fast replay, a link catching up) go out in one
+                    # append; live frames arriving one by one are sent as they come
+                    while len(queued) < MAX_APPEND_FRAMES:
                         try:
-                            await send_event(ws, p.input_audio_append(f))
-                        except ConnectionClosed:
-                            if not self.drop_stale:  # a replay loses nothing: resend it
-                                self.carry = f
-                            elif self.live:
-                                ctx.stats.frames_dropped += 1
-                            raise
-                        ctx.stats.frames_sent += 1
+                            queued.append(frames.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                        except trio.EndOfChannel:
+                            self.source_done = True
+                            break
+                    out: list[bytes] = []
+                    for frame in queued:
+                        passed = gate.filter(frame, ctx) if gate is not None else [frame]
+                        if not passed:
+                            ctx.stats.frames_gated += 1
+                        out += passed
+                    if not out:
+                        continue
+                    chunk = b"".join(out)
+                    try:
+                        await send_event(ws, p.input_audio_append(chunk))
+                    except ConnectionClosed:
+                        if not self.drop_stale:  # a replay loses nothing: resend it
+                            self.carry = chunk
+                        elif self.live:
+                            ctx.stats.frames_dropped += len(out)
+                        raise
+                    ctx.stats.frames_sent += len(out)
                 if not ctx.stopping:
                     await _wait_settled(ctx, self.settle_seconds)
             except ConnectionClosed:

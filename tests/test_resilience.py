@@ -4,6 +4,7 @@ its fault switches (or a tiny hostile server), end to end through the CLI."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import sqlite3
@@ -257,7 +258,8 @@ async def test_live_audio_captured_while_disconnected_is_dropped_not_sent_stale(
     assert ctx.stats.reconnects >= 1
     # frames that waited in the queue during the outage were thrown away on reconnecting
     assert ctx.stats.frames_dropped > 0
-    sent = len(observed.of_type("input_audio_buffer.append"))
+    sent = sum(len(base64.b64decode(e["audio"])) // FRAME_BYTES
+               for e in observed.of_type("input_audio_buffer.append"))
     assert sent == ctx.stats.frames_sent
     assert sent + ctx.stats.frames_dropped + source.dropped == int(7.0 / 0.02)
     # and the conversation went on in the new session
