@@ -85,7 +85,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     print(f"{turns} turn{'s' if turns != 1 else ''} answered, {reply_s:.1f} s of reply audio "
           f"in {out}, {outcome.wall_seconds:.1f} s wall time (session {outcome.session_id})")
     if stopper.reason == "timeout":
-        raise RuntimeFailure(f"replay timed out after {limit:.0f} s; what was said is stored")
+        raise RuntimeFailure(f"replay timed out after {limit:g} s; what was said is stored")
     if stopper.reason == "signal":
         print("stopped by a signal before the end of the file; what was said is stored")
 

@@ -256,3 +256,15 @@ async def test_talking_over_a_long_reply_in_realtime_truncates_it(tmp_path: Path
     reply = sf.read(tmp_path / "two_turns.reply.wav", dtype="int16")[0]
     # the file holds what was played: the cut first reply, then the whole second one
     assert len(reply) / 24000 == pytest.approx(first["played_ms"] / 1000 + 6.0, abs=0.1)
+
+
+async def test_timeout_ends_the_replay_with_exit_1_and_a_closed_session(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    r = await cli("replay", str(TWO_TURNS), "--backend", "local", "--speed", "realtime",
+                  "--timeout", "3.5", "--db", str(db), cwd=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert "replay timed out after 3.5 s" in err and err.strip().count("\n") == 0
+    rows = messages(db)
+    assert [m["role"] for m in rows][:2] == ["user", "assistant"]  # the first turn is kept
+    assert rows[0]["ended_at"]
