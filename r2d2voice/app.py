@@ -64,6 +64,9 @@ async def open_endpoint(settings: Settings, url: str | None = None) -> AsyncIter
     if settings.backend == "local" and url is None:
         from .localserver import BackendConfig, serve_local
 
+        # embedded, the backend's own chatter is noise next to the transcripts
+        if logging.getLogger().level > logging.DEBUG:
+            logging.getLogger("r2d2voice.localserver").setLevel(logging.WARNING)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_local, "127.0.0.1", 0,
                                       BackendConfig(realtime_factor=10.0))
