@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-import soxr
 
 from r2d2voice.vad import find_turns
 
@@ -94,6 +93,7 @@ SENTENCES = [
 
 def _speak(text: str, workdir: Path, i: int) -> np.ndarray:
     """One espeak-ng utterance as 24 kHz float32, leading/trailing silence trimmed."""
+    import soxr  # only here: the SDK client child need not pay for it
     path = workdir / f"utt{i:02d}.wav"
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), text],
                    check=True, capture_output=True)
@@ -275,6 +275,27 @@ def run_sdk(url: str, rec: Path, tmp: Path, n: int) -> Result:
     return res
 
 
+#: What each client imports before doing anything (start-up cost, measured alone).
+STARTUP = {
+    "r2d2voice": [sys.executable, "-c",
+                  "import r2d2voice.cli, r2d2voice.commands, r2d2voice.app, r2d2voice.replay"],
+    "openai-sdk": [sys.executable, "-c",
+                   "import numpy, soundfile, r2d2voice.vad; from openai import AsyncOpenAI; "
+                   "import openai.resources.realtime.realtime, websockets.asyncio.client"],
+}
+
+
+def measure_startup(argv: list[str], tmp: Path, runs: int = 5) -> float | None:
+    """Median CPU seconds of a bare interpreter doing a client's imports (None if they fail)."""
+    cpu = []
+    for _ in range(runs):
+        res, code, _ = measure(argv, tmp / "startup.log", tmp)
+        if code != 0:
+            return None
+        cpu.append(res.cpu)
+    return statistics.median(cpu)
+
+
 def start_server(tmp: Path) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([str(VENV_BIN / "r2d2voice"), "serve-local", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -324,19 +345,27 @@ def main() -> None:
         if not all(results.values()):
             sys.exit("no successful run for one of the clients; no figures")
 
-        print("\nmedian of the successful runs, client processes only "
-              "(python start-up and imports included):")
-        print(f"{'client':<12}{'user s':>9}{'sys s':>9}{'total s':>9}{'wall s':>9}{'replies':>9}")
+        startup = {name: measure_startup(argv, tmp) for name, argv in STARTUP.items()}
+        print("\nmedian run per client; whole client process (python start-up and imports "
+              "included)\nstart-up: a bare interpreter doing just that client's imports")
+        print(f"{'client':<12}{'user s':>9}{'sys s':>9}{'total s':>9}{'wall s':>9}{'replies':>9}"
+              f"{'cpu min-max':>15}{'start-up':>10}")
         medians = {}
         for name, runs in results.items():
             med = sorted(runs, key=lambda r: r.cpu)[len(runs) // 2]
             medians[name] = med
+            lo, hi = min(r.cpu for r in runs), max(r.cpu for r in runs)
+            boot = f"{startup[name]:10.2f}" if startup[name] is not None else f"{'n/a':>10}"
             print(f"{name:<12}{med.user:9.2f}{med.sys:9.2f}{med.cpu:9.2f}{med.wall:9.1f}"
-                  f"{min(r.replies for r in runs):>9}")
+                  f"{min(r.replies for r in runs):>9}{f'{lo:.2f}-{hi:.2f}':>15}{boot}")
         ratio = medians["r2d2voice"].cpu / medians["openai-sdk"].cpu
-        spread = statistics.pstdev(r.cpu for r in results["r2d2voice"])
         print(f"\nratio r2d2voice / openai-sdk CPU: {ratio:.2f}  (target <= {TARGET}: "
-              f"{'met' if ratio <= TARGET else 'NOT met'}; r2d2voice spread ±{spread:.2f} s)")
+              f"{'met' if ratio <= TARGET else 'NOT met'})")
+        if all(v is not None for v in startup.values()):
+            steady = [(medians[n].cpu - (startup[n] or 0.0)) for n in ("r2d2voice", "openai-sdk")]
+            if steady[1] > 0:
+                print(f"without start-up: {steady[0]:.2f} s vs {steady[1]:.2f} s, "
+                      f"ratio {steady[0] / steady[1]:.2f}")
         short = [n for n, rs in results.items() if any(r.replies != TURNS for r in rs)]
         if short:
             print(f"warning: {', '.join(short)} did not receive all {TURNS} replies in every run")

@@ -43,9 +43,15 @@ def _guard(fn: Callable[[], Any]) -> Any:
         _fail(str(found), found.exit_code)
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups."""
+    inner = getattr(exc, "exceptions", None)
+    return _leaf(inner[0]) if inner else exc
+
+
 def _unexpected(exc: BaseException) -> Any:
     try:
-        raise exc
+        raise _leaf(exc)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except click.exceptions.Exit:
@@ -53,7 +59,7 @@ def _unexpected(exc: BaseException) -> Any:
     except Exception as exc:  # a bug, or something we did not foresee: still one line
         import logging
 
-        logging.getLogger("r2d2voice").debug("unexpected failure", exc_info=True)
+        logging.getLogger("r2d2voice").debug("unexpected failure", exc_info=exc)
         _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_RUNTIME)
 
 

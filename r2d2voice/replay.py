@@ -103,7 +103,7 @@ class FileSource:
                 for i in range(frame, end):
                     if ctx.epoch != epoch:
                         break  # the link died mid-turn: start the turn again
-                    await send.send(data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
+                    await _send(send, data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
                     self._progress(i + 1, total)
                 else:
                     if await self._answered(ctx, epoch, done_before, commits_before, turn):
@@ -147,6 +147,15 @@ class FileSource:
     def _progress(self, done: int, total: int) -> None:
         if self.progress and (done == total or done % 25 == 0):
             self.progress(done / total)
+
+
+async def _send(send: trio.MemorySendChannel[bytes], frame: bytes) -> None:
+    """Fill the channel without yielding per frame; wait only when it is full (the uplink then
+    sends what is queued in one append). The wait for each reply gives the other tasks a turn."""
+    try:
+        send.send_nowait(frame)
+    except trio.WouldBlock:
+        await send.send(frame)
 
 
 class WavSink:
