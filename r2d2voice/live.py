@@ -30,6 +30,11 @@ class DeviceSource:
             self._started_at = trio.current_time()
             self.running.set()
 
+    @property
+    def frames_dropped(self) -> int:
+        """Frames dropped because the uplink queue was full (e.g. while reconnecting)."""
+        return self.stats.frames_dropped
+
     def healthy(self, within: float = 5.0) -> bool:
         """Frames arrived in the last ``within`` seconds (or capture is still starting).
 

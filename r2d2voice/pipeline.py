@@ -305,6 +305,7 @@ class _Supervisor:
         self.endpoint = endpoint
         self.cfg = cfg
         self.live = source.live
+        self.source = source
         #: frames queued for a dead link are stale: live audio, or a source that resends turns
         self.drop_stale = source.live or bool(getattr(source, "resends", False))
         self.sessions = sessions
@@ -390,6 +391,7 @@ class _Supervisor:
             ctx.watch.changed()
             before = ctx.stats.snapshot()
             underruns_before = ctx.buffer.statistics().underruns
+            capture_drops_before = getattr(self.source, "frames_dropped", 0)
             if self.reconnecting:  # counted in the session that replaces the lost one
                 self.reconnecting = False
                 ctx.stats.reconnects += 1
@@ -410,6 +412,9 @@ class _Supervisor:
                 ctx.watch.changed()
                 stats = ctx.stats.delta(before)
                 stats["underruns"] = ctx.buffer.statistics().underruns - underruns_before
+                # frames the capture itself dropped because the uplink queue was full
+                stats["frames_dropped"] += (getattr(self.source, "frames_dropped", 0)
+                                            - capture_drops_before)
                 with trio.CancelScope(shield=True):
                     await self.sessions.end(session_id, stats)
         return conn
