@@ -125,7 +125,7 @@ class StoreSessions:
         return await self.store.call(self.store.store.recent_turns, chain, limit)
 
 
-def link_policy(settings: Settings, live: bool) -> LinkPolicy:
+def link_policy(settings: Settings) -> LinkPolicy:
     return LinkPolicy(
         session_max_seconds=settings.session_max_minutes * 60,
         context_turns=settings.context_turns,
@@ -159,7 +159,7 @@ async def converse(
             ctx = await run_conversation(
                 endpoint, session_config(settings), source, sink, sessions, store.record,
                 console=console, stopper=stopper, on_configured=on_configured,
-                policy=policy or link_policy(settings, source.live),
+                policy=policy or link_policy(settings),
             )
     except BaseException as exc:
         with trio.CancelScope(shield=True):

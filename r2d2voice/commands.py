@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from .audio import RATE
 from .config import Settings
 from .errors import RuntimeFailure, UsageError
 from .pipeline import Stopper
@@ -81,7 +82,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     console.finish()
     stats = outcome.ctx.stats if outcome.ctx else None
     turns = stats.assistant_turns if stats else 0
-    reply_s = sink.samples_written / 24000
+    reply_s = sink.samples_written / RATE
     print(f"{turns} turn{'s' if turns != 1 else ''} answered, {reply_s:.1f} s of reply audio "
           f"in {out}, {outcome.wall_seconds:.1f} s wall time (session {outcome.session_id})")
     if stopper.reason == "timeout":

@@ -53,7 +53,6 @@ AUDIO_BOUND = 256
 RECORDS_BOUND = 256
 CONTROL_BOUND = 16
 STOP_GRACE = 2.0
-FRAME_SECONDS = 0.02
 #: at most this many queued 20 ms frames are sent in one ``input_audio_buffer.append``
 MAX_APPEND_FRAMES = 10
 
