@@ -12,7 +12,7 @@ time are measured; the server's CPU is not counted:
   receiver that base64-decodes every audio delta and collects the transcripts.
 
 Same pacing for both, so neither ever interrupts a reply: the audio up to each turn's end (as
-the server VAD will close it, from :func:`r2d2voice.vad.find_turns`) is sent as fast as
+the server VAD will close it, from :func:`r2d2voice.audio.vad.find_turns`) is sent as fast as
 possible, then the client waits for that turn's ``response.done`` before sending more. Both
 must receive all 30 replies whole. Prints the median of ``--runs`` runs and the ratio;
 the target is r2d2voice <= 0.5x the SDK client's CPU.
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from r2d2voice.vad import find_turns
+from r2d2voice.audio.vad import find_turns
 
 RATE = 24000
 FRAME_SAMPLES = 480  # 20 ms
@@ -278,9 +278,10 @@ def run_sdk(url: str, rec: Path, tmp: Path, n: int) -> Result:
 #: What each client imports before doing anything (start-up cost, measured alone).
 STARTUP = {
     "r2d2voice": [sys.executable, "-c",
-                  "import r2d2voice.cli, r2d2voice.commands, r2d2voice.app, r2d2voice.replay"],
+                  "import r2d2voice.cli.main, r2d2voice.appliance.commands,"
+                  " r2d2voice.appliance.compose, r2d2voice.appliance.replay"],
     "openai-sdk": [sys.executable, "-c",
-                   "import numpy, soundfile, r2d2voice.vad; from openai import AsyncOpenAI; "
+                   "import numpy, soundfile, r2d2voice.audio.vad; from openai import AsyncOpenAI; "
                    "import openai.resources.realtime.realtime, websockets.asyncio.client"],
 }
 
@@ -323,7 +324,7 @@ def main() -> None:
     try:
         rec = tmp / "talk.wav"
         seconds, turns = build_recording(rec)
-        print(f"recording: {rec} ({seconds:.1f} s, {turns} turns found by r2d2voice.vad)")
+        print(f"recording: {rec} ({seconds:.1f} s, {turns} turns found by r2d2voice.audio.vad)")
         if turns != TURNS:
             sys.exit(f"expected {TURNS} turns in the recording, the VAD found {turns}")
         server, url = start_server(tmp)

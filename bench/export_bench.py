@@ -6,7 +6,7 @@ and the child's peak RSS. A one-session export and a bare import give the memory
 a streaming export's peak RSS should not grow with the number of rows.
 
 The child is ``python -m r2d2voice export ...`` when ``r2d2voice.cli`` imports, otherwise a
-``python -c`` call of :func:`r2d2voice.export.run_export` with the same arguments.
+``python -c`` call of :func:`r2d2voice.reports.export.run_export` with the same arguments.
 
     .venv/bin/python bench/export_bench.py                # 1,000,000 rows in a temp dir
     .venv/bin/python bench/export_bench.py --db /var/tmp/big.db --rows 200000
@@ -24,11 +24,11 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 
-from r2d2voice.store import Store, format_ts
+from r2d2voice.storage.store import Store, format_ts
 
 FALLBACK = """
 import sys
-from r2d2voice.export import run_export
+from r2d2voice.reports.export import run_export
 db, fmt, output, *sessions = sys.argv[1:]
 with open(output, "w", encoding="utf-8", newline="") as out:
     run_export(db, fmt=fmt, out=out, sessions=sessions)
@@ -43,7 +43,7 @@ WORDS = [
 
 def cli_available() -> bool:
     try:
-        import r2d2voice.cli  # noqa: F401
+        import r2d2voice.cli.main  # noqa: F401
     except Exception:
         return False
     return True
@@ -159,7 +159,7 @@ def main() -> int:
         print(f"database: {db} ({rows:,} messages, {size:.0f} MiB); child: {via}")
 
         runs: list[tuple[str, int, list[str], list[str]]] = [
-            ("import only", 0, [sys.executable, "-c", "import r2d2voice.export"], []),
+            ("import only", 0, [sys.executable, "-c", "import r2d2voice.reports.export"], []),
             ("jsonl, 1 session", rows // args.sessions, [], [first]),
         ]
         runs += [(fmt, rows, [], []) for fmt in args.formats.split(",")]

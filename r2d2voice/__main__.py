@@ -1,6 +1,6 @@
 """``python -m r2d2voice``."""
 
-from .cli import main
+from r2d2voice.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r2d2voice.audio import (
+from r2d2voice.audio.pcm import (
     FRAME_BYTES,
     FRAME_MS,
     FRAME_SAMPLES,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from r2d2voice.config import DEFAULT_MODEL, KEYS, Settings, default_db_path, load_settings
 from r2d2voice.errors import ConfigError
+from r2d2voice.system.config import DEFAULT_MODEL, KEYS, Settings, default_db_path, load_settings
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ def test_cli_config_error_is_one_line_exit_3(tmp_path: Path) -> None:
 
 
 def test_help_does_not_load_portaudio_or_trio(tmp_path: Path) -> None:
-    code = ("import sys, r2d2voice.cli as c\n"
+    code = ("import sys, r2d2voice.cli.main as c\n"
             "from click.testing import CliRunner\n"
             "r = CliRunner().invoke(c.main, ['--help'])\n"
             "assert r.exit_code == 0, r.output\n"

@@ -17,7 +17,7 @@ import pytest
 import soundfile
 from pulse import make_pulse_fixture
 
-from r2d2voice.devices import DeviceInfo, list_devices, resolve_device
+from r2d2voice.audio.devices import DeviceInfo, list_devices, resolve_device
 from r2d2voice.errors import ConfigError
 
 pulse_rig = make_pulse_fixture()
@@ -79,7 +79,7 @@ def _runs(labels: list[str], min_len: int = 3) -> list[tuple[str, int]]:
 LIST_SCRIPT = """
 import json
 from dataclasses import asdict
-from r2d2voice.devices import list_devices, format_devices
+from r2d2voice.audio.devices import list_devices, format_devices
 devs = list_devices()
 print(format_devices(devs))
 print(json.dumps([asdict(d) for d in devs]))
@@ -87,7 +87,7 @@ print(json.dumps([asdict(d) for d in devs]))
 
 RESOLVE_SCRIPT = """
 import json, sys
-from r2d2voice.devices import resolve_device
+from r2d2voice.audio.devices import resolve_device
 from r2d2voice.errors import ConfigError
 out = []
 for kind, spec in json.loads(sys.argv[1]):
@@ -152,7 +152,8 @@ def test_resolve_device_by_index_name_and_default(pulse_rig):
 @pytest.mark.pulse
 def test_devices_command_lists_pulse(pulse_rig):
     res = pulse_rig.run_python(
-        "import sys; from r2d2voice.cli import main; sys.argv = ['r2d2voice', 'devices']; main()"
+        "import sys; from r2d2voice.cli.main import main;"
+        " sys.argv = ['r2d2voice', 'devices']; main()"
     )
     assert res.returncode == 0, res.stderr
     assert "pulse" in res.stdout and "Output devices:" in res.stdout
@@ -220,7 +221,7 @@ def test_devices_command_without_portaudio_exits_3():
     script = (
         "import ctypes.util, sys\n"
         "ctypes.util.find_library = lambda name: None\n"
-        "from r2d2voice.cli import main\n"
+        "from r2d2voice.cli.main import main\n"
         "sys.argv = ['r2d2voice', 'devices']\n"
         "main()\n"
     )
@@ -242,7 +243,7 @@ def test_importing_devices_does_not_load_portaudio():
         [
             sys.executable,
             "-c",
-            "import sys, r2d2voice.devices; print('sounddevice' in sys.modules)",
+            "import sys, r2d2voice.audio.devices; print('sounddevice' in sys.modules)",
         ],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
@@ -260,7 +261,7 @@ import json, sys
 from functools import partial
 import numpy as np
 import trio
-from r2d2voice.devices import CaptureStatistics, resolve_device, run_capture
+from r2d2voice.audio.devices import CaptureStatistics, resolve_device, run_capture
 
 spec, tone, out = sys.argv[1], sys.argv[3], sys.argv[4]
 rate = None if sys.argv[2] == "default" else int(sys.argv[2])
@@ -337,7 +338,7 @@ def test_capture_delivers_24khz_frames_of_what_the_mic_heard(
 DROP_SCRIPT = """
 import json, logging
 import trio
-from r2d2voice.devices import CaptureStatistics, resolve_device, run_capture
+from r2d2voice.audio.devices import CaptureStatistics, resolve_device, run_capture
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
@@ -378,8 +379,8 @@ PLAYBACK_SCRIPT = """
 import json, sys
 import numpy as np
 import trio
-from r2d2voice.devices import PlaybackStatistics, resolve_device, run_playback
-from r2d2voice.playout import AudioChunk, PlayoutBuffer
+from r2d2voice.audio.devices import PlaybackStatistics, resolve_device, run_playback
+from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 
 spec = sys.argv[1]
 rate = None if sys.argv[2] == "default" else int(sys.argv[2])

@@ -28,9 +28,9 @@ import soundfile as sf
 import trio
 from pulse import PulseRig, make_pulse_fixture
 
-from r2d2voice.beeps import r2_reply
-from r2d2voice.localserver import BackendConfig, serve_local
-from r2d2voice.vad import threshold_to_dbfs
+from r2d2voice.audio.beeps import r2_reply
+from r2d2voice.audio.vad import threshold_to_dbfs
+from r2d2voice.localbackend.server import BackendConfig, serve_local
 
 pulse_rig = make_pulse_fixture()
 

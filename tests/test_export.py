@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from r2d2voice.errors import UsageError
-from r2d2voice.export import COLUMNS, format_sessions, run_export
-from r2d2voice.store import Store
+from r2d2voice.reports.export import COLUMNS, format_sessions, run_export
+from r2d2voice.storage.store import Store
 
 T0 = datetime(2025, 11, 21, 9, 30, 0, tzinfo=timezone.utc)
 

@@ -23,8 +23,8 @@ import trio_websocket
 from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter, ValidationError
 
-from r2d2voice.beeps import r2_reply
-from r2d2voice.localserver import BackendConfig, Faults, serve_local
+from r2d2voice.audio.beeps import r2_reply
+from r2d2voice.localbackend.server import BackendConfig, Faults, serve_local
 
 RATE = 24000
 FRAME = 480  # 20 ms

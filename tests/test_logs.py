@@ -10,7 +10,7 @@ import pytest
 
 SCRIPT = """
 import logging, sys
-from r2d2voice.logs import setup_logging
+from r2d2voice.system.logs import setup_logging
 setup_logging("DEBUG", secrets=["sk-live-0123456789"])
 log = logging.getLogger("r2d2voice.test")
 log.debug("debug line")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from r2d2voice.notify import Notifier, run_watchdog, watchdog_interval
+from r2d2voice.system.notify import Notifier, run_watchdog, watchdog_interval
 
 
 def _drain(sock: socket.socket) -> list[str]:

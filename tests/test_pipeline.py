@@ -17,13 +17,13 @@ import trio
 from test_replay import TWO_TURNS
 from test_resilience import MemorySessions, NullSink
 
-from r2d2voice import pipeline
-from r2d2voice import protocol as p
-from r2d2voice.link import Endpoint
-from r2d2voice.localserver import BackendConfig, serve_local
-from r2d2voice.pipeline import LinkPolicy, run_conversation
-from r2d2voice.playout import AudioChunk, PlayoutBuffer
-from r2d2voice.replay import FileSource, VadParams
+from r2d2voice.appliance import pipeline
+from r2d2voice.appliance.pipeline import LinkPolicy, run_conversation
+from r2d2voice.appliance.replay import FileSource, VadParams
+from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
+from r2d2voice.link.transport import Endpoint
+from r2d2voice.localbackend.server import BackendConfig, serve_local
+from r2d2voice.realtime import protocol as p
 
 CFG = p.SessionConfig(instructions="x")
 

@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from r2d2voice.audio import RATE
-from r2d2voice.playout import AudioChunk, PlayoutBuffer, PlayoutStatistics
+from r2d2voice.audio.pcm import RATE
+from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer, PlayoutStatistics
 
 
 def ramp(start: int, n: int) -> np.ndarray:

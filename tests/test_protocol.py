@@ -10,7 +10,7 @@ import pytest
 from openai.types.realtime import RealtimeClientEvent
 from pydantic import TypeAdapter, ValidationError
 
-from r2d2voice import protocol as p
+from r2d2voice.realtime import protocol as p
 
 CLIENT = TypeAdapter(RealtimeClientEvent)
 CFG = p.SessionConfig(instructions="Be R2.", voice="verse", transcribe_model="gpt-4o-transcribe",

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import trio
 
-from r2d2voice.localserver import BackendConfig, Faults, serve_local
+from r2d2voice.localbackend.server import BackendConfig, Faults, serve_local
 
 ROOT = Path(__file__).parents[1]
 TWO_TURNS = ROOT / "data" / "samples" / "two_turns.wav"

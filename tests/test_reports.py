@@ -16,10 +16,10 @@ import pytest
 import trio
 from click.testing import CliRunner
 
-from r2d2voice import localserver
-from r2d2voice.cli import main
-from r2d2voice.reports import Prices, percentile, run_stats, run_usage
-from r2d2voice.store import Store
+from r2d2voice.cli.main import main
+from r2d2voice.localbackend import server as localserver
+from r2d2voice.reports.reports import Prices, percentile, run_stats, run_usage
+from r2d2voice.storage.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "samples" / "two_turns.wav"

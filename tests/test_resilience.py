@@ -19,11 +19,11 @@ import trio
 from test_replay import TWO_TURNS, clean_env, cli, messages
 from trio_websocket import serve_websocket
 
-from r2d2voice import protocol as p
-from r2d2voice.audio import FRAME_BYTES, FRAME_SAMPLES
-from r2d2voice.localserver import BackendConfig, Faults, serve_local
-from r2d2voice.pipeline import Context, LinkPolicy, run_conversation
-from r2d2voice.playout import AudioChunk, PlayoutBuffer
+from r2d2voice.appliance.pipeline import Context, LinkPolicy, run_conversation
+from r2d2voice.audio.pcm import FRAME_BYTES, FRAME_SAMPLES
+from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
+from r2d2voice.localbackend.server import BackendConfig, Faults, serve_local
+from r2d2voice.realtime import protocol as p
 
 
 class Observed:
@@ -244,7 +244,7 @@ class MemorySessions:
 
 
 async def test_live_audio_captured_while_disconnected_is_dropped_not_sent_stale() -> None:
-    from r2d2voice.link import Endpoint
+    from r2d2voice.link.transport import Endpoint
 
     observed = Observed()
     sessions = MemorySessions()

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.pulse
 SPEECH = REPO / "data" / "samples" / "hello.wav"  # 2.7 s: 0.3 s silence, speech, 0.5 s silence
 WATCHDOG_USEC = 1_000_000
 PING_INTERVAL = WATCHDOG_USEC / 2 / 1_000_000
-REPLY_PEAK_DBFS = -12.0  # r2d2voice.beeps.PEAK_DBFS
+REPLY_PEAK_DBFS = -12.0  # r2d2voice.audio.beeps.PEAK_DBFS
 REPLY_SECONDS = 1.0
 SILENCE_DBFS = -60.0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from r2d2voice.errors import UsageError
-from r2d2voice.store import (
+from r2d2voice.storage.store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
     MessageRow,

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from r2d2voice.vad import (
+from r2d2voice.audio.vad import (
     EnergyVad,
     SpeechStarted,
     SpeechStopped,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from r2d2voice.audio import RATE, float_to_pcm16, rms_dbfs
+from r2d2voice.audio.files import WavWriter, load_audio
+from r2d2voice.audio.pcm import RATE, float_to_pcm16, rms_dbfs
 from r2d2voice.errors import EXIT_USAGE, UsageError
-from r2d2voice.wavio import WavWriter, load_audio
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 PCM_GUID = bytes.fromhex("0100000000001000800000aa00389b71")
@@ -280,7 +280,7 @@ def test_unreadable_permissions(tmp_path: Path) -> None:
         assert "permission denied" in assert_usage_error(path)
         return
     # root reads any file: check in a child without the capabilities that let it (setpriv)
-    code = ("import sys\nfrom r2d2voice.wavio import load_audio\n"
+    code = ("import sys\nfrom r2d2voice.audio.files import load_audio\n"
             "from r2d2voice.errors import UsageError\n"
             "try:\n    load_audio(sys.argv[1])\nexcept UsageError as e:\n    print(e)\n")
     r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",

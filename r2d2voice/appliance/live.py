@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import trio
 
-from .devices import CaptureStatistics, DeviceInfo, PlaybackStatistics, run_capture, run_playback
-from .pipeline import Context
-from .playout import AudioChunk, PlayoutBuffer
+from r2d2voice.appliance.pipeline import Context
+from r2d2voice.audio.devices import (
+    CaptureStatistics,
+    DeviceInfo,
+    PlaybackStatistics,
+    run_capture,
+    run_playback,
+)
+from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 
 
 class DeviceSource:

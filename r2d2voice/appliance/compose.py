@@ -14,10 +14,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import protocol as p
-from .config import Settings
-from .link import Endpoint
-from .pipeline import (
+from r2d2voice.appliance.pipeline import (
     Console,
     Context,
     LinkPolicy,
@@ -27,9 +24,12 @@ from .pipeline import (
     record_calls,
     run_conversation,
 )
-from .store import Store
+from r2d2voice.link.transport import Endpoint
+from r2d2voice.realtime import protocol as p
+from r2d2voice.storage.store import Store
+from r2d2voice.system.config import Settings
 
-log = logging.getLogger("r2d2voice.app")
+log = logging.getLogger("r2d2voice.appliance.compose")
 T = TypeVar("T")
 
 
@@ -62,11 +62,11 @@ async def open_endpoint(settings: Settings, url: str | None = None) -> AsyncIter
     """The service to talk to: the embedded local backend on an ephemeral loopback port, or
     the configured Realtime URL (``url`` overrides it) with the API key."""
     if settings.backend == "local" and url is None:
-        from .localserver import BackendConfig, serve_local
+        from r2d2voice.localbackend.server import BackendConfig, serve_local
 
         # embedded, the backend's own chatter is noise next to the transcripts
         if logging.getLogger().level > logging.DEBUG:
-            logging.getLogger("r2d2voice.localserver").setLevel(logging.WARNING)
+            logging.getLogger("r2d2voice.localbackend.server").setLevel(logging.WARNING)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_local, "127.0.0.1", 0,
                                       BackendConfig(realtime_factor=10.0))

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from typing import Any, TextIO
 
-from .errors import UsageError
-from .export import parse_time_option
-from .store import Store, UsageSummaryRow
+from r2d2voice.errors import UsageError
+from r2d2voice.reports.export import parse_time_option
+from r2d2voice.storage.store import Store, UsageSummaryRow
 
 __all__ = [
     "COUNTERS",

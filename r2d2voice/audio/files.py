@@ -15,8 +15,8 @@ from types import TracebackType
 import numpy as np
 import soundfile as sf
 
-from .audio import RATE, Resampler, bytes_to_pcm16, float_to_pcm16, to_mono
-from .errors import RuntimeFailure, UsageError
+from r2d2voice.audio.pcm import RATE, Resampler, bytes_to_pcm16, float_to_pcm16, to_mono
+from r2d2voice.errors import RuntimeFailure, UsageError
 
 # Decoded in blocks of this many source frames so a long file never exists as float64 in
 # memory all at once; only the int16 24 kHz result is kept.

@@ -40,13 +40,13 @@ from typing import Any, Protocol
 import numpy as np
 import trio
 
-from . import protocol as p
-from .audio import rms_dbfs
-from .errors import ConfigError, RuntimeFailure
-from .link import ConnectionClosed, Endpoint, open_realtime, send_event
-from .playout import AudioChunk, PlayoutBuffer
+from r2d2voice.audio.pcm import rms_dbfs
+from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
+from r2d2voice.errors import ConfigError, RuntimeFailure
+from r2d2voice.link.transport import ConnectionClosed, Endpoint, open_realtime, send_event
+from r2d2voice.realtime import protocol as p
 
-log = logging.getLogger("r2d2voice.pipeline")
+log = logging.getLogger("r2d2voice.appliance.pipeline")
 
 FRAMES_BOUND = 50  # 1 s of 20 ms frames
 AUDIO_BOUND = 256

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from r2d2voice.errors import UsageError
 
 __all__ = [
     "APPLICATION_ID",

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from . import protocol as p
-from .audio import FRAME_BYTES, FRAME_SAMPLES, RATE
-from .pipeline import Context
-from .playout import AudioChunk, PlayoutBuffer
-from .vad import Turn, find_turns
-from .wavio import WavWriter
+from r2d2voice.appliance.pipeline import Context
+from r2d2voice.audio.files import WavWriter
+from r2d2voice.audio.pcm import FRAME_BYTES, FRAME_SAMPLES, RATE
+from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
+from r2d2voice.audio.vad import Turn, find_turns
+from r2d2voice.realtime import protocol as p
 
-log = logging.getLogger("r2d2voice.replay")
+log = logging.getLogger("r2d2voice.appliance.replay")
 
 #: Extra silence after the service's VAD window, so the last turn surely closes.
 TAIL_MARGIN_MS = 700

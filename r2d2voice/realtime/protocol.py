@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("r2d2voice.protocol")
+log = logging.getLogger("r2d2voice.realtime.protocol")
 
 RATE = 24000
 #: Service error codes that no retry can fix: the run ends with exit 3.

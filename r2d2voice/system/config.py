@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from r2d2voice.errors import ConfigError
 
-log = logging.getLogger("r2d2voice.config")
+log = logging.getLogger("r2d2voice.system.config")
 
 DEFAULT_URL = "wss://api.openai.com/v1/realtime"
 #: Newest GA realtime model that the openai SDK does not list as deprecated.

@@ -19,7 +19,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from .errors import ConfigError, RuntimeFailure
+from r2d2voice.errors import ConfigError, RuntimeFailure
 
 #: Audio deltas are base64 PCM; a long reply chunk can be several hundred KiB.
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import RATE
+from r2d2voice.audio.pcm import RATE
 
 #: Per-item bookkeeping kept for this many most recent items (bounded for weeks-long runs).
 MAX_TRACKED_ITEMS = 256

@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 
 import trio
 
-from .audio import RATE
-from .config import Settings
-from .errors import RuntimeFailure, UsageError
-from .pipeline import Stopper
+from r2d2voice.appliance.pipeline import Stopper
+from r2d2voice.audio.pcm import RATE
+from r2d2voice.errors import RuntimeFailure, UsageError
+from r2d2voice.system.config import Settings
 
 log = logging.getLogger("r2d2voice")
 T = TypeVar("T")
@@ -44,9 +44,9 @@ async def with_signals(stopper: Stopper, body: Callable[[], Awaitable[T]]) -> T:
 def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: str,
                    timeout: float | None, url: str | None) -> None:
     """``r2d2voice replay``: the WAV file as microphone, a WAV file as speaker."""
-    from .app import TextConsole, converse, default_out_path
-    from .replay import FileSource, VadParams, WavSink
-    from .wavio import load_audio
+    from r2d2voice.appliance.compose import TextConsole, converse, default_out_path
+    from r2d2voice.appliance.replay import FileSource, VadParams, WavSink
+    from r2d2voice.audio.files import load_audio
 
     pcm = load_audio(file)
     out = out or default_out_path(file)
@@ -93,7 +93,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
 
 def serve_local_command(host: str, port: int) -> None:
     """``r2d2voice serve-local``: the local backend until SIGINT/SIGTERM."""
-    from .localserver import BackendConfig, serve_local
+    from r2d2voice.localbackend.server import BackendConfig, serve_local
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -130,10 +130,10 @@ class ServiceConsole:
 
 def run_command(settings: Settings, *, url: str | None) -> None:
     """``r2d2voice run``: microphone and speaker until SIGTERM/SIGINT, under systemd or not."""
-    from .app import converse
-    from .devices import resolve_device
-    from .live import DeviceSink, DeviceSource
-    from .notify import Notifier, run_watchdog, watchdog_interval
+    from r2d2voice.appliance.compose import converse
+    from r2d2voice.appliance.live import DeviceSink, DeviceSource
+    from r2d2voice.audio.devices import resolve_device
+    from r2d2voice.system.notify import Notifier, run_watchdog, watchdog_interval
 
     mic = resolve_device(settings.input_device, "input")
     speaker = resolve_device(settings.output_device, "output")

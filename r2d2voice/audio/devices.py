@@ -6,7 +6,7 @@ ALSA device, which ``r2d2voice --help`` (or a WAV replay) must not pay for or fa
 Threads: PortAudio calls the stream callbacks on its own real-time thread. Those callbacks never
 block, never raise and never log. The capture callback copies the block and hands it to the trio
 thread (``run_sync_soon``), where it is downmixed, resampled and framed. The playback callback
-pulls from the thread-safe :class:`~r2d2voice.playout.PlayoutBuffer` and resamples in place.
+pulls from the thread-safe :class:`~r2d2voice.audio.playout.PlayoutBuffer` and resamples in place.
 Opening and closing streams can take tens of milliseconds, so it happens in a worker thread,
 one call at a time (PortAudio's API is not thread-safe).
 """
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import trio
 
-from .audio import RATE, Framer, Resampler, float_to_pcm16, to_mono
-from .errors import ConfigError, RuntimeFailure
+from r2d2voice.audio.pcm import RATE, Framer, Resampler, float_to_pcm16, to_mono
+from r2d2voice.errors import ConfigError, RuntimeFailure
 
 if TYPE_CHECKING:
-    from .playout import AudioChunk, PlayoutBuffer
+    from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 
 log = logging.getLogger(__name__)
 

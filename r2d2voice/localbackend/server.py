@@ -70,12 +70,12 @@ import numpy as np
 import trio
 import trio_websocket
 
-from .beeps import r2_reply
-from .vad import EnergyVad, SpeechStarted
+from r2d2voice.audio.beeps import r2_reply
+from r2d2voice.audio.vad import EnergyVad, SpeechStarted
 
 __all__ = ["BackendConfig", "Faults", "LocalSession", "serve_local"]
 
-log = logging.getLogger("r2d2voice.localserver")
+log = logging.getLogger("r2d2voice.localbackend.server")
 
 RATE = 24000
 MAX_MESSAGE_BYTES = 16 * 2**20

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, TextIO
 
-from .errors import UsageError
-from .store import ROLES, MessageRow, SessionRow, Store
+from r2d2voice.errors import UsageError
+from r2d2voice.storage.store import ROLES, MessageRow, SessionRow, Store
 
 __all__ = ["COLUMNS", "FORMATS", "format_sessions", "parse_time_option", "run_export"]
 

@@ -10,8 +10,8 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__
-from .errors import EXIT_RUNTIME, R2Error, UsageError
+from r2d2voice import __version__
+from r2d2voice.errors import EXIT_RUNTIME, R2Error, UsageError
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -65,8 +65,8 @@ def _unexpected(exc: BaseException) -> Any:
 
 def _settings(ctx: click.Context, **flags: Any) -> Any:
     """Settings from flags > environment > env file; sets up logging with the key scrubbed."""
-    from .config import load_settings
-    from .logs import setup_logging
+    from r2d2voice.system.config import load_settings
+    from r2d2voice.system.logs import setup_logging
 
     names = {
         "db": "R2D2_DB", "backend": "R2D2_BACKEND", "url": "REALTIME_URL",
@@ -123,7 +123,7 @@ def replay(ctx: click.Context, file: Path, out: Path | None, speed: str, timeout
 
     def body() -> None:
         settings = _settings(ctx, db=db, backend=backend)
-        from .commands import replay_command
+        from r2d2voice.appliance.commands import replay_command
 
         replay_command(settings, file, out=out, speed=speed, timeout=timeout, url=url)
 
@@ -150,7 +150,7 @@ def run(ctx: click.Context, input_device: str | None, output_device: str | None,
         settings = _settings(ctx, db=db, backend=backend, input_device=input_device,
                              output_device=output_device, output_latency=output_latency,
                              duplex=duplex)
-        from .commands import run_command
+        from r2d2voice.appliance.commands import run_command
 
         run_command(settings, url=url)
 
@@ -174,7 +174,7 @@ def export(ctx: click.Context, db: str | None, fmt: str, sessions: tuple[str, ..
 
     def body() -> None:
         settings = _settings(ctx, db=db)
-        from .export import run_export
+        from r2d2voice.reports.export import run_export
 
         if output is None:
             run_export(settings.db, fmt=fmt, out=sys.stdout, sessions=sessions, since=since,
@@ -210,8 +210,8 @@ def sessions(ctx: click.Context, db: str | None) -> None:
 
     def body() -> None:
         settings = _settings(ctx, db=db)
-        from .export import format_sessions
-        from .store import Store
+        from r2d2voice.reports.export import format_sessions
+        from r2d2voice.storage.store import Store
 
         with Store.open(settings.db, create=False) as store:
             click.echo(format_sessions(store.list_sessions()), nl=False)
@@ -226,7 +226,7 @@ def devices(ctx: click.Context) -> None:
 
     def body() -> None:
         _settings(ctx)
-        from .devices import format_devices, list_devices
+        from r2d2voice.audio.devices import format_devices, list_devices
 
         click.echo(format_devices(list_devices()))
 
@@ -242,7 +242,7 @@ def serve_local_cmd(ctx: click.Context, host: str, port: int) -> None:
 
     def body() -> None:
         _settings(ctx)
-        from .commands import serve_local_command
+        from r2d2voice.appliance.commands import serve_local_command
 
         serve_local_command(host, port)
 
@@ -276,7 +276,7 @@ def usage(ctx: click.Context, db: str | None, since: str | None, until: str | No
 
     def body() -> None:
         settings = _settings(ctx, db=db)
-        from .reports import run_usage
+        from r2d2voice.reports.reports import run_usage
 
         run_usage(settings.db, out=sys.stdout, settings=settings, fmt=fmt, sessions=sessions,
                   since=since, until=until)
@@ -293,7 +293,7 @@ def stats(ctx: click.Context, db: str | None, since: str | None, until: str | No
 
     def body() -> None:
         settings = _settings(ctx, db=db)
-        from .reports import run_stats
+        from r2d2voice.reports.reports import run_stats
 
         run_stats(settings.db, out=sys.stdout, fmt=fmt, sessions=sessions, since=since,
                   until=until)

@@ -1,0 +1,1 @@
+"""One run: the nursery and its channels, sources and sinks, composition from settings."""

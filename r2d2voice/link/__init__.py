@@ -1,0 +1,1 @@
+"""The trio shell around one Realtime websocket: transport, connection, effects, supervisor."""

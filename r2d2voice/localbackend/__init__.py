@@ -1,0 +1,1 @@
+"""The Realtime-compatible local stand-in: a peer that imports only audio and realtime."""

@@ -1,0 +1,1 @@
+"""Reading the record back: export, sessions, usage and stats."""

@@ -1,0 +1,1 @@
+"""The SQLite transcript store: connection, schema and migrations, writes, reads, recorder."""

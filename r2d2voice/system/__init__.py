@@ -1,0 +1,1 @@
+"""The host: settings (the one source of defaults), logging, systemd notifications."""
