@@ -17,10 +17,7 @@ list. PortAudio reads the ALSA configuration and enumerates devices once, at ``P
 runs in a **subprocess** started with ``rig.env`` (``rig.run_python``); the pytest process itself
 never imports sounddevice with the rig's environment, and a PortAudio crash cannot take pytest down.
 
-Use from a test module or conftest.py::
-
-    from pulse import make_pulse_fixture
-    pulse_rig = make_pulse_fixture()          # session-scoped fixture named pulse_rig
+``tests/conftest.py`` makes one rig per test session, the fixture ``pulse_rig``.
 
 When the rig cannot run here the fixture skips with the reason; under ``CI=true`` it fails
 instead, so a CI machine missing PulseAudio cannot pass by skipping.
@@ -361,14 +358,3 @@ def open_pulse_rig() -> Iterator[PulseRig]:
             raise  # unreachable: skip_or_fail raises
         with rig:
             yield rig
-
-
-def make_pulse_fixture(scope: str = "session") -> Callable[..., Iterator[PulseRig]]:
-    """A pytest fixture yielding a running PulseRig; assign it to a name in a module/conftest."""
-
-    @pytest.fixture(scope=scope)  # type: ignore[call-overload]
-    def pulse_rig() -> Iterator[PulseRig]:
-        with open_pulse_rig() as rig:
-            yield rig
-
-    return pulse_rig

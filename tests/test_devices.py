@@ -15,12 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from pulse import make_pulse_fixture
 
 from r2d2voice.audio.devices import DeviceInfo, list_devices, resolve_device
 from r2d2voice.errors import ConfigError
-
-pulse_rig = make_pulse_fixture()
 
 
 def _tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:

@@ -26,13 +26,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import trio
-from pulse import PulseRig, make_pulse_fixture
+from pulse import PulseRig
 
 from r2d2voice.audio.beeps import r2_reply
 from r2d2voice.audio.vad import threshold_to_dbfs
 from r2d2voice.localbackend.server import BackendConfig, serve_local
-
-pulse_rig = make_pulse_fixture()
 
 pytestmark = pytest.mark.pulse
 

@@ -32,9 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from pulse import REPO, PulseRig, make_pulse_fixture
-
-pulse_rig = make_pulse_fixture()
+from pulse import REPO, PulseRig
 
 pytestmark = pytest.mark.pulse
 
