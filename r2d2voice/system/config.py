@@ -144,6 +144,12 @@ KEYS: tuple[Key, ...] = (
     ),
 )
 KEYS_BY_ENV = {k.env: k for k in KEYS}
+KEYS_BY_ATTR = {k.attr: k for k in KEYS}
+
+
+def default(attr: str) -> Any:
+    """The default of setting ``attr`` (e.g. ``"echo_tail_ms"``), defined only in KEYS."""
+    return KEYS_BY_ATTR[attr].default
 
 
 @dataclass(frozen=True)
