@@ -278,8 +278,9 @@ def run_sdk(url: str, rec: Path, tmp: Path, n: int) -> Result:
 #: What each client imports before doing anything (start-up cost, measured alone).
 STARTUP = {
     "r2d2voice": [sys.executable, "-c",
-                  "import r2d2voice.cli.main, r2d2voice.appliance.commands,"
-                  " r2d2voice.appliance.compose, r2d2voice.appliance.replay"],
+                  "import r2d2voice.cli.main, r2d2voice.appliance.replay_file,"
+                  " r2d2voice.appliance.compose, r2d2voice.appliance.sources,"
+                  " r2d2voice.appliance.sinks"],
     "openai-sdk": [sys.executable, "-c",
                    "import numpy, soundfile, r2d2voice.audio.vad; from openai import AsyncOpenAI; "
                    "import openai.resources.realtime.realtime, websockets.asyncio.client"],

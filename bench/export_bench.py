@@ -24,7 +24,8 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 
-from r2d2voice.storage.store import Store, format_ts
+from r2d2voice.storage.database import Store
+from r2d2voice.storage.timestamps import format_ts
 
 FALLBACK = """
 import sys
@@ -65,9 +66,9 @@ def build(db: str, rows: int, sessions: int) -> None:
         n = min(per, rows - written)
         conn.execute("BEGIN")
         conn.execute(
-            "INSERT INTO sessions (id, started_at, ended_at, backend, model, voice)"
-            " VALUES (?, ?, ?, 'openai', 'gpt-realtime', 'ash')",
-            (sid, format_ts(t0), format_ts(t0 + timedelta(seconds=2 * n + 1))),
+            "INSERT INTO sessions (id, seq, started_at, ended_at, backend, model, voice)"
+            " VALUES (?, ?, ?, ?, 'openai', 'gpt-realtime', 'ash')",
+            (sid, s + 1, format_ts(t0), format_ts(t0 + timedelta(seconds=2 * n + 1))),
         )
         batch = []
         for i in range(n):
@@ -79,6 +80,7 @@ def build(db: str, rows: int, sessions: int) -> None:
             batch.append(
                 (
                     sid,
+                    i + 1,
                     role,
                     text,
                     format_ts(t0 + timedelta(seconds=2 * i + 1)),
@@ -89,8 +91,8 @@ def build(db: str, rows: int, sessions: int) -> None:
                 )
             )
         conn.executemany(
-            "INSERT INTO messages (session_id, role, text, created_at, item_id, response_id,"
-            " interrupted, played_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (session_id, seq, role, text, created_at, item_id,"
+            " response_id, interrupted, played_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             batch,
         )
         conn.execute("COMMIT")
@@ -103,7 +105,7 @@ def build(db: str, rows: int, sessions: int) -> None:
 def count(db: str) -> tuple[int, str]:
     with Store.open(db, create=False) as s:
         n = s.conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-        first = s.list_sessions()[0].id if n else ""
+        first = s.read.list_sessions()[0].id if n else ""
     return n, first
 
 

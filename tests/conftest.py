@@ -1,4 +1,5 @@
-"""Shared fixtures: one PulseAudio rig per test session, the local backend, scrubbed settings."""
+"""Shared fixtures: one PulseAudio rig and one PostgreSQL cluster per test session, the local
+backend, scrubbed settings."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from pg import PgServer, open_pg_server
 from pulse import PulseRig, open_pulse_rig
 from support import SCRUBBED_PREFIXES
 
@@ -15,6 +17,13 @@ def pulse_rig() -> Iterator[PulseRig]:
     """The one private PulseAudio server (null sinks ``mic`` and ``speaker``) of this run."""
     with open_pulse_rig() as rig:
         yield rig
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """The one throw-away PostgreSQL cluster of this run (each test makes its own database)."""
+    with open_pg_server() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

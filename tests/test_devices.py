@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import trio
+from support import SCRUBBED_PREFIXES
 
-from r2d2voice.audio.devices import DeviceInfo, list_devices, resolve_device
+from r2d2voice.audio.devices import (
+    CaptureStatistics,
+    DeviceInfo,
+    _Capture,
+    list_devices,
+    resolve_device,
+)
 from r2d2voice.errors import ConfigError
 
 
@@ -97,12 +106,18 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.pulse
-def test_device_list_shows_the_pulse_device(pulse_rig):
+@pytest.fixture(scope="module")
+def listing(pulse_rig) -> tuple[list[str], list[DeviceInfo]]:
+    """``format_devices`` lines and the DeviceInfo list, from a child on the rig."""
     res = pulse_rig.run_python(LIST_SCRIPT)
     assert res.returncode == 0, res.stderr
     *table, data = res.stdout.strip().splitlines()
-    devs = [DeviceInfo(**d) for d in json.loads(data)]
+    return table, [DeviceInfo(**d) for d in json.loads(data)]
+
+
+@pytest.mark.pulse
+def test_device_list_shows_the_pulse_device(listing):
+    table, devs = listing
     names = {d.name for d in devs}
     assert {"pulse", "default"} <= names
     pulse = next(d for d in devs if d.name == "pulse")
@@ -117,9 +132,8 @@ def test_device_list_shows_the_pulse_device(pulse_rig):
 
 
 @pytest.mark.pulse
-def test_resolve_device_by_index_name_and_default(pulse_rig):
-    listed = pulse_rig.run_python(LIST_SCRIPT)
-    devs = {d["name"]: d["index"] for d in json.loads(listed.stdout.strip().splitlines()[-1])}
+def test_resolve_device_by_index_name_and_default(pulse_rig, listing):
+    devs = {d.name: d.index for d in listing[1]}
     queries = [
         ["input", devs["pulse"]],
         ["output", str(devs["pulse"])],
@@ -147,13 +161,12 @@ def test_resolve_device_by_index_name_and_default(pulse_rig):
 
 
 @pytest.mark.pulse
-def test_devices_command_lists_pulse(pulse_rig):
-    res = pulse_rig.run_python(
-        "import sys; from r2d2voice.cli.main import main;"
-        " sys.argv = ['r2d2voice', 'devices']; main()"
-    )
+def test_devices_command_prints_the_device_table(pulse_rig, listing, tmp_path):
+    env = {k: v for k, v in pulse_rig.env.items() if not k.startswith(SCRUBBED_PREFIXES)}
+    res = subprocess.run([sys.executable, "-m", "r2d2voice", "devices"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert "pulse" in res.stdout and "Output devices:" in res.stdout
+    assert res.stdout.splitlines() == listing[0]
 
 
 # -- resolution rules on a fixed device list (no PortAudio needed) ------------------------------
@@ -255,53 +268,85 @@ def test_importing_devices_does_not_load_portaudio():
 
 CAPTURE_SCRIPT = """
 import json, sys
-from functools import partial
 import numpy as np
 import trio
 from r2d2voice.audio.devices import CaptureStatistics, resolve_device, run_capture
 
-spec, tone, out = sys.argv[1], sys.argv[3], sys.argv[4]
-rate = None if sys.argv[2] == "default" else int(sys.argv[2])
+tone, out = sys.argv[1], sys.argv[2]
+RATES = {"48000": 48000, "default": None}
+
+async def pactl(*args):
+    await trio.run_process(["pactl", *args])
 
 async def main():
-    device = resolve_device(spec, "input")
-    stats = CaptureStatistics()
-    send, receive = trio.open_memory_channel(500)
-    frames = []
-    ended = False
+    device = resolve_device("pulse", "input")
+    captures = {}
+    scopes = []
 
-    async def collect():
-        nonlocal ended
-        async with receive:
-            async for frame in receive:
-                frames.append(frame)
-        ended = True  # run_capture closed the channel: end of stream flowed downstream
+    async def capture(name, rate, task_status=trio.TASK_STATUS_IGNORED):
+        stats = CaptureStatistics()
+        send, receive = trio.open_memory_channel(500)
+        got = captures[name] = {"stats": stats, "frames": [], "times": [], "ended": False}
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+            scopes.append(scope)
+
+            async def record(task_status):
+                with scope:
+                    await run_capture(send, device, samplerate=rate, stats=stats,
+                                      task_status=task_status)
+
+            await nursery.start(record)
+            task_status.started()
+            async with receive:
+                async for frame in receive:
+                    got["frames"].append(frame)
+                    got["times"].append(trio.current_time())
+            got["ended"] = True  # run_capture closed the channel: end of stream flowed down
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect)
-        scope = trio.CancelScope()
-
-        async def capture(task_status=trio.TASK_STATUS_IGNORED):
-            with scope:
-                await run_capture(send, device, samplerate=rate, stats=stats,
-                                  task_status=task_status)
-
-        await nursery.start(capture)
-        await trio.sleep(0.3)
+        for name, rate in RATES.items():
+            await nursery.start(capture, name, rate)
+        await trio.sleep(0.2)
         await trio.run_process(["paplay", "--device=mic", tone])
-        await trio.sleep(0.5)
-        scope.cancel()
+        await trio.sleep(0.2)
+        # A microphone that delivers nothing: the suspended sink's monitor goes quiet.
+        await pactl("suspend-sink", "mic", "1")
+        suspended = trio.current_time()
+        await trio.sleep(0.6)
+        resumed = trio.current_time()
+        await pactl("suspend-sink", "mic", "0")
+        await trio.sleep(0.4)
+        for scope in scopes:
+            scope.cancel()
 
-    pcm = np.frombuffer(b"".join(frames), dtype="<i2")
-    np.save(out, pcm)
-    print(json.dumps({
-        "ended": ended, "frames": len(frames), "sizes": sorted({len(f) for f in frames}),
-        "sent": stats.frames_sent, "dropped": stats.frames_dropped,
-        "samplerate": stats.samplerate, "last_frame_time": stats.last_frame_time,
-    }))
+    report = {}
+    for name, got in captures.items():
+        stats, times = got["stats"], np.array(got["times"])
+        np.save(f"{out}-{name}.npy", np.frombuffer(b"".join(got["frames"]), dtype="<i2"))
+        report[name] = {
+            "ended": got["ended"], "frames": len(got["frames"]),
+            "sizes": sorted({len(f) for f in got["frames"]}),
+            "sent": stats.frames_sent, "dropped": stats.frames_dropped,
+            "samplerate": stats.samplerate,
+            "last_frame_time": stats.last_frame_time,
+            "during_suspension": int(np.sum((times > suspended + 0.15) & (times < resumed))),
+            "after_resume": int(np.sum(times > resumed)),
+        }
+    print(json.dumps(report))
 
 trio.run(main)
 """
+
+
+@pytest.fixture(scope="module")
+def captured(pulse_rig, tmp_path_factory) -> tuple[dict, Path]:
+    """0.5 s of 440 Hz played into the mic while ``pulse`` is captured at 48 kHz and at its
+    default rate at once; then the mic is suspended for 0.6 s and resumed."""
+    tmp = tmp_path_factory.mktemp("capture")
+    tone = tmp / "tone.wav"
+    soundfile.write(tone, _tone(440, 0.5, 48000), 48000, subtype="PCM_16")
+    return pulse_rig.run_json(CAPTURE_SCRIPT, str(tone), str(tmp / "captured")), tmp
 
 
 # The ALSA "pulse" device's default rate is 44100 Hz: "default" opens it at that rate.
@@ -310,64 +355,83 @@ RATES = [pytest.param("48000", 48000, id="48000"), pytest.param("default", 44100
 
 @pytest.mark.pulse
 @pytest.mark.parametrize(("rate", "expected_rate"), RATES)
-def test_capture_delivers_24khz_frames_of_what_the_mic_heard(
-    pulse_rig, tmp_path, rate, expected_rate
-):
-    tone = tmp_path / "tone.wav"
-    soundfile.write(tone, _tone(440, 1.0, 48000), 48000, subtype="PCM_16")
-    out = tmp_path / "captured.npy"
-    info = pulse_rig.run_json(CAPTURE_SCRIPT, "pulse", rate, str(tone), str(out))
-
+def test_capture_delivers_24khz_frames_of_what_the_mic_heard(captured, rate, expected_rate):
+    report, tmp = captured
+    info = report[rate]
     assert info["ended"] is True
     assert info["samplerate"] == expected_rate
     assert info["sizes"] == [960]
     assert info["sent"] == info["frames"] and info["dropped"] == 0
     assert info["last_frame_time"] is not None
-    pcm = np.load(out)
+    pcm = np.load(tmp / f"captured-{rate}.npy")
     labels = _labels(pcm, 24000)
-    assert _runs(labels) == [("440", pytest.approx(50, abs=3))]  # 1.0 s of 440 Hz, 20 ms windows
+    assert _runs(labels) == [("440", pytest.approx(25, abs=3))]  # 0.5 s of 440 Hz
     active = np.flatnonzero(np.array(labels) != "silence")
     assert _peak_hz(pcm[active[0] * 480 : (active[-1] + 1) * 480], 24000) == pytest.approx(
         440, abs=2
     )
 
 
-DROP_SCRIPT = """
-import json, logging
-import trio
-from r2d2voice.audio.devices import CaptureStatistics, resolve_device, run_capture
-
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-
-async def main():
-    device = resolve_device("pulse", "input")
-    stats = CaptureStatistics()
-    send, receive = trio.open_memory_channel(5)  # nobody reads: the uplink is stuck
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: run_capture(
-            send, device, stats=stats, task_status=task_status))
-        await trio.sleep(1.5)
-        nursery.cancel_scope.cancel()
-    frames = []
-    async with receive:
-        async for frame in receive:
-            frames.append(frame)
-    print(json.dumps({"sent": stats.frames_sent, "dropped": stats.frames_dropped,
-                      "received": len(frames)}))
-
-trio.run(main)
-"""
-
-
 @pytest.mark.pulse
-def test_a_full_uplink_drops_new_frames_counts_and_warns_once_a_second(pulse_rig):
-    res = pulse_rig.run_python(DROP_SCRIPT)
-    assert res.returncode == 0, res.stderr
-    info = json.loads(res.stdout.strip().splitlines()[-1])
-    assert info["sent"] == info["received"] == 5  # the oldest frames stay; capture never waited
-    assert info["dropped"] >= 40  # ~1.5 s of 20 ms frames, minus start-up
-    warnings = [line for line in res.stderr.splitlines() if "frames dropped" in line]
-    assert 1 <= len(warnings) <= 2, warnings  # rate-limited: at most one a second
+@pytest.mark.parametrize("rate", ["48000", "default"])
+def test_a_suspended_microphone_delivers_no_frames_and_capture_resumes(captured, rate):
+    # What the watchdog relies on (see test_notify): no frames while the source is suspended,
+    # and capture neither fails nor ends; frames flow again once it is back.
+    info = captured[0][rate]
+    assert info["during_suspension"] == 0, info
+    assert info["after_resume"] >= 5, info
+
+
+def _capture(send: trio.MemorySendChannel[bytes], stats: CaptureStatistics) -> _Capture:
+    capture = _Capture(send, stats, trio.lowlevel.current_trio_token())
+    capture.configure(48000)
+    return capture
+
+
+def _blocks(seconds: float) -> list[np.ndarray]:
+    """20 ms blocks of a 48 kHz stereo sweep, as PortAudio's callback would hand them over."""
+    t = np.arange(int(seconds * 48000)) / 48000
+    x = (0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t)).astype(np.float32)
+    return list(np.stack([x, x], axis=1).reshape(-1, 960, 2))
+
+
+async def test_a_full_uplink_drops_new_frames_counts_and_warns_once_a_second(
+    autojump_clock, caplog
+):
+    blocks = _blocks(2.5)
+    # What the frames are when nothing is dropped.
+    send_all, receive_all = trio.open_memory_channel[bytes](1000)
+    reference = _capture(send_all, CaptureStatistics())
+    for block in blocks:
+        reference.deliver(block, False)
+    expected = [receive_all.receive_nowait() for _ in range(5)]
+
+    stats = CaptureStatistics()
+    send, receive = trio.open_memory_channel[bytes](5)  # nobody reads: the uplink is stuck
+    capture = _capture(send, stats)
+    with caplog.at_level(logging.WARNING, logger="r2d2voice.audio.devices"):
+        for block in blocks:
+            capture.deliver(block, False)
+            await trio.sleep(0.02)
+    warnings = [r.getMessage() for r in caplog.records if "frames dropped" in r.getMessage()]
+    assert stats.frames_sent == 5 and stats.frames_dropped > 100
+    assert stats.frames_sent + stats.frames_dropped == reference.stats.frames_sent
+    # the oldest frames stay; capture never waited
+    assert [receive.receive_nowait() for _ in range(5)] == expected
+    assert len(warnings) == 3  # rate-limited over 2.5 s: at most one a second
+    counts = [int(w.split()[1]) for w in warnings]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] <= stats.frames_dropped
+
+
+async def test_capture_stops_delivering_once_the_receiver_is_gone() -> None:
+    send, receive = trio.open_memory_channel[bytes](5)
+    stats = CaptureStatistics()
+    capture = _capture(send, stats)
+    await receive.aclose()
+    for block in _blocks(0.2):
+        capture.deliver(block, False)
+    assert capture.receiver_gone.is_set()
+    assert stats.frames_sent == 0 and stats.frames_dropped == 0
 
 
 # -- playback ---------------------------------------------------------------------------------
@@ -398,11 +462,11 @@ async def main():
         await nursery.start(lambda task_status: run_playback(
             receive, buffer, device, samplerate=rate, stats=stats, task_status=task_status))
         async with send:
-            await send.send(AudioChunk("a", tone(440, 0.3)))
-            await trio.sleep(0.6)   # reply "a" runs dry mid-way: an underrun
-            await send.send(AudioChunk("a", tone(440, 0.3)))
-            await trio.sleep(0.6)   # a pause between replies is not an underrun
-            await send.send(AudioChunk("b", tone(660, 0.4)))
+            await send.send(AudioChunk("a", tone(440, 0.2)))
+            await trio.sleep(0.4)   # reply "a" runs dry mid-way: an underrun
+            await send.send(AudioChunk("a", tone(440, 0.2)))
+            await trio.sleep(0.4)   # a pause between replies is not an underrun
+            await send.send(AudioChunk("b", tone(660, 0.3)))
         # run_playback drains the buffer and returns on its own
     s = buffer.statistics()
     print(json.dumps({
@@ -426,8 +490,8 @@ def test_playback_plays_replies_and_counts_what_was_played(
         info = pulse_rig.run_json(PLAYBACK_SCRIPT, "pulse", rate)
 
     assert info["samplerate"] == expected_rate
-    assert info["played_a"] == 2 * 7200  # every pushed sample was handed to the device
-    assert info["played_b"] == 9600
+    assert info["played_a"] == 2 * 4800  # every pushed sample was handed to the device
+    assert info["played_b"] == 7200
     assert info["queued"] == 0
     assert info["underruns"] == 1 and info["buffer_underruns"] == 1
     assert info["callbacks"] > 0 and info["callback_errors"] == 0
@@ -435,8 +499,8 @@ def test_playback_plays_replies_and_counts_what_was_played(
     recorded, sr = soundfile.read(wav, dtype="int16")
     assert sr == 48000
     runs = _runs(_labels(recorded, sr))
-    # What the speaker played: 0.3 s of 440 Hz, silence, 0.3 s more, silence, 0.4 s of 660 Hz.
+    # What the speaker played: 0.2 s of 440 Hz, silence, 0.2 s more, silence, 0.3 s of 660 Hz.
     assert [label for label, _ in runs] == ["440", "silence", "440", "silence", "660"]
-    assert runs[0][1] == pytest.approx(15, abs=2)
-    assert runs[2][1] == pytest.approx(15, abs=2)
-    assert runs[4][1] == pytest.approx(20, abs=2)
+    assert runs[0][1] == pytest.approx(10, abs=2)
+    assert runs[2][1] == pytest.approx(10, abs=2)
+    assert runs[4][1] == pytest.approx(15, abs=2)

@@ -4,9 +4,10 @@ On the PulseAudio rig (tests/pulse.py) a loopback module routes the ``speaker`` 
 back into the ``mic`` sink, attenuated so the leak sits between the service's VAD threshold
 (0.5 ~ -40 dBFS RMS) and the barge-in gate (-25 dBFS RMS), as a speaker next to a microphone
 does. ``r2d2voice run`` talks to a local backend started in the test process whose replies
-(4 s of beeps at -15 dBFS RMS) are long enough to talk over. In half duplex the reply plays to
-the end; in full duplex the leak trips the VAD and the robot cuts itself off (which proves the
-rig leaks); a person speaking loudly over the reply in half duplex still interrupts it.
+(2 s of beeps at -15 dBFS RMS) are long enough to talk over. In half duplex a person speaking
+loudly over a reply still interrupts it, and the next reply plays to the end through the leak;
+in full duplex the leak trips the VAD and the robot cuts itself off (which proves the rig
+leaks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import secrets
 import signal
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import pytest
 import soundfile as sf
 import trio
 from pulse import PulseRig
+from support import SCRUBBED_PREFIXES
 
 from r2d2voice.audio.beeps import r2_reply
 from r2d2voice.audio.vad import threshold_to_dbfs
@@ -44,7 +46,7 @@ LEAK_GAIN_DB = -18.0
 VAD_DBFS = threshold_to_dbfs(0.5)  # R2D2_VAD_THRESHOLD default: -40 dBFS RMS
 BARGE_IN_DBFS = -25.0  # R2D2_BARGE_IN_DBFS default
 LOUD_DBFS = -10.0  # someone talking over the robot, close to the mic
-REPLY_SECONDS = 4.0
+REPLY_SECONDS = 2.0
 #: After the reply: the echo tail (0.3 s), a VAD onset and the 500 ms of silence that would
 #: close a turn made of echo, and slack for device latencies.
 AFTER_REPLY = 1.6
@@ -75,7 +77,7 @@ def leaky_room(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) ->
         rig.pactl("--", "set-sink-input-volume", loopback, f"{LEAK_GAIN_DB:g}dB")
         # Calibrate: play a reply on the speaker, record what reaches the mic.
         tmp = tmp_path_factory.mktemp("leak")
-        beeps, _ = r2_reply(b"calibration", 1.5)
+        beeps, _ = r2_reply(b"calibration", 0.6)
         sf.write(tmp / "beeps.wav", beeps, 24000, subtype="PCM_16")
         with rig.record(tmp / "leak.wav", source="mic.monitor", rate=24000):
             rig.play(tmp / "beeps.wav", sink="speaker")
@@ -122,13 +124,6 @@ def _read_db(db: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
     return rows, stats
 
 
-def _assistant_count(db: Path) -> int:
-    try:
-        return sum(m["role"] == "assistant" for m in _read_db(db)[0])
-    except sqlite3.OperationalError:  # the file exists but its schema is not written yet
-        return 0
-
-
 async def _play(rig: PulseRig, path: Path) -> None:
     """Say ``path`` into the microphone (returns when it has been played)."""
     await trio.run_process(["paplay", "--device=mic", os.fspath(path)], env=rig.env,
@@ -162,18 +157,46 @@ class Notifications:
                     await self.ready.wait()
 
 
-async def converse(rig: PulseRig, tmp_path: Path, duplex: str, *, linger: float,
-                   talk_over: Path | None = None) -> Run:
-    """``r2d2voice run --duplex DUPLEX``: say hello; once the 4 s reply is in, say
-    ``talk_over`` 1 s into it (and wait for the second reply); ``linger`` seconds later,
-    SIGTERM. Returns what the database and the server saw."""
+def _count(db: Path, role: str) -> int:
+    try:
+        return sum(m["role"] == role for m in _read_db(db)[0])
+    except sqlite3.OperationalError:  # the file exists but its schema is not written yet
+        return 0
+
+
+async def _until(db: Path, role: str, count: int, timeout: float = 10) -> None:
+    """Until ``count`` messages of ``role`` are stored (a turn that never comes shows in the
+    assertions on what was stored)."""
+    with trio.move_on_after(timeout):
+        while _count(db, role) < count:
+            await trio.sleep(0.05)
+
+
+def _trimmed(path: Path, tmp_path: Path, gain_dbfs: float | None = None) -> Path:
+    """``path`` without its leading 0.25 s of silence, optionally at ``gain_dbfs`` RMS while
+    speaking, as a WAV file in ``tmp_path``."""
+    speech, rate = sf.read(path, dtype="int16")
+    speech = speech[rate // 4 :]
+    if gain_dbfs is not None:
+        frames = _frame_dbfs(speech, rate)
+        level = 10 * np.log10(np.mean(10 ** (frames[frames > -50] / 10)))  # while speaking
+        gain = 10 ** ((gain_dbfs - level) / 20)
+        speech = np.clip(np.round(speech * gain), -32768, 32767).astype(np.int16)
+    out = tmp_path / f"{path.stem}-{gain_dbfs}.wav"
+    sf.write(out, speech, rate, subtype="PCM_16")
+    return out
+
+
+async def converse(rig: PulseRig, tmp_path: Path, duplex: str,
+                   script: Callable[[Path], Awaitable[None]]) -> Run:
+    """``r2d2voice run --duplex DUPLEX``; once it is ready, ``await script(db)`` (which talks
+    into the microphone), then SIGTERM. Returns what the database and the server saw."""
     db = tmp_path / "conversation.db"
     events: list[dict[str, Any]] = []
     config = BackendConfig(reply_seconds=REPLY_SECONDS, realtime_factor=20,
                            observer=lambda _sid, event: events.append(event))
     notify = Notifications()
-    env = {k: v for k, v in rig.env.items()
-           if not k.startswith(("R2D2_", "OPENAI", "REALTIME", "NOTIFY_SOCKET", "JOURNAL"))}
+    env = {k: v for k, v in rig.env.items() if not k.startswith(SCRUBBED_PREFIXES)}
     env.update(HOME=str(tmp_path), NOTIFY_SOCKET="@" + notify.name)
     log = tmp_path / "run.log"
     with open(log, "wb") as stderr:
@@ -189,19 +212,7 @@ async def converse(rig: PulseRig, tmp_path: Path, duplex: str, *, linger: float,
                 task_status=task_status))
             try:
                 await notify.wait_ready(proc)
-                await _play(rig, HELLO)
-                # (a turn that never comes shows in the assertions on what was stored)
-                with trio.move_on_after(10):
-                    while not _assistant_count(db):
-                        await trio.sleep(0.05)
-                # The reply is in (streamed 20x faster than real time) and playing.
-                if talk_over is not None:
-                    await trio.sleep(1.0)
-                    await _play(rig, talk_over)
-                    with trio.move_on_after(10):
-                        while _assistant_count(db) < 2:
-                            await trio.sleep(0.05)
-                await trio.sleep(linger)
+                await script(db)
             finally:
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)
@@ -218,22 +229,44 @@ def test_the_rig_leaks_between_the_vad_threshold_and_the_barge_in_level(leaky_ro
     assert VAD_DBFS + 4 < leaky_room < BARGE_IN_DBFS - 4
 
 
-async def test_half_duplex_the_robot_does_not_interrupt_itself(pulse_rig, leaky_room, tmp_path):
-    run = await converse(pulse_rig, tmp_path, "half", linger=REPLY_SECONDS + AFTER_REPLY)
+async def test_half_duplex_loud_speech_barges_in_and_the_leak_does_not(
+    pulse_rig, leaky_room, tmp_path
+):
+    hello = _trimmed(HELLO, tmp_path)
+    loud = _trimmed(QUESTION, tmp_path, gain_dbfs=LOUD_DBFS)
 
-    users, replies = run.of_role("user"), run.of_role("assistant")
-    assert len(users) == 1 and len(replies) == 1, run.describe()  # no turn made of echo
-    assert replies[0]["interrupted"] == 0, run.describe()
-    assert not run.client_events("conversation.item.truncate")
-    # While the reply played the mic was held back: ~4.3 s of 20 ms frames never sent.
+    async def script(db: Path) -> None:
+        await _play(pulse_rig, hello)
+        await _until(db, "assistant", 1)
+        # The reply is in (streamed 20x faster than real time) and playing: talk over it.
+        await trio.sleep(0.5)
+        await _play(pulse_rig, loud)
+        await _until(db, "assistant", 2)
+        # The second reply plays to the end through the leak, and its echo tail passes.
+        await trio.sleep(REPLY_SECONDS + AFTER_REPLY)
+
+    run = await converse(pulse_rig, tmp_path, "half", script)
+
+    # No turn made of echo: the user spoke twice, the robot answered twice.
+    assert [m["role"] for m in run.messages] == ["user", "assistant"] * 2, run.describe()
+    first, second = run.of_role("assistant")
+    assert first["interrupted"] == 1, run.describe()  # the loud speech barged in ...
+    assert 300 < first["played_ms"] < REPLY_SECONDS * 1000, run.describe()  # ... mid-reply
+    assert second["interrupted"] == 0, run.describe()  # the leak did not
+    assert len(run.client_events("conversation.item.truncate")) == 1
+    assert run.stats["interruptions"] == 1, run.describe()
+    # While the second reply played the mic was held back: ~2.3 s of 20 ms frames never sent.
     assert run.stats["frames_gated"] >= 0.9 * (REPLY_SECONDS + 0.3) / 0.02, run.describe()
-    assert run.stats["interruptions"] == 0
 
 
 async def test_full_duplex_the_leak_makes_the_robot_interrupt_itself(
     pulse_rig, leaky_room, tmp_path
 ):
-    run = await converse(pulse_rig, tmp_path, "full", linger=2.0)
+    async def script(db: Path) -> None:
+        await _play(pulse_rig, _trimmed(HELLO, tmp_path))
+        await _until(db, "user", 2)  # the robot's own beeps, heard back, make a turn
+
+    run = await converse(pulse_rig, tmp_path, "full", script)
 
     assert [m["role"] for m in run.messages[:2]] == ["user", "assistant"], run.describe()
     first = run.of_role("assistant")[0]
@@ -242,24 +275,3 @@ async def test_full_duplex_the_leak_makes_the_robot_interrupt_itself(
     assert run.client_events("conversation.item.truncate")
     assert len(run.of_role("user")) >= 2, run.describe()  # the robot's beeps became turns
     assert run.stats["frames_gated"] == 0
-
-
-async def test_half_duplex_loud_speech_over_the_reply_still_barges_in(
-    pulse_rig, leaky_room, tmp_path
-):
-    speech, rate = sf.read(QUESTION, dtype="int16")
-    frames = _frame_dbfs(speech, rate)
-    level = 10 * np.log10(np.mean(10 ** (frames[frames > -50] / 10)))  # while speaking
-    gain = 10 ** ((LOUD_DBFS - level) / 20)
-    loud = np.clip(np.round(speech * gain), -32768, 32767).astype(np.int16)
-    sf.write(tmp_path / "loud.wav", loud, rate, subtype="PCM_16")
-
-    run = await converse(pulse_rig, tmp_path, "half", linger=1.0,
-                         talk_over=tmp_path / "loud.wav")
-
-    assert [m["role"] for m in run.messages[:3]] == ["user", "assistant", "user"], run.describe()
-    first = run.of_role("assistant")[0]
-    assert first["interrupted"] == 1, run.describe()
-    assert 800 < first["played_ms"] < REPLY_SECONDS * 1000, run.describe()
-    assert len(run.client_events("conversation.item.truncate")) == 1
-    assert run.stats["interruptions"] == 1, run.describe()

@@ -5,17 +5,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import stat
+import subprocess
+import sys
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from storage_support import T0, SteppedClock, at
 
-from r2d2voice.errors import UsageError
-from r2d2voice.reports.export import COLUMNS, format_sessions, run_export
-from r2d2voice.storage.store import Store
-
-T0 = datetime(2025, 11, 21, 9, 30, 0, tzinfo=timezone.utc)
+from r2d2voice.errors import RuntimeFailure, UsageError
+from r2d2voice.reports.export import COLUMNS, export_command, run_export
+from r2d2voice.reports.sessions import format_sessions, sessions_command
+from r2d2voice.storage.database import Store
 
 AWKWARD = [
     'He said "hi", then left',
@@ -35,10 +40,6 @@ AWKWARD = [
 ]
 
 
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
 def export(db: Path, **kw) -> tuple[int, str]:
     out = io.StringIO(newline="")
     n = run_export(db, out=out, **kw)
@@ -48,15 +49,17 @@ def export(db: Path, **kw) -> tuple[int, str]:
 @pytest.fixture
 def awkward_db(tmp_path: Path) -> tuple[Path, str]:
     db = tmp_path / "r2.db"
-    with Store.open(db) as s:
-        sid = s.start_session(backend="local", model="gpt-realtime", voice="ash",
-                              started_at=T0)  # fmt: skip
+    clock = SteppedClock()
+    with Store.open(db, now=clock) as s:
+        sid = s.write.start_session(backend="local", model="gpt-realtime", voice="ash")
         for i, text in enumerate(AWKWARD):
-            s.upsert_message(sid, role="user" if i % 2 == 0 else "assistant", item_id=f"item{i}",
-                             text=text, response_id=None if i % 2 == 0 else f"resp{i}",
-                             created_at=at(i + 1))  # fmt: skip
-        s.mark_interrupted(sid, "item1", 1234)
-        s.end_session(sid, at(100))
+            clock.set(at(i + 1))
+            s.write.upsert_message(sid, role="user" if i % 2 == 0 else "assistant",
+                                   item_id=f"item{i}", seq=i + 1, text=text,
+                                   response_id=None if i % 2 == 0 else f"resp{i}")
+        s.write.mark_interrupted(sid, item_id="item1", seq=2, played_ms=1234)
+        clock.set(at(100))
+        s.write.end_session(sid)
     return db, sid
 
 
@@ -65,15 +68,17 @@ def three_days(tmp_path: Path) -> tuple[Path, list[str]]:
     """Sessions on 20, 21 and 22 Nov 2025, two turns each (user then assistant)."""
     db = tmp_path / "r2.db"
     ids = []
-    with Store.open(db) as s:
+    clock = SteppedClock()
+    with Store.open(db, now=clock) as s:
         for day in (-1, 0, 1):
             start = T0 + timedelta(days=day)
-            sid = s.start_session(backend="openai", model="gpt-realtime", voice=None,
-                                  started_at=start)  # fmt: skip
-            s.upsert_message(sid, role="user", item_id="u", text=f"q {start:%d}",
-                             created_at=start + timedelta(seconds=1))  # fmt: skip
-            s.upsert_message(sid, role="assistant", item_id="a", text=f"a {start:%d}",
-                             created_at=start + timedelta(seconds=2))  # fmt: skip
+            clock.set(start)
+            sid = s.write.start_session(backend="openai", model="gpt-realtime", voice=None)
+            clock.step(seconds=1)
+            s.write.upsert_message(sid, role="user", item_id="u", seq=1, text=f"q {start:%d}")
+            clock.step(seconds=1)
+            s.write.upsert_message(sid, role="assistant", item_id="a", seq=2,
+                                   text=f"a {start:%d}")
             ids.append(sid)
     return db, ids
 
@@ -95,7 +100,7 @@ def test_jsonl_round_trips_every_text(awkward_db) -> None:
     assert [r["text"] for r in rows] == AWKWARD
     assert list(rows[0]) == list(COLUMNS)
     assert rows[1] == {
-        "session_id": sid, "role": "assistant", "text": "two\nlines",
+        "session_id": sid, "seq": 2, "role": "assistant", "text": "two\nlines",
         "created_at": "2025-11-21T09:30:02.000Z", "item_id": "item1", "response_id": "resp1",
         "interrupted": True, "played_ms": 1234,
     }  # fmt: skip
@@ -122,6 +127,7 @@ def test_csv_round_trips_and_defuses_formulas(awkward_db) -> None:
     assert rows[1]["interrupted"] == "true" and rows[1]["played_ms"] == "1234"
     assert rows[0]["interrupted"] == "false" and rows[0]["played_ms"] == ""
     assert rows[0]["response_id"] == "" and rows[1]["response_id"] == "resp1"
+    assert [r["seq"] for r in rows] == [str(i + 1) for i in range(len(AWKWARD))]
     assert {r["session_id"] for r in rows} == {sid}
 
 
@@ -169,16 +175,17 @@ def test_markdown_is_readable_and_faithful(awkward_db) -> None:
 def test_markdown_marks_days_and_continued_sessions(tmp_path: Path) -> None:
     db = tmp_path / "r2.db"
     late = datetime(2025, 11, 21, 23, 59, 58, tzinfo=timezone.utc)
-    with Store.open(db) as s:
-        a = s.start_session(backend="local", model="m", voice=None, started_at=late)
-        s.upsert_message(a, role="user", item_id="u1", text="before midnight",
-                         created_at=late + timedelta(seconds=1))  # fmt: skip
-        s.upsert_message(a, role="assistant", item_id="a1", text="after midnight",
-                         created_at=late + timedelta(seconds=3))  # fmt: skip
-        b = s.start_session(backend="local", model="m", voice=None, previous_session_id=a,
-                            started_at=late + timedelta(seconds=10))  # fmt: skip
-        s.upsert_message(b, role="user", item_id="u1", text="reconnected",
-                         created_at=late + timedelta(seconds=11))  # fmt: skip
+    clock = SteppedClock(late)
+    with Store.open(db, now=clock) as s:
+        a = s.write.start_session(backend="local", model="m", voice=None)
+        clock.step(seconds=1)
+        s.write.upsert_message(a, role="user", item_id="u1", seq=1, text="before midnight")
+        clock.step(seconds=2)
+        s.write.upsert_message(a, role="assistant", item_id="a1", seq=2, text="after midnight")
+        clock.step(seconds=7)
+        b = s.write.start_session(backend="local", model="m", voice=None, previous_session_id=a)
+        clock.step(seconds=1)
+        s.write.upsert_message(b, role="user", item_id="u1", seq=1, text="reconnected")
     _, md = export(db, fmt="markdown")
     assert "**you** (23:59:59): before midnight" in md
     assert "**r2** (2025-11-22 00:00:01): after midnight" in md
@@ -222,10 +229,10 @@ def test_role_filter(three_days) -> None:
 def test_export_sees_rows_of_a_writer_that_is_still_open(tmp_path: Path) -> None:
     db = tmp_path / "r2.db"
     with Store.open(db) as w:
-        sid = w.start_session(backend="local", model="m", voice=None)
-        w.upsert_message(sid, role="user", item_id="u1", text="live")
+        sid = w.write.start_session(backend="local", model="m", voice=None)
+        w.write.upsert_message(sid, role="user", item_id="u1", seq=1, text="live")
         assert texts(export(db)[1]) == ["live"]
-        w.upsert_message(sid, role="assistant", item_id="a1", text="still live")
+        w.write.upsert_message(sid, role="assistant", item_id="a1", seq=2, text="still live")
         assert texts(export(db)[1]) == ["live", "still live"]
 
 
@@ -278,12 +285,13 @@ def test_empty_database_exports_nothing_but_is_valid(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- sessions table
 
 
-def test_format_sessions_table(three_days) -> None:
+def test_sessions_table(three_days) -> None:
     db, ids = three_days
-    with Store.open(db) as s:
-        s.end_session(ids[0], T0 - timedelta(days=1) + timedelta(minutes=5))
-        table = format_sessions(s.list_sessions())
-    lines = table.splitlines()
+    with Store.open(db, now=lambda: T0 - timedelta(days=1) + timedelta(minutes=5)) as s:
+        s.write.end_session(ids[0])
+    out = io.StringIO()
+    sessions_command(db, out=out)
+    lines = out.getvalue().splitlines()
     assert lines[0].split() == ["ID", "STARTED", "(UTC)", "ENDED", "(UTC)", "TURNS", "BACKEND",
                                 "MODEL"]  # fmt: skip
     assert [line.split()[0] for line in lines[1:]] == ids
@@ -291,3 +299,115 @@ def test_format_sessions_table(three_days) -> None:
                                     "openai", "gpt-realtime"]  # fmt: skip
     assert lines[2].split()[3:5] == ["-", "1"]  # still open: no end time
     assert format_sessions([]) == "no sessions recorded\n"
+
+
+def test_sessions_command_on_a_missing_database_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such database"):
+        sessions_command(tmp_path / "none.db", out=io.StringIO())
+    assert not (tmp_path / "none.db").exists()
+
+
+# ---------------------------------------------------------------------------- --output
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+ALL = ["q 20", "a 20", "q 21", "a 21", "q 22", "a 22"]
+
+
+def test_output_file_is_complete_private_and_alone(three_days, tmp_path: Path) -> None:
+    db, _ = three_days
+    target = tmp_path / "out" / "t.jsonl"
+    target.parent.mkdir()
+    old = os.umask(0o022)
+    try:
+        assert export_command(db, output=target) == 6
+    finally:
+        os.umask(old)
+    assert texts(target.read_text(encoding="utf-8")) == ALL
+    assert mode(target) == 0o600
+    assert os.listdir(target.parent) == ["t.jsonl"]
+    # An existing file is replaced whole, and made private.
+    target.write_text("old content that is longer than nothing\n" * 100)
+    target.chmod(0o644)
+    assert export_command(db, fmt="csv", role="user", output=target) == 3
+    rows = list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8"))))
+    assert [r["text"] for r in rows] == ["q 20", "q 21", "q 22"]
+    assert mode(target) == 0o600
+    assert os.listdir(target.parent) == ["t.jsonl"]
+
+
+def test_refused_export_leaves_no_file_and_an_existing_one_untouched(
+    three_days, tmp_path: Path
+) -> None:
+    db, _ = three_days
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "t.jsonl"
+    with pytest.raises(UsageError, match="--session"):
+        export_command(db, output=target, sessions=["20990101T000000Z-000000"])
+    assert os.listdir(out_dir) == []
+    target.write_text("keep me\n")
+    with pytest.raises(UsageError, match="no such database"):
+        export_command(tmp_path / "none.db", output=target)
+    assert target.read_text() == "keep me\n"
+    assert os.listdir(out_dir) == ["t.jsonl"]
+    with pytest.raises(UsageError, match="is a directory"):
+        export_command(db, output=out_dir)
+
+
+CHILD = """
+import resource, signal, sys
+from r2d2voice.errors import R2Error
+from r2d2voice.reports.export import export_command
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    export_command(sys.argv[1], output=sys.argv[2])
+except R2Error as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_export_failing_mid_write_leaves_no_partial_file(tmp_path: Path, existing: bool) -> None:
+    """The file system refuses the write halfway (file size limit, like a full disk)."""
+    db = tmp_path / "big.db"
+    with Store.open(db) as s:
+        sid = s.write.start_session(backend="local", model="m", voice=None)
+        with s.write.batch():
+            for i in range(300):
+                s.write.upsert_message(sid, role="user", item_id=f"u{i}", seq=i + 1,
+                                       text="beep " * 200)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "t.jsonl"
+    if existing:
+        target.write_text("previous export\n")
+    r = subprocess.run([sys.executable, "-c", CHILD, str(db), str(target)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == RuntimeFailure.exit_code, r.stderr
+    assert r.stdout.startswith(f"RuntimeFailure cannot write {target}: File too large")
+    assert os.listdir(out_dir) == (["t.jsonl"] if existing else [])
+    if existing:
+        assert target.read_text() == "previous export\n"
+
+
+def test_output_to_a_fifo_is_written_in_place(three_days, tmp_path: Path) -> None:
+    """Not a regular file (a FIFO, /dev/null): written into, never replaced."""
+    db, _ = three_days
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text(encoding="utf-8")),
+                              daemon=True)
+    reader.start()
+    assert export_command(db, output=fifo) == 6
+    reader.join(10)
+    assert not reader.is_alive()
+    assert texts(got[0]) == ALL
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["pipe", "r2.db"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -107,34 +108,64 @@ def test_watchdog_interval_from_environment():
     assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
 
 
-async def test_watchdog_pings_only_while_healthy(path_socket):
+async def test_watchdog_pings_only_while_healthy(path_socket, autojump_clock):
     path, sock = path_socket
     n = Notifier(path)
-    answers: list[bool] = []
     healthy = True
 
-    def is_healthy() -> bool:
-        answers.append(healthy)
-        return healthy
-
-    async def wait_for_checks(count: int) -> None:
-        target = len(answers) + count
-        while len(answers) < target:
-            await trio.sleep(0.001)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_watchdog, n, is_healthy, 0.01)
-        await wait_for_checks(4)
+        nursery.start_soon(run_watchdog, n, lambda: healthy, 1.0)
+        await trio.sleep(3.5)  # checks at 0, 1, 2, 3
         pings_healthy = _drain(sock)
         healthy = False
-        await wait_for_checks(4)
+        await trio.sleep(3.0)  # 4, 5, 6
         pings_unhealthy = _drain(sock)
         healthy = True
-        await wait_for_checks(3)
+        await trio.sleep(2.0)  # 7, 8
         nursery.cancel_scope.cancel()
     pings_resumed = _drain(sock)
 
-    assert set(pings_healthy + pings_resumed) == {"WATCHDOG=1"}
+    assert pings_healthy == ["WATCHDOG=1"] * 4
     assert pings_unhealthy == []  # a pipeline without capture frames is not vouched for
-    assert len(pings_healthy) + len(pings_resumed) == answers.count(True)
-    assert len(pings_resumed) >= 3
+    assert pings_resumed == ["WATCHDOG=1"] * 2
+
+
+async def test_pings_stop_while_the_microphone_delivers_nothing(path_socket, autojump_clock,
+                                                                caplog):
+    """``run``'s watchdog, fed by the microphone's health: a hiccup is tolerated (frames may be
+    missing for 5 s), a dead microphone is not; pings come back with the frames."""
+    from r2d2voice.appliance.sources import DeviceSource
+    from r2d2voice.audio.devices import DeviceInfo
+
+    path, sock = path_socket
+    source = DeviceSource(DeviceInfo(0, "mic", "ALSA", 1, 0, 48000.0, True, False))
+    microphone_on = True
+
+    async def microphone() -> None:
+        """What run_capture does for each 20 ms frame it delivers (here at 5 ms past each
+        20 ms step, so no frame ties with a watchdog check)."""
+        source.running.set()
+        await trio.sleep(0.005)
+        while True:
+            if microphone_on:
+                source.stats.last_frame_time = trio.current_time()
+            await trio.sleep(0.02)
+
+    with caplog.at_level(logging.INFO, logger="r2d2voice.system.notify"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(microphone)
+            nursery.start_soon(run_watchdog, Notifier(path), source.healthy, 0.5)
+            await trio.sleep(3.25)
+            assert len(_drain(sock)) == 7  # checks at 0, 0.5, ..., 3.0
+            microphone_on = False  # the last frame came at 3.245
+            await trio.sleep(4.9)
+            assert len(_drain(sock)) == 10  # 3.5 .. 8.0: up to 5 s without frames is a hiccup
+            await trio.sleep(12)
+            assert _drain(sock) == []  # 8.5 .. 20.0: a dead microphone
+            microphone_on = True
+            await trio.sleep(1.0)
+            assert _drain(sock) == ["WATCHDOG=1"] * 2  # 20.5, 21.0
+            nursery.cancel_scope.cancel()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("unhealthy: withholding watchdog pings") == 1
+    assert messages.count("healthy again: watchdog pings resumed") == 1

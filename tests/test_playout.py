@@ -239,3 +239,49 @@ def test_threads_with_overflow_and_cancels_account_for_every_sample() -> None:
     assert sum(played) == stats.played_samples
     assert stats.played_samples + stats.dropped_samples + stats.cancelled_samples == pushed
     assert sum(buf.received_samples(f"item{i}") for i in range(50)) == pushed
+
+
+def test_first_sample_is_stamped_with_the_injected_clock() -> None:
+    now = [100.0]
+    buf = PlayoutBuffer(clock=lambda: now[0])
+    buf.push("a", ramp(0, 480))
+    assert buf.first_played_at("a") is None  # queued, not played
+    now[0] = 101.5
+    buf.read(100)
+    now[0] = 102.0
+    buf.read(100)
+    assert buf.first_played_at("a") == 101.5  # the first sample, not the latest
+    assert buf.first_played_at("unknown") is None
+
+
+def test_the_listener_hears_start_first_sample_and_drain() -> None:
+    buf = PlayoutBuffer()
+    calls: list[int] = []
+    buf.set_listener(lambda: calls.append(buf.queued_samples()))
+    buf.push("a", ramp(0, 300))  # started: 300 queued
+    buf.push("a", ramp(0, 300))  # more of the same: no news
+    assert calls == [300]
+    buf.read(100)  # a's first sample out
+    buf.read(100)  # nothing new
+    assert calls == [300, 500]
+    buf.read(1000)  # drained
+    assert calls == [300, 500, 0]
+    buf.push("b", ramp(0, 100))
+    buf.cancel("b")  # cancelled to empty: drained too
+    assert calls == [300, 500, 0, 100, 0]
+    buf.set_listener(None)
+    buf.push("c", ramp(0, 10))
+    assert len(calls) == 5
+
+
+def test_the_listener_runs_on_the_reading_thread_outside_the_lock() -> None:
+    buf = PlayoutBuffer()
+    seen: list[tuple[str, int]] = []
+    # the listener may use the buffer itself: it would deadlock if called under the lock
+    buf.set_listener(lambda: seen.append((threading.current_thread().name,
+                                          buf.queued_samples())))
+    buf.push("a", ramp(0, 480))
+    reader = threading.Thread(target=lambda: buf.read(480), name="audio-callback")
+    reader.start()
+    reader.join(timeout=10)
+    assert seen == [("MainThread", 480), ("audio-callback", 0)]

@@ -15,11 +15,14 @@ from typing import Any
 import pytest
 import trio
 from click.testing import CliRunner
+from storage_support import SteppedClock
 
 from r2d2voice.cli.main import main
+from r2d2voice.localbackend import reply
 from r2d2voice.localbackend import server as localserver
-from r2d2voice.reports.reports import Prices, percentile, run_stats, run_usage
-from r2d2voice.storage.store import Store
+from r2d2voice.reports.stats import percentile, stats_command
+from r2d2voice.reports.usage import Prices, usage_command
+from r2d2voice.storage.database import Store
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "samples" / "two_turns.wav"
@@ -51,33 +54,39 @@ R5 = (60 * 4 + 140 * 32 + 20 * 16 + 200 * 64) / 1e6  # 0.01784
 def db(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """Session a on day 1, b and c (continuing b) on day 2, with known usage/latency/stats."""
     path = tmp_path / "r2.db"
-    with Store.open(path) as s:
-        a = s.start_session(backend="openai", model="gpt-realtime", voice="ash", started_at=DAY1,
+    clock = SteppedClock(DAY1)
+    with Store.open(path, now=clock) as store:
+        s = store.write
+        a = s.start_session(backend="openai", model="gpt-realtime", voice="ash",
                             metadata={"command": "run"})  # fmt: skip
-        b = s.start_session(backend="openai", model="gpt-realtime", voice="ash", started_at=DAY2)
+        clock.set(DAY2)
+        b = s.start_session(backend="openai", model="gpt-realtime", voice="ash")
+        clock.set(DAY2 + timedelta(hours=1))
         c = s.start_session(backend="openai", model="gpt-realtime", voice="ash",
-                            started_at=DAY2 + timedelta(hours=1), previous_session_id=b)
-        t = DAY1 + timedelta(seconds=5)
-        s.record_response(a, "r1", status="completed", usage=usage(100, 300, 200, 10, 500),
-                          created_at=t)  # fmt: skip
-        s.set_response_latency(a, "r1", first_audio_ms=300, first_played_ms=350)
-        s.record_response(a, "r2", status="cancelled", usage=usage(0, 100, 0, 5, 50),
-                          created_at=t + timedelta(seconds=10))  # fmt: skip
-        s.set_response_latency(a, "r2", first_audio_ms=500)
-        s.upsert_message(a, role="assistant", item_id="i2", text="cut", response_id="r2",
-                         created_at=t + timedelta(seconds=11))  # fmt: skip
-        s.mark_interrupted(a, "i2", 700)
-        t = DAY2 + timedelta(seconds=5)
-        s.record_response(b, "r3", status="completed", usage=usage(40, 0, 40, 8, 120),
-                          created_at=t)  # fmt: skip
-        s.set_response_latency(b, "r3", first_audio_ms=200, first_played_ms=260)
-        s.record_response(b, "r4", status="failed", usage=None, created_at=t + timedelta(seconds=1))
-        s.record_error(b, source="service", type="server_error", code=None, message="boom",
-                       at=t + timedelta(seconds=2))  # fmt: skip
-        t = DAY2 + timedelta(hours=1, seconds=5)
-        s.record_response(c, "r5", status="completed", usage=usage(60, 140, 0, 20, 200),
-                          created_at=t)  # fmt: skip
-        s.set_response_latency(c, "r5", first_audio_ms=100, first_played_ms=150)
+                            previous_session_id=b)
+        clock.set(DAY1 + timedelta(seconds=5))
+        s.record_response(a, response_id="r1", status="completed",
+                          usage=usage(100, 300, 200, 10, 500), first_audio_ms=300)
+        s.set_response_latency(a, response_id="r1", first_played_ms=350)
+        clock.step(seconds=10)
+        s.record_response(a, response_id="r2", status="cancelled",
+                          usage=usage(0, 100, 0, 5, 50))
+        s.set_response_latency(a, response_id="r2", first_audio_ms=500)
+        clock.step(seconds=1)
+        s.upsert_message(a, role="assistant", item_id="i2", seq=2, text="cut", response_id="r2")
+        s.mark_interrupted(a, item_id="i2", seq=2, played_ms=700)
+        clock.set(DAY2 + timedelta(seconds=5))
+        s.record_response(b, response_id="r3", status="completed",
+                          usage=usage(40, 0, 40, 8, 120), first_audio_ms=200)
+        s.set_response_latency(b, response_id="r3", first_played_ms=260)
+        clock.step(seconds=1)
+        s.record_response(b, response_id="r4", status="failed", usage=None)
+        clock.step(seconds=1)
+        s.record_error(b, source="service", type="server_error", code=None, message="boom")
+        clock.set(DAY2 + timedelta(hours=1, seconds=5))
+        s.record_response(c, response_id="r5", status="completed",
+                          usage=usage(60, 140, 0, 20, 200))
+        s.set_response_latency(c, response_id="r5", first_audio_ms=100, first_played_ms=150)
         s.set_session_stats(a, {"frames_dropped": 3, "underruns": 1, "reconnects": 0,
                                 "interruptions": 1, "junk_messages": 0})  # fmt: skip
         s.set_session_stats(b, {"frames_dropped": 2, "reconnects": 1, "service_errors": 1,
@@ -149,7 +158,7 @@ def test_usage_text_table(db, tmp_path: Path) -> None:
 def test_usage_prices_from_settings_override_the_defaults(db) -> None:
     path, _ = db
     settings = SimpleNamespace(price_audio_in=10.0, price_text_out=1.5, price_text_in=None)
-    rep = report_of(run_usage, path, settings=settings)
+    rep = report_of(usage_command, path, settings=settings)
     assert rep["prices_usd_per_million"]["audio_in"] == 10.0
     assert rep["prices_usd_per_million"]["text_in"] == 4.0  # None: the default
     # uncached audio in: 150 (r1) + 100 (r2) + 140 (r5) = 390; text out 43
@@ -176,16 +185,16 @@ def test_bad_price_is_a_usage_error() -> None:
 
 def test_usage_filters(db, tmp_path: Path) -> None:
     path, ids = db
-    rep = report_of(run_usage, path, since="2025-11-21")
+    rep = report_of(usage_command, path, since="2025-11-21")
     assert [d["day"] for d in rep["days"]] == ["2025-11-21"]
     assert rep["total"]["responses"] == 3
-    rep = report_of(run_usage, path, until="2025-11-20")  # a date covers that whole day
+    rep = report_of(usage_command, path, until="2025-11-20")  # a date covers that whole day
     assert [s["session_id"] for s in rep["sessions"]] == [ids["a"]]
-    rep = report_of(run_usage, path, sessions=[ids["c"], ids["a"]])
+    rep = report_of(usage_command, path, sessions=[ids["c"], ids["a"]])
     assert [s["session_id"] for s in rep["sessions"]] == [ids["a"], ids["c"]]
     assert rep["total"]["cost_usd"] == pytest.approx(R1 + R2 + R5, abs=1e-12)
     # only r2 was created after 09:30:10 on day 1
-    rep = report_of(run_usage, path, since="2025-11-20T09:30:10Z", until="2025-11-20T23:59:59")
+    rep = report_of(usage_command, path, since="2025-11-20T09:30:10Z", until="2025-11-20T23:59:59")
     assert rep["total"]["responses"] == 1
     assert rep["total"]["cost_usd"] == pytest.approx(R2, abs=1e-12)
 
@@ -195,7 +204,7 @@ def test_usage_of_an_empty_selection(db, tmp_path: Path) -> None:
     result = cli(tmp_path, "usage", "--db", str(path), "--since", "2030-01-01")
     assert result.exit_code == 0
     assert result.stdout == "no responses recorded in the selection\n"
-    rep = report_of(run_usage, path, since="2030-01-01")
+    rep = report_of(usage_command, path, since="2030-01-01")
     assert rep["days"] == rep["sessions"] == []
     assert rep["total"]["responses"] == 0 and rep["total"]["cost_usd"] == 0
 
@@ -284,25 +293,25 @@ def test_stats_text(db, tmp_path: Path) -> None:
 
 def test_stats_filters_and_reconnects_without_the_counter(db) -> None:
     path, ids = db
-    rep = report_of(run_stats, path, sessions=[ids["c"]])
+    rep = report_of(stats_command, path, sessions=[ids["c"]])
     assert rep["sessions"] == 1 and rep["sessions_with_stats"] == 0
     assert rep["responses"]["by_status"] == {"completed": 1}
     assert rep["latency_ms"]["speech_stopped_to_first_audio_played"]["p50"] == 150
     assert set(rep["counters"].values()) == {None}
     # no counter recorded: reconnects = sessions continuing an earlier one (c continues b)
     assert rep["reconnects"] == {"count": 1, "source": "previous_session_id"}
-    rep = report_of(run_stats, path, since="2025-11-21")
+    rep = report_of(stats_command, path, since="2025-11-21")
     assert rep["sessions"] == 2 and rep["responses"]["total"] == 3
     assert rep["interrupted_replies"] == 0  # the interruption was on day 1
     assert rep["counters"]["frames_dropped"] == 2
-    rep = report_of(run_stats, path, until="2025-11-20")
+    rep = report_of(stats_command, path, until="2025-11-20")
     assert rep["reconnects"] == {"count": 0, "source": "counter"}
 
 
 def test_stats_with_no_data_says_n_a(tmp_path: Path) -> None:
     path = tmp_path / "r2.db"
-    with Store.open(path) as s:
-        s.start_session(backend="local", model="m", voice=None, started_at=DAY1)
+    with Store.open(path, now=lambda: DAY1) as s:
+        s.write.start_session(backend="local", model="m", voice=None)
     result = cli(tmp_path, "stats", "--db", str(path))
     assert result.exit_code == 0, result.output
     assert ["first", "reply", "audio", "played", "0", "n/a", "n/a", "n/a"] in [
@@ -312,22 +321,29 @@ def test_stats_with_no_data_says_n_a(tmp_path: Path) -> None:
 
 def test_set_session_stats_merges_into_metadata(db) -> None:
     path, ids = db
+    def metadata(sid: str) -> Any:
+        row = s.conn.execute("SELECT metadata FROM sessions WHERE id = ?", (sid,)).fetchone()
+        return json.loads(row[0])
+
     with Store.open(path) as s:
-        meta = json.loads(s.conn.execute("SELECT metadata FROM sessions WHERE id = ?",
-                                         (ids["a"],)).fetchone()[0])  # fmt: skip
-        assert meta == {"command": "run", "stats": {"frames_dropped": 3, "underruns": 1,
-                        "reconnects": 0, "interruptions": 1, "junk_messages": 0}}  # fmt: skip
-        s.set_session_stats(ids["a"], {"underruns": 9})  # replaces the earlier stats
-        s.set_session_stats("no-such-session", {"underruns": 1})  # changes nothing
-        rows = {r.session_id: r for r in s.session_stats()}
+        assert metadata(ids["a"]) == {"command": "run", "stats": {
+            "frames_dropped": 3, "underruns": 1, "reconnects": 0, "interruptions": 1,
+            "junk_messages": 0}}  # fmt: skip
+        before = s.conn.execute("SELECT id, metadata FROM sessions ORDER BY seq").fetchall()
+        s.write.set_session_stats("no-such-session", {"underruns": 1})  # changes nothing
+        assert s.conn.execute("SELECT id, metadata FROM sessions ORDER BY seq").fetchall() \
+            == before
+        s.write.set_session_stats(ids["a"], {"underruns": 9})  # replaces the earlier stats
+        rows = {r.session_id: r for r in s.read.session_stats()}
         assert rows[ids["a"]].stats == {"underruns": 9}
         assert rows[ids["c"]].stats is None
-        meta = json.loads(s.conn.execute("SELECT metadata FROM sessions WHERE id = ?",
-                                         (ids["a"],)).fetchone()[0])  # fmt: skip
-        assert meta["command"] == "run"
+        assert metadata(ids["a"])["command"] == "run"
         with pytest.raises(TypeError):
-            s.set_session_stats(ids["a"], {"bad": object()})
-        assert rows[ids["a"]].stats == {"underruns": 9}
+            s.write.set_session_stats(ids["a"], {"bad": object()})
+        assert metadata(ids["a"])["stats"] == {"underruns": 9}  # the failed call wrote nothing
+        s.conn.execute("UPDATE sessions SET metadata = '[1, 2]' WHERE id = ?", (ids["c"],))
+        s.write.set_session_stats(ids["c"], {"underruns": 2})  # not an object: replaced
+        assert metadata(ids["c"]) == {"stats": {"underruns": 2}}
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -337,14 +353,14 @@ async def test_usage_totals_match_what_the_service_reported(tmp_path: Path, monk
     """A real replay against the local backend: ``usage`` totals equal the usage the backend
     put in its ``response.done`` events."""
     reported: list[dict[str, Any]] = []
-    closing = localserver._Reply.closing
+    closing = reply.Reply.closing
 
     def spy(self: Any) -> list[Any]:
         events = closing(self)
         reported.extend(e["response"]["usage"] for e in events if e["type"] == "response.done")
         return events
 
-    monkeypatch.setattr(localserver._Reply, "closing", spy)
+    monkeypatch.setattr(reply.Reply, "closing", spy)
     db = tmp_path / "r2.db"
     (tmp_path / "home").mkdir()
     env = {**os.environ, "HOME": str(tmp_path / "home")}

@@ -33,12 +33,12 @@ import numpy as np
 import pytest
 import soundfile
 from pulse import REPO, PulseRig
+from support import SCRUBBED_PREFIXES
 
 pytestmark = pytest.mark.pulse
 
 SPEECH = REPO / "data" / "samples" / "hello.wav"  # 2.7 s: 0.3 s silence, speech, 0.5 s silence
 WATCHDOG_USEC = 1_000_000
-PING_INTERVAL = WATCHDOG_USEC / 2 / 1_000_000
 REPLY_PEAK_DBFS = -12.0  # r2d2voice.audio.beeps.PEAK_DBFS
 REPLY_SECONDS = 1.0
 SILENCE_DBFS = -60.0
@@ -50,8 +50,8 @@ SILENCE_DBFS = -60.0
 class NotifyListener:
     """A bound ``AF_UNIX`` datagram socket standing in for systemd's ``$NOTIFY_SOCKET``.
 
-    A thread receives every datagram and stamps it with ``time.monotonic()`` (the test's clock);
-    each datagram is one sd_notify message of ``KEY=value`` lines.
+    A thread receives every datagram in arrival order; each is one sd_notify message of
+    ``KEY=value`` lines.
     """
 
     def __init__(self) -> None:
@@ -61,7 +61,7 @@ class NotifyListener:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self.path)
         self._sock.settimeout(0.05)
-        self._messages: list[tuple[float, str]] = []
+        self._messages: list[str] = []
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._receive, daemon=True)
         self._thread.start()
@@ -76,7 +76,7 @@ class NotifyListener:
                 continue
             except OSError:
                 return
-            self._messages.append((time.monotonic(), data.decode()))
+            self._messages.append(data.decode())
 
     def close(self) -> None:
         """Stop after draining what is already queued (messages sent before the child exited)."""
@@ -92,18 +92,15 @@ class NotifyListener:
         self.close()
 
     @property
-    def messages(self) -> list[tuple[float, str]]:
+    def messages(self) -> list[str]:
         return list(self._messages)
 
-    def lines(self) -> list[tuple[float, str]]:
-        """Every ``KEY=value`` line with the arrival time of its datagram."""
-        return [(t, line) for t, msg in self.messages for line in msg.splitlines()]
-
-    def times(self, line: str) -> list[float]:
-        return [t for t, got in self.lines() if got == line]
+    def lines(self) -> list[str]:
+        """Every ``KEY=value`` line, in the order they came."""
+        return [line for msg in self.messages for line in msg.splitlines()]
 
     def statuses(self) -> list[str]:
-        return [line[len("STATUS="):] for _, line in self.lines() if line.startswith("STATUS=")]
+        return [line[len("STATUS="):] for line in self.lines() if line.startswith("STATUS=")]
 
 
 # -- the service ----------------------------------------------------------------------------------
@@ -130,26 +127,22 @@ class Service:
                             f"{self.log()}")
             time.sleep(0.02)
 
-    def wait_ready(self) -> float:
-        self.wait_for("READY=1", lambda: bool(self.notify.times("READY=1")), timeout=20)
-        return self.notify.times("READY=1")[0]
+    def wait_ready(self) -> None:
+        self.wait_for("READY=1", lambda: "READY=1" in self.notify.lines(), timeout=20)
 
-    def terminate(self) -> tuple[int, float]:
-        """SIGTERM; the exit code and the seconds it took to exit."""
-        sent = time.monotonic()
+    def terminate(self) -> int:
+        """SIGTERM; the exit code once the service has stopped by itself."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            code = self.proc.wait(timeout=15)
+            return self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"r2d2voice run did not exit within 15 s of SIGTERM:\n{self.log()}")
-        return code, time.monotonic() - sent
+            pytest.fail(f"r2d2voice run did not stop by itself after SIGTERM:\n{self.log()}")
 
 
 def service_env(rig: PulseRig, notify: NotifyListener, **extra: str) -> dict[str, str]:
     """The rig's environment without any r2d2voice/Realtime settings of the caller's, plus the
     systemd variables."""
-    env = {k: v for k, v in rig.env.items()
-           if not k.startswith(("R2D2_", "REALTIME_", "OPENAI_", "NOTIFY_", "WATCHDOG_"))}
+    env = {k: v for k, v in rig.env.items() if not k.startswith(SCRUBBED_PREFIXES)}
     env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC=str(WATCHDOG_USEC), **extra)
     return env
 
@@ -214,14 +207,14 @@ def _tonality(x: np.ndarray, rate: int, window_s: float = 0.02) -> float:
 @dataclass
 class Conversation:
     code: int
-    stop_seconds: float
-    ready_at: float
-    term_at: float
-    lines: list[tuple[float, str]]
-    statuses: list[str]
+    lines: list[str]  # what systemd was told, in order
+    lines_before_sigterm: int
     log: str
     db: Path
     speaker: Path
+
+    def index(self, line: str) -> int:
+        return self.lines.index(line)
 
 
 @pytest.fixture(scope="module")
@@ -235,30 +228,32 @@ def conversation(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) 
     with NotifyListener() as notify, run_service(
         pulse_rig, workdir, notify, ["--output-device", "pulse"], R2D2_INPUT_DEVICE="pulse"
     ) as service:
-        ready_at = service.wait_ready()
+        service.wait_ready()
         with pulse_rig.record(speaker):
             pulse_rig.play(SPEECH)  # returns when the whole sample has been played
-            service.wait_for("STATUS=speaking", lambda: "speaking" in notify.statuses(),
-                             timeout=10)
-            time.sleep(REPLY_SECONDS + 1.5)  # the reply plays in real time, then some silence
-        term_at = time.monotonic()
-        code, stop_seconds = service.terminate()
-    return Conversation(code, stop_seconds, ready_at, term_at, notify.lines(), notify.statuses(),
-                        service.log(), workdir / "c.db", speaker)
+
+            def listening_after_reply() -> bool:
+                statuses = notify.statuses()
+                return "speaking" in statuses and statuses[-1] == "listening"
+
+            service.wait_for("the reply to play out", listening_after_reply, timeout=15)
+            time.sleep(0.5)  # the device's own latency, then some silence
+        before = len(notify.lines())
+        code = service.terminate()
+    return Conversation(code, notify.lines(), before, service.log(), workdir / "c.db", speaker)
 
 
 def test_sigterm_stops_cleanly_and_says_so(conversation):
     assert conversation.code == 0, conversation.log
-    assert conversation.stop_seconds < 3.0  # the pipeline drains within 2 s
-    stopping = [t for t, line in conversation.lines if line == "STOPPING=1"]
-    assert len(stopping) == 1, conversation.lines
-    assert stopping[0] >= conversation.term_at
+    assert conversation.lines.count("STOPPING=1") == 1, conversation.lines
+    # sent on the way out, after the signal, never before
+    assert conversation.index("STOPPING=1") >= conversation.lines_before_sigterm
     assert "Traceback" not in conversation.log
     assert "SIGTERM: finishing up" in conversation.log
 
 
 def test_ready_and_status_follow_the_conversation(conversation):
-    lines = [line for _, line in conversation.lines]
+    lines = conversation.lines
     assert lines.count("READY=1") == 1
     ready = lines.index("READY=1")
     before = [line[len("STATUS="):] for line in lines[:ready] if line.startswith("STATUS=")]
@@ -272,18 +267,19 @@ def test_ready_and_status_follow_the_conversation(conversation):
 
 
 def test_status_returns_to_listening_after_the_reply(conversation):
-    assert conversation.statuses[-1] == "listening", conversation.statuses
+    statuses = [line for line in conversation.lines[: conversation.lines_before_sigterm]
+                if line.startswith("STATUS=")]
+    assert statuses[-1] == "STATUS=listening", statuses
 
 
-def test_watchdog_pings_every_half_watchdog_usec(conversation):
-    pings = [t for t, line in conversation.lines
-             if line == "WATCHDOG=1" and conversation.ready_at <= t <= conversation.term_at]
-    seconds = conversation.term_at - conversation.ready_at
-    # Every 0.5 s here; the exact cadence is a matter of load (a busy 2-CPU CI runner has
-    # delayed a ping by 0.8 s), so only "regularly, all through the speech and the reply".
-    assert len(pings) >= seconds / PING_INTERVAL / 2
-    gaps = np.diff([conversation.ready_at, *pings, conversation.term_at])
-    assert gaps.max() < 4 * PING_INTERVAL, gaps
+def test_watchdog_pings_while_the_microphone_delivers(conversation):
+    # The cadence and the "no frames, no pings" rule are tested on a mock clock
+    # (test_notify.py); here: WATCHDOG_USEC is honoured and pings go on all through the run.
+    lines = conversation.lines[: conversation.lines_before_sigterm]
+    ready, speaking = lines.index("READY=1"), lines.index("STATUS=speaking")
+    pings = [i for i, line in enumerate(lines) if line == "WATCHDOG=1"]
+    assert any(ready < i < speaking for i in pings), lines  # while the user spoke
+    assert any(i > speaking for i in pings), lines  # through the reply, and after
 
 
 def test_both_turns_are_stored_with_item_ids(conversation):
@@ -339,41 +335,6 @@ def test_devices_run_at_44100_hz_and_are_resampled(conversation):
     assert "ready: listening on pulse, speaking on pulse" in conversation.log
 
 
-# -- the watchdog follows the microphone ----------------------------------------------------------
-
-
-def test_watchdog_pings_stop_while_the_microphone_delivers_nothing(pulse_rig, tmp_path):
-    """Suspending the ``mic`` sink stops its monitor, the service's microphone: no frames reach
-    the pipeline, pings stop (systemd would restart the service); resumed, they come back."""
-    with NotifyListener() as notify, run_service(
-        pulse_rig, tmp_path, notify, ["--input-device", "pulse", "--output-device", "pulse"]
-    ) as service:
-        ready_at = service.wait_ready()
-        service.wait_for("pings", lambda: len([t for t in notify.times("WATCHDOG=1")
-                                                if t > ready_at]) >= 3, timeout=5)
-        suspended_at = time.monotonic()
-        pulse_rig.pactl("suspend-sink", "mic", "1")
-        try:
-
-            def quiet_for(seconds: float) -> bool:
-                return time.monotonic() - notify.times("WATCHDOG=1")[-1] > seconds
-
-            service.wait_for("the pings to stop", lambda: quiet_for(3 * PING_INTERVAL),
-                             timeout=10)
-            last_ping = notify.times("WATCHDOG=1")[-1]
-        finally:
-            pulse_rig.pactl("suspend-sink", "mic", "0")
-        resumed_at = time.monotonic()
-        service.wait_for("pings to resume",
-                         lambda: notify.times("WATCHDOG=1")[-1] > resumed_at, timeout=5)
-        code, _ = service.terminate()
-    assert code == 0, service.log()
-    # A hiccup is tolerated (frames must be missing for 5 s), a dead microphone is not.
-    assert 3.0 < last_ping - suspended_at < 7.0
-    assert "unhealthy: withholding watchdog pings" in service.log()
-    assert "healthy again: watchdog pings resumed" in service.log()
-
-
 # -- bad devices ----------------------------------------------------------------------------------
 
 
@@ -399,4 +360,4 @@ def test_a_missing_device_is_a_config_error_listing_the_devices(pulse_rig, tmp_p
     [line] = res.stderr.strip().splitlines()
     assert line.startswith(f"r2d2voice: error: {expected}")
     assert re.search(r"\d+ 'pulse'", line) and re.search(r"\d+ 'default'", line)
-    assert not any(msg.startswith("READY=1") for _, msg in notify.messages)
+    assert not any(msg.startswith("READY=1") for msg in notify.messages)

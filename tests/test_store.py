@@ -1,4 +1,4 @@
-"""The SQLite transcript store: schema, migrations, durability rules, concurrent reads."""
+"""The SQLite transcript store: files, schema and migrations, writes, reads, streaming plan."""
 
 from __future__ import annotations
 
@@ -11,22 +11,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from storage_support import T0, SteppedClock, at
 
 from r2d2voice.errors import UsageError
-from r2d2voice.storage.store import (
-    APPLICATION_ID,
-    SCHEMA_VERSION,
-    MessageRow,
-    Store,
-    format_ts,
-    parse_ts,
-)
-
-T0 = datetime(2025, 11, 21, 9, 30, 0, tzinfo=timezone.utc)  # before any "now"
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
+from r2d2voice.storage.database import Store
+from r2d2voice.storage.queries import MessageRow
+from r2d2voice.storage.schema import APPLICATION_ID, SCHEMA_VERSION
+from r2d2voice.storage.timestamps import format_ts, parse_ts
 
 
 def mode(path: Path) -> int:
@@ -39,15 +30,26 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db: Path):
-    with Store.open(db) as s:
+def clock() -> SteppedClock:
+    return SteppedClock()
+
+
+@pytest.fixture
+def store(db: Path, clock: SteppedClock):
+    with Store.open(db, now=clock) as s:
         yield s
 
 
-def new_session(store: Store, seconds: float = 0, **kw) -> str:
-    return store.start_session(
-        backend="local", model="gpt-realtime", voice="ash", started_at=at(seconds), **kw
-    )
+def new_session(store: Store, **kw) -> str:
+    return store.write.start_session(backend="local", model="gpt-realtime", voice="ash", **kw)
+
+
+def say(store: Store, sid: str, role: str, item: str, seq: int, text: str, **kw) -> None:
+    store.write.upsert_message(sid, role=role, item_id=item, seq=seq, text=text, **kw)
+
+
+def texts(store: Store, **kw) -> list[str]:
+    return [m.text for m in store.read.iter_messages(**kw)]
 
 
 # ---------------------------------------------------------------------------- files
@@ -58,7 +60,7 @@ def test_new_database_is_private_with_wal_and_pragmas(tmp_path: Path) -> None:
     parent_mode = mode(tmp_path)
     with Store.open(path) as s:
         sid = new_session(s)
-        s.upsert_message(sid, role="user", item_id="i1", text="hello")
+        say(s, sid, "user", "i1", 1, "hello")
         assert mode(path) == 0o600
         for side in ("-wal", "-shm"):
             assert mode(Path(f"{path}{side}")) == 0o600
@@ -68,7 +70,7 @@ def test_new_database_is_private_with_wal_and_pragmas(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
     assert mode(tmp_path) == parent_mode  # a directory we did not create is left alone
 
@@ -114,7 +116,7 @@ def test_empty_file_is_initialised_with_create_but_refused_without(db: Path) -> 
     with Store.open(db) as s:
         new_session(s)
     with Store.open(db, create=False) as r:
-        assert len(r.list_sessions()) == 1
+        assert len(r.read.list_sessions()) == 1
 
 
 @pytest.mark.parametrize("create", [True, False])
@@ -133,12 +135,12 @@ def test_newer_schema_version_is_refused(db: Path, create: bool) -> None:
 def test_readonly_open_sees_data_and_leaves_files_as_they_were(db: Path) -> None:
     with Store.open(db) as w:
         sid = new_session(w)
-        w.upsert_message(sid, role="user", item_id="i1", text="kept")
+        say(w, sid, "user", "i1", 1, "kept")
     before = (sorted(os.listdir(db.parent)), db.read_bytes(), db.stat().st_mtime_ns)
     with Store.open(db, create=False) as r:
-        assert [m.text for m in r.iter_messages()] == ["kept"]
+        assert texts(r) == ["kept"]
         with pytest.raises(RuntimeError, match="read-only"):
-            r.upsert_message(sid, role="user", item_id="i2", text="nope")
+            say(r, sid, "user", "i2", 2, "nope")
     after = (sorted(os.listdir(db.parent)), db.read_bytes(), db.stat().st_mtime_ns)
     assert after == before
 
@@ -187,119 +189,245 @@ PRAGMA user_version = 1;
 """
 OLD = "20261120T080000Z-aaaaaa"
 
+# Version 2 as it shipped, with rows written in an order different from their times.
+V2_SCHEMA = f"""
+CREATE TABLE sessions (
+    id TEXT NOT NULL PRIMARY KEY, started_at TEXT NOT NULL, ended_at TEXT,
+    backend TEXT NOT NULL, model TEXT NOT NULL, voice TEXT, service_session_id TEXT,
+    previous_session_id TEXT REFERENCES sessions(id), metadata TEXT
+);
+CREATE UNIQUE INDEX sessions_by_start ON sessions(started_at, id);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), text TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL, item_id TEXT NOT NULL, response_id TEXT,
+    interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)), played_ms INTEGER,
+    raw_event TEXT, UNIQUE (session_id, item_id, role)
+);
+CREATE INDEX messages_by_time ON messages(session_id, created_at);
+CREATE TABLE responses (
+    session_id TEXT NOT NULL REFERENCES sessions(id), response_id TEXT NOT NULL,
+    status TEXT NOT NULL, created_at TEXT NOT NULL, done_at TEXT,
+    input_text_tokens INTEGER, input_audio_tokens INTEGER, input_cached_tokens INTEGER,
+    output_text_tokens INTEGER, output_audio_tokens INTEGER, first_audio_ms INTEGER,
+    first_played_ms INTEGER, PRIMARY KEY (session_id, response_id)
+);
+CREATE TABLE errors (
+    id INTEGER PRIMARY KEY, session_id TEXT REFERENCES sessions(id), at TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('service', 'local')), type TEXT, code TEXT,
+    message TEXT NOT NULL
+);
+CREATE INDEX errors_by_session ON errors(session_id, at);
+INSERT INTO sessions (id, started_at, backend, model, voice) VALUES
+    ('S2', '2026-11-20T09:00:00.000Z', 'openai', 'gpt-realtime', 'ash'),
+    ('S1', '2026-11-20T08:00:00.000Z', 'openai', 'gpt-realtime', 'ash');
+INSERT INTO messages (session_id, role, text, created_at, item_id, interrupted, played_ms)
+VALUES ('S2', 'user', 's2 first', '2026-11-20T09:00:01.000Z', 'u1', 0, NULL),
+       ('S1', 'assistant', 's1 second', '2026-11-20T08:00:05.000Z', 'a1', 1, 700),
+       ('S1', 'user', 's1 first', '2026-11-20T08:00:01.000Z', 'u1', 0, NULL),
+       ('S1', 'user', 's1 tie a', '2026-11-20T08:00:09.000Z', 'u2', 0, NULL),
+       ('S1', 'assistant', 's1 tie b', '2026-11-20T08:00:09.000Z', 'a2', 0, NULL);
+INSERT INTO responses (session_id, response_id, status, created_at, first_audio_ms) VALUES
+    ('S1', 'r1', 'completed', '2026-11-20T08:00:04.000Z', 410);
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = 2;
+"""
 
-def build_v1(path: Path) -> None:
+
+def build(path: Path, script: str) -> None:
     conn = sqlite3.connect(path)
-    conn.executescript(V1_SCHEMA)
+    conn.executescript(script)
     conn.close()
 
 
+def shape(conn: sqlite3.Connection) -> dict[str, object]:
+    """Tables (column name, type, not null, pk) and indexes (unique, columns) of a database."""
+    out: dict[str, object] = {}
+    for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+        cols = conn.execute(f"PRAGMA table_info({table})").fetchall()
+        out[table] = sorted((c[1], c[2], c[3], c[5]) for c in cols)
+        for idx in conn.execute(f"PRAGMA index_list({table})").fetchall():
+            info = conn.execute(f"PRAGMA index_info({idx[1]})").fetchall()
+            name = idx[1] if not idx[1].startswith("sqlite_autoindex") else f"auto {table}"
+            out[f"index {name}"] = (idx[2], [c[2] for c in info])
+    return out
+
+
 def test_v1_database_is_migrated_and_old_rows_survive(db: Path) -> None:
-    build_v1(db)
+    build(db, V1_SCHEMA)
     with Store.open(db) as s:
-        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 2
-        assert list(s.iter_messages()) == [
-            MessageRow(OLD, "user", "old question", "2026-11-20T08:00:01.000Z", "item_u1",
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert list(s.read.iter_messages()) == [
+            MessageRow(OLD, 1, "user", "old question", "2026-11-20T08:00:01.000Z", "item_u1",
                        None, False, None),
-            MessageRow(OLD, "assistant", "old answer", "2026-11-20T08:00:02.000Z", "item_a1",
+            MessageRow(OLD, 2, "assistant", "old answer", "2026-11-20T08:00:02.000Z", "item_a1",
                        "resp_1", False, None),
         ]  # fmt: skip
-        [sess] = s.list_sessions()
-        assert (sess.id, sess.ended_at, sess.service_session_id, sess.turns) == (
-            OLD, "2026-11-20T08:10:00.000Z", "sess_123", 1
+        [sess] = s.read.list_sessions()
+        assert (sess.id, sess.seq, sess.ended_at, sess.service_session_id, sess.turns) == (
+            OLD, 1, "2026-11-20T08:10:00.000Z", "sess_123", 1
         )
-        assert [e.message for e in s.list_errors()] == ["old error"]
+        assert [e.message for e in s.read.list_errors()] == ["old error"]
         # The new columns work on old rows.
-        s.mark_interrupted(OLD, "item_a1", 1200)
+        s.write.mark_interrupted(OLD, item_id="item_a1", seq=2, played_ms=1200)
         usage = {"input_token_details": {"text_tokens": 5, "audio_tokens": 7, "cached_tokens": 2},
                  "output_token_details": {"text_tokens": 3, "audio_tokens": 11}}  # fmt: skip
-        s.record_response(OLD, "resp_1", status="completed", usage=usage)
-        [u] = s.usage_totals()
+        s.write.record_response(OLD, response_id="resp_1", status="completed", usage=usage)
+        [u] = s.read.usage_totals()
         assert (u.responses, u.input_text, u.input_audio, u.output_audio) == (1, 5, 7, 11)
-        [row] = s.iter_messages(role="assistant")
+        [row] = s.read.iter_messages(role="assistant")
         assert (row.text, row.interrupted, row.played_ms) == ("old answer", True, 1200)
     with Store.open(db, create=False) as r:  # and it stays migrated
-        assert len(list(r.iter_messages())) == 2
+        assert len(list(r.read.iter_messages())) == 2
 
 
-def test_v1_database_opened_readonly_is_not_modified(db: Path) -> None:
-    build_v1(db)
+def test_v2_database_keeps_its_order_as_sequence_numbers(db: Path, clock: SteppedClock) -> None:
+    build(db, V2_SCHEMA)
+    clock.set(datetime(2026, 11, 19, tzinfo=timezone.utc))  # a clock stepped back at boot
+    with Store.open(db, now=clock) as s:
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        rows = list(s.read.iter_messages())
+        # v2's order (sessions by start, messages by time then rowid) is now the seq order
+        assert [(m.session_id, m.seq, m.text) for m in rows] == [
+            ("S1", 1, "s1 first"), ("S1", 2, "s1 second"), ("S1", 3, "s1 tie a"),
+            ("S1", 4, "s1 tie b"), ("S2", 1, "s2 first"),
+        ]  # fmt: skip
+        assert (rows[1].interrupted, rows[1].played_ms) == (True, 700)
+        assert [(r.id, r.seq) for r in s.read.list_sessions()] == [("S1", 1), ("S2", 2)]
+        assert s.read.response_latencies() == ([410], [])
+        # New rows go last, whatever the wall clock says.
+        new = new_session(s)
+        say(s, new, "user", "u1", 1, "after the migration")
+        assert [r.id for r in s.read.list_sessions()] == ["S1", "S2", new]
+        assert texts(s)[-1] == "after the migration"
+        s.write.record_response("S1", response_id="r1", status="failed",
+                                status_details={"type": "failed", "error": {"code": "x"}})
+        details = s.conn.execute("SELECT status_details FROM responses").fetchone()[0]
+        assert details == '{"type": "failed", "error": {"code": "x"}}'
+
+
+def test_migrated_database_has_the_shape_of_a_new_one(tmp_path: Path) -> None:
+    fresh, v1, v2 = tmp_path / "fresh.db", tmp_path / "v1.db", tmp_path / "v2.db"
+    build(v1, V1_SCHEMA)
+    build(v2, V2_SCHEMA)
+    shapes = []
+    for path in (fresh, v1, v2):
+        with Store.open(path) as s:
+            shapes.append(shape(s.conn))
+    assert shapes[0] == shapes[1] == shapes[2]
+    assert shapes[0]["index sessions_by_seq"] == (1, ["seq"])
+    assert shapes[0]["index messages_by_seq"] == (0, ["session_id", "seq"])
+
+
+@pytest.mark.parametrize("script", [V1_SCHEMA, V2_SCHEMA], ids=["v1", "v2"])
+def test_old_database_opened_readonly_is_not_modified(db: Path, script: str) -> None:
+    build(db, script)
     before = db.read_bytes()
-    with pytest.raises(UsageError, match=r"schema version 1\b.*upgrade"):
+    with pytest.raises(UsageError, match=r"schema version [12]\b.*upgrade"):
         Store.open(db, create=False)
     assert db.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- streaming plan
+
+
+@pytest.mark.parametrize("source", ["fresh", "v2"])
+def test_export_query_streams_in_order_with_no_sort(db: Path, source: str) -> None:
+    """Every filter combination walks the two indexes in order: no temp B-tree, which would
+    make the first row wait for (and memory grow with) the whole selection."""
+    if source == "v2":
+        build(db, V2_SCHEMA)
+    with Store.open(db) as s:
+        sid = s.read.list_sessions()[0].id if source == "v2" else new_session(s)
+        seen: list[str] = []
+        s.conn.set_trace_callback(seen.append)
+        cases = [{}, {"sessions": [sid]}, {"role": "user"},
+                 {"since": at(0), "until": at(60), "role": "assistant", "sessions": [sid]}]
+        for kw in cases:
+            list(s.read.iter_messages(**kw))
+        s.read.recent_turns([sid], 5)
+        s.conn.set_trace_callback(None)
+        assert len(seen) == len(cases) + 1
+        for sql in seen:
+            plan = " | ".join(r[3] for r in s.conn.execute("EXPLAIN QUERY PLAN " + sql))
+            assert "TEMP B-TREE" not in plan, plan
+            assert "sessions_by_seq" in plan and "messages_by_seq" in plan, plan
 
 
 # ---------------------------------------------------------------------------- writes
 
 
-def test_same_item_written_twice_updates_one_row(store: Store) -> None:
+def test_same_item_written_twice_updates_one_row(store: Store, clock: SteppedClock) -> None:
     sid = new_session(store)
-    store.upsert_message(sid, role="assistant", item_id="it", text="Hel", created_at=at(1),
-                         raw_event='{"n": 1}')  # fmt: skip
-    store.upsert_message(sid, role="assistant", item_id="it", text="Hello there",
-                         response_id="resp_9", created_at=at(5), raw_event='{"n": 2}')  # fmt: skip
-    rows = list(store.iter_messages())
-    assert rows == [
-        MessageRow(sid, "assistant", "Hello there", format_ts(at(1)), "it", "resp_9", False, None)
-    ]
+    clock.set(at(1))
+    say(store, sid, "assistant", "it", 3, "Hel", raw_event='{"n": 1}')
+    clock.set(at(5))
+    say(store, sid, "assistant", "it", 3, "Hello there", response_id="resp_9",
+        raw_event='{"n": 2}')
+    assert list(store.read.iter_messages()) == [
+        MessageRow(sid, 3, "assistant", "Hello there", format_ts(at(1)), "it", "resp_9", False,
+                   None)
+    ]  # fmt: skip
     raw = store.conn.execute("SELECT raw_event FROM messages").fetchall()
     assert raw == [('{"n": 2}',)]
     # The same item id in another session, or with the other role, is another message.
-    other = new_session(store, 60)
-    store.upsert_message(other, role="assistant", item_id="it", text="again")
-    store.upsert_message(sid, role="user", item_id="it", text="user side")
-    assert len(list(store.iter_messages())) == 3
+    other = new_session(store)
+    say(store, other, "assistant", "it", 1, "again")
+    say(store, sid, "user", "it", 1, "user side")
+    assert len(list(store.read.iter_messages())) == 3
 
 
-def test_interruption_recorded_before_the_transcript_survives_it(store: Store) -> None:
+def test_interruption_recorded_before_the_transcript_survives_it(
+    store: Store, clock: SteppedClock
+) -> None:
     sid = new_session(store)
-    store.mark_interrupted(sid, "item_a", 1234, created_at=at(2))
-    [row] = store.iter_messages()
+    clock.set(at(2))
+    store.write.mark_interrupted(sid, item_id="item_a", seq=2, played_ms=1234)
+    [row] = store.read.iter_messages()
     assert (row.role, row.text, row.interrupted, row.played_ms) == ("assistant", "", True, 1234)
-    store.upsert_message(sid, role="assistant", item_id="item_a", text="I was say",
-                         response_id="resp_1", created_at=at(4))  # fmt: skip
-    [row] = store.iter_messages()
-    assert (row.text, row.interrupted, row.played_ms, row.created_at) == (
-        "I was say", True, 1234, format_ts(at(2))
+    clock.set(at(4))
+    say(store, sid, "assistant", "item_a", 2, "I was say", response_id="resp_1")
+    [row] = store.read.iter_messages()
+    assert (row.text, row.interrupted, row.played_ms, row.created_at, row.seq) == (
+        "I was say", True, 1234, format_ts(at(2)), 2
     )
     # And the other way round: transcript first, interruption later keeps the text.
-    store.upsert_message(sid, role="assistant", item_id="item_b", text="Long answer")
-    store.mark_interrupted(sid, "item_b", 800)
-    row = next(m for m in store.iter_messages() if m.item_id == "item_b")
+    say(store, sid, "assistant", "item_b", 4, "Long answer")
+    store.write.mark_interrupted(sid, item_id="item_b", seq=4, played_ms=800)
+    row = next(m for m in store.read.iter_messages() if m.item_id == "item_b")
     assert (row.text, row.interrupted, row.played_ms) == ("Long answer", True, 800)
     # recent_turns skips the empty placeholder texts but not interrupted ones with text.
-    store.mark_interrupted(sid, "item_c", 10)
-    assert [t for _, t in store.recent_turns([sid], 10)] == ["I was say", "Long answer"]
+    store.write.mark_interrupted(sid, item_id="item_c", seq=6, played_ms=10)
+    assert [t for _, t in store.read.recent_turns([sid], 10)] == ["I was say", "Long answer"]
 
 
 def test_each_write_is_visible_to_another_reader_at_once(db: Path, store: Store) -> None:
     sid = new_session(store)
     with Store.open(db, create=False) as reader:
-        assert [s.id for s in reader.list_sessions()] == [sid]
-        store.upsert_message(sid, role="user", item_id="i1", text="one")
-        assert [m.text for m in reader.iter_messages()] == ["one"]
+        assert [s.id for s in reader.read.list_sessions()] == [sid]
+        say(store, sid, "user", "i1", 1, "one")
+        assert texts(reader) == ["one"]
 
 
 def test_batch_commits_once_at_the_end(db: Path, store: Store) -> None:
     sid = new_session(store)
     with Store.open(db, create=False) as reader:
-        with store.batch():
+        with store.write.batch():
             for i in range(3):
-                store.upsert_message(sid, role="user", item_id=f"i{i}", text=f"t{i}")
-            store.record_response(sid, "r1", status="completed")
-            assert list(reader.iter_messages()) == []  # nothing committed yet
-        assert [m.text for m in reader.iter_messages()] == ["t0", "t1", "t2"]
+                say(store, sid, "user", f"i{i}", i + 1, f"t{i}")
+            store.write.record_response(sid, response_id="r1", status="completed")
+            assert texts(reader) == []  # nothing committed yet
+        assert texts(reader) == ["t0", "t1", "t2"]
 
 
 def test_failed_batch_rolls_back_as_a_whole(store: Store) -> None:
     sid = new_session(store)
-    with pytest.raises(sqlite3.IntegrityError), store.batch():
-        store.upsert_message(sid, role="user", item_id="i1", text="lost")
-        store.upsert_message("no-such-session", role="user", item_id="i2", text="bad")
-    assert list(store.iter_messages()) == []
-    store.upsert_message(sid, role="user", item_id="i3", text="later")  # store still usable
-    assert [m.text for m in store.iter_messages()] == ["later"]
+    with pytest.raises(sqlite3.IntegrityError), store.write.batch():
+        say(store, sid, "user", "i1", 1, "lost")
+        say(store, "no-such-session", "user", "i2", 2, "bad")
+    assert texts(store) == []
+    say(store, sid, "user", "i3", 3, "later")  # store still usable
+    assert texts(store) == ["later"]
 
 
 def test_concurrent_reader_sees_committed_rows_without_lock_errors(db: Path) -> None:
@@ -312,11 +440,11 @@ def test_concurrent_reader_sees_committed_rows_without_lock_errors(db: Path) -> 
         try:
             for i in range(total):
                 if i % 50 == 0:
-                    with writer.batch():
+                    with writer.write.batch():
                         for j in range(10):
-                            writer.upsert_message(sid, role="assistant", item_id=f"b{i}-{j}",
-                                                  text="batched")  # fmt: skip
-                writer.upsert_message(sid, role="user", item_id=f"i{i}", text=f"msg {i}")
+                            say(writer, sid, "assistant", f"b{i}-{j}", 10_000 + i * 10 + j,
+                                "batched")
+                say(writer, sid, "user", f"i{i}", i, f"msg {i}")
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -325,10 +453,10 @@ def test_concurrent_reader_sees_committed_rows_without_lock_errors(db: Path) -> 
     with Store.open(db, create=False) as reader:
         thread.start()
         while thread.is_alive():
-            counts.append(sum(1 for _ in reader.iter_messages()))
-            reader.list_sessions()
+            counts.append(sum(1 for _ in reader.read.iter_messages()))
+            reader.read.list_sessions()
         thread.join()
-        counts.append(sum(1 for _ in reader.iter_messages()))
+        counts.append(sum(1 for _ in reader.read.iter_messages()))
     writer.close()
     assert errors == []
     assert counts == sorted(counts)  # committed rows never disappear
@@ -336,111 +464,138 @@ def test_concurrent_reader_sees_committed_rows_without_lock_errors(db: Path) -> 
     assert any(0 < c < counts[-1] for c in counts)  # some reads really overlapped the writes
 
 
-def test_responses_usage_and_totals(store: Store) -> None:
+def test_responses_stamps_usage_latency_and_totals(store: Store, clock: SteppedClock) -> None:
     a = new_session(store)
-    b = new_session(store, 100)
-    store.record_response(a, "r1", status="in_progress", created_at=at(1))
+    b = new_session(store)
+    clock.set(at(1))
+    store.write.record_response(a, response_id="r1", status="in_progress")
     usage = {
         "total_tokens": 60, "input_tokens": 40, "output_tokens": 20,
         "input_token_details": {"text_tokens": 10, "audio_tokens": 30, "cached_tokens": 8},
         "output_token_details": {"text_tokens": 5, "audio_tokens": 15},
     }  # fmt: skip
-    store.record_response(a, "r1", status="completed", usage=usage, done_at=at(3))
-    store.record_response(a, "r2", status="cancelled", usage=usage)
-    store.set_response_latency(a, "r2", first_audio_ms=420)
-    store.set_response_latency(a, "r2", first_played_ms=510)
+    clock.set(at(3))
+    store.write.record_response(a, response_id="r1", status="completed", usage=usage,
+                                first_audio_ms=419.6)
+    clock.set(at(9))  # a repeated final status keeps the first done_at
+    store.write.record_response(a, response_id="r1", status="completed")
+    store.write.record_response(a, response_id="r2", status="cancelled", usage=usage)
+    store.write.set_response_latency(a, response_id="r2", first_audio_ms=420)
+    store.write.set_response_latency(a, response_id="r2", first_played_ms=510)
     row = store.conn.execute(
-        "SELECT status, created_at, done_at, first_audio_ms, first_played_ms FROM responses"
-        " WHERE response_id = 'r1'"
+        "SELECT status, created_at, done_at, first_audio_ms, first_played_ms,"
+        " input_text_tokens FROM responses WHERE response_id = 'r1'"
     ).fetchone()
-    assert row == ("completed", format_ts(at(1)), format_ts(at(3)), None, None)
+    assert row == ("completed", format_ts(at(1)), format_ts(at(3)), 420, None, 10)
     lat = store.conn.execute(
-        "SELECT first_audio_ms, first_played_ms, done_at IS NOT NULL FROM responses"
+        "SELECT first_audio_ms, first_played_ms, done_at FROM responses"
         " WHERE response_id = 'r2'"
     ).fetchone()
-    assert lat == (420, 510, 1)
-    totals = {u.session_id: u for u in store.usage_totals()}
+    assert lat == (420, 510, format_ts(at(9)))
+    totals = {u.session_id: u for u in store.read.usage_totals()}
     assert (totals[a].responses, totals[a].input_text, totals[a].input_audio) == (2, 20, 60)
     assert (totals[a].input_cached, totals[a].output_text, totals[a].output_audio) == (16, 10, 30)
     assert (totals[a].input_total, totals[a].output_total) == (80, 40)
     assert (totals[b].responses, totals[b].output_total) == (0, 0)
-    assert [u.session_id for u in store.usage_totals([b])] == [b]
+    assert [u.session_id for u in store.read.usage_totals([b])] == [b]
 
 
-def test_errors_are_recorded(store: Store) -> None:
+def test_errors_are_recorded_in_the_order_they_happened(
+    store: Store, clock: SteppedClock
+) -> None:
     sid = new_session(store)
-    store.record_error(sid, source="service", type="invalid_request_error", code="bad_voice",
-                       message="Invalid voice", at=at(1))  # fmt: skip
-    store.record_error(None, source="local", type="connection", code=None, message="reset")
-    assert [(e.session_id, e.source, e.code, e.message) for e in store.list_errors()] == [
-        (sid, "service", "bad_voice", "Invalid voice"),
-        (None, "local", None, "reset"),
-    ]
-    assert len(store.list_errors(sid)) == 1
+    clock.set(at(100))
+    store.write.record_error(sid, source="service", type="invalid_request_error",
+                             code="bad_voice", message="Invalid voice")
+    clock.set(at(1))  # the clock was stepped back
+    store.write.record_error(None, source="local", type="connection", code=None, message="reset")
+    assert [(e.session_id, e.source, e.code, e.message, e.at)
+            for e in store.read.list_errors()] == [
+        (sid, "service", "bad_voice", "Invalid voice", format_ts(at(100))),
+        (None, "local", None, "reset", format_ts(at(1))),
+    ]  # fmt: skip
+    assert len(store.read.list_errors(sid)) == 1
     with pytest.raises(ValueError):
-        store.record_error(sid, source="elsewhere", type=None, code=None, message="x")
+        store.write.record_error(sid, source="elsewhere", type=None, code=None, message="x")
 
 
 # ---------------------------------------------------------------------------- reads
 
 
-def test_sessions_ids_order_and_counts(store: Store) -> None:
-    later = new_session(store, 3600, metadata={"host": "kitchen"})
-    earlier = new_session(store, 0)
-    cont = new_session(store, 7200, previous_session_id=later)
-    assert re.fullmatch(r"20251121T093000Z-[0-9a-f]{6}", earlier)
-    store.set_service_session_id(earlier, "sess_abc")
-    store.end_session(earlier, at(30))
-    store.upsert_message(earlier, role="user", item_id="u1", text="hi")
-    store.upsert_message(earlier, role="assistant", item_id="a1", text="beep")
-    store.upsert_message(earlier, role="user", item_id="u2", text="again")
-    rows = store.list_sessions()
-    assert [r.id for r in rows] == [earlier, later, cont]
-    first = rows[0]
-    assert (first.turns, first.messages, first.service_session_id) == (2, 3, "sess_abc")
-    assert first.ended_at == format_ts(at(30))
-    assert rows[1].ended_at is None
-    assert rows[2].previous_session_id == later
-    assert store.get_session(cont) == rows[2]
-    assert store.get_session("missing") is None
-    meta = store.conn.execute("SELECT metadata FROM sessions WHERE id = ?", (later,)).fetchone()
+def test_sessions_ids_order_and_counts(store: Store, clock: SteppedClock) -> None:
+    clock.set(at(3600))
+    first = new_session(store, metadata={"host": "kitchen"})
+    clock.set(at(0))  # stepped back an hour: the next session still comes after
+    second = new_session(store)
+    cont = new_session(store, previous_session_id=second)
+    assert re.fullmatch(r"20251121T093000Z-[0-9a-f]{6}", second)
+    store.write.set_service_session_id(second, service_session_id="sess_abc")
+    clock.set(at(30))
+    store.write.end_session(second)
+    say(store, second, "user", "u1", 1, "hi")
+    say(store, second, "assistant", "a1", 2, "beep")
+    say(store, second, "user", "u2", 3, "again")
+    rows = store.read.list_sessions()
+    assert [(r.id, r.seq) for r in rows] == [(first, 1), (second, 2), (cont, 3)]
+    assert rows[0].started_at == format_ts(at(3600)) > rows[1].started_at  # labels only
+    mid = rows[1]
+    assert (mid.turns, mid.messages, mid.service_session_id) == (2, 3, "sess_abc")
+    assert mid.ended_at == format_ts(at(30))
+    assert rows[2].ended_at is None
+    assert rows[2].previous_session_id == second
+    assert store.read.get_session(cont) == rows[2]
+    assert store.read.get_session("missing") is None
+    meta = store.conn.execute("SELECT metadata FROM sessions WHERE id = ?", (first,)).fetchone()
     assert meta == ('{"host": "kitchen"}',)
 
 
-def test_iter_messages_order_and_filters(store: Store) -> None:
-    b = new_session(store, 600)
-    a = new_session(store, 0)
-    # Written out of order; equal timestamps keep insertion order.
-    store.upsert_message(b, role="user", item_id="b1", text="b-first", created_at=at(601))
-    store.upsert_message(a, role="assistant", item_id="a2", text="a-second", created_at=at(5))
-    store.upsert_message(a, role="user", item_id="a1", text="a-first", created_at=at(1))
-    store.upsert_message(a, role="user", item_id="a3", text="a-tie-1", created_at=at(9))
-    store.upsert_message(a, role="assistant", item_id="a4", text="a-tie-2", created_at=at(9))
-    texts = [m.text for m in store.iter_messages()]
-    assert texts == ["a-first", "a-second", "a-tie-1", "a-tie-2", "b-first"]
-    assert [m.text for m in store.iter_messages(sessions=[b])] == ["b-first"]
-    assert [m.text for m in store.iter_messages(role="assistant")] == ["a-second", "a-tie-2"]
-    assert [m.text for m in store.iter_messages(since=at(5), until=at(601))] == [
-        "a-second", "a-tie-1", "a-tie-2"
-    ]  # fmt: skip
+def test_iter_messages_order_and_filters(store: Store, clock: SteppedClock) -> None:
+    a = new_session(store)
+    b = new_session(store)
+    # Written out of order, with labels that disagree with the order; equal seq keeps
+    # insertion order.
+    clock.set(at(601))
+    say(store, b, "user", "b1", 1, "b-first")
+    clock.set(at(5))
+    say(store, a, "assistant", "a2", 2, "a-second")
+    clock.set(at(700))
+    say(store, a, "user", "a1", 1, "a-first")
+    clock.set(at(9))
+    say(store, a, "user", "a3", 3, "a-tie-1")
+    say(store, a, "assistant", "a4", 3, "a-tie-2")
+    assert texts(store) == ["a-first", "a-second", "a-tie-1", "a-tie-2", "b-first"]
+    assert [m.seq for m in store.read.iter_messages()] == [1, 2, 3, 3, 1]
+    assert texts(store, sessions=[b]) == ["b-first"]
+    assert texts(store, role="assistant") == ["a-second", "a-tie-2"]
+    # time filters select by label, and keep conversation order
+    assert texts(store, since=at(5), until=at(601)) == ["a-second", "a-tie-1", "a-tie-2"]
+    assert texts(store, since=at(601)) == ["a-first", "b-first"]
     with pytest.raises(ValueError):
-        list(store.iter_messages(role="system"))
+        list(store.read.iter_messages(role="system"))
 
 
-def test_recent_turns_are_the_last_ones_oldest_first(store: Store) -> None:
-    a = new_session(store, 0)
-    b = new_session(store, 100, previous_session_id=a)
-    store.upsert_message(b, role="user", item_id="b1", text="b1", created_at=at(101))
-    store.upsert_message(a, role="user", item_id="a1", text="a1", created_at=at(1))
-    store.upsert_message(a, role="assistant", item_id="a2", text="a2", created_at=at(2))
-    store.upsert_message(a, role="user", item_id="a3", text="", created_at=at(3))
-    store.upsert_message(b, role="assistant", item_id="b2", text="b2", created_at=at(102))
-    assert store.recent_turns(None, 3) == [("assistant", "a2"), ("user", "b1"), ("assistant", "b2")]
-    assert store.recent_turns([a, b], 10) == [
+def test_recent_turns_are_the_last_ones_in_conversation_order(
+    store: Store, clock: SteppedClock
+) -> None:
+    a = new_session(store)
+    b = new_session(store, previous_session_id=a)
+    clock.set(at(101))
+    say(store, b, "user", "b1", 1, "b1")
+    clock.step(days=3)
+    say(store, a, "user", "a1", 1, "a1")
+    clock.step(hours=-1)
+    say(store, a, "assistant", "a2", 2, "a2")
+    say(store, a, "user", "a3", 3, "")
+    clock.set(at(0))
+    say(store, b, "assistant", "b2", 2, "b2")
+    assert store.read.recent_turns(None, 3) == [
+        ("assistant", "a2"), ("user", "b1"), ("assistant", "b2")
+    ]  # fmt: skip
+    assert store.read.recent_turns([a, b], 10) == [
         ("user", "a1"), ("assistant", "a2"), ("user", "b1"), ("assistant", "b2")
     ]  # fmt: skip
-    assert store.recent_turns([a], 1) == [("assistant", "a2")]
-    assert store.recent_turns(None, 0) == []
+    assert store.read.recent_turns([a], 1) == [("assistant", "a2")]
+    assert store.read.recent_turns(None, 0) == []
 
 
 def test_time_format() -> None:
@@ -450,3 +605,4 @@ def test_time_format() -> None:
     assert parse_ts("2026-11-21T09:30:00.123Z") == datetime(
         2026, 11, 21, 9, 30, 0, 123000, tzinfo=timezone.utc
     )
+    assert parse_ts(format_ts(T0)) == T0

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
-import soundfile as sf
-import soxr
+from support import RATE, espeak_pcm, silence, tone
 
 from r2d2voice.audio.vad import (
     EnergyVad,
@@ -20,19 +14,6 @@ from r2d2voice.audio.vad import (
     find_turns,
     threshold_to_dbfs,
 )
-
-RATE = 24000
-
-
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(round(seconds * RATE), np.int16)
-
-
-def tone(seconds: float, dbfs: float = -20.0, freq: float = 440.0) -> np.ndarray:
-    """A sine whose RMS is ``dbfs``."""
-    t = np.arange(round(seconds * RATE)) / RATE
-    amp = 32768 * 10 ** (dbfs / 20) * np.sqrt(2)
-    return np.round(amp * np.sin(2 * np.pi * freq * t)).astype(np.int16)
 
 
 def noise(seconds: float, dbfs: float) -> np.ndarray:
@@ -50,18 +31,6 @@ def feed_chunks(vad: EnergyVad, pcm: np.ndarray, chunk: int) -> list:
     for i in range(0, len(pcm), chunk):
         events += vad.feed(pcm[i : i + chunk])
     return events
-
-
-def espeak_pcm(text: str, tmp_path: Path) -> np.ndarray:
-    """``text`` spoken by espeak-ng, as 24 kHz int16 (skipped only off CI without espeak-ng)."""
-    if shutil.which("espeak-ng") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("espeak-ng is required on CI")
-        pytest.skip("espeak-ng is not installed")
-    wav = tmp_path / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True)
-    data, rate = sf.read(wav, dtype="float32")
-    return np.round(soxr.resample(data, rate, RATE) * 32767).astype(np.int16)
 
 
 # --------------------------------------------------------------------------- basics

@@ -2,59 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
-from r2d2voice.appliance.pipeline import (
-    Console,
-    Context,
-    LinkPolicy,
-    Sink,
-    Source,
-    Stopper,
-    record_calls,
-    run_conversation,
-)
+from r2d2voice.appliance.context import Console, Context, LinkPolicy, Sink, Source, Stopper
+from r2d2voice.appliance.pipeline import run_conversation
 from r2d2voice.link.transport import Endpoint
-from r2d2voice.realtime import protocol as p
-from r2d2voice.storage.store import Store
+from r2d2voice.realtime.client_events import SessionConfig
+from r2d2voice.storage.recorder import CLOSE_DEADLINE, AsyncStore
 from r2d2voice.system.config import Settings
 
 log = logging.getLogger("r2d2voice.appliance.compose")
-T = TypeVar("T")
-
-
-class AsyncStore:
-    """Runs every Store call in a worker thread, one at a time (one shared CapacityLimiter(1)):
-    nothing touches SQLite on the event loop thread."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.limiter = trio.CapacityLimiter(1)
-
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs),
-                                             limiter=self.limiter)
-
-    async def record(self, session_id: str, actions: list[Any]) -> None:
-        """Write a batch of protocol Store* actions in one transaction."""
-
-        def write() -> None:
-            with self.store.batch():
-                for action in actions:
-                    for name, kwargs in record_calls(action):
-                        getattr(self.store, name)(session_id, **kwargs)
-
-        await self.call(write)
 
 
 @asynccontextmanager
@@ -77,8 +40,8 @@ async def open_endpoint(settings: Settings, url: str | None = None) -> AsyncIter
     yield Endpoint(url or settings.realtime_url, settings.model, key)
 
 
-def session_config(settings: Settings) -> p.SessionConfig:
-    return p.SessionConfig(
+def session_config(settings: Settings) -> SessionConfig:
+    return SessionConfig(
         instructions=settings.instructions,
         voice=settings.voice,
         transcribe_model=settings.transcribe_model,
@@ -107,22 +70,15 @@ class StoreSessions:
         self.metadata = metadata
 
     async def begin(self, previous: str | None) -> str:
-        return await self.store.call(
-            self.store.store.start_session, backend=self.backend, model=self.model,
-            voice=self.voice, previous_session_id=previous, metadata=self.metadata)
+        return await self.store.start_session(
+            backend=self.backend, model=self.model, voice=self.voice,
+            previous_session_id=previous, metadata=self.metadata)
 
     async def end(self, session_id: str, stats: dict[str, int]) -> None:
-        def write() -> None:
-            with self.store.store.batch():
-                self.store.store.end_session(session_id)
-                setter = getattr(self.store.store, "set_session_stats", None)
-                if setter is not None:
-                    setter(session_id, stats)
-
-        await self.store.call(write)
+        await self.store.end_session(session_id, stats)
 
     async def context(self, chain: list[str], limit: int) -> list[tuple[str, str]]:
-        return await self.store.call(self.store.store.recent_turns, chain, limit)
+        return await self.store.recent_turns(chain, limit)
 
 
 def link_policy(settings: Settings) -> LinkPolicy:
@@ -148,8 +104,8 @@ async def converse(
     policy: LinkPolicy | None = None,
 ) -> Outcome:
     """One conversation from ``source`` to ``sink``, every transcript stored as it arrives."""
-    started = time.monotonic()
-    store = AsyncStore(await trio.to_thread.run_sync(Store.open, settings.db))
+    started = trio.current_time()
+    store = await AsyncStore.open(settings.db)
     backend = "local" if settings.backend == "local" and url is None else settings.backend
     sessions = StoreSessions(store, backend=backend, model=settings.model, voice=settings.voice,
                              metadata=metadata or {})
@@ -162,52 +118,21 @@ async def converse(
                 policy=policy or link_policy(settings),
             )
     except BaseException as exc:
-        with trio.CancelScope(shield=True):
-            await store.call(store.store.record_error, None, source="local",
-                             type=type(exc).__name__, code=None, message=str(exc)[:500])
+        if not _cancelled(exc):  # a cancelled run (a signal, a timeout) is no error
+            with trio.move_on_after(CLOSE_DEADLINE) as scope:
+                scope.shield = True
+                await store.record_error(None, source="local", type=type(exc).__name__,
+                                         code=None, message=str(exc)[:500])
         raise
     finally:
-        with trio.CancelScope(shield=True):
-            await store.call(store.store.close)
+        await store.aclose()  # shielded, with a deadline
     return Outcome(ctx.session_ids[0] if ctx and ctx.session_ids else "-", ctx,
-                   time.monotonic() - started)
+                   trio.current_time() - started)
 
 
-class TextConsole:
-    """Prints ``you: …`` / ``r2: …`` as transcripts arrive, and a progress bar on a terminal."""
-
-    def __init__(self, out: Any = None, err: Any = None) -> None:
-        self.out = out or sys.stdout
-        self.err = err or sys.stderr
-        self.tty = bool(getattr(self.err, "isatty", lambda: False)())
-        self._bar = False
-        self._status = ""
-
-    def transcript(self, role: str, text: str) -> None:
-        self.finish()
-        who = "you" if role == "user" else "r2"
-        print(f"{who}: {text}", file=self.out, flush=True)
-
-    def status(self, text: str) -> None:
-        if text != self._status:
-            self._status = text
-            log.debug("status: %s", text)
-
-    def progress(self, fraction: float) -> None:
-        if not self.tty:
-            return
-        width = 30
-        filled = int(width * fraction)
-        self.err.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} ")
-        self.err.flush()
-        self._bar = True
-
-    def finish(self) -> None:
-        if self._bar:
-            self.err.write("\r" + " " * 40 + "\r")
-            self.err.flush()
-            self._bar = False
-
-
-def default_out_path(input_path: Path) -> Path:
-    return Path.cwd() / f"{input_path.stem}.reply.wav"
+def _cancelled(exc: BaseException) -> bool:
+    """``exc`` is trio's Cancelled, or a group of nothing else."""
+    inner = getattr(exc, "exceptions", None)
+    if inner is None:
+        return isinstance(exc, trio.Cancelled)
+    return all(_cancelled(e) for e in inner)

@@ -36,6 +36,7 @@ __all__ = [
     "CaptureStatistics",
     "DeviceInfo",
     "PlaybackStatistics",
+    "devices_command",
     "format_devices",
     "list_devices",
     "resolve_device",
@@ -140,6 +141,11 @@ def format_devices(devs: list[DeviceInfo]) -> str:
             )
     lines.append("(* = default; choose with an index or a part of the name)")
     return "\n".join(lines)
+
+
+def devices_command() -> None:
+    """The ``devices`` command: the table of inputs and outputs on stdout."""
+    print(format_devices(list_devices()))
 
 
 def _inventory(devs: list[DeviceInfo], kind: Kind) -> str:

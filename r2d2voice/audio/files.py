@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 import numpy as np
@@ -56,53 +58,100 @@ def _decode_reason(exc: BaseException) -> str:
     return f"not a readable audio file ({detail})"
 
 
-def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a sound file as 24 kHz mono int16 (channels averaged, resampled with soxr)."""
-    shown = _show(path)
+def _checked(path: str | os.PathLike[str], shown: str) -> None:
+    """A precise reason (missing, permission, not a regular file) before libsndfile opens it.
+
+    soundfile then opens the path itself: its file-object mode prints tracebacks from cffi
+    callbacks on bad input. O_NONBLOCK: opening a FIFO must not hang waiting for a writer.
+    """
     if os.path.isdir(path):
         raise UsageError(f"cannot read audio file {shown}: is a directory")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        # Opening it here gives a precise reason (missing, permission); soundfile then opens the
-        # path itself: its file-object mode prints tracebacks from cffi callbacks on bad input.
-        # O_NONBLOCK: opening a FIFO must not hang waiting for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        finally:
-            os.close(fd)
-        if not regular:
-            raise UsageError(f"cannot read audio file {shown}: not a regular file")
-        return _decode(path, shown)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    if not regular:
+        raise UsageError(f"cannot read audio file {shown}: not a regular file")
+
+
+@contextmanager
+def _read_errors(shown: str) -> Iterator[None]:
+    """OS and libsndfile errors become one-line UsageErrors naming the file."""
+    try:
+        yield
     except OSError as exc:
         raise UsageError(f"cannot read audio file {shown}: {_os_reason(exc)}") from None
     except _DECODE_ERRORS as exc:
         raise UsageError(f"cannot read audio file {shown}: {_decode_reason(exc)}") from None
+
+
+class AudioReader:
+    """A sound file streamed as 24 kHz mono int16 blocks, in memory flat in the file's length.
+
+    Opening checks the file (one-line :class:`UsageError` naming it, as :func:`load_audio`);
+    :meth:`blocks` decodes, downmixes and resamples one libsndfile block at a time. A file that
+    turns out truncated mid-way ends early with what could be decoded (``truncated`` is set).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], block_frames: int = _READ_BLOCK_FRAMES
+                 ) -> None:
+        self.path = path
+        self.shown = _show(path)
+        self.block_frames = block_frames
+        self.truncated = False
+        with _read_errors(self.shown):
+            _checked(path, self.shown)
+            with sf.SoundFile(path) as snd:
+                if snd.channels < 1:
+                    raise UsageError(f"cannot read audio file {self.shown}: it has no audio "
+                                     "channels")
+                if snd.samplerate < 1:
+                    raise UsageError(f"cannot read audio file {self.shown}: invalid sample rate")
+                self.samplerate = snd.samplerate
+                self.frames = snd.frames
+        if self.frames == 0:
+            raise UsageError(f"cannot read audio file {self.shown}: it contains no audio "
+                             "(0 frames)")
+
+    @property
+    def seconds(self) -> float:
+        """The file's length as its header says."""
+        return self.frames / self.samplerate
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """24 kHz mono int16 blocks of the whole file, then the resampler's tail."""
+        resampler = Resampler(self.samplerate, RATE, channels=1)
+        with _read_errors(self.shown), sf.SoundFile(self.path) as snd:
+            while True:
+                try:
+                    block = snd.read(self.block_frames, dtype="float32", always_2d=True)
+                except _DECODE_ERRORS:
+                    self.truncated = True
+                    break
+                if not len(block):
+                    break
+                # Float files may hold NaN/inf or values far out of range: keep the filter finite.
+                np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+                np.clip(block, -1.0, 1.0, out=block)
+                out = float_to_pcm16(resampler.process(to_mono(block)))
+                if len(out):
+                    yield out
+        tail = float_to_pcm16(resampler.process(np.zeros(0, np.float32), last=True))
+        if len(tail):
+            yield tail
+
+
+def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a whole sound file as 24 kHz mono int16 (for short files; see :class:`AudioReader`)."""
+    reader = AudioReader(path)
+    try:
+        blocks = list(reader.blocks())
     except MemoryError:
-        raise UsageError(f"cannot read audio file {shown}: too large to load") from None
-
-
-def _decode(path: str | os.PathLike[str], shown: str) -> np.ndarray:
-    with sf.SoundFile(path) as snd:
-        if snd.channels < 1:
-            raise UsageError(f"cannot read audio file {shown}: it has no audio channels")
-        if snd.samplerate < 1:
-            raise UsageError(f"cannot read audio file {shown}: invalid sample rate")
-        resampler = Resampler(snd.samplerate, RATE, channels=1)
-        parts: list[np.ndarray] = []
-        frames = 0
-        while True:
-            block = snd.read(_READ_BLOCK_FRAMES, dtype="float32", always_2d=True)
-            if not len(block):
-                break
-            frames += len(block)
-            # Float files may hold NaN/inf or values far out of range: keep the filter finite.
-            np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
-            np.clip(block, -1.0, 1.0, out=block)
-            parts.append(float_to_pcm16(resampler.process(to_mono(block))))
-        if frames == 0:
-            raise UsageError(f"cannot read audio file {shown}: it contains no audio (0 frames)")
-        parts.append(float_to_pcm16(resampler.process(np.zeros(0, np.float32), last=True)))
-    return np.concatenate(parts)
+        raise UsageError(f"cannot read audio file {reader.shown}: too large to load") from None
+    if reader.truncated or not blocks:
+        raise UsageError(f"cannot read audio file {reader.shown}: truncated or corrupt audio data")
+    return np.concatenate(blocks)
 
 
 class WavWriter:

@@ -5,6 +5,11 @@ Every method takes one :class:`threading.Lock` for a short, bounded amount of wo
 blocks and :meth:`PlayoutBuffer.read_into` allocates no sample buffers, so it is safe to call
 from an audio callback. Each item's received and played sample counts are kept so that an
 interrupted reply can be truncated at exactly what the user heard.
+
+Time: the first sample of each item is stamped with the buffer's ``clock``, which must be
+callable from the consumer's thread (the PortAudio callback cannot ask trio for the time):
+``time.monotonic`` by default. Whoever compares a stamp with another clock converts it by
+elapsed time (``other_now - (buffer.clock() - stamp)``), as the link does.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +58,7 @@ class _Item:
     def __init__(self) -> None:
         self.received = 0
         self.played = 0
-        self.first_played_at: float | None = None  # wall clock of the first sample handed out
+        self.first_played_at: float | None = None  # buffer clock at the first sample out
         self.cancelled = False
 
 
@@ -64,7 +70,8 @@ class PlayoutBuffer:
     """
 
     def __init__(
-        self, capacity_samples: int = 60 * RATE, max_items: int = MAX_TRACKED_ITEMS
+        self, capacity_samples: int = 60 * RATE, max_items: int = MAX_TRACKED_ITEMS, *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity_samples < 1:
             raise ValueError("capacity_samples must be >= 1")
@@ -81,6 +88,19 @@ class PlayoutBuffer:
         self._cancelled = 0
         self._underruns = 0
         self._played = 0
+        self.clock = clock
+        self._listener: Callable[[], None] | None = None
+
+    def set_listener(self, listener: Callable[[], None] | None) -> None:
+        """Call ``listener()`` when audio starts or stops being queued and when an item's first
+        sample is handed out. It runs outside the lock on whichever thread pushed, cancelled or
+        read (the PortAudio callback too), so it must be quick and thread-safe."""
+        self._listener = listener
+
+    def _notify(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            listener()
 
     # -- bookkeeping (lock held) --------------------------------------------------------------
 
@@ -132,7 +152,10 @@ class PlayoutBuffer:
                 self._dropped += overflow
                 self._discard_head(overflow)
             self._chunks.append(AudioChunk(item_id, pcm))
+            started = self._queued == 0
             self._queued += n
+        if started:
+            self._notify()
 
     def cancel(self, item_id: str) -> int:
         """Drop ``item_id``'s queued audio and any later push for it; return samples dropped."""
@@ -153,7 +176,10 @@ class PlayoutBuffer:
             self._chunks = kept
             self._queued -= dropped
             self._cancelled += dropped
-            return dropped
+            drained = dropped > 0 and self._queued == 0
+        if drained:
+            self._notify()
+        return dropped
 
     def clear(self) -> int:
         """Drop everything queued (items are not marked cancelled); return samples dropped."""
@@ -163,7 +189,9 @@ class PlayoutBuffer:
             self._head_offset = 0
             self._queued = 0
             self._cancelled += dropped
-            return dropped
+        if dropped:
+            self._notify()
+        return dropped
 
     # -- consumer side ------------------------------------------------------------------------
 
@@ -175,6 +203,7 @@ class PlayoutBuffer:
         """
         n = len(out)
         written = 0
+        notify = False
         with self._lock:
             while written < n and self._chunks:
                 head = self._chunks[0]
@@ -185,7 +214,8 @@ class PlayoutBuffer:
                 item = self._items.get(head.item_id)
                 if item is not None:
                     if item.played == 0 and take:
-                        item.first_played_at = time.time()
+                        item.first_played_at = self.clock()
+                        notify = True
                     item.played += take
                 self._head_offset = start + take
                 if self._head_offset == len(head.pcm):
@@ -193,8 +223,11 @@ class PlayoutBuffer:
                     self._head_offset = 0
             self._queued -= written
             self._played += written
+            notify = notify or (written > 0 and self._queued == 0)
         if written < n:
             out[written:] = 0
+        if notify:
+            self._notify()
         return written
 
     def read(self, n: int) -> np.ndarray:
@@ -217,7 +250,7 @@ class PlayoutBuffer:
             return item.played if item is not None else 0
 
     def first_played_at(self, item_id: str) -> float | None:
-        """Wall-clock time (``time.time()``) the first sample of ``item_id`` was handed out."""
+        """Time on :attr:`clock` when the first sample of ``item_id`` was handed out."""
         with self._lock:
             item = self._items.get(item_id)
             return item.first_played_at if item is not None else None

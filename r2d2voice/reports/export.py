@@ -1,8 +1,8 @@
-"""Transcript export (JSONL, CSV, Markdown) and the ``sessions`` table, streamed row by row.
+"""``export``: transcripts as JSONL, CSV or Markdown, streamed row by row in conversation order.
 
 Memory stays constant whatever the database size: messages come from
-:meth:`Store.iter_messages` (a cursor, ``fetchmany``) and each is written as it arrives;
-Markdown looks a session up only when the stream enters it.
+:meth:`Queries.iter_messages` (a cursor, ``fetchmany``) and each is written as it arrives;
+Markdown looks a session up only when the stream enters it. ``--output`` is written atomically.
 """
 
 from __future__ import annotations
@@ -11,90 +11,100 @@ import csv
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
-from datetime import date, datetime, time, timedelta, timezone
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
-from r2d2voice.errors import UsageError
-from r2d2voice.storage.store import ROLES, MessageRow, SessionRow, Store
+from r2d2voice.errors import RuntimeFailure, UsageError
+from r2d2voice.reports.tables import check_format, check_sessions, clock, time_range
+from r2d2voice.storage.database import Store
+from r2d2voice.storage.queries import MessageRow, SessionRow
+from r2d2voice.storage.schema import ROLES
 
-__all__ = ["COLUMNS", "FORMATS", "format_sessions", "parse_time_option", "run_export"]
+__all__ = ["COLUMNS", "FORMATS", "export_command", "run_export"]
 
 FORMATS = ("jsonl", "csv", "markdown")
 #: Export columns, in order (JSONL keys, CSV header).
-COLUMNS = (
-    "session_id",
-    "role",
-    "text",
-    "created_at",
-    "item_id",
-    "response_id",
-    "interrupted",
-    "played_ms",
-)
-
-_HAS_TIME = re.compile(r"[Tt :]")
+COLUMNS = ("session_id", "seq", "role", "text", "created_at", "item_id", "response_id",
+           "interrupted", "played_ms")
 
 
-def parse_time_option(value: str, *, option: str, end: bool = False) -> datetime:
-    """An ISO 8601 date or datetime option as an aware UTC datetime (naive = UTC).
+def export_command(db_path: str | os.PathLike[str], *, fmt: str = "jsonl",
+                   sessions: Sequence[str] = (), since: str | None = None,
+                   until: str | None = None, role: str | None = None,
+                   output: str | os.PathLike[str] | None = None,
+                   out: TextIO | None = None) -> int:
+    """The ``export`` command: to ``output`` (atomically) or to ``out`` (default stdout).
 
-    With ``end`` (``--until``) the result is an exclusive bound: a date covers that whole
-    day, a datetime includes messages stamped at that very millisecond.
+    A regular ``output`` file is written next to itself under a temporary name, made 0600 and
+    renamed at the end: a failed export leaves neither it nor the temporary file behind.
+    An existing non-regular target (``/dev/null``, a FIFO) is written in place.
+    Returns the rows written.
     """
-    text = value.strip()
-    try:
-        if not _HAS_TIME.search(text):  # a date: 2026-11-21 (or 20261121)
-            day = date.fromisoformat(text)
-            start = datetime.combine(day, time(), tzinfo=timezone.utc)
-            return start + timedelta(days=1) if end else start
-        if text[-1:] in ("Z", "z"):
-            text = text[:-1] + "+00:00"
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(
-            f"{option}: {value!r} is not an ISO 8601 date or datetime "
-            "(e.g. 2026-11-21 or 2026-11-21T09:30:00Z)"
-        ) from None
-    dt = dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
-    # Stored times have millisecond resolution: round down, then make --until inclusive.
-    dt = dt.replace(microsecond=dt.microsecond // 1000 * 1000)
-    return dt + timedelta(milliseconds=1) if end else dt
+
+    def export_to(stream: TextIO) -> int:
+        return run_export(db_path, fmt=fmt, out=stream, sessions=sessions, since=since,
+                          until=until, role=role)
+
+    if output is None:
+        return export_to(out if out is not None else sys.stdout)
+    return _write_atomically(Path(output), export_to)
 
 
-def run_export(
-    db_path: str | os.PathLike[str],
-    *,
-    fmt: str = "jsonl",
-    out: TextIO,
-    sessions: Sequence[str] = (),
-    since: str | None = None,
-    until: str | None = None,
-    role: str | None = None,
-) -> int:
+def run_export(db_path: str | os.PathLike[str], *, fmt: str = "jsonl", out: TextIO,
+               sessions: Sequence[str] = (), since: str | None = None,
+               until: str | None = None, role: str | None = None) -> int:
     """Write the selected messages of ``db_path`` to ``out``; returns the rows written.
 
     ``out`` should be opened with ``newline=""`` and UTF-8 (CSV writes its own CRLFs).
-    Raises :class:`UsageError` for a bad option or a missing / non-r2d2voice database.
+    Raises :class:`UsageError` for a bad option or a missing / non-r2d2voice database,
+    before anything is written.
     """
-    if fmt not in FORMATS:
-        raise UsageError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    check_format(fmt, FORMATS)
     if role is not None and role not in ROLES:
         raise UsageError(f"--role: {role!r} is not one of {', '.join(ROLES)}")
-    since_dt = None if since is None else parse_time_option(since, option="--since")
-    until_dt = None if until is None else parse_time_option(until, option="--until", end=True)
-    if since_dt is not None and until_dt is not None and until_dt <= since_dt:
-        raise UsageError(f"--until ({until}) is not after --since ({since})")
+    since_dt, until_dt = time_range(since, until)
     with Store.open(db_path, create=False) as store:
-        for sid in sessions:
-            if store.get_session(sid) is None:
-                raise UsageError(f"--session: no session {sid!r} in {os.fspath(db_path)}")
-        rows = store.iter_messages(sessions=sessions, since=since_dt, until=until_dt, role=role)
+        check_sessions(store, sessions)
+        rows = store.read.iter_messages(sessions=sessions, since=since_dt, until=until_dt,
+                                        role=role)
         if fmt == "jsonl":
             return _write_jsonl(rows, out)
         if fmt == "csv":
             return _write_csv(rows, out)
         return _write_markdown(rows, out, store)
+
+
+def _write_atomically(target: Path, write: Callable[[TextIO], int]) -> int:
+    if target.is_dir():
+        raise UsageError(f"--output: {target} is a directory")
+    if target.exists() and not target.is_file():
+        try:
+            with open(target, "w", encoding="utf-8", newline="") as fh:
+                return write(fh)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot write {target}: {exc.strerror or exc}") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
+                                   dir=target.parent)  # mode 0600
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as fh:
+            n = write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise RuntimeFailure(f"cannot write {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
 
 
 # ---------------------------------------------------------------------------- JSONL
@@ -114,6 +124,7 @@ def _escape_line_breakers(line: str) -> str:
 def _row_dict(row: MessageRow) -> dict[str, Any]:
     return {
         "session_id": row.session_id,
+        "seq": row.seq,
         "role": row.role,
         "text": row.text,
         "created_at": row.created_at,
@@ -153,18 +164,17 @@ def _write_csv(rows: Iterable[MessageRow], out: TextIO) -> int:
     writer.writerow(COLUMNS)
     n = 0
     for r in rows:
-        writer.writerow(
-            (
-                _cell(r.session_id),
-                r.role,
-                _cell(r.text),
-                r.created_at,
-                _cell(r.item_id),
-                _cell(r.response_id),
-                "true" if r.interrupted else "false",
-                "" if r.played_ms is None else r.played_ms,
-            )
-        )
+        writer.writerow((
+            _cell(r.session_id),
+            r.seq,
+            r.role,
+            _cell(r.text),
+            r.created_at,
+            _cell(r.item_id),
+            _cell(r.response_id),
+            "true" if r.interrupted else "false",
+            "" if r.played_ms is None else r.played_ms,
+        ))
         n += 1
     return n
 
@@ -176,17 +186,12 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 _INDENT = "    "
 
 
-def _clock(ts: str) -> str:
-    """``2026-11-21T09:30:00.123Z`` -> ``2026-11-21 09:30:00``."""
-    return f"{ts[:10]} {ts[11:19]}"
-
-
 def _session_header(info: SessionRow | None, session_id: str) -> str:
     lines = [f"## Session {session_id}", ""]
     if info is not None:
-        desc = f"Started {_clock(info.started_at)} UTC"
+        desc = f"Started {clock(info.started_at)} UTC"
         if info.ended_at:
-            desc += f", ended {_clock(info.ended_at)} UTC"
+            desc += f", ended {clock(info.ended_at)} UTC"
         desc += f" · backend `{info.backend}` · model `{info.model}`"
         if info.voice:
             desc += f" · voice `{info.voice}`"
@@ -199,15 +204,14 @@ def _session_header(info: SessionRow | None, session_id: str) -> str:
 
 def _turn(row: MessageRow, day: str) -> str:
     # The time shows the date only when the turn is not on the session's first day.
-    when = row.created_at[11:19] if row.created_at[:10] == day else _clock(row.created_at)
+    when = row.created_at[11:19] if row.created_at[:10] == day else clock(row.created_at)
     if row.interrupted:
         when += ", interrupted"
         if row.played_ms is not None:
             when += f" after {row.played_ms / 1000:.1f} s"
     # Everything after ": " is the text; continuation lines are indented by four spaces
     # (a reader strips them), so lines like "# x" or "- x" never become markdown blocks.
-    lines = _LINE_END.split(row.text)
-    body = ("\n" + _INDENT).join(lines)
+    body = ("\n" + _INDENT).join(_LINE_END.split(row.text))
     return f"**{_SPEAKER[row.role]}** ({when}): {body}\n\n"
 
 
@@ -219,39 +223,9 @@ def _write_markdown(rows: Iterable[MessageRow], out: TextIO, store: Store) -> in
     for row in rows:
         if row.session_id != current:
             current = row.session_id
-            info = store.get_session(current)
+            info = store.read.get_session(current)
             day = (info.started_at if info else row.created_at)[:10]
             out.write(_session_header(info, current))
         out.write(_turn(row, day))
         n += 1
     return n
-
-
-# ---------------------------------------------------------------------------- sessions
-
-
-def format_sessions(rows: Sequence[SessionRow]) -> str:
-    """A plain-text table of sessions for the ``sessions`` command (oldest first)."""
-    if not rows:
-        return "no sessions recorded\n"
-    header = ("ID", "STARTED (UTC)", "ENDED (UTC)", "TURNS", "BACKEND", "MODEL")
-    table = [header] + [
-        (
-            r.id,
-            _clock(r.started_at),
-            _clock(r.ended_at) if r.ended_at else "-",
-            str(r.turns),
-            r.backend,
-            r.model,
-        )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    out = []
-    for line in table:
-        cells = [
-            cell.rjust(w) if i == 3 else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out) + "\n"

@@ -154,36 +154,40 @@ def default(attr: str) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated configuration. ``repr`` never shows the API key."""
+    """Validated configuration. ``repr`` never shows the API key.
 
-    api_key: str | None = field(default=None, repr=False)
-    realtime_url: str = DEFAULT_URL
-    model: str = DEFAULT_MODEL
-    voice: str = "alloy"
-    instructions: str = DEFAULT_INSTRUCTIONS
-    transcribe_model: str = "gpt-4o-transcribe"
-    backend: str = "openai"
+    One field per key of KEYS, whose defaults come from there (a test checks both ways).
+    """
+
+    api_key: str | None = field(default=default("api_key"), repr=False)
+    realtime_url: str = default("realtime_url")
+    model: str = default("model")
+    voice: str = default("voice")
+    instructions: str = default("instructions")
+    transcribe_model: str = default("transcribe_model")
+    backend: str = default("backend")
+    #: R2D2_DB's default is None: the path depends on the environment (see default_db_path)
     db: Path = field(default_factory=lambda: default_db_path({}))
-    input_device: str | None = None
-    output_device: str | None = None
-    output_latency: float = 0.03
-    vad_threshold: float = 0.5
-    vad_silence_ms: int = 500
-    vad_prefix_ms: int = 300
-    log_level: str = "INFO"
-    duplex: str = "half"
-    echo_tail_ms: int = 300
-    barge_in_dbfs: float | None = -25.0
-    context_turns: int = 10
-    session_max_minutes: float = 55.0
-    truncation_ratio: float = 0.8
-    context_token_limit: int = 16000
-    price_audio_in: float = 32.0
-    price_audio_in_cached: float = 0.4
-    price_text_in: float = 4.0
-    price_text_in_cached: float = 0.4
-    price_audio_out: float = 64.0
-    price_text_out: float = 16.0
+    input_device: str | None = default("input_device")
+    output_device: str | None = default("output_device")
+    output_latency: float = default("output_latency")
+    vad_threshold: float = default("vad_threshold")
+    vad_silence_ms: int = default("vad_silence_ms")
+    vad_prefix_ms: int = default("vad_prefix_ms")
+    log_level: str = default("log_level")
+    duplex: str = default("duplex")
+    echo_tail_ms: int = default("echo_tail_ms")
+    barge_in_dbfs: float | None = default("barge_in_dbfs")
+    context_turns: int = default("context_turns")
+    session_max_minutes: float = default("session_max_minutes")
+    truncation_ratio: float = default("truncation_ratio")
+    context_token_limit: int = default("context_token_limit")
+    price_audio_in: float = default("price_audio_in")
+    price_audio_in_cached: float = default("price_audio_in_cached")
+    price_text_in: float = default("price_text_in")
+    price_text_in_cached: float = default("price_text_in_cached")
+    price_audio_out: float = default("price_audio_out")
+    price_text_out: float = default("price_text_out")
     env_file: Path | None = None
     #: where each key's value came from ("--flag", "environment", an env file path, "default")
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)

@@ -1,4 +1,4 @@
-"""A WAV file as microphone and a WAV file as speaker, for ``r2d2voice replay``."""
+"""Where microphone audio comes from: a recording (``replay``) or the microphone (``run``)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from r2d2voice.appliance.pipeline import Context
-from r2d2voice.audio.files import WavWriter
+from r2d2voice.appliance.context import Context
+from r2d2voice.audio.devices import CaptureStatistics, DeviceInfo, run_capture
 from r2d2voice.audio.pcm import FRAME_BYTES, FRAME_SAMPLES, RATE
-from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 from r2d2voice.audio.vad import Turn, find_turns
-from r2d2voice.realtime import protocol as p
 
-log = logging.getLogger("r2d2voice.appliance.replay")
+log = logging.getLogger("r2d2voice.appliance.sources")
 
 #: Extra silence after the service's VAD window, so the last turn surely closes.
 TAIL_MARGIN_MS = 700
@@ -41,11 +39,7 @@ class FileSource:
     """
 
     live = False
-
-    @property
-    def resends(self) -> bool:
-        """Fast mode sends a turn again when its link died: queued frames are stale then."""
-        return not self.realtime
+    frames_dropped = 0
 
     def __init__(self, pcm: np.ndarray, *, realtime: bool, vad: VadParams,
                  turn_timeout: float = 60.0,
@@ -61,6 +55,11 @@ class FileSource:
         self.turns = find_turns(self.pcm, RATE, threshold=vad.threshold,
                                 prefix_padding_ms=vad.prefix_padding_ms,
                                 silence_duration_ms=vad.silence_duration_ms)
+
+    @property
+    def resends(self) -> bool:
+        """Fast mode sends a turn again when its link died: queued frames are stale then."""
+        return not self.realtime
 
     @property
     def seconds(self) -> float:
@@ -88,18 +87,16 @@ class FileSource:
 
     async def _fast(self, send: trio.MemorySendChannel[bytes], data: bytes, total: int,
                     ctx: Context) -> None:
-        def conv() -> p.Conversation:  # a reconnect brings a new conversation object
-            return ctx.conversation
-
         frame = 0
         for turn in self.turns:
             end = min(total, -(-turn.close_sample // FRAME_SAMPLES) + 5)
             for _attempt in range(3):
                 # never start talking while the robot is busy or the link is down
-                await ctx.watch.wait_for(lambda: (ctx.connected and conv().idle)
-                                         or ctx.stopping)
+                await ctx.watch.wait_for(
+                    lambda: (ctx.connected and ctx.conversation.idle) or ctx.stopping)
                 epoch = ctx.epoch
-                done_before, commits_before = conv().responses_done, conv().turns_committed
+                conv = ctx.conversation  # a reconnect brings a new conversation object
+                done_before, commits_before = conv.responses_done, conv.turns_committed
                 for i in range(frame, end):
                     if ctx.epoch != epoch:
                         break  # the link died mid-turn: start the turn again
@@ -158,48 +155,43 @@ async def _send(send: trio.MemorySendChannel[bytes], frame: bytes) -> None:
         await send.send(frame)
 
 
-class WavSink:
-    """Writes the reply audio the speaker would have played: replies back to back, 24 kHz mono.
+class DeviceSource:
+    """Live capture. Channel policy: never blocks; a full uplink queue drops the newest frame
+    and counts it (see ``devices.run_capture``)."""
 
-    ``realtime`` plays at 20 ms per block, so a barge-in cuts the file at what was played;
-    otherwise every chunk counts as played the moment it arrives.
-    """
+    live = True
+    resends = False
 
-    def __init__(self, path: str, *, realtime: bool) -> None:
-        self.path = path
-        self.realtime = realtime
-        self.samples_written = 0
+    def __init__(self, device: DeviceInfo, *, latency: float | str | None = None) -> None:
+        self.device = device
+        self.latency = latency
+        self.stats = CaptureStatistics()
+        self.running = trio.Event()
+        self._started_at = 0.0
 
-    async def run(self, receive: trio.MemoryReceiveChannel[AudioChunk],
-                  buffer: PlayoutBuffer) -> None:
-        with WavWriter(self.path) as writer:
-            if self.realtime:
-                await self._realtime(receive, buffer, writer)
-            else:
-                async with receive:
-                    async for chunk in receive:
-                        buffer.push(chunk.item_id, chunk.pcm)
-                        self._write(writer, buffer.read(buffer.queued_samples()))
-
-    async def _realtime(self, receive: trio.MemoryReceiveChannel[AudioChunk],
-                        buffer: PlayoutBuffer, writer: WavWriter) -> None:
-        finished = trio.Event()
-
-        async def take() -> None:
-            async with receive:
-                async for chunk in receive:
-                    buffer.push(chunk.item_id, chunk.pcm)
-            finished.set()
-
+    async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(take)
-            tick = trio.current_time()
-            while not (finished.is_set() and buffer.queued_samples() == 0):
-                tick += FRAME_SAMPLES / RATE
-                await trio.sleep_until(tick)
-                self._write(writer, buffer.read(FRAME_SAMPLES))
+            await nursery.start(lambda task_status: run_capture(
+                send, self.device, latency=self.latency, stats=self.stats,
+                task_status=task_status))
+            self._started_at = trio.current_time()
+            self.running.set()
 
-    def _write(self, writer: WavWriter, pcm: np.ndarray) -> None:
-        if len(pcm):
-            writer.write(pcm)
-            self.samples_written += len(pcm)
+    @property
+    def frames_dropped(self) -> int:
+        """Frames dropped because the uplink queue was full (e.g. while reconnecting)."""
+        return self.stats.frames_dropped
+
+    def healthy(self, within: float = 5.0) -> bool:
+        """Frames arrived in the last ``within`` seconds (or capture is still starting).
+
+        A stream that started less than ``within`` seconds ago and has not delivered its first
+        frame yet counts as healthy: a check falling between start and first frame must not
+        withhold a ping (one missed ping is a gap of a whole ``WatchdogSec``).
+        """
+        if not self.running.is_set():
+            return True
+        last = self.stats.last_frame_time
+        if last is None:
+            last = self._started_at
+        return trio.current_time() - last < within

@@ -1,0 +1,72 @@
+"""Where reply audio goes: a WAV file (``replay``) or the speaker (``run``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import trio
+
+from r2d2voice.audio.devices import DeviceInfo, PlaybackStatistics, run_playback
+from r2d2voice.audio.files import WavWriter
+from r2d2voice.audio.pcm import FRAME_SAMPLES, RATE
+from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
+
+
+class WavSink:
+    """Writes the reply audio the speaker would have played: replies back to back, 24 kHz mono.
+
+    ``realtime`` plays at 20 ms per block, so a barge-in cuts the file at what was played;
+    otherwise every chunk counts as played the moment it arrives.
+    """
+
+    def __init__(self, path: str, *, realtime: bool) -> None:
+        self.path = path
+        self.realtime = realtime
+        self.samples_written = 0
+
+    async def run(self, receive: trio.MemoryReceiveChannel[AudioChunk],
+                  buffer: PlayoutBuffer) -> None:
+        with WavWriter(self.path) as writer:
+            if self.realtime:
+                await self._realtime(receive, buffer, writer)
+            else:
+                async with receive:
+                    async for chunk in receive:
+                        buffer.push(chunk.item_id, chunk.pcm)
+                        self._write(writer, buffer.read(buffer.queued_samples()))
+
+    async def _realtime(self, receive: trio.MemoryReceiveChannel[AudioChunk],
+                        buffer: PlayoutBuffer, writer: WavWriter) -> None:
+        """A speaker clock: one 20 ms block per tick until the channel closed and all played."""
+        finished = trio.Event()
+
+        async def take() -> None:
+            async with receive:
+                async for chunk in receive:
+                    buffer.push(chunk.item_id, chunk.pcm)
+            finished.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take)
+            tick = trio.current_time()
+            while not (finished.is_set() and buffer.queued_samples() == 0):
+                tick += FRAME_SAMPLES / RATE
+                await trio.sleep_until(tick)
+                self._write(writer, buffer.read(FRAME_SAMPLES))
+
+    def _write(self, writer: WavWriter, pcm: np.ndarray) -> None:
+        if len(pcm):
+            writer.write(pcm)
+            self.samples_written += len(pcm)
+
+
+class DeviceSink:
+    """Live playback through the playout buffer (drop-oldest beyond 60 s)."""
+
+    def __init__(self, device: DeviceInfo, *, latency: float | str | None = 0.03) -> None:
+        self.device = device
+        self.latency = latency
+        self.stats = PlaybackStatistics()
+
+    async def run(self, receive: trio.MemoryReceiveChannel[AudioChunk],
+                  buffer: PlayoutBuffer) -> None:
+        await run_playback(receive, buffer, self.device, latency=self.latency, stats=self.stats)

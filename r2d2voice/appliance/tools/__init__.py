@@ -1,0 +1,5 @@
+"""Function tools the model may call: the tools file, the built-ins, and a safe runner."""
+
+from r2d2voice.appliance.tools.runner import Toolbox, ToolContext, ToolResult, load_tools
+
+__all__ = ["ToolContext", "ToolResult", "Toolbox", "load_tools"]

@@ -1,0 +1,113 @@
+"""Wake-word detection on the board: microWakeWord models through pymicro-wakeword.
+
+The detector takes the pipeline's 20 ms frames (24 kHz mono PCM16), resamples them to the 16 kHz
+the models want, and reports a :class:`Wake` once per utterance: after a detection it ignores the
+next ``refractory_s`` seconds *of audio* (counted in samples, not wall time, so a replay and a
+live microphone behave alike). pymicro-wakeword is an optional extra (``r2d2voice[wake]``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from r2d2voice.audio.pcm import RATE, Resampler, bytes_to_pcm16
+from r2d2voice.errors import ConfigError
+
+#: Models shipped inside pymicro-wakeword, by the name ``R2D2_WAKE_WORD`` takes.
+BUNDLED = ("okay_nabu", "hey_jarvis", "hey_mycroft", "alexa")
+MODEL_RATE = 16000
+_CHUNK_BYTES = 160 * 2  # the frontend's 10 ms step at 16 kHz
+
+
+@dataclass(frozen=True)
+class Wake:
+    """A detection: the model's mean probability and where in the audio it fired."""
+
+    wake_word: str
+    score: float
+    at_sample: int  # 24 kHz samples since the detector started
+
+
+def _engine() -> Any:
+    try:
+        import pymicro_wakeword
+    except ImportError:
+        raise ConfigError(
+            "wake-word listening needs pymicro-wakeword: pip install 'r2d2voice[wake]'"
+        ) from None
+    return pymicro_wakeword
+
+
+def model_config(name_or_path: str) -> Path:
+    """The .json of a bundled model name or of a custom microWakeWord model; ConfigError if
+    neither (the message lists the bundled names)."""
+    if name_or_path in BUNDLED:
+        return Path(_engine().__file__).parent / "models" / f"{name_or_path}.json"
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        try:
+            config = json.loads(path.read_text())
+            if not (path.parent / config["model"]).is_file():
+                raise ConfigError(f"wake-word model {path}: {config['model']} is missing")
+            float(config["micro"]["probability_cutoff"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path} is not a microWakeWord model (.json)") from None
+        return path
+    raise ConfigError(
+        f"unknown wake word {name_or_path!r}: use one of {', '.join(BUNDLED)} "
+        "or the path of a microWakeWord model's .json"
+    )
+
+
+class WakeWordDetector:
+    """Frames in, at most one :class:`Wake` per utterance out. Not thread-safe; no I/O."""
+
+    def __init__(self, name_or_path: str, *, refractory_s: float = 2.0,
+                 cutoff: float | None = None) -> None:
+        engine = _engine()
+        self.config_path = model_config(name_or_path)
+        self._model = engine.MicroWakeWord.from_config(self.config_path)
+        self._features = engine.MicroWakeWordFeatures()
+        self.wake_word: str = self._model.wake_word
+        self.cutoff = self._model.probability_cutoff if cutoff is None else cutoff
+        self.refractory_samples = round(refractory_s * RATE)
+        self._resampler = Resampler(RATE, MODEL_RATE)
+        self._pending = b""
+        self._samples = 0
+        self._quiet_until = 0
+        self.best = 0.0  # highest probability seen since the last wake (for the log)
+
+    def process(self, frame: bytes) -> Wake | None:
+        """Feed one frame of 24 kHz PCM16; a Wake if the word ended in it."""
+        self._samples += len(frame) // 2
+        pcm = self._resampler.process(bytes_to_pcm16(frame))
+        self._pending += pcm.astype("<i2").tobytes()
+        usable = len(self._pending) - len(self._pending) % _CHUNK_BYTES
+        chunk, self._pending = self._pending[:usable], self._pending[usable:]
+        wake: Wake | None = None
+        for features in self._features.process_streaming(chunk):
+            p = self._model.process_streaming_prob(features)
+            if p is None:
+                continue
+            self.best = max(self.best, p)
+            if p > self.cutoff and wake is None and self._samples >= self._quiet_until:
+                wake = Wake(self.wake_word, round(float(p), 3), self._samples)
+        if wake is not None:
+            self._quiet_until = self._samples + self.refractory_samples
+            self.best = 0.0
+        return wake
+
+    def close(self) -> None:
+        self._model.close()
+
+
+def speech_frames(pcm: np.ndarray) -> list[bytes]:
+    """Split 24 kHz int16 audio into 20 ms frames (the last one zero-padded)."""
+    n = 480
+    padded = np.concatenate([pcm, np.zeros(-len(pcm) % n, np.int16)])
+    return [padded[i:i + n].astype("<i2").tobytes() for i in range(0, len(padded), n)]

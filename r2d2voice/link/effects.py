@@ -1,0 +1,127 @@
+"""Carries out the protocol core's actions: audio to the speaker channel, records to the
+recorder channel, client events to the uplink, barge-in on the playout buffer.
+
+Channel policies (the channels are made in ``appliance/pipeline.py``): audio never waits (a
+full channel drops the chunk and counts it); records wait and log that they waited; control
+events wait (they are few and small).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import trio
+
+from r2d2voice.audio.playout import AudioChunk
+from r2d2voice.link.state import Console, LinkState
+from r2d2voice.realtime.actions import (
+    Action,
+    BargeIn,
+    Play,
+    Record,
+    Send,
+    StoreError,
+    StoreMessage,
+)
+from r2d2voice.realtime.client_events import RATE, ClientEvent
+
+log = logging.getLogger("r2d2voice.link.effects")
+
+
+class Effects:
+    """The action router of one connection (one service session)."""
+
+    def __init__(self, state: LinkState, session_id: str, console: Console,
+                 audio: trio.MemorySendChannel[AudioChunk],
+                 records: trio.MemorySendChannel[tuple[str, Record]],
+                 control: trio.MemorySendChannel[ClientEvent]) -> None:
+        self.state = state
+        self.session_id = session_id
+        self.console = console
+        self.audio = audio
+        self.records = records
+        self.control = control
+
+    async def apply(self, actions: list[Action]) -> None:
+        state = self.state
+        for action in actions:
+            if isinstance(action, Play):
+                self._play(action)
+            elif isinstance(action, BargeIn):
+                await self._barge_in()
+            elif isinstance(action, Send):
+                await self._send(action.event)
+            else:
+                self._count(action)
+                await self.store(action)
+        state.watch.changed()
+
+    async def store(self, record: Record) -> None:
+        """Queue a record for the recorder; wait (and say so) when it is behind."""
+        try:
+            self.records.send_nowait((self.session_id, record))
+        except trio.WouldBlock:
+            self.state.stats.record_waits += 1
+            log.warning("recorder is behind (%d records queued): waiting for it",
+                        self.records.statistics().max_buffer_size)
+            await self.records.send((self.session_id, record))
+
+    def played_latencies(self) -> list[Action]:
+        """Latency records for replies whose first sample the speaker has taken by now.
+
+        The buffer stamps on its own clock (the audio thread cannot read trio's); a stamp
+        becomes trio time by the time elapsed since it, read on the buffer's clock.
+        """
+        state = self.state
+        conv, buffer = state.conversation, state.buffer
+        out: list[Action] = []
+        for item_id in list(conv.awaiting_play):
+            at = buffer.first_played_at(item_id)
+            if at is not None:
+                now = trio.current_time() - (buffer.clock() - at)
+                out += conv.first_played(item_id, now)
+        return out
+
+    async def _send(self, event: ClientEvent) -> None:
+        """Queue a control event for the uplink; once the uplink is gone (the link died) it
+        is dropped: the items it names belong to that dead session."""
+        try:
+            await self.control.send(event)
+        except trio.BrokenResourceError:
+            log.debug("link gone: %s not sent", event.TYPE)
+
+    def _play(self, action: Play) -> None:
+        state = self.state
+        if state.gate is not None:
+            state.gate.playing(trio.current_time())
+        try:
+            self.audio.send_nowait(AudioChunk(action.item_id,
+                                              np.frombuffer(action.pcm, dtype="<i2")))
+        except trio.WouldBlock:
+            state.stats.audio_chunks_dropped += 1
+
+    async def _barge_in(self) -> None:
+        """Stop the reply the speaker is playing; the core decides what the service hears."""
+        buffer = self.state.buffer
+        item = buffer.playing_item()
+        if item is None:
+            return
+        buffer.cancel(item)
+        self.state.stats.interruptions += 1
+        played = buffer.played_samples(item)
+        log.info("barge-in: reply %s stopped after %.2f s", item, played / RATE)
+        await self.apply(self.state.conversation.interrupted(item, played))
+
+    def _count(self, record: Record) -> None:
+        stats = self.state.stats
+        if isinstance(record, StoreMessage) and not record.partial:
+            if record.role == "user":
+                stats.user_turns += 1
+            else:
+                stats.assistant_turns += 1
+            self.console.transcript(record.role, record.text)
+        elif isinstance(record, StoreError):
+            stats.service_errors += 1
+            log.warning("service error %s%s: %s", record.type,
+                        f" ({record.code})" if record.code else "", record.message)

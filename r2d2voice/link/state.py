@@ -1,0 +1,139 @@
+"""What the link shares with the rest of a run, and what it needs from it.
+
+:class:`LinkState` is the run's view of the conversation (the current session's
+:class:`Conversation`, the playout buffer, counters, the connection epoch); sources watch it.
+:class:`Sessions` and :class:`Console` are the ports the run plugs its store and output into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+import trio
+
+from r2d2voice.audio.gates import EchoGate
+from r2d2voice.audio.playout import PlayoutBuffer
+from r2d2voice.realtime.conversation import Conversation
+
+
+class Watch:
+    """Lets tasks wait until the run reaches some state (trio-only; one loop)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def changed(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def next_change(self) -> None:
+        await self._event.wait()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._event.wait()
+
+
+@dataclass
+class Statistics:
+    """Counters of one run; each session stores its share (see ``delta``)."""
+
+    frames_sent: int = 0
+    frames_dropped: int = 0
+    frames_gated: int = 0
+    audio_chunks_dropped: int = 0
+    record_waits: int = 0
+    junk_messages: int = 0
+    service_errors: int = 0
+    interruptions: int = 0
+    reconnects: int = 0
+    user_turns: int = 0
+    assistant_turns: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def delta(self, since: dict[str, int]) -> dict[str, int]:
+        return {k: v - since.get(k, 0) for k, v in self.snapshot().items()}
+
+
+@dataclass(frozen=True)
+class LinkPolicy:
+    """How the link behaves over a long run."""
+
+    reconnect: bool = True
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    #: a session that lived this long resets the backoff
+    healthy_after: float = 20.0
+    #: recycle the connection at a quiet moment after this long (the service stops at 60 min)
+    session_max_seconds: float = 55 * 60
+    #: this long without speech, reply or queued audio counts as a quiet moment
+    quiet_seconds: float = 0.5
+    #: turns re-sent as text items to a new session
+    context_turns: int = 10
+    ping_interval: float = 15.0
+    ping_timeout: float = 10.0
+    #: "half": mic audio is not sent while a reply plays and for ``echo_tail`` after it
+    duplex: str = "half"
+    echo_tail: float = 0.3
+    #: in half duplex, mic audio this loud (dBFS RMS) for ``barge_in_ms`` opens the gate
+    #: (barge-in); None: no barge-in while the robot speaks
+    barge_in_dbfs: float | None = -25.0
+    barge_in_ms: int = 120
+
+    def echo_gate(self) -> EchoGate:
+        return EchoGate(self.echo_tail, self.barge_in_dbfs, self.barge_in_ms)
+
+
+@dataclass
+class LinkState:
+    """What the tasks of one run share: conversation state, playout buffer, counters."""
+
+    conversation: Conversation
+    buffer: PlayoutBuffer
+    watch: Watch = field(default_factory=Watch)
+    stats: Statistics = field(default_factory=Statistics)
+    stopping: bool = False
+    #: bumped for every new connection; a source can tell a turn was sent to a dead link
+    epoch: int = 0
+    connected: bool = False
+    session_ids: list[str] = field(default_factory=list)
+    #: the half-duplex echo gate (None: full duplex or a file source)
+    gate: EchoGate | None = None
+
+
+class Sessions(Protocol):
+    """The store's view of service sessions (the app implements it over SQLite)."""
+
+    async def begin(self, previous: str | None) -> str: ...
+    async def end(self, session_id: str, stats: dict[str, int]) -> None: ...
+    async def context(self, chain: list[str], limit: int) -> list[tuple[str, str]]: ...
+
+
+class Console(Protocol):
+    def transcript(self, role: str, text: str) -> None: ...
+    def status(self, text: str) -> None: ...
+
+
+class FrameSource(Protocol):
+    """What the link needs to know about where microphone frames come from."""
+
+    #: live capture: frames queued while the link was down are stale, drop them
+    live: bool
+    #: the source sends a turn again when its link died (queued frames are stale then too)
+    resends: bool
+    #: frames the source itself dropped because the uplink queue was full
+    frames_dropped: int
+
+
+class Quiet:
+    """A console that shows nothing."""
+
+    def transcript(self, role: str, text: str) -> None:
+        pass
+
+    def status(self, text: str) -> None:
+        pass

@@ -1,0 +1,168 @@
+"""Conversation items as the local backend keeps them: order, lookup, create, truncate, usage."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from r2d2voice.localbackend.wire import IdFactory, Json, decode_pcm, is_int, ms, require
+
+__all__ = ["Conversation", "Item", "parse_item", "user_audio_item"]
+
+_CONTENT_TYPES = {
+    "user": ("input_text", "input_audio"),
+    "system": ("input_text",),
+    "assistant": ("output_text", "output_audio"),
+}
+
+
+@dataclass(eq=False)
+class Item:
+    """One conversation item."""
+
+    id: str
+    role: str
+    wire: Json  # the item as sent to the client
+    audio_ms: int = 0  # audio held by the item (user input or assistant output)
+    text: str | None = None  # text content, or the transcript of the audio
+    digest: bytes = b""  # hash of the user's input (audio or text): seeds the reply
+
+
+def _message(item_id: str, role: str, content: list[Json], status: str = "completed") -> Json:
+    return {"id": item_id, "object": "realtime.item", "type": "message", "status": status,
+            "role": role, "content": content}
+
+
+def user_audio_item(item_id: str, audio: bytes) -> Item:
+    """The user item a committed turn becomes, not transcribed (yet)."""
+    wire = _message(item_id, "user", [{"type": "input_audio", "transcript": None}])
+    return Item(item_id, "user", wire, ms(len(audio) // 2), None, hashlib.sha256(audio).digest())
+
+
+def parse_item(raw: Any, new_id: IdFactory) -> Item:
+    """The item of a ``conversation.item.create`` (messages only), or a ClientError."""
+    require(isinstance(raw, dict), "Missing required parameter: 'item'.", "item",
+            "missing_required_parameter")
+    require(raw.get("type") == "message",
+            "The local backend supports only items of type 'message'.", "item.type")
+    role = raw.get("role")
+    require(role in _CONTENT_TYPES, "Invalid 'item.role': expected user, assistant or system.",
+            "item.role")
+    content = raw.get("content")
+    require(isinstance(content, list) and len(content) > 0,
+            "Invalid 'item.content': expected a non-empty array.", "item.content")
+    allowed = _CONTENT_TYPES[role]
+    wire_content: list[Json] = []
+    texts: list[str] = []
+    audio_ms = 0
+    digest = hashlib.sha256()
+    for i, part in enumerate(content):
+        p = f"item.content[{i}]"
+        require(isinstance(part, dict) and part.get("type") in allowed,
+                f"Invalid '{p}.type' for role {role}: expected one of "
+                + ", ".join(allowed) + ".", f"{p}.type")
+        kind = part["type"]
+        if kind in ("input_text", "output_text"):
+            require(isinstance(part.get("text"), str),
+                    f"Missing required parameter: '{p}.text'.", f"{p}.text",
+                    "missing_required_parameter")
+            texts.append(part["text"])
+            digest.update(part["text"].encode())
+            wire_content.append({"type": kind, "text": part["text"]})
+            continue
+        transcript = part.get("transcript")
+        require(transcript is None or isinstance(transcript, str),
+                f"Invalid type for '{p}.transcript'.", f"{p}.transcript")
+        if "audio" in part:
+            pcm = decode_pcm(part["audio"], f"{p}.audio")
+            audio_ms += ms(len(pcm) // 2)
+            digest.update(pcm)
+        if transcript:
+            texts.append(transcript)
+        wire_content.append({"type": kind, "transcript": transcript})
+    item_id = raw.get("id")
+    if item_id is None:
+        item_id = new_id("item")
+    require(isinstance(item_id, str) and item_id != "",
+            "Invalid type for 'item.id': expected a string.", "item.id")
+    return Item(item_id, role, _message(item_id, role, wire_content), audio_ms,
+                " ".join(texts) or None, digest.digest())
+
+
+class Conversation:
+    """The items of one session, in order."""
+
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+
+    def get(self, item_id: str) -> Item | None:
+        return next((it for it in self.items if it.id == item_id), None)
+
+    def find(self, item_id: Any, code: str) -> Item:
+        """The item ``item_id`` names, or a ClientError with ``code``."""
+        require(isinstance(item_id, str), "Missing required parameter: 'item_id'.", "item_id",
+                "missing_required_parameter")
+        item = self.get(item_id)
+        require(item is not None, f"Item with item_id not found: {item_id}", "item_id", code)
+        return item  # type: ignore[return-value]
+
+    def last_id(self) -> str | None:
+        """The id of the last item (what a new item at the end follows)."""
+        return self.items[-1].id if self.items else None
+
+    def insert(self, item: Item, previous_item_id: str | None = None) -> str | None:
+        """Add ``item`` after ``previous_item_id`` (None: at the end; ``"root"``: first);
+        return its predecessor's id."""
+        if previous_item_id is None:
+            self.items.append(item)
+        elif previous_item_id == "root":
+            self.items.insert(0, item)
+        else:
+            prev = self.get(previous_item_id)
+            require(prev is not None, f"Item with item_id not found: {previous_item_id}",
+                    "previous_item_id", "item_create_invalid_previous_item_id")
+            self.items.insert(self.items.index(prev) + 1, item)  # type: ignore[arg-type]
+        index = self.items.index(item)
+        return self.items[index - 1].id if index > 0 else None
+
+    def remove(self, item: Item) -> None:
+        self.items.remove(item)
+
+    def seed(self) -> bytes:
+        """What the next reply's beeps derive from: the last user input (b"" if none)."""
+        return next((it.digest for it in reversed(self.items) if it.role == "user"), b"")
+
+    def truncate(self, item: Item, content_index: Any, audio_end_ms: Any) -> None:
+        """Cut an assistant audio item at ``audio_end_ms``; its transcript leaves the context,
+        as with the service."""
+        require(is_int(content_index) and content_index == 0,
+                "Invalid 'content_index': the item has one content part (0).", "content_index")
+        require(item.role == "assistant" and bool(item.wire["content"])
+                and item.wire["content"][0].get("type") == "output_audio",
+                "Only assistant messages with audio can be truncated.", "item_id",
+                "item_truncate_invalid_item_id")
+        require(is_int(audio_end_ms) and audio_end_ms >= 0,
+                "Invalid 'audio_end_ms': expected a non-negative integer.", "audio_end_ms")
+        require(audio_end_ms <= item.audio_ms,
+                f"Audio content of {item.audio_ms}ms is shorter than {audio_end_ms}ms.",
+                "audio_end_ms", "invalid_value")
+        item.audio_ms = audio_end_ms
+        item.text = None
+        item.wire["content"][0]["transcript"] = None
+
+    def input_usage(self, instructions: str, exclude: str | None = None) -> tuple[int, int]:
+        """(audio, text) input tokens, as a response would be billed: 10 per second of user
+        audio, len(text) // 4 over the instructions, text items and assistant transcripts."""
+        audio_ms = sum(it.audio_ms for it in self.items if it.role == "user" and it.id != exclude)
+        text = len(instructions) // 4
+        text += sum(
+            len(it.text) // 4 for it in self.items
+            if it.text and it.id != exclude and (it.role != "user" or it.audio_ms == 0)
+        )
+        return audio_ms * 10 // 1000, text
+
+    def wire(self, item: Item) -> Json:
+        """A copy of ``item`` as the client sees it."""
+        return copy.deepcopy(item.wire)

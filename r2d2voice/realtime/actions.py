@@ -1,0 +1,93 @@
+"""What the shell must do about a server event: play, stop, send, store.
+
+None carries wall-clock time: the storage writer stamps wall-time labels when it writes.
+``seq`` is the conversation order within one service session (one Conversation), from 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from r2d2voice.realtime.client_events import ClientEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Play:
+    """Queue reply audio (24 kHz mono PCM16 bytes) for the speaker."""
+
+    item_id: str
+    pcm: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BargeIn:
+    """The user started speaking: stop the speaker now and report what was played with
+    :meth:`Conversation.interrupted`."""
+
+    user_item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send this client event (serialised by :meth:`Conversation.send`)."""
+
+    event: ClientEvent
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSession:
+    service_session_id: str
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreMessage:
+    role: str
+    item_id: str
+    seq: int
+    text: str
+    response_id: str | None = None
+    raw: str | None = field(default=None, repr=False)
+    partial: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInterrupted:
+    item_id: str
+    seq: int
+    played_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResponse:
+    """A response's status: ``in_progress`` at ``response.created``, final at ``.done``."""
+
+    response_id: str
+    status: str
+    usage: dict[str, Any] | None = None
+    status_details: dict[str, Any] | None = None
+    #: end of user speech -> first reply audio received, in ms (None without a speech turn)
+    first_audio_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLatency:
+    """End of user speech -> first reply sample handed to the speaker, in ms."""
+
+    response_id: str
+    first_played_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreError:
+    type: str
+    code: str | None
+    message: str
+    fatal: bool
+
+
+Record = (
+    StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreLatency | StoreError
+)
+Action = Play | BargeIn | Send | Record

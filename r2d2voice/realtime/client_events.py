@@ -1,0 +1,179 @@
+"""Client events of the GA Realtime protocol as small typed records, and their JSON form.
+
+Every event the appliance sends is one of the frozen records below; :func:`encode` is the one
+place where a record becomes wire JSON. Event ids are not part of a record: the
+:class:`~r2d2voice.realtime.conversation.Conversation` that sends it assigns them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+#: The one audio format on the wire: PCM16 mono little-endian at 24 kHz.
+RATE = 24000
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """What ``session.update`` asks of the service."""
+
+    instructions: str
+    voice: str = "alloy"
+    transcribe_model: str = "gpt-4o-transcribe"
+    vad_threshold: float = 0.5
+    vad_prefix_ms: int = 300
+    vad_silence_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+    #: keep this share of the context when it overflows (``truncation.retention_ratio``)
+    retention_ratio: float | None = None
+    #: conversation tokens (after instructions) that trigger truncation; None: model default
+    token_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUpdate:
+    """``session.update`` in the GA shape."""
+
+    TYPE: ClassVar[str] = "session.update"
+
+    config: SessionConfig
+
+
+@dataclass(frozen=True, slots=True)
+class AudioAppend:
+    """``input_audio_buffer.append`` of 24 kHz mono PCM16 audio."""
+
+    TYPE: ClassVar[str] = "input_audio_buffer.append"
+
+    pcm: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AudioCommit:
+    """``input_audio_buffer.commit``."""
+
+    TYPE: ClassVar[str] = "input_audio_buffer.commit"
+
+
+@dataclass(frozen=True, slots=True)
+class AudioClear:
+    """``input_audio_buffer.clear``."""
+
+    TYPE: ClassVar[str] = "input_audio_buffer.clear"
+
+
+@dataclass(frozen=True, slots=True)
+class ItemCreateText:
+    """``conversation.item.create`` of a text message (context carried to a new session)."""
+
+    TYPE: ClassVar[str] = "conversation.item.create"
+
+    role: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ItemTruncate:
+    """``conversation.item.truncate``: the service keeps only what the user heard."""
+
+    TYPE: ClassVar[str] = "conversation.item.truncate"
+
+    item_id: str
+    audio_end_ms: int
+    content_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ItemDelete:
+    """``conversation.item.delete``."""
+
+    TYPE: ClassVar[str] = "conversation.item.delete"
+
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCreate:
+    """``response.create``."""
+
+    TYPE: ClassVar[str] = "response.create"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCancel:
+    """``response.cancel`` (of ``response_id``, or of the active response)."""
+
+    TYPE: ClassVar[str] = "response.cancel"
+
+    response_id: str | None = None
+
+
+ClientEvent = (
+    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreateText | ItemTruncate
+    | ItemDelete | ResponseCreate | ResponseCancel
+)
+
+
+def _session(cfg: SessionConfig) -> dict[str, Any]:
+    pcm = {"type": "audio/pcm", "rate": RATE}
+    session: dict[str, Any] = {
+        "type": "realtime",
+        "output_modalities": ["audio"],
+        "instructions": cfg.instructions,
+        "audio": {
+            "input": {
+                "format": pcm,
+                "transcription": {"model": cfg.transcribe_model},
+                "turn_detection": {
+                    "type": "server_vad",
+                    "threshold": cfg.vad_threshold,
+                    "prefix_padding_ms": cfg.vad_prefix_ms,
+                    "silence_duration_ms": cfg.vad_silence_ms,
+                    "create_response": cfg.create_response,
+                    "interrupt_response": cfg.interrupt_response,
+                },
+            },
+            "output": {"format": dict(pcm), "voice": cfg.voice},
+        },
+    }
+    if cfg.retention_ratio is not None:
+        truncation: dict[str, Any] = {"type": "retention_ratio",
+                                      "retention_ratio": cfg.retention_ratio}
+        if cfg.token_limit:
+            truncation["token_limits"] = {"post_instructions": cfg.token_limit}
+        session["truncation"] = truncation
+    return session
+
+
+def to_dict(event: ClientEvent, event_id: str) -> dict[str, Any]:
+    """The wire form of ``event`` as a dict: ``type``, ``event_id``, then its body."""
+    body: dict[str, Any]
+    match event:
+        case SessionUpdate(config=cfg):
+            body = {"session": _session(cfg)}
+        case AudioAppend(pcm=pcm):
+            body = {"audio": base64.b64encode(pcm).decode("ascii")}
+        case ItemCreateText(role=role, text=text):
+            part = "output_text" if role == "assistant" else "input_text"
+            body = {"item": {"type": "message", "role": role,
+                             "content": [{"type": part, "text": text}]}}
+        case ItemTruncate(item_id=item_id, audio_end_ms=end, content_index=index):
+            body = {"item_id": item_id, "content_index": index, "audio_end_ms": end}
+        case ItemDelete(item_id=item_id):
+            body = {"item_id": item_id}
+        case ResponseCancel(response_id=rid):
+            body = {} if rid is None else {"response_id": rid}
+        case AudioCommit() | AudioClear() | ResponseCreate():
+            body = {}
+        case _:
+            raise TypeError(f"not a client event: {event!r}")
+    return {"type": event.TYPE, "event_id": event_id, **body}
+
+
+def encode(event: ClientEvent, event_id: str) -> str:
+    """``event`` as one compact JSON text frame."""
+    return json.dumps(to_dict(event, event_id), separators=(",", ":"))

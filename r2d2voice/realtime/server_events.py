@@ -1,0 +1,247 @@
+"""Server events of the GA Realtime protocol: frozen records and :func:`parse_event`.
+
+Only the fields the appliance uses are read; unknown fields (``phase``, ``reasoning_tokens``,
+``obfuscation``, …) are ignored and unknown event types come back as :class:`Ignored`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Service error codes that no retry can fix: the run ends with exit 3.
+FATAL_ERROR_CODES = frozenset({
+    "invalid_api_key", "insufficient_quota", "billing_hard_limit_reached", "model_not_found",
+    "invalid_model", "account_deactivated",
+})
+#: Error codes after which the service closes the session; a new session can go on.
+SESSION_END_CODES = frozenset({"session_expired"})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCreated:
+    session_id: str
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUpdated:
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    item_id: str
+    audio_start_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStopped:
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class InputCommitted:
+    item_id: str
+    previous_item_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserTranscript:
+    item_id: str
+    transcript: str
+    raw: str = field(repr=False, compare=False, default="")
+
+
+@dataclass(frozen=True, slots=True)
+class UserTranscriptFailed:
+    item_id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCreated:
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputItemAdded:
+    response_id: str
+    item_id: str
+    role: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AudioDelta:
+    response_id: str
+    item_id: str
+    pcm: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptDelta:
+    response_id: str
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptDone:
+    response_id: str
+    item_id: str
+    transcript: str
+    raw: str = field(repr=False, compare=False, default="")
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDone:
+    response_id: str
+    status: str
+    usage: dict[str, Any] | None
+    status_details: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemTruncated:
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceError:
+    type: str
+    code: str | None
+    message: str
+    event_id: str | None = None
+
+    @property
+    def fatal(self) -> bool:
+        """True when retrying cannot help (bad key, no quota, unknown model)."""
+        return self.code in FATAL_ERROR_CODES or self.type == "authentication_error"
+
+    @property
+    def ends_session(self) -> bool:
+        return self.code in SESSION_END_CODES
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A well-formed event the appliance has no use for (or an unknown type)."""
+
+    type: str
+
+
+ServerEvent = (
+    SessionCreated | SessionUpdated | SpeechStarted | SpeechStopped | InputCommitted
+    | UserTranscript | UserTranscriptFailed | ResponseCreated | OutputItemAdded | AudioDelta
+    | TranscriptDelta | TranscriptDone | ResponseDone | ItemTruncated | ServiceError | Ignored
+)
+
+
+class ProtocolError(ValueError):
+    """A message that is not a usable server event (non-JSON, binary, missing fields)."""
+
+
+def _s(d: dict[str, Any], key: str) -> str:
+    v = d.get(key)
+    if not isinstance(v, str):
+        raise ProtocolError(f"{d.get('type')!r} event without string field {key!r}")
+    return v
+
+
+def _i(d: dict[str, Any], key: str) -> int:
+    v = d.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(f"{d.get('type')!r} event without integer field {key!r}")
+    return v
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _opt_str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _audio_delta(d: dict[str, Any], raw: str) -> AudioDelta:
+    try:
+        pcm = base64.b64decode(_s(d, "delta"), validate=True)
+    except binascii.Error:
+        raise ProtocolError("audio delta that is not base64") from None
+    return AudioDelta(_s(d, "response_id"), _s(d, "item_id"), pcm)
+
+
+def _output_item(d: dict[str, Any], raw: str) -> OutputItemAdded:
+    item = _dict(d.get("item"))
+    return OutputItemAdded(_s(d, "response_id"), _s(item, "id"), _opt_str(item.get("role")))
+
+
+def _response_done(d: dict[str, Any], raw: str) -> ResponseDone:
+    r = _dict(d.get("response"))
+    usage, details = r.get("usage"), r.get("status_details")
+    return ResponseDone(_s(r, "id"), str(r.get("status") or "completed"),
+                        usage if isinstance(usage, dict) else None,
+                        details if isinstance(details, dict) else None)
+
+
+def _session_created(d: dict[str, Any], raw: str) -> SessionCreated:
+    s = _dict(d.get("session"))
+    return SessionCreated(_opt_str(s.get("id")) or "", _opt_str(s.get("model")))
+
+
+def _error(d: dict[str, Any], raw: str) -> ServiceError:
+    e = _dict(d.get("error"))
+    return ServiceError(str(e.get("type") or "error"), _opt_str(e.get("code")),
+                        str(e.get("message") or ""), _opt_str(e.get("event_id")))
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any], str], ServerEvent]] = {
+    "session.created": _session_created,
+    "session.updated": lambda d, raw: SessionUpdated(
+        _opt_str(_dict(d.get("session")).get("id")) or ""),
+    "input_audio_buffer.speech_started": lambda d, raw: SpeechStarted(
+        _s(d, "item_id"), _i(d, "audio_start_ms")),
+    "input_audio_buffer.speech_stopped": lambda d, raw: SpeechStopped(
+        _s(d, "item_id"), _i(d, "audio_end_ms")),
+    "input_audio_buffer.committed": lambda d, raw: InputCommitted(
+        _s(d, "item_id"), _opt_str(d.get("previous_item_id"))),
+    "conversation.item.input_audio_transcription.completed": lambda d, raw: UserTranscript(
+        _s(d, "item_id"), _s(d, "transcript"), raw=raw),
+    "conversation.item.input_audio_transcription.failed": lambda d, raw: UserTranscriptFailed(
+        _s(d, "item_id"), str(_dict(d.get("error")).get("message") or "failed")),
+    "response.created": lambda d, raw: ResponseCreated(_s(_dict(d.get("response")), "id")),
+    "response.output_item.added": _output_item,
+    "response.output_audio.delta": _audio_delta,
+    "response.output_audio_transcript.delta": lambda d, raw: TranscriptDelta(
+        _s(d, "response_id"), _s(d, "item_id"), _s(d, "delta")),
+    "response.output_audio_transcript.done": lambda d, raw: TranscriptDone(
+        _s(d, "response_id"), _s(d, "item_id"), _s(d, "transcript"), raw=raw),
+    "response.done": _response_done,
+    "conversation.item.truncated": lambda d, raw: ItemTruncated(
+        _s(d, "item_id"), _i(d, "audio_end_ms")),
+    "error": _error,
+}
+
+
+def parse_event(message: str | bytes) -> ServerEvent:
+    """Turn one websocket message into an event record.
+
+    Raises ProtocolError for binary frames, non-JSON text and known event types missing the
+    fields the appliance needs; unknown types come back as :class:`Ignored`.
+    """
+    if isinstance(message, bytes):
+        raise ProtocolError(f"binary frame of {len(message)} bytes")
+    try:
+        d = json.loads(message)
+    except ValueError:
+        raise ProtocolError(f"non-JSON text frame: {message[:60]!r}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+        raise ProtocolError("JSON frame without an event type")
+    parser = _PARSERS.get(d["type"])
+    return parser(d, message) if parser else Ignored(d["type"])

@@ -1,0 +1,105 @@
+"""Opening a database file: private permissions, header and application-id checks, read-only
+opening that leaves the files as they were.
+
+The connection is opened with ``check_same_thread=False`` and carries no lock of its own: its
+user serialises the calls (the appliance runs them one at a time in a worker thread, see
+:mod:`r2d2voice.storage.recorder`). ``isolation_level=None``: transactions are explicit.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from r2d2voice.errors import UsageError
+from r2d2voice.storage.schema import prepare
+
+__all__ = ["connect"]
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def connect(path: str, *, create: bool = True) -> sqlite3.Connection:
+    """A connection to the r2d2voice database at ``path``.
+
+    ``create=True``: missing directories are made 0700, a missing file 0600, the schema is
+    created or migrated forward. ``create=False``: read-only; nothing is created or changed,
+    and a missing or foreign file raises :class:`UsageError`.
+    """
+    conn = _connect_create(path) if create else _connect_readonly(path)
+    try:
+        prepare(conn, path, readonly=not create)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    # The umask is process-wide: other threads creating files meanwhile get *tighter*
+    # permissions, never looser. Only held while opening.
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _check_header(fd: int, path: str, *, allow_empty: bool) -> None:
+    head = os.pread(fd, len(_SQLITE_MAGIC), 0)
+    if head == _SQLITE_MAGIC or (allow_empty and head == b""):
+        return
+    raise UsageError(f"{path} is not an r2d2voice database")
+
+
+def _connect_create(path: str) -> sqlite3.Connection:
+    try:
+        with _umask(0o077):
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                _check_header(fd, path, allow_empty=True)
+            finally:
+                os.close(fd)
+            # SQLite gives -wal/-shm the main file's mode; the umask covers the rest.
+            return sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=10.0)
+    except OSError as exc:
+        raise UsageError(f"cannot open database {path}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:
+        raise UsageError(f"cannot open database {path}: {exc}") from exc
+
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise UsageError(f"no such database: {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot open database {path}: {exc.strerror or exc}") from exc
+    try:
+        _check_header(fd, path, allow_empty=False)
+    finally:
+        os.close(fd)
+    uri = Path(os.path.abspath(path)).as_uri()
+    # A read-only connection to a WAL database creates -wal/-shm and cannot remove them at
+    # close. When no -wal exists (no writer around), open read-write with query_only on, so
+    # SQLite deletes the side files it made; otherwise (or when we may not write the file)
+    # open mode=ro, which still sees the writer's WAL.
+    modes = ["ro"] if os.path.exists(path + "-wal") else ["rw", "ro"]
+    error: sqlite3.Error | None = None
+    for mode in modes:
+        try:
+            conn = sqlite3.connect(f"{uri}?mode={mode}", uri=True, check_same_thread=False,
+                                   isolation_level=None, timeout=10.0)
+            conn.execute("PRAGMA query_only = ON")
+            return conn
+        except sqlite3.Error as exc:
+            error = exc
+    raise UsageError(f"cannot open database {path}: {error}")

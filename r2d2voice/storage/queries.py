@@ -1,0 +1,356 @@
+"""Read queries and the rows they return.
+
+Conversation order is ``sessions.seq`` then ``messages.seq`` (then the rowid); wall-clock
+labels only filter (``since`` inclusive, ``until`` exclusive, as the user asked for them).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from r2d2voice.storage.schema import ERROR_SOURCES, ROLES
+from r2d2voice.storage.timestamps import format_ts
+
+__all__ = [
+    "ErrorRow",
+    "MessageRow",
+    "Queries",
+    "SessionRow",
+    "SessionStatsRow",
+    "UsageRow",
+    "UsageSummaryRow",
+]
+
+_FETCH = 1000  # rows per fetchmany() when streaming
+
+# ---------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One transcript message, as exported."""
+
+    session_id: str
+    seq: int
+    role: str
+    text: str
+    created_at: str
+    item_id: str
+    response_id: str | None
+    interrupted: bool
+    played_ms: int | None
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """One session with its message counts (``turns`` = user messages)."""
+
+    id: str
+    seq: int
+    started_at: str
+    ended_at: str | None
+    backend: str
+    model: str
+    voice: str | None
+    turns: int
+    messages: int
+    previous_session_id: str | None
+    service_session_id: str | None
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Token usage summed over one session's responses."""
+
+    session_id: str
+    responses: int
+    input_text: int
+    input_audio: int
+    input_cached: int
+    output_text: int
+    output_audio: int
+
+    @property
+    def input_total(self) -> int:
+        return self.input_text + self.input_audio
+
+    @property
+    def output_total(self) -> int:
+        return self.output_text + self.output_audio
+
+
+@dataclass(frozen=True)
+class UsageSummaryRow:
+    """Token usage summed over the responses of one group (a UTC day, or a session).
+
+    ``input_cached`` is part of ``input_text + input_audio``. The store keeps only the cached
+    total, so ``cached_text_est`` / ``cached_audio_est`` split it per response in proportion to
+    that response's text and audio input (an estimate, used for pricing).
+    """
+
+    key: str
+    responses: int
+    input_text: int
+    input_audio: int
+    input_cached: int
+    output_text: int
+    output_audio: int
+    cached_text_est: float
+    cached_audio_est: float
+
+
+@dataclass(frozen=True)
+class SessionStatsRow:
+    """One session's pipeline counters (``metadata["stats"]``; None when not recorded)."""
+
+    session_id: str
+    started_at: str
+    previous_session_id: str | None
+    stats: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """One recorded error."""
+
+    session_id: str | None
+    at: str
+    source: str
+    type: str | None
+    code: str | None
+    message: str
+
+
+# ---------------------------------------------------------------------------- SQL
+
+_MESSAGE_COLUMNS = (
+    "m.session_id, m.seq, m.role, m.text, m.created_at, m.item_id, m.response_id,"
+    " m.interrupted, m.played_ms"
+)
+
+# Pinned plan: walk sessions by seq (unique, not null), each one's messages by (seq, rowid)
+# through the index, so rows stream in conversation order with no sort (no temp B-tree)
+# whatever the filters.
+_ORDERED_JOIN = (
+    "sessions AS s INDEXED BY sessions_by_seq"
+    " CROSS JOIN messages AS m INDEXED BY messages_by_seq ON m.session_id = s.id"
+)
+
+_SESSION_SELECT = """
+SELECT s.id, s.seq, s.started_at, s.ended_at, s.backend, s.model, s.voice,
+       (SELECT count(*) FROM messages WHERE session_id = s.id AND role = 'user'),
+       (SELECT count(*) FROM messages WHERE session_id = s.id),
+       s.previous_session_id, s.service_session_id
+FROM sessions AS s
+"""
+
+# Per response: token columns with NULL as 0, and the cached total split between text and
+# audio in proportion to the response's own text/audio input (capped at that input).
+_USAGE_PER_RESPONSE = """
+SELECT r.session_id, r.created_at, it, ia, ic, ot, oa,
+       CASE WHEN it + ia > 0 THEN min(ic, it + ia) * 1.0 * it / (it + ia) ELSE 0.0 END AS ct,
+       CASE WHEN it + ia > 0 THEN min(ic, it + ia) * 1.0 * ia / (it + ia) ELSE 0.0 END AS ca
+FROM (SELECT session_id, created_at,
+             COALESCE(input_text_tokens, 0) AS it, COALESCE(input_audio_tokens, 0) AS ia,
+             COALESCE(input_cached_tokens, 0) AS ic, COALESCE(output_text_tokens, 0) AS ot,
+             COALESCE(output_audio_tokens, 0) AS oa
+      FROM responses) AS r
+"""
+
+
+def _in(column: str, values: Sequence[str]) -> str:
+    return f"{column} IN ({', '.join('?' * len(values))})"
+
+
+def _where(session_col: str, time_col: str, sessions: Sequence[str],
+           since: datetime | None, until: datetime | None,
+           *extra: str) -> tuple[str, list[Any]]:
+    """`` WHERE ...`` (or "") and its arguments: session ids, ``since`` <= label < ``until``,
+    and ``extra`` conditions (no arguments)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if sessions:
+        where.append(_in(session_col, sessions))
+        args.extend(sessions)
+    if since is not None:
+        where.append(f"{time_col} >= ?")
+        args.append(format_ts(since))
+    if until is not None:
+        where.append(f"{time_col} < ?")
+        args.append(format_ts(until))
+    where.extend(extra)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
+# ---------------------------------------------------------------------------- queries
+
+
+class Queries:
+    """Read queries over one connection (read-only or not)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    # -- messages ---------------------------------------------------------------------
+
+    def iter_messages(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
+                      until: datetime | None = None,
+                      role: str | None = None) -> Iterator[MessageRow]:
+        """Stream messages in conversation order (sessions by seq, then messages by seq).
+
+        ``since`` is inclusive and ``until`` exclusive (on ``created_at``); ``sessions`` empty
+        means all.
+        """
+        where, args = _where("s.id", "m.created_at", sessions, since, until)
+        if role is not None:
+            if role not in ROLES:
+                raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+            where += (" AND" if where else " WHERE") + " m.role = ?"
+            args.append(role)
+        cur = self.conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM {_ORDERED_JOIN}{where}"
+                                " ORDER BY s.seq, m.seq, m.id", args)
+        try:
+            while rows := cur.fetchmany(_FETCH):
+                for r in rows:
+                    yield MessageRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
+        finally:
+            cur.close()
+
+    def recent_turns(self, session_ids: Sequence[str] | None,
+                     limit: int) -> list[tuple[str, str]]:
+        """``(role, text)`` of the last ``limit`` non-empty messages in conversation order,
+        oldest first. ``session_ids`` None (or empty) means every session."""
+        if limit <= 0:
+            return []
+        where, args = _where("s.id", "", session_ids or (), None, None, "m.text != ''")
+        rows = self.conn.execute(
+            f"SELECT m.role, m.text FROM {_ORDERED_JOIN}{where}"
+            " ORDER BY s.seq DESC, m.seq DESC, m.id DESC LIMIT ?", [*args, limit]).fetchall()
+        rows.reverse()
+        return [(role, text) for role, text in rows]
+
+    def count_interrupted(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
+                          until: datetime | None = None) -> int:
+        """Messages created in [``since``, ``until``) marked interrupted (cut-off replies)."""
+        where, args = _where("session_id", "created_at", sessions, since, until,
+                             "interrupted = 1")
+        return int(self.conn.execute(f"SELECT count(*) FROM messages{where}",
+                                     args).fetchone()[0])
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def get_session(self, session_id: str) -> SessionRow | None:
+        """One session, or None."""
+        r = self.conn.execute(_SESSION_SELECT + " WHERE s.id = ?", (session_id,)).fetchone()
+        return None if r is None else SessionRow(*r)
+
+    def list_sessions(self) -> list[SessionRow]:
+        """All sessions in order (by seq)."""
+        rows = self.conn.execute(_SESSION_SELECT + " ORDER BY s.seq").fetchall()
+        return [SessionRow(*r) for r in rows]
+
+    def session_stats(self, sessions: Sequence[str] = (), since: datetime | None = None,
+                      until: datetime | None = None) -> list[SessionStatsRow]:
+        """Sessions started in [``since``, ``until``), in order, with their
+        ``metadata["stats"]`` object (None when absent or unreadable)."""
+        where, args = _where("id", "started_at", sessions, since, until)
+        rows = self.conn.execute(
+            f"SELECT id, started_at, previous_session_id, metadata FROM sessions{where}"
+            " ORDER BY seq", args).fetchall()
+        out = []
+        for sid, started, previous, meta in rows:
+            try:
+                loaded = json.loads(meta) if meta else None
+            except ValueError:
+                loaded = None
+            stats = None
+            if isinstance(loaded, dict) and isinstance(loaded.get("stats"), dict):
+                stats = loaded["stats"]
+            out.append(SessionStatsRow(sid, started, previous, stats))
+        return out
+
+    # -- responses --------------------------------------------------------------------
+
+    def usage_totals(self, sessions: Sequence[str] = ()) -> list[UsageRow]:
+        """Token usage summed per session (all sessions by default), in order."""
+        where, args = _where("s.id", "", sessions, None, None)
+        rows = self.conn.execute(
+            "SELECT s.id, count(r.response_id),"
+            " COALESCE(sum(r.input_text_tokens), 0), COALESCE(sum(r.input_audio_tokens), 0),"
+            " COALESCE(sum(r.input_cached_tokens), 0), COALESCE(sum(r.output_text_tokens), 0),"
+            " COALESCE(sum(r.output_audio_tokens), 0)"
+            " FROM sessions AS s LEFT JOIN responses AS r ON r.session_id = s.id"
+            f"{where} GROUP BY s.id ORDER BY s.seq", args).fetchall()
+        return [UsageRow(*r) for r in rows]
+
+    def usage_summary(self, by: str, *, sessions: Sequence[str] = (),
+                      since: datetime | None = None,
+                      until: datetime | None = None) -> list[UsageSummaryRow]:
+        """Token usage of the responses created in [``since``, ``until``), grouped ``by``
+        ``"day"`` (UTC date label of ``responses.created_at``) or ``"session"`` (sessions in
+        order). Groups without responses are left out."""
+        if by == "day":
+            key, join, order = "substr(r.created_at, 1, 10)", "", "1"
+        elif by == "session":
+            key, join = "r.session_id", " JOIN sessions AS s ON s.id = r.session_id"
+            order = "min(s.seq)"
+        else:
+            raise ValueError(f"by must be 'day' or 'session', not {by!r}")
+        where, args = _where("r.session_id", "r.created_at", sessions, since, until)
+        rows = self.conn.execute(
+            f"SELECT {key}, count(*), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot), sum(r.oa),"
+            f" sum(r.ct), sum(r.ca) FROM ({_USAGE_PER_RESPONSE}) AS r{join}{where}"
+            f" GROUP BY {key} ORDER BY {order}", args).fetchall()
+        return [UsageSummaryRow(*r) for r in rows]
+
+    def response_latencies(self, *, sessions: Sequence[str] = (),
+                           since: datetime | None = None,
+                           until: datetime | None = None) -> tuple[list[int], list[int]]:
+        """Sorted ``first_audio_ms`` and ``first_played_ms`` values (NULLs left out) of the
+        responses created in [``since``, ``until``)."""
+        out: list[list[int]] = []
+        for col in ("first_audio_ms", "first_played_ms"):
+            where, args = _where("session_id", "created_at", sessions, since, until,
+                                 f"{col} IS NOT NULL")
+            rows = self.conn.execute(f"SELECT {col} FROM responses{where} ORDER BY {col}",
+                                     args).fetchall()
+            out.append([int(r[0]) for r in rows])
+        return out[0], out[1]
+
+    def response_status_counts(self, *, sessions: Sequence[str] = (),
+                               since: datetime | None = None,
+                               until: datetime | None = None) -> dict[str, int]:
+        """Responses created in [``since``, ``until``) counted by status (by name)."""
+        where, args = _where("session_id", "created_at", sessions, since, until)
+        rows = self.conn.execute(
+            f"SELECT status, count(*) FROM responses{where} GROUP BY status ORDER BY status",
+            args).fetchall()
+        return dict(rows)
+
+    # -- errors -----------------------------------------------------------------------
+
+    def count_errors(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
+                     until: datetime | None = None) -> dict[str, int]:
+        """Recorded errors in [``since``, ``until``) by source (``service`` / ``local``).
+
+        With ``sessions``, errors not tied to a session are left out."""
+        where, args = _where("session_id", "at", sessions, since, until)
+        rows = self.conn.execute(f"SELECT source, count(*) FROM errors{where} GROUP BY source",
+                                 args).fetchall()
+        counts = dict.fromkeys(ERROR_SOURCES, 0)
+        counts.update(dict(rows))
+        return counts
+
+    def list_errors(self, session_id: str | None = None) -> list[ErrorRow]:
+        """Recorded errors (of one session, or all), in the order they were recorded."""
+        sql = "SELECT session_id, at, source, type, code, message FROM errors"
+        args: tuple[Any, ...] = ()
+        if session_id is not None:
+            sql += " WHERE session_id = ?"
+            args = (session_id,)
+        return [ErrorRow(*r) for r in self.conn.execute(sql + " ORDER BY id", args).fetchall()]

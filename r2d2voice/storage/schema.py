@@ -1,0 +1,217 @@
+"""The database schema, its version history and the migrations between versions.
+
+``PRAGMA application_id`` marks a file as ours; ``PRAGMA user_version`` is the schema version:
+
+* v1: sessions, messages (no interruption columns), responses (status and times only), errors.
+* v2: ``messages.interrupted`` / ``messages.played_ms``; token usage and latency columns
+  on ``responses``.
+* v3: order from the conversation, not the wall clock: ``sessions.seq`` (assigned at insert,
+  strictly increasing) and ``messages.seq`` (the protocol core's per-session sequence), with
+  the indexes that stream in that order; ``responses.status_details`` (JSON text).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from r2d2voice.errors import UsageError
+
+__all__ = ["APPLICATION_ID", "ERROR_SOURCES", "MIGRATIONS", "ROLES", "SCHEMA_VERSION", "prepare"]
+
+#: ``PRAGMA application_id`` of every r2d2voice database (ASCII "r2d2").
+APPLICATION_ID = 0x72326432
+#: The schema version this code writes; older files are migrated forward on open.
+SCHEMA_VERSION = 3
+
+ROLES = ("user", "assistant")
+ERROR_SOURCES = ("service", "local")
+
+SCHEMA = f"""
+CREATE TABLE sessions (
+    id                  TEXT NOT NULL PRIMARY KEY,
+    seq                 INTEGER NOT NULL,   -- order of sessions: max + 1 at insert
+    started_at          TEXT NOT NULL,      -- wall-clock label
+    ended_at            TEXT,
+    backend             TEXT NOT NULL,
+    model               TEXT NOT NULL,
+    voice               TEXT,
+    service_session_id  TEXT,
+    previous_session_id TEXT REFERENCES sessions(id),
+    metadata            TEXT                -- JSON object
+);
+-- UNIQUE + NOT NULL: lets SQLite stream sessions-then-messages order with no sort.
+CREATE UNIQUE INDEX sessions_by_seq ON sessions(seq);
+
+CREATE TABLE messages (
+    id          INTEGER PRIMARY KEY,    -- rowid: tie-break for equal seq
+    session_id  TEXT NOT NULL REFERENCES sessions(id),
+    seq         INTEGER NOT NULL,       -- conversation order within the session
+    role        TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    text        TEXT NOT NULL DEFAULT '',
+    created_at  TEXT NOT NULL,          -- wall-clock label, stamped at first insert
+    item_id     TEXT NOT NULL,
+    response_id TEXT,
+    interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)),
+    played_ms   INTEGER,                -- audio played before the interruption
+    raw_event   TEXT,                   -- the server event JSON the text came from
+    UNIQUE (session_id, item_id, role)
+);
+CREATE INDEX messages_by_seq ON messages(session_id, seq);
+
+CREATE TABLE responses (
+    session_id          TEXT NOT NULL REFERENCES sessions(id),
+    response_id         TEXT NOT NULL,
+    status              TEXT NOT NULL,
+    created_at          TEXT NOT NULL,  -- wall-clock labels
+    done_at             TEXT,
+    input_text_tokens   INTEGER,
+    input_audio_tokens  INTEGER,
+    input_cached_tokens INTEGER,
+    output_text_tokens  INTEGER,
+    output_audio_tokens INTEGER,
+    first_audio_ms      INTEGER,        -- speech stopped -> first audio received (monotonic)
+    first_played_ms     INTEGER,        -- speech stopped -> first audio played (monotonic)
+    status_details      TEXT,           -- JSON object from response.done
+    PRIMARY KEY (session_id, response_id)
+);
+
+CREATE TABLE errors (
+    id         INTEGER PRIMARY KEY,     -- order of errors
+    session_id TEXT REFERENCES sessions(id),
+    at         TEXT NOT NULL,
+    source     TEXT NOT NULL CHECK (source IN ('service', 'local')),
+    type       TEXT,
+    code       TEXT,
+    message    TEXT NOT NULL
+);
+CREATE INDEX errors_by_session ON errors(session_id, at);
+
+PRAGMA application_id = {APPLICATION_ID};
+"""
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """v1 had no interruption columns on messages and no usage/latency on responses."""
+    for stmt in (
+        "ALTER TABLE messages ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0"
+        " CHECK (interrupted IN (0, 1))",
+        "ALTER TABLE messages ADD COLUMN played_ms INTEGER",
+        "ALTER TABLE responses ADD COLUMN input_text_tokens INTEGER",
+        "ALTER TABLE responses ADD COLUMN input_audio_tokens INTEGER",
+        "ALTER TABLE responses ADD COLUMN input_cached_tokens INTEGER",
+        "ALTER TABLE responses ADD COLUMN output_text_tokens INTEGER",
+        "ALTER TABLE responses ADD COLUMN output_audio_tokens INTEGER",
+        "ALTER TABLE responses ADD COLUMN first_audio_ms INTEGER",
+        "ALTER TABLE responses ADD COLUMN first_played_ms INTEGER",
+    ):
+        conn.execute(stmt)
+
+
+_MIGRATE_2_TO_3 = """
+ALTER TABLE sessions ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE responses ADD COLUMN status_details TEXT;
+
+CREATE TEMP TABLE session_order (id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+INSERT INTO temp.session_order
+    SELECT id, row_number() OVER (ORDER BY started_at, id) FROM sessions;
+UPDATE sessions SET seq = (SELECT o.seq FROM temp.session_order AS o WHERE o.id = sessions.id);
+DROP TABLE temp.session_order;
+
+CREATE TEMP TABLE message_order (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+INSERT INTO temp.message_order
+    SELECT id, row_number() OVER (PARTITION BY session_id ORDER BY created_at, id)
+    FROM messages;
+UPDATE messages SET seq = (SELECT o.seq FROM temp.message_order AS o WHERE o.id = messages.id);
+DROP TABLE temp.message_order;
+
+DROP INDEX sessions_by_start;
+DROP INDEX messages_by_time;
+CREATE UNIQUE INDEX sessions_by_seq ON sessions(seq);
+CREATE INDEX messages_by_seq ON messages(session_id, seq);
+"""
+
+
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """v2 ordered by wall-clock time; v3 keeps that order once, as sequence numbers."""
+    for stmt in split_sql(_MIGRATE_2_TO_3):
+        conn.execute(stmt)
+
+
+#: ``MIGRATIONS[n]`` upgrades a version-n database to version n + 1.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+}
+
+
+def split_sql(script: str) -> list[str]:
+    """Statements of a schema script (no ';' inside literals), comments stripped."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _probe(conn: sqlite3.Connection) -> tuple[int, int, bool]:
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    empty = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    return app_id, version, empty
+
+
+def prepare(conn: sqlite3.Connection, path: str, *, readonly: bool) -> None:
+    """Check that ``conn`` is an r2d2voice database this code understands; read-write, also
+    set the pragmas and create the schema or migrate it forward (one transaction).
+
+    Raises :class:`UsageError` for a foreign, newer, or (read-only) older database.
+    """
+    foreign = UsageError(f"{path} is not an r2d2voice database")
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        app_id, version, empty = _probe(conn)
+        fresh = empty and app_id == 0 and version == 0
+        if not fresh and (app_id != APPLICATION_ID or version < 1):
+            raise foreign
+        if version > SCHEMA_VERSION:
+            raise UsageError(
+                f"{path} has schema version {version}, newer than this r2d2voice "
+                f"understands ({SCHEMA_VERSION}); upgrade r2d2voice"
+            )
+        if readonly:
+            if fresh:
+                raise foreign
+            if version < SCHEMA_VERSION:
+                raise UsageError(
+                    f"{path} has schema version {version}; open it once read-write "
+                    f"(e.g. run the appliance) to upgrade it to {SCHEMA_VERSION}"
+                )
+            conn.execute("PRAGMA foreign_keys = ON")
+            return
+        conn.execute("PRAGMA journal_mode = WAL")  # persistent; a no-op once set
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if version == SCHEMA_VERSION:
+            return
+        _create_or_migrate(conn)
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"{path} is not a usable r2d2voice database: {exc}") from exc
+
+
+def _create_or_migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Another process may have created or migrated it while we waited.
+        app_id, version, empty = _probe(conn)
+        if empty and app_id == 0 and version == 0:
+            for stmt in split_sql(SCHEMA):
+                conn.execute(stmt)
+        else:
+            while version < SCHEMA_VERSION:
+                MIGRATIONS[version](conn)
+                version += 1
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

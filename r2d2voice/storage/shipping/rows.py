@@ -1,0 +1,138 @@
+"""Rows read back from the fleet server: the local reports' shapes, with ``device_id`` first.
+
+Time labels come back as the robot writes them (``YYYY-MM-DDTHH:MM:SS.mmmZ``, UTC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "FleetErrorRow",
+    "FleetMessageRow",
+    "FleetSessionRow",
+    "FleetSessionStatsRow",
+    "FleetToolRow",
+    "FleetUsageRow",
+    "FleetUsageSummaryRow",
+]
+
+
+@dataclass(frozen=True)
+class FleetMessageRow:
+    """One transcript message (``text`` None: the robot kept no text)."""
+
+    device_id: str
+    session_id: str
+    seq: int
+    role: str
+    text: str | None
+    created_at: str
+    item_id: str
+    response_id: str | None
+    interrupted: bool
+    played_ms: int | None
+
+
+@dataclass(frozen=True)
+class FleetToolRow:
+    """One tool execution, in conversation order among the messages (``role`` is "tool")."""
+
+    device_id: str
+    session_id: str
+    seq: int
+    started_at: str
+    item_id: str | None
+    response_id: str | None
+    call_id: str
+    name: str
+    arguments: str | None
+    output: str | None
+    status: str
+    exit_code: int | None
+    duration_ms: int | None
+
+    @property
+    def role(self) -> str:
+        return "tool"
+
+
+@dataclass(frozen=True)
+class FleetSessionRow:
+    """One session with its message counts (``turns`` = user messages)."""
+
+    device_id: str
+    id: str
+    started_at: str
+    ended_at: str | None
+    backend: str
+    model: str
+    voice: str | None
+    turns: int
+    messages: int
+    previous_session_id: str | None
+    service_session_id: str | None
+
+
+@dataclass(frozen=True)
+class FleetUsageRow:
+    """Token usage summed over one session's responses."""
+
+    device_id: str
+    session_id: str
+    responses: int
+    input_text: int
+    input_audio: int
+    input_cached: int
+    output_text: int
+    output_audio: int
+
+    @property
+    def input_total(self) -> int:
+        return self.input_text + self.input_audio
+
+    @property
+    def output_total(self) -> int:
+        return self.output_text + self.output_audio
+
+
+@dataclass(frozen=True)
+class FleetUsageSummaryRow:
+    """Token usage of one device's responses in one group (a UTC day, or a session);
+    ``cached_*_est`` split the cached total as the local report does."""
+
+    device_id: str
+    key: str
+    responses: int
+    input_text: int
+    input_audio: int
+    input_cached: int
+    output_text: int
+    output_audio: int
+    cached_text_est: float
+    cached_audio_est: float
+
+
+@dataclass(frozen=True)
+class FleetSessionStatsRow:
+    """One session's pipeline counters (``metadata["stats"]``; None when not recorded)."""
+
+    device_id: str
+    session_id: str
+    started_at: str
+    previous_session_id: str | None
+    stats: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class FleetErrorRow:
+    """One recorded error."""
+
+    device_id: str
+    session_id: str | None
+    at: str
+    source: str
+    type: str | None
+    code: str | None
+    message: str
