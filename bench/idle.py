@@ -56,7 +56,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 #: settings a developer's shell may hold; no child of the bench sees them
 AMBIENT = ("R2D2_", "OPENAI", "REALTIME_")
 
-FLOOR = f"""
+FLOOR = """
 import json, signal, sys, sounddevice as sd
 dev = sd.query_devices(kind="input")
 rate = int(dev["default_samplerate"])
@@ -65,14 +65,15 @@ blocks = 0
 def callback(indata, frames, time, status):
     global blocks
     blocks += 1
+block = rate * int(sys.argv[1]) // 1000
 stream = sd.InputStream(device=dev["index"], samplerate=rate, channels=channels,
-                        dtype="float32", blocksize=rate * {BLOCK_MS} // 1000, callback=callback)
+                        dtype="float32", blocksize=block, callback=callback)
 stream.start()
-print(json.dumps({{"device": dev["name"], "rate": rate, "channels": channels}}), flush=True)
+print(json.dumps({"device": dev["name"], "rate": rate, "channels": channels}), flush=True)
 signal.signal(signal.SIGTERM, lambda *a: None)
 signal.pause()
 stream.close()
-print(json.dumps({{"blocks": blocks}}), flush=True)
+print(json.dumps({"blocks": blocks}), flush=True)
 """
 
 
@@ -143,14 +144,18 @@ def clean_env(env: dict[str, str], pythonpath: str | None) -> dict[str, str]:
 
 
 def start_server(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([CLI, "serve-local", "--port", "0"], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    errors = cwd / "serve-local.log"
+    with open(errors, "wb") as err:
+        proc = subprocess.Popen([CLI, "serve-local", "--port", "0"], env=env, cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     m = re.search(r"(ws://\S+)", line)
     if not m:
         proc.kill()
-        raise SystemExit(f"serve-local did not announce its address: {line!r}")
+        proc.wait()
+        raise SystemExit(f"serve-local did not announce its address: {line!r} "
+                         f"{tail(errors.read_text(errors='replace'))}")
     return proc, m.group(1)
 
 
@@ -163,15 +168,16 @@ def listen_modes(env: dict[str, str], cwd: Path) -> dict[str, list[str] | None]:
     return {"always": ["--listen", "always"], "wake": ["--listen", "wake"]}
 
 
-def children(modes: dict[str, list[str] | None], url: str, tmp: Path, n: int) -> list[Child]:
-    procs = [Child("floor", [sys.executable, "-c", FLOOR], re.compile(r'"rate"'),
+def children(modes: dict[str, list[str] | None], url: str, tmp: Path, n: int,
+             block_ms: int) -> list[Child]:
+    procs = [Child("floor", [sys.executable, "-c", FLOOR, str(block_ms)], re.compile(r'"rate"'),
                    tmp / f"floor{n}.log")]
     for mode, extra in modes.items():
         if extra is None:
             continue
         db = tmp / f"{mode}{n}.db"
         argv = [CLI, "run", "--backend", "openai", "--url", url, "--db", str(db), *extra]
-        procs.append(Child(mode, argv, re.compile(r"\bready: listening"), tmp / f"{mode}{n}.log",
+        procs.append(Child(mode, argv, re.compile(r"\bready:"), tmp / f"{mode}{n}.log",
                            db))
     return procs
 
@@ -280,6 +286,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median reported)")
     parser.add_argument("--window", type=float, default=20.0, help="measured seconds per round")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds after ready")
+    parser.add_argument("--block-ms", type=int, default=BLOCK_MS,
+                        help="the floor's PortAudio block (keep it equal to the appliance's)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="one round, py-spy (collapsed stacks into DIR) instead of figures")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, dbs)")
@@ -298,8 +306,9 @@ def main() -> None:
             modes = listen_modes(run_env, tmp)
             print(f"rig: {rig.root}; server: {url} (its CPU is not counted)")
             rounds: list[Round] = []
-            for n in range(1 if args.profile else args.rounds):
-                procs = children(modes, url, tmp, n)
+            total = 1 if args.profile else args.rounds
+            for n in range(total):
+                procs = children(modes, url, tmp, n, args.block_ms)
                 try:
                     res = measure_round(procs, run_env, tmp, args.warmup, args.window,
                                         args.profile)
@@ -308,7 +317,7 @@ def main() -> None:
                     continue
                 rounds.append(res)
                 figures = "  ".join(f"{k} {v:5.2f}%" for k, v in res.cpu.items())
-                print(f"  round {n + 1}/{args.rounds}: {figures}  ({'; '.join(res.notes)})",
+                print(f"  round {n + 1}/{total}: {figures}  ({'; '.join(res.notes)})",
                       flush=True)
             if args.profile:
                 return

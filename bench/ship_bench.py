@@ -1,94 +1,98 @@
-"""Shipping throughput and memory: 1,000,000 messages into a PostgreSQL fleet server.
+"""Shipping a real robot database of 1,000,000 messages to a PostgreSQL fleet server.
 
-For now this measures the uploader alone (``FleetStore.upsert``): message rows are generated
-in batches, as the robot's shipper will read them from SQLite, and shipped one batch per
-transaction. It prints the time spent in the uploader (generating the rows is not counted),
-rows/s and this process's peak RSS (the robot's side; the server's memory is not counted),
-then ships everything a second time (idempotent: no row changes, nothing is rewritten) and
-prints that too. Once ``r2d2voice ship`` exists, the same
-figures come from a child process reading a real robot database.
+Makes the database with the storage layer's schema (``Store.open``) and fast SQL inserts (one
+transaction; ``--per-session`` messages per session), then runs ``ship_once`` in a child
+process, as ``r2d2voice ship`` would, and prints wall time, rows/s and the child's peak RSS
+(the robot's side; the server's memory is not counted):
 
-Without ``--url`` it starts a throw-away cluster (``tests/pg.py``: initdb + pg_ctl on a free
-loopback port, in /dev/shm when it can) and deletes it afterwards.
+1. the first ship (arming: every row queued in the change log, then shipped in batches),
+2. a ship with nothing new,
+3. a ship after ``--more`` new messages.
 
-    .venv/bin/python bench/ship_bench.py                      # 1,000,000 rows, local cluster
-    .venv/bin/python bench/ship_bench.py --rows 200000 --batch 2000
-    .venv/bin/python bench/ship_bench.py --url postgresql://user@host/fleet
+Then it times arming alone (the write lock a first ship holds while it queues every row).
+
+``--writer-cost`` instead measures what change tracking costs the recorder: 10,000 message
+upserts through ``Writer.upsert_message``, one transaction each as in a run, without the
+change log, with it installed but not armed (a robot that never ships), and armed.
+
+Without ``--url`` a throw-away cluster is started (``tests/pg.py``) and deleted afterwards.
+
+    .venv/bin/python bench/ship_bench.py                       # 1,000,000 messages
+    .venv/bin/python bench/ship_bench.py --rows 100000 --batch 2000
+    .venv/bin/python bench/ship_bench.py --writer-cost [--dir /var/lib/r2d2voice]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import random
-import resource
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
-from r2d2voice.storage.shipping.fleet import FleetStore, open_fleet
+from r2d2voice.storage.database import Store
+from r2d2voice.storage.shipping.local import arm, ensure_ship_log
+from r2d2voice.storage.timestamps import format_ts
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = [
     "beep", "boop", "whistle", "droid", "hello", "weather", "kitchen", "lights", "music",
     "timer", "sunny", "rain", "café", "naïve", '"quoted"', "comma,", "tab\there", "🤖", "✨",
     "—", "please", "thanks", "seven", "o'clock", "back\\slash", "new\nline",
 ]  # fmt: skip
 
+_CHILD = """
+import json, resource, sys, time
+from r2d2voice.storage.shipping.shipper import ship_once
+t0 = time.perf_counter()
+report = ship_once(sys.argv[1], sys.argv[2], "bench-robot", batch=int(sys.argv[3]))
+print(json.dumps({"seconds": time.perf_counter() - t0, "rows": report.rows,
+                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "line": str(report)}))
+"""
 
-def _label(dt: datetime) -> str:
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
-
-def sessions(count: int) -> list[dict[str, Any]]:
+def make_database(path: Path, rows: int, per_session: int, first: int = 0) -> None:
+    """``rows`` messages (from message number ``first``) in sessions of ``per_session``."""
+    rng = random.Random(first)
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    return [
-        dict(id=f"s{n:05d}", seq=n, started_at=_label(start + timedelta(hours=n)),
-             ended_at=_label(start + timedelta(hours=n, minutes=50)), backend="openai",
-             model="gpt-realtime", voice="marin", service_session_id=f"sess_{n}",
-             previous_session_id=None, metadata='{"stats": {"frames_dropped": 0}}')
-        for n in range(1, count + 1)
-    ]
+    with Store.open(path) as store:
+        conn = store.conn
+        conn.execute("BEGIN IMMEDIATE")
+        for n in range(first, first + rows):
+            s, seq = divmod(n, per_session)
+            sid = f"s{s:06d}"
+            at = start + timedelta(hours=s, seconds=seq * 3)
+            if seq == 0 or n == first:
+                conn.execute(
+                    "INSERT OR IGNORE INTO sessions (id, seq, started_at, backend, model, voice,"
+                    " metadata) VALUES (?, ?, ?, 'openai', 'gpt-realtime', 'marin', ?)",
+                    (sid, s + 1, format_ts(at), '{"stats": {"frames_dropped": 0}}'))
+            role = "user" if seq % 2 == 0 else "assistant"
+            conn.execute(
+                "INSERT INTO messages (session_id, seq, role, text, created_at, item_id,"
+                " response_id, interrupted, played_ms, raw_event) VALUES (?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, NULL)",
+                (sid, seq + 1, role, " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))),
+                 format_ts(at), f"item_{n}", None if role == "user" else f"resp_{n}",
+                 int(seq % 17 == 0 and role == "assistant"), 1200 if seq % 17 == 0 else None))
+        conn.execute("COMMIT")
 
 
-def message_batches(rows: int, per_session: int, batch: int) -> Iterator[list[dict[str, Any]]]:
-    """``rows`` messages, ``batch`` at a time, generated as they are needed."""
-    rng = random.Random(1)
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    out: list[dict[str, Any]] = []
-    for n in range(rows):
-        s, seq = divmod(n, per_session)
-        role = "user" if seq % 2 == 0 else "assistant"
-        out.append(dict(
-            session_id=f"s{s + 1:05d}", seq=seq + 1, role=role,
-            text=" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))),
-            created_at=_label(start + timedelta(hours=s + 1, seconds=seq * 3)),
-            item_id=f"item_{s}_{seq}", response_id=f"resp_{s}_{seq}" if role != "user" else None,
-            interrupted=int(seq % 17 == 0 and role == "assistant"),
-            played_ms=1200 if seq % 17 == 0 else None, raw_event=None,
-        ))
-        if len(out) == batch:
-            yield out
-            out = []
-    if out:
-        yield out
-
-
-def ship(fleet: FleetStore, rows: int, per_session: int, batch: int) -> tuple[float, int]:
-    """Seconds spent in the uploader (row generation not counted), and rows sent."""
-    spent = 0.0
-    sent = 0
-    for rows_batch in message_batches(rows, per_session, batch):
-        t0 = time.perf_counter()
-        sent += fleet.upsert("messages", "bench-robot", rows_batch)
-        spent += time.perf_counter() - t0
-    return spent, sent
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def ship_in_child(path: Path, url: str, batch: int) -> dict[str, object]:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), url, str(batch)],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    result = json.loads(out.stdout)
+    result["wall"] = time.perf_counter() - t0
+    return result
 
 
 @contextlib.contextmanager
@@ -96,33 +100,83 @@ def server(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from pg import open_pg_server  # the tests' throw-away cluster
 
     with open_pg_server() as pg:
         yield pg.url(pg.create_database())
 
 
+def bench_ship(args: argparse.Namespace, workdir: Path) -> None:
+    path = workdir / "robot.db"
+    t0 = time.perf_counter()
+    make_database(path, args.rows, args.per_session)
+    size = path.stat().st_size / 1048576
+    print(f"robot database: {args.rows:,} messages, {size:.0f} MiB,"
+          f" made in {time.perf_counter() - t0:.1f} s")
+    with server(args.url) as url:
+        print(f"{'run':<14} {'rows':>10} {'wall s':>7} {'rows/s':>9} {'child peak RSS MiB':>19}")
+        for name in ("first ship", "nothing new", f"{args.more:,} more"):
+            if name.endswith("more"):
+                make_database(path, args.more, args.per_session, first=args.rows)
+            r = ship_in_child(path, url, args.batch)
+            total = sum(r["rows"].values())  # type: ignore[union-attr]
+            wall = float(r["wall"])  # type: ignore[arg-type]
+            print(f"{name:<14} {total:>10,} {wall:>7.2f} {total / wall:>9,.0f}"
+                  f" {float(r['rss_mib']):>19.1f}")  # type: ignore[arg-type]
+    with Store.open(path) as store:
+        t0 = time.perf_counter()
+        arm(store.conn, "another-server", "bench-robot", "elsewhere", format_ts(datetime.now()))
+        print(f"arming alone (every row queued, one write transaction):"
+              f" {time.perf_counter() - t0:.2f} s for {args.rows + args.more:,} messages")
+    print(f"(batch {args.batch}; ship time includes the child's start, ~0.2 s)")
+
+
+def _upserts(path: Path, mode: str, n: int) -> float:
+    """Seconds per upsert of ``n`` messages into a new database at ``path``."""
+    with Store.open(path) as store:
+        if mode != "no change log":
+            ensure_ship_log(store.conn)
+        if mode == "log, armed":
+            arm(store.conn, "f", "d", "s", "now")
+        sid = store.write.start_session(backend="local", model="m", voice=None)
+        t0 = time.perf_counter()
+        for i in range(n):
+            store.write.upsert_message(sid, role="user", item_id=f"i{i}", seq=i + 1,
+                                       text="hello there, little droid")
+        return (time.perf_counter() - t0) / n
+
+
+def bench_writer(workdir: Path, n: int = 10_000, rounds: int = 3) -> None:
+    modes = ("no change log", "log, not armed", "log, armed")
+    best = dict.fromkeys(modes, float("inf"))
+    for r in range(rounds):  # interleaved, best of each: less noise from the neighbours
+        for mode in modes:
+            path = workdir / f"writer-{r}-{modes.index(mode)}.db"
+            best[mode] = min(best[mode], _upserts(path, mode, n))
+            path.unlink()
+    print(f"{n:,} message upserts, one transaction each, in {workdir} (best of {rounds}):")
+    for mode in modes:
+        print(f"  {mode:<16} {best[mode] * 1e6:8.1f} µs per upsert")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="fleet server (default: a throw-away local cluster)")
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--more", type=int, default=10_000)
     parser.add_argument("--per-session", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=5000, help="rows per transaction")
+    parser.add_argument("--dir", help="where the robot database goes (default: a temp dir)")
+    parser.add_argument("--writer-cost", action="store_true",
+                        help="measure the change log's cost on the write path instead")
     args = parser.parse_args()
-    nsessions = -(-args.rows // args.per_session)
-    base_rss = peak_rss_mib()
-    with server(args.url) as url, open_fleet(url) as fleet:
-        print(f"fleet server {fleet.target} (schema v{fleet.schema_version})")
-        fleet.upsert("sessions", "bench-robot", sessions(nsessions))
-        print(f"{'run':<12} {'rows':>10} {'upload s':>8} {'rows/s':>9} {'peak RSS MiB':>13}")
-        for name in ("ship", "ship again"):
-            wall, sent = ship(fleet, args.rows, args.per_session, args.batch)
-            print(f"{name:<12} {sent:>10,} {wall:>8.2f} {sent / wall:>9,.0f} "
-                  f"{peak_rss_mib():>13.1f}")
-        [total] = fleet._query("SELECT count(*) FROM messages")[0]
-        assert total == args.rows, f"server holds {total} messages, expected {args.rows}"
-    print(f"(peak RSS after imports, before shipping: {base_rss:.1f} MiB; batch {args.batch})")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if args.writer_cost:
+            bench_writer(Path(tmp))
+        else:
+            bench_ship(args, Path(tmp))
+    os.sync()
 
 
 if __name__ == "__main__":

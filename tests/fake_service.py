@@ -43,6 +43,10 @@ class Script:
     refuse_first: int = 0
     #: answer session.created with a fatal error of this code
     fatal_code: str | None = None
+    #: close every connection with this code right after session.created (no error event)
+    close_on_connect: int | None = None
+    #: send a benign error (response_cancel_not_active) before each reply
+    benign: bool = False
     #: send junk (unknown type, non-JSON, binary, a non-fatal error) before each reply
     junk: bool = False
     #: the user transcript comes this long after the commit (may be after the reply)
@@ -119,6 +123,8 @@ class _Session:
                     await self.send("error", error={"type": "invalid_request_error",
                                                     "code": s.fatal_code,
                                                     "message": f"The service says {s.fatal_code}."})
+                if s.close_on_connect is not None:
+                    await self.t.aclose(s.close_on_connect)
                 while True:
                     event = json.loads(await self.t.receive())
                     self.service.events.append((self.index, event))
@@ -177,6 +183,11 @@ class _Session:
             await self.t.send(b"\x00\x01 binary")
             await self.send("error", error={"type": "server_error", "code": "fake_junk",
                                             "message": "a non-fatal error"})
+        if s.benign:
+            await self.send("error", error={"type": "invalid_request_error",
+                                            "code": "response_cancel_not_active",
+                                            "message": "Cancellation failed: no active response "
+                                                       "found."})
         rid, item = self._id("resp"), self._id("item")
         self.replies += 1
         text = f"*beep {self.index}.{self.replies}*"

@@ -19,7 +19,8 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 from r2d2voice.errors import ConfigError, UsageError
 
-COMMANDS = ("run", "replay", "export", "sessions", "usage", "stats", "devices", "serve-local")
+COMMANDS = ("run", "replay", "export", "sessions", "usage", "stats", "devices", "serve-local",
+            "wake", "tools", "prune", "ship")
 
 
 def test_help_lists_every_command_without_loading_trio_numpy_or_portaudio() -> None:
@@ -92,3 +93,67 @@ def test_serve_local_on_a_busy_port_is_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     [line] = r.stderr.strip().splitlines()
     assert line.startswith(f"r2d2voice: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_tools_command_reads_the_flag_or_the_setting(tmp_path: Path) -> None:
+    (tmp_path / "tools.toml").write_text('builtins = ["get_time", "set_volume"]\n')
+    r = run_cli("tools", "--tools", "tools.toml", "--check", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "ok: 2 tools\n"), r.stderr
+    r = run_cli("tools", cwd=tmp_path, env={"R2D2_TOOLS": str(tmp_path / "tools.toml")})
+    assert r.returncode == 0 and r.stdout.startswith("2 tools in ") and "set_volume" in r.stdout
+    r = run_cli("tools", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr == "r2d2voice: error: tools: no tools file: give --tools PATH or set " \
+                       "R2D2_TOOLS\n"
+    (tmp_path / "bad.toml").write_text('builtins = ["teleport"]\n')
+    r = run_cli("tools", "--tools", "bad.toml", cwd=tmp_path)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "teleport" in r.stderr
+
+
+def test_prune_takes_its_age_from_the_flag_or_the_setting(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from r2d2voice.storage.database import Store
+
+    db = tmp_path / "c.db"
+    with Store.open(db, now=lambda: datetime(2020, 1, 1, tzinfo=timezone.utc)) as store:
+        sid = store.write.start_session(backend="local", model="local", voice=None)
+        store.write.end_session(sid)
+    r = run_cli("prune", "--db", str(db), cwd=tmp_path)
+    assert r.returncode == 2 and "--older-than AGE" in r.stderr
+    r = run_cli("prune", "--db", str(db), "--older-than", "36500d", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("nothing older than "), r.stderr
+    r = run_cli("prune", "--db", str(db), cwd=tmp_path, env={"R2D2_RETENTION_DAYS": "30"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("pruned 1 session"), r.stdout
+
+
+def test_ship_then_read_the_fleet_by_device(pg_server, tmp_path: Path) -> None:
+    """``ship --to`` (password from the env file, never shown) and the report commands'
+    ``--db postgresql://… --device``."""
+    from pg import PASSWORD
+
+    from r2d2voice.storage.database import Store
+
+    db = tmp_path / "c.db"
+    with Store.open(db) as store:
+        sid = store.write.start_session(backend="local", model="local", voice=None)
+        store.write.upsert_message(sid, role="user", item_id="i1", seq=1, text="hello fleet")
+        store.write.end_session(sid)
+    url = pg_server.url(pg_server.create_database())
+    (tmp_path / ".env").write_text(f"R2D2_SHIP_URL={url}\nR2D2_DEVICE_ID=r2-kitchen\n")
+    r = run_cli("--log-level", "DEBUG", "ship", "--db", str(db), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert PASSWORD not in r.stdout + r.stderr
+    r = run_cli("sessions", "--db", url, "--device", "r2-kitchen", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    [header, row] = r.stdout.splitlines()
+    assert header.split()[0] == "DEVICE" and row.split()[:2] == ["r2-kitchen", sid]
+    r = run_cli("export", "--db", url, "--device", "r2-kitchen", cwd=tmp_path)
+    assert r.returncode == 0 and '"text": "hello fleet"' in r.stdout, r.stderr
+    assert '"device_id": "r2-kitchen"' in r.stdout
+    r = run_cli("stats", "--db", url, "--device", "r2-elsewhere", cwd=tmp_path)
+    assert r.returncode == 2 and "no robot 'r2-elsewhere'" in r.stderr
+    assert PASSWORD not in r.stderr
+    r = run_cli("export", "--device", "r2-kitchen", "--db", str(db), cwd=tmp_path)
+    assert r.returncode == 2 and "use it with --db postgresql://" in r.stderr

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from support import run_cli
 
+from r2d2voice.appliance.compose import check_listening
 from r2d2voice.errors import ConfigError
 from r2d2voice.system.config import DEFAULT_MODEL, Settings, default_db_path, load_settings
 
@@ -85,7 +88,13 @@ def test_missing_explicit_env_file_is_a_config_error(dirs: tuple[Path, Path]) ->
         ("R2D2_VAD_SILENCE_MS", "50", "between 100 and 10000"),
         ("R2D2_VAD_SILENCE_MS", "0.5s", "whole number"),
         ("R2D2_VAD_PREFIX_MS", "-1", "between 0 and 5000"),
-        ("R2D2_BACKEND", "azure", "'openai' or 'local'"),
+        ("R2D2_BACKEND", "bing", "'openai', 'local' or 'azure'"),
+        ("R2D2_LISTEN", "sometimes", "'always' or 'wake'"),
+        ("R2D2_EARCONS", "loud", "on or off"),
+        ("R2D2_STORE_TEXT", "maybe", "'true' or 'false'"),
+        ("R2D2_CONVERSATION_IDLE_S", "0", "between 1 and 3600"),
+        ("R2D2_RETENTION_DAYS", "-3", "'off' or a number of days"),
+        ("AZURE_OPENAI_ENDPOINT", "NAME.openai.azure.com", "https:// (or wss://) URL"),
         ("R2D2_LOG_LEVEL", "loud", "one of DEBUG"),
         ("REALTIME_URL", "https://api.openai.com", "ws:// or wss://"),
         ("R2D2_OUTPUT_LATENCY", "fast", "seconds"),
@@ -160,3 +169,107 @@ def test_cli_config_error_is_one_line_exit_3(tmp_path: Path) -> None:
     assert "R2D2_VAD_THRESHOLD in" in r.stderr and "'high'" in r.stderr
     r = run_cli("--env-file", "missing.env", "sessions", cwd=tmp_path)
     assert r.returncode == 3 and "missing.env does not exist" in r.stderr
+
+
+def test_new_settings_parse(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    s = load(dirs, {"R2D2_LISTEN": "WAKE", "R2D2_EARCONS": "off", "R2D2_STORE_TEXT": "no",
+                    "R2D2_RETENTION_DAYS": "30", "R2D2_CONVERSATION_IDLE_S": "7.5",
+                    "R2D2_TOOLS": "~/tools.toml", "R2D2_DEVICE_ID": "r2-kitchen",
+                    "R2D2_BACKEND": "azure"})
+    assert (s.listen, s.earcons, s.store_text, s.retention_days) == ("wake", False, False, 30.0)
+    assert s.conversation_idle_s == 7.5 and s.device_id == "r2-kitchen"
+    assert s.tools == str(Path.home() / "tools.toml") and s.backend == "azure"
+    off = load(dirs, {"R2D2_RETENTION_DAYS": "off", "R2D2_EARCONS": "on"})
+    assert off.retention_days is None and off.earcons is True and off.device_id is None
+
+
+def test_a_directory_is_not_a_database(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"R2D2_DB in the environment must be a file path "
+                                          r"\(not a directory\)"):
+        load(dirs, {"R2D2_DB": str(tmp_path)})
+    r = run_cli("export", cwd=tmp_path, env={"R2D2_DB": str(tmp_path)})
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+    assert "not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+SHIP = "postgresql://r2d2:p%40ss-w0rd-1@fleet.example:5432/fleet"
+
+
+def test_secrets_are_masked_everywhere(dirs: tuple[Path, Path]) -> None:
+    s = load(dirs, {"OPENAI_API_KEY": "sk-open-123456", "AZURE_OPENAI_API_KEY": "az-key-987654",
+                    "R2D2_SHIP_URL": SHIP})
+    for secret in ("sk-open-123456", "az-key-987654", "p%40ss-w0rd-1", "p@ss-w0rd-1"):
+        assert secret not in repr(s)
+    assert "ship_url='***'" in repr(s) and "azure_api_key='***'" in repr(s)
+    # what the logs scrub: the keys, the URL, its password as written and decoded
+    assert set(s.secrets()) == {"sk-open-123456", "az-key-987654", SHIP, "p%40ss-w0rd-1",
+                                "p@ss-w0rd-1"}
+    # a bad value of a secret key is not echoed in the error either
+    with pytest.raises(ConfigError) as err:
+        load(dirs, {"R2D2_SHIP_URL": "postgrse://u:hunter22@h/db"})
+    assert "hunter22" not in str(err.value) and "'***'" in str(err.value)
+
+
+def test_the_ship_url_password_never_reaches_the_log(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"R2D2_SHIP_URL={SHIP}\n")
+    r = run_cli("--log-level", "DEBUG", "ship", "--db", str(tmp_path / "none.db"),
+                cwd=tmp_path)
+    assert r.returncode == 2 and "no such database" in r.stderr, r.stderr
+    assert "p%40ss-w0rd-1" not in r.stderr + r.stdout and "p@ss" not in r.stderr + r.stdout
+
+
+def test_misspelt_keys_are_warned_about_with_the_closest_key(
+    dirs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cwd, _ = dirs
+    env_file = cwd / ".env"
+    env_file.write_text("R2D2_VAD_TRESHOLD=0.9\nREALTIME_VOICE=ash\nOTHER_TOOL_KEY=1\n")
+    with caplog.at_level(logging.WARNING, logger="r2d2voice.system.config"):
+        s = load(dirs, {"REALTIME_MODLE": "x", "R2D2_VAD_THRESHOLD": "0.4", "PATH": "/bin"})
+    assert s.vad_threshold == 0.4 and s.voice == "ash"
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        f"unknown setting R2D2_VAD_TRESHOLD in {env_file} is ignored "
+        "(did you mean R2D2_VAD_THRESHOLD?)",
+        "unknown setting REALTIME_MODLE in the environment is ignored "
+        "(did you mean REALTIME_MODEL?)",
+    ]
+
+
+def test_env_file_parse_warnings_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("REALTIME_VOICE=ash\nthis line is not a setting\n")
+    r = run_cli("sessions", "--db", str(tmp_path / "none.db"), cwd=tmp_path)
+    [warning] = [line for line in r.stderr.splitlines() if "WARNING" in line]
+    assert f"{tmp_path / '.env'} line 2: cannot parse it" in warning
+    assert "python-dotenv" not in r.stderr
+
+
+def test_an_unreadable_env_file_is_one_line_exit_3(tmp_path: Path) -> None:
+    env_file = tmp_path / "secret.env"
+    env_file.write_text("REALTIME_VOICE=ash\n")
+    env_file.chmod(0)
+    argv = [sys.executable, "-m", "r2d2voice", "--env-file", str(env_file), "sessions"]
+    if os.geteuid() == 0:  # root reads anything: drop the capabilities that let it
+        argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
+    r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "HOME": str(tmp_path)})
+    assert r.returncode == 3, r.stderr
+    assert r.stderr == f"r2d2voice: error: cannot read env file {env_file}: Permission denied\n"
+
+
+def test_the_wake_word_is_checked_only_when_listening_for_it(dirs: tuple[Path, Path]) -> None:
+    check_listening(load(dirs, {"R2D2_WAKE_WORD": "hey_bob"}))  # always: not used, not checked
+    check_listening(load(dirs, {"R2D2_LISTEN": "wake"}))  # the default word is bundled
+    with pytest.raises(ConfigError) as err:
+        check_listening(load(dirs, {"R2D2_LISTEN": "wake", "R2D2_WAKE_WORD": "hey_bob"}))
+    assert str(err.value).startswith("R2D2_WAKE_WORD in the environment: unknown wake word "
+                                     "'hey_bob': use one of okay_nabu, hey_jarvis, hey_mycroft,")
+
+
+def test_a_bad_wake_word_stops_a_replay_before_it_starts(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("R2D2_WAKE_WORD=hey_bob\n")
+    r = run_cli("replay", "missing.wav", "--backend", "local", "--listen", "wake",
+                "--db", str(tmp_path / "c.db"), cwd=tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.startswith(f"r2d2voice: error: R2D2_WAKE_WORD in {tmp_path / '.env'}: ")
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "c.db").exists()

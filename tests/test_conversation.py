@@ -211,7 +211,7 @@ def test_tracking_stays_bounded_over_a_long_run() -> None:
         feed(conv, turn_events(f"u{n}", f"r{n}", f"a{n}", "hi", b"\x00\x00"))
         conv.send(c.AudioAppend(b"\x00\x00"))
     bound = conv.MAX_TRACKED_ITEMS
-    assert len(conv._replies) <= bound and len(conv._seqs) <= bound
+    assert max(conv.items.tracked()) <= bound
     assert len(conv.sent) <= bound and len(conv.awaiting_play) <= bound
     assert conv.responses_done == 1000
     assert conv.seq_of("a999") == 2000

@@ -17,13 +17,20 @@ from r2d2voice.system.config import KEYS, KEYS_BY_ENV, Settings, default, load_s
 ROOT = Path(__file__).resolve().parents[1]
 #: Keys whose default is not a value a file could show: a secret, a path that depends on where
 #: the service runs, a device that defaults to the system's own.
-NO_SHOWN_DEFAULT = {"OPENAI_API_KEY", "R2D2_DB", "R2D2_INPUT_DEVICE", "R2D2_OUTPUT_DEVICE"}
+NO_SHOWN_DEFAULT = {"OPENAI_API_KEY", "R2D2_DB", "R2D2_INPUT_DEVICE", "R2D2_OUTPUT_DEVICE",
+                    "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_DEPLOYMENT", "AZURE_OPENAI_API_KEY",
+                    "R2D2_TOOLS", "R2D2_SHIP_URL", "R2D2_DEVICE_ID"}
 NOT_KEYS = {"env_file", "sources"}
 
 
 def _parsed(env: str, raw: str) -> object:
     """What the application makes of ``raw`` for key ``env`` (as load_settings would)."""
     return KEYS_BY_ENV[env].parse(raw)
+
+
+def test_every_key_is_defined_once() -> None:
+    assert len(KEYS_BY_ENV) == len(KEYS), "a key is defined twice in KEYS"
+    assert len({k.attr for k in KEYS}) == len(KEYS), "two keys share a Settings attribute"
 
 
 def test_settings_fields_are_exactly_the_keys_with_their_defaults() -> None:
@@ -82,6 +89,14 @@ def test_readme_table_shows_the_code_defaults() -> None:
     for env, raw in shown.items():
         assert env in KEYS_BY_ENV, f"README documents an unknown key {env}"
         assert _parsed(env, raw) == KEYS_BY_ENV[env].default, env
+
+
+def test_readme_documents_every_key() -> None:
+    text = (ROOT / "README.md").read_text()
+    undocumented = [k.env for k in KEYS if not k.env.startswith("R2D2_PRICE_")
+                    and not re.search(rf"`{k.env}\b", text)]
+    assert not undocumented, f"keys the README does not mention: {undocumented}"
+    assert "`R2D2_PRICE_*`" in text
 
 
 @pytest.mark.parametrize("key", [k for k in KEYS if k.default is not None], ids=lambda k: k.env)

@@ -19,13 +19,8 @@ import soundfile
 import trio
 from support import SCRUBBED_PREFIXES
 
-from r2d2voice.audio.devices import (
-    CaptureStatistics,
-    DeviceInfo,
-    _Capture,
-    list_devices,
-    resolve_device,
-)
+from r2d2voice.audio.capture import CaptureStatistics, _Capture
+from r2d2voice.audio.devices import DeviceInfo, DeviceUnavailable, list_devices, resolve_device
 from r2d2voice.errors import ConfigError
 
 
@@ -94,13 +89,13 @@ print(json.dumps([asdict(d) for d in devs]))
 RESOLVE_SCRIPT = """
 import json, sys
 from r2d2voice.audio.devices import resolve_device
-from r2d2voice.errors import ConfigError
+from r2d2voice.errors import R2Error
 out = []
 for kind, spec in json.loads(sys.argv[1]):
     try:
         d = resolve_device(spec, kind)
         out.append({"index": d.index, "name": d.name})
-    except ConfigError as exc:
+    except R2Error as exc:
         out.append({"error": str(exc), "exit_code": exc.exit_code})
 print(json.dumps(out))
 """
@@ -151,13 +146,13 @@ def test_resolve_device_by_index_name_and_default(pulse_rig, listing):
     assert res[3] == {"index": devs["default"], "name": "default"}  # a part of the name
     assert res[4] == {"index": devs["default"], "name": "default"}  # the system default
     missing = res[5]
-    assert missing["exit_code"] == 3
+    assert missing["exit_code"] == 1  # DeviceUnavailable: `run` waits for it
     assert missing["error"].startswith("no input device matches 'usb mic'; inputs: ")
     assert f"{devs['pulse']} 'pulse'" in missing["error"]
     assert f"{devs['default']} 'default'" in missing["error"]
     assert "\n" not in missing["error"]
     assert res[6]["error"].startswith("no output device with index 99; outputs: ")
-    assert "ambiguous" in res[7]["error"] and res[7]["exit_code"] == 3
+    assert "ambiguous" in res[7]["error"] and res[7]["exit_code"] == 3  # waiting cannot help
 
 
 @pytest.mark.pulse
@@ -188,20 +183,20 @@ def test_exact_name_beats_substring_and_direction_matters():
     assert resolve_device("usb audio", "input", BOARD).index == 2  # exact, though 1 also contains
     assert resolve_device("pnp", "input", BOARD).index == 1
     assert resolve_device("headphones", "output", BOARD).index == 0
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(DeviceUnavailable) as exc:
         resolve_device("headphones", "input", BOARD)
     assert str(exc.value) == (
         "no input device matches 'headphones'; inputs: 1 'USB PnP Sound Device: Audio (hw:1,0)',"
         " 2 'USB Audio', 3 'default'"
     )
-    with pytest.raises(ConfigError, match="has no input channels"):
+    with pytest.raises(DeviceUnavailable, match="has no input channels"):
         resolve_device(0, "input", BOARD)
     with pytest.raises(ConfigError, match=r"ambiguous: matches 1 .*, 2 'USB Audio'"):
         resolve_device("usb", "input", BOARD)
 
 
-def test_no_default_device_is_a_config_error():
-    with pytest.raises(ConfigError, match="no default output device; outputs: none"):
+def test_no_default_device_is_a_device_to_wait_for():
+    with pytest.raises(DeviceUnavailable, match="no default output device; outputs: none"):
         resolve_device(None, "output", [_dev(0, "mic", 1, 0)])
 
 
@@ -270,7 +265,8 @@ CAPTURE_SCRIPT = """
 import json, sys
 import numpy as np
 import trio
-from r2d2voice.audio.devices import CaptureStatistics, resolve_device, run_capture
+from r2d2voice.audio.capture import CaptureStatistics, run_capture
+from r2d2voice.audio.devices import resolve_device
 
 tone, out = sys.argv[1], sys.argv[2]
 RATES = {"48000": 48000, "default": None}
@@ -384,8 +380,14 @@ def test_a_suspended_microphone_delivers_no_frames_and_capture_resumes(captured,
 
 def _capture(send: trio.MemorySendChannel[bytes], stats: CaptureStatistics) -> _Capture:
     capture = _Capture(send, stats, trio.lowlevel.current_trio_token())
-    capture.configure(48000)
+    capture.configure(48000, 2)
     return capture
+
+
+def _deliver(capture: _Capture, block: np.ndarray) -> None:
+    """What PortAudio's thread and then the trio thread do with one block."""
+    capture.push(block, False)
+    capture.drain()
 
 
 def _blocks(seconds: float) -> list[np.ndarray]:
@@ -403,15 +405,15 @@ async def test_a_full_uplink_drops_new_frames_counts_and_warns_once_a_second(
     send_all, receive_all = trio.open_memory_channel[bytes](1000)
     reference = _capture(send_all, CaptureStatistics())
     for block in blocks:
-        reference.deliver(block, False)
+        _deliver(reference, block)
     expected = [receive_all.receive_nowait() for _ in range(5)]
 
     stats = CaptureStatistics()
     send, receive = trio.open_memory_channel[bytes](5)  # nobody reads: the uplink is stuck
     capture = _capture(send, stats)
-    with caplog.at_level(logging.WARNING, logger="r2d2voice.audio.devices"):
+    with caplog.at_level(logging.WARNING, logger="r2d2voice.audio.capture"):
         for block in blocks:
-            capture.deliver(block, False)
+            _deliver(capture, block)
             await trio.sleep(0.02)
     warnings = [r.getMessage() for r in caplog.records if "frames dropped" in r.getMessage()]
     assert stats.frames_sent == 5 and stats.frames_dropped > 100
@@ -429,7 +431,7 @@ async def test_capture_stops_delivering_once_the_receiver_is_gone() -> None:
     capture = _capture(send, stats)
     await receive.aclose()
     for block in _blocks(0.2):
-        capture.deliver(block, False)
+        _deliver(capture, block)
     assert capture.receiver_gone.is_set()
     assert stats.frames_sent == 0 and stats.frames_dropped == 0
 
@@ -440,7 +442,8 @@ PLAYBACK_SCRIPT = """
 import json, sys
 import numpy as np
 import trio
-from r2d2voice.audio.devices import PlaybackStatistics, resolve_device, run_playback
+from r2d2voice.audio.devices import resolve_device
+from r2d2voice.audio.playback import IDLE_STOP_SECONDS, PlaybackStatistics, run_playback
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 
 spec = sys.argv[1]
@@ -467,10 +470,15 @@ async def main():
             await send.send(AudioChunk("a", tone(440, 0.2)))
             await trio.sleep(0.4)   # a pause between replies is not an underrun
             await send.send(AudioChunk("b", tone(660, 0.3)))
+            await trio.sleep(0.3 + IDLE_STOP_SECONDS + 0.5)  # idle: the stream stops
+            stopped = stats.starts
+            await send.send(AudioChunk("c", tone(880, 0.2)))  # ... and starts again
         # run_playback drains the buffer and returns on its own
     s = buffer.statistics()
     print(json.dumps({
         "played_a": buffer.played_samples("a"), "played_b": buffer.played_samples("b"),
+        "played_c": buffer.played_samples("c"), "starts_before_c": stopped,
+        "starts": stats.starts,
         "underruns": stats.underruns, "buffer_underruns": s.underruns, "queued": s.queued_samples,
         "samplerate": stats.samplerate, "callbacks": stats.callbacks,
         "callback_errors": stats.callback_errors,
@@ -492,6 +500,10 @@ def test_playback_plays_replies_and_counts_what_was_played(
     assert info["samplerate"] == expected_rate
     assert info["played_a"] == 2 * 4800  # every pushed sample was handed to the device
     assert info["played_b"] == 7200
+    assert info["played_c"] == 4800
+    # the stream ran from "a" to after "b" (pauses shorter than IDLE_STOP_SECONDS), stopped
+    # while nothing played, and started again for "c"
+    assert info["starts_before_c"] == 1 and info["starts"] == 2
     assert info["queued"] == 0
     assert info["underruns"] == 1 and info["buffer_underruns"] == 1
     assert info["callbacks"] > 0 and info["callback_errors"] == 0
@@ -499,8 +511,11 @@ def test_playback_plays_replies_and_counts_what_was_played(
     recorded, sr = soundfile.read(wav, dtype="int16")
     assert sr == 48000
     runs = _runs(_labels(recorded, sr))
-    # What the speaker played: 0.2 s of 440 Hz, silence, 0.2 s more, silence, 0.3 s of 660 Hz.
-    assert [label for label, _ in runs] == ["440", "silence", "440", "silence", "660"]
+    # What the speaker played: 0.2 s of 440 Hz, silence, 0.2 s more, silence, 0.3 s of 660 Hz,
+    # silence while the stream was stopped, 0.2 s of 880 Hz: nothing lost at a start or stop.
+    assert [label for label, _ in runs] == ["440", "silence", "440", "silence", "660",
+                                            "silence", "880"]
     assert runs[0][1] == pytest.approx(10, abs=2)
     assert runs[2][1] == pytest.approx(10, abs=2)
     assert runs[4][1] == pytest.approx(15, abs=2)
+    assert runs[6][1] == pytest.approx(10, abs=2)

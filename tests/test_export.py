@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from storage_support import T0, SteppedClock, at
+from storage_support import T0, SteppedClock, at, record_a_conversation_with_tools
 
 from r2d2voice.errors import RuntimeFailure, UsageError
 from r2d2voice.reports.export import COLUMNS, export_command, run_export
@@ -102,7 +102,10 @@ def test_jsonl_round_trips_every_text(awkward_db) -> None:
     assert rows[1] == {
         "session_id": sid, "seq": 2, "role": "assistant", "text": "two\nlines",
         "created_at": "2025-11-21T09:30:02.000Z", "item_id": "item1", "response_id": "resp1",
-        "interrupted": True, "played_ms": 1234,
+        "interrupted": True, "played_ms": 1234, "text_kept": True,
+        # a message has the tool columns too, empty
+        "name": None, "arguments": None, "output": None, "status": None, "duration_ms": None,
+        "call_id": None,
     }  # fmt: skip
     assert rows[0]["interrupted"] is False and rows[0]["played_ms"] is None
     assert "🤖" in out  # not \\u-escaped
@@ -193,6 +196,81 @@ def test_markdown_marks_days_and_continued_sessions(tmp_path: Path) -> None:
     assert f"Continues session {a}." in md
 
 
+# ---------------------------------------------------------------------------- tool executions
+
+
+async def test_tool_executions_export_in_conversation_order_in_every_format(
+        tmp_path: Path) -> None:
+    db = tmp_path / "r2.db"
+    sid = await record_a_conversation_with_tools(db)
+    n, out = export(db)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert n == 7
+    assert [(r["seq"], r["role"]) for r in rows] == [
+        (1, "user"), (2, "tool"), (3, "assistant"), (4, "tool"), (5, "tool"), (6, "tool"),
+        (7, "assistant")]
+    assert rows[1] == {
+        "session_id": sid, "seq": 2, "role": "tool", "text": None,
+        "created_at": "2025-11-21T09:30:01.000Z", "item_id": "fc_1", "response_id": "r1",
+        "interrupted": None, "played_ms": None, "text_kept": True, "name": "turn_head",
+        "arguments": '{"degrees": -90}', "output": "turned to -90", "status": "ok",
+        "duration_ms": 41, "call_id": "call_1",
+    }  # fmt: skip
+    assert [(r["name"], r["status"], r["output"]) for r in rows if r["role"] == "tool"] == [
+        ("turn_head", "ok", "turned to -90"), ("note", "error", "-disk\nfull"),
+        ("fly_*away*", "rejected", "unknown tool: fly_*away*"), ("get_time", "running", None)]
+    # CSV: the same rows and columns, formula-safe.
+    _, text = export(db, fmt="csv")
+    table = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert list(table[0]) == list(COLUMNS)
+    assert [(r["seq"], r["role"], r["name"]) for r in table] == [
+        (str(r["seq"]), r["role"], r["name"] or "") for r in rows]
+    note = table[3]
+    assert (note["arguments"], note["output"], note["status"], note["duration_ms"]) == (
+        '{"text": "=cmd|x"}', "'-disk\nfull", "error", "7")
+    assert (note["text"], note["interrupted"], note["text_kept"]) == ("", "", "true")
+    # Markdown: one readable line per execution, in its place among the turns.
+    _, md = export(db, fmt="markdown")
+    lines = [block for block in md.split("\n\n") if block.startswith(("**", "🔧"))]
+    assert lines == [
+        "**you** (09:30:01): look left, then note it",
+        '🔧 **turn_head** (09:30:01): {"degrees": -90} → turned to -90 (ok, 41 ms)',
+        "**r2** (09:30:02, interrupted after 0.8 s): Turning.",
+        '🔧 **note** (09:30:02): {"text": "=cmd|x"} → -disk\n    full (error, exit 2, 7 ms)',
+        "🔧 **fly\\_\\*away\\*** (09:30:02): {bad → unknown tool: fly_*away* (rejected)",
+        "🔧 **get_time** (09:30:03): {} (running)",
+        "**r2** (09:30:03): Noted.",
+    ]
+    # --role tool, and the message roles leave the tools out.
+    assert [r["call_id"] for r in map(json.loads, export(db, role="tool")[1].splitlines())] \
+        == ["call_1", "call_2", "call_3", "call_4"]
+    assert texts(export(db, role="assistant")[1]) == ["Turning.", "Noted."]
+    # Time filters select tool executions by their start label.
+    assert [(r["seq"], r["role"]) for r in map(
+        json.loads, export(db, since="2025-11-21T09:30:03")[1].splitlines())] == [
+        (6, "tool"), (7, "assistant")]
+
+
+async def test_privacy_mode_export_says_the_text_was_not_kept(tmp_path: Path) -> None:
+    db = tmp_path / "r2.db"
+    await record_a_conversation_with_tools(db, store_text=False)
+    rows = [json.loads(line) for line in export(db)[1].splitlines()]
+    assert {r["text_kept"] for r in rows} == {False}
+    assert [r["text"] for r in rows if r["role"] != "tool"] == ["(not kept)"] * 3
+    assert [(r["name"], r["arguments"], r["output"], r["status"], r["duration_ms"])
+            for r in rows if r["role"] == "tool"] == [
+        ("turn_head", "(not kept)", "(not kept)", "ok", 41),
+        ("note", "(not kept)", "(not kept)", "error", 7),
+        ("fly_*away*", "(not kept)", "(not kept)", "rejected", None),
+        ("get_time", "(not kept)", None, "running", None)]
+    table = list(csv.DictReader(io.StringIO(export(db, fmt="csv")[1], newline="")))
+    assert table[0]["text"] == "(not kept)" and table[0]["text_kept"] == "false"
+    _, md = export(db, fmt="markdown")
+    assert "**you** (09:30:01): *(not kept)*" in md
+    assert "🔧 **turn_head** (09:30:01): *(not kept)* → *(not kept)* (ok, 41 ms)" in md
+    assert "note it" not in md and "degrees" not in md
+
+
 # ---------------------------------------------------------------------------- filters
 
 
@@ -247,6 +325,7 @@ def test_export_sees_rows_of_a_writer_that_is_still_open(tmp_path: Path) -> None
         ({"until": "21/11/2025"}, "--until"),
         ({"since": "2025-11-22", "until": "2025-11-20"}, "--until"),
         ({"role": "system"}, "--role"),
+        ({"role": "tools"}, "--role"),
         ({"fmt": "xml"}, "--format"),
         ({"sessions": ["20990101T000000Z-000000"]}, "--session"),
     ],

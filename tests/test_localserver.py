@@ -11,103 +11,22 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
 import pytest
 import trio
 import trio_websocket
-from openai.types.realtime import RealtimeServerEvent
-from pydantic import TypeAdapter, ValidationError
-from support import RATE, clean_env, local_backend, silence, tone
+from localpeer import SERVER_EVENT, b64, pcm_of, turn_audio, types
+from localwire import FAST, backend, connect
+from pydantic import ValidationError
+from support import RATE, clean_env, silence, tone
 
 from r2d2voice.localbackend.command import ListenError, serve_local_command
 from r2d2voice.localbackend.reply import Reply
 from r2d2voice.localbackend.server import BackendConfig, Faults, serve_local, stream_reply
 from r2d2voice.localbackend.session import CancelReply, LocalSession
 from r2d2voice.localbackend.wire import CountingIds
-
-FRAME = 480  # 20 ms
-FAST = 50.0  # realtime_factor for tests: a 1 s reply streams in 20 ms
-SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
-
-
-def b64(pcm: np.ndarray) -> str:
-    return base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")
-
-
-def pcm_of(events: list[dict[str, Any]]) -> bytes:
-    return b"".join(
-        base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta"
-    )
-
-
-def types(events: list[dict[str, Any]]) -> list[str]:
-    return [e["type"] for e in events]
-
-
-def turn_audio(speech_s: float = 1.0, freq: float = 440.0) -> np.ndarray:
-    """0.5 s silence, a tone burst, 1 s silence: one server-VAD turn."""
-    return np.concatenate([silence(0.5), tone(speech_s, freq=freq), silence(1.0)])
-
-
-class Client:
-    """A raw websocket client; every JSON event received is validated against the SDK schema."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
-        self.events: list[dict[str, Any]] = []
-        self._n = 0
-
-    async def send(self, type_: str, **body: Any) -> str:
-        self._n += 1
-        event_id = f"evt_test_{self._n}"
-        await self.ws.send_message(json.dumps({"type": type_, "event_id": event_id, **body}))
-        return event_id
-
-    async def recv(self) -> dict[str, Any]:
-        event = json.loads(await self.ws.get_message())
-        SERVER_EVENT.validate_python(event)
-        self.events.append(event)
-        return event
-
-    async def until(self, type_: str, **match: Any) -> list[dict[str, Any]]:
-        """Events up to and including the first ``type_`` whose fields equal ``match``."""
-        got = []
-        while True:
-            event = await self.recv()
-            got.append(event)
-            if event["type"] == type_ and all(event.get(k) == v for k, v in match.items()):
-                return got
-
-    async def stream(self, pcm: np.ndarray) -> None:
-        for i in range(0, len(pcm), FRAME):
-            await self.send("input_audio_buffer.append", audio=b64(pcm[i : i + FRAME]))
-
-    async def update(self, **session: Any) -> dict[str, Any]:
-        await self.send("session.update", session={"type": "realtime", **session})
-        return (await self.until("session.updated"))[-1]["session"]
-
-
-@asynccontextmanager
-async def backend(**config: Any) -> AsyncIterator[str]:
-    config.setdefault("realtime_factor", FAST)
-    async with local_backend(**config) as url:
-        yield url
-
-
-@asynccontextmanager
-async def connect(url: str, headers: list[tuple[str, str]] | None = None
-                  ) -> AsyncIterator[Client]:
-    async with trio_websocket.open_websocket_url(f"{url}?model=gpt-realtime-2.1",
-                                                 extra_headers=headers) as ws:
-        client = Client(ws)
-        created = await client.recv()
-        assert created["type"] == "session.created"
-        yield client
-
 
 # --------------------------------------------------------------------------- schema check
 
@@ -399,9 +318,13 @@ def test_serve_local_command_says_why_it_cannot_listen(taken_port):
     assert "\n" not in str(info.value)
 
 
-async def test_serve_local_command_answers_until_sigterm():
-    code = ("from r2d2voice.localbackend.command import serve_local_command; "
-            "serve_local_command('127.0.0.1', 0)")
+async def test_serve_local_command_answers_until_sigterm(tmp_path):
+    """What ``serve-local --fault ... --script FILE`` runs: the options reach the backend."""
+    script = tmp_path / "turns.json"
+    script.write_text('[{"say": "from the script"}]')
+    code = ("from r2d2voice.localbackend.command import backend_config, serve_local_command; "
+            "serve_local_command('127.0.0.1', 0, backend_config("
+            f"['rate_limits', 'reply_seconds=0.1'], {str(script)!r}))")
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             proc = await nursery.start(lambda task_status: trio.run_process(
@@ -412,10 +335,16 @@ async def test_serve_local_command_answers_until_sigterm():
                 line += await proc.stdout.receive_some(1)
             url = line.decode().split(" on ", 1)[1].strip()
             assert url.startswith("ws://127.0.0.1:") and url.endswith("/v1/realtime")
-            async with connect(url) as c:  # replies stream in real time here: no turn
+            async with connect(url) as c:  # replies stream in real time here: a short one
                 assert (await c.update(instructions="Hi."))["instructions"] == "Hi."
+                await c.send("response.create")
+                events = await c.until("response.done")
+                assert (await c.recv())["type"] == "rate_limits.updated"
             proc.send_signal(signal.SIGTERM)
     assert proc.returncode == 0
+    done = next(e for e in events if e["type"] == "response.output_audio_transcript.done")
+    assert done["transcript"] == "from the script"
+    assert len(pcm_of(events)) == round(0.1 * RATE) * 2
 
 
 # --------------------------------------------------------------------------- the openai SDK

@@ -285,3 +285,18 @@ def test_the_listener_runs_on_the_reading_thread_outside_the_lock() -> None:
     reader.start()
     reader.join(timeout=10)
     assert seen == [("MainThread", 480), ("audio-callback", 0)]
+
+
+def test_gain_scales_audio_as_it_is_pushed() -> None:
+    buf = PlayoutBuffer()
+    loud = np.array([20000, -20000, 1000, -3], np.int16)
+    buf.push("a", loud)
+    buf.set_gain(0.25)  # set_volume 50 %: audio queued from now on is quieter
+    buf.push("b", loud)
+    assert buf.gain == 0.25
+    assert buf.read(8).tolist() == [20000, -20000, 1000, -3, 5000, -5000, 250, -1]
+    buf.set_gain(0.0)
+    buf.push("c", loud)
+    assert buf.read(4).tolist() == [0, 0, 0, 0] and buf.received_samples("c") == 4
+    with pytest.raises(ValueError):
+        buf.set_gain(1.5)

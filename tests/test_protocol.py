@@ -20,10 +20,16 @@ CLIENT = TypeAdapter(RealtimeClientEvent)
 CFG = c.SessionConfig(instructions="Be R2.", voice="verse", transcribe_model="gpt-4o-transcribe",
                       vad_threshold=0.6, vad_prefix_ms=200, vad_silence_ms=700,
                       retention_ratio=0.8, token_limit=12000)
+TURN_HEAD = {"type": "function", "name": "turn_head", "description": "Turn the dome.",
+             "parameters": {"type": "object", "required": ["degrees"],
+                            "properties": {"degrees": {"type": "integer"}}}}
+TOOLS_CFG = c.SessionConfig(instructions="x", tools=(TURN_HEAD,), idle_timeout_ms=6000)
 
 EVERY_CLIENT_EVENT: list[c.ClientEvent] = [
     c.SessionUpdate(CFG),
     c.SessionUpdate(c.SessionConfig(instructions="x")),
+    c.SessionUpdate(TOOLS_CFG),
+    c.ItemCreateFunctionOutput("call_1", "turned to -90"),
     c.AudioAppend(b"\x00\x01" * 480),
     c.AudioCommit(),
     c.AudioClear(),
@@ -77,6 +83,16 @@ def test_session_update_is_ga_shaped() -> None:
                                   "token_limits": {"post_instructions": 12000}}
     # the old beta shape must not leak in
     assert "modalities" not in sess and "input_audio_format" not in sess
+    # no tools offered, no idle nudge, unless asked for
+    assert "tools" not in sess and "tool_choice" not in sess and "idle_timeout_ms" not in td
+
+
+def test_tools_and_the_idle_timeout_are_offered_when_configured() -> None:
+    sess = c.to_dict(c.SessionUpdate(TOOLS_CFG), "evt_1")["session"]
+    assert sess["tools"] == [TURN_HEAD] and sess["tool_choice"] == "auto"
+    assert sess["audio"]["input"]["turn_detection"]["idle_timeout_ms"] == 6000
+    item = c.to_dict(c.ItemCreateFunctionOutput("call_1", "turned"), "evt_2")["item"]
+    assert item == {"type": "function_call_output", "call_id": "call_1", "output": "turned"}
 
 
 def test_append_round_trips_pcm_and_event_ids_are_per_conversation() -> None:
@@ -166,6 +182,26 @@ def test_unknown_types_and_fields_are_tolerated() -> None:
     assert s.parse_event(ev("response.done", response={
         "id": "r", "status": "completed", "usage": usage, "conversation_id": "c"})) == \
         s.ResponseDone("r", "completed", usage)
+
+
+def test_function_calls_and_the_idle_nudge_parse() -> None:
+    added = s.parse_event(ev("response.output_item.added", response_id="r", output_index=1,
+                             item={"id": "fc", "type": "function_call", "name": "turn_head",
+                                   "call_id": "call_1", "arguments": "",
+                                   "status": "in_progress"}))
+    assert added == s.OutputItemAdded("r", "fc", None, "function_call", "turn_head", "call_1")
+    assert s.parse_event(ev("response.function_call_arguments.delta", response_id="r",
+                            item_id="fc", output_index=1, call_id="call_1", delta="{\n ")) == \
+        s.CallArgumentsDelta("r", "fc", "call_1", "{\n ")
+    done = s.parse_event(ev("response.function_call_arguments.done", response_id="r",
+                            item_id="fc", output_index=1, call_id="call_1", name="turn_head",
+                            arguments='{"degrees": 5}'))
+    assert done == s.CallArgumentsDone("r", "fc", "call_1", "turn_head", '{"degrees": 5}')
+    assert s.parse_event(ev("input_audio_buffer.timeout_triggered", item_id="u",
+                            audio_start_ms=0, audio_end_ms=5000)) == s.TimeoutTriggered("u")
+    with pytest.raises(s.ProtocolError):  # a call without its id is of no use
+        s.parse_event(ev("response.output_item.added", response_id="r", output_index=1,
+                         item={"id": "fc", "type": "function_call", "name": "x"}))
 
 
 def test_server_records_are_frozen() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from r2d2voice.realtime.actions import (
     StoreResponse,
     StoreSession,
 )
+from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.reports.export import export_command
 from r2d2voice.reports.sessions import sessions_command
 from r2d2voice.reports.stats import stats_command
@@ -51,6 +51,15 @@ def test_each_record_maps_to_its_writer_call() -> None:
                                "message": "boom"})]
     assert record_calls(StoreSession("sess_1", "gpt-realtime")) == [
         (Writer.set_service_session_id, {"service_session_id": "sess_1"})]
+    assert record_calls(StoreToolCall("call_1", "fc_1", "r1", 3, "turn_head", "{}")) == [
+        (Writer.record_tool_call, {"call_id": "call_1", "item_id": "fc_1", "response_id": "r1",
+                                   "seq": 3, "name": "turn_head", "arguments": "{}"})]
+    assert record_calls(StoreToolResult("call_1", "timeout", "too slow", None, 5001.5)) == [
+        (Writer.record_tool_result, {"call_id": "call_1", "status": "timeout",
+                                     "output": "too slow", "exit_code": None,
+                                     "duration_ms": 5001.5})]
+    with pytest.raises(ValueError, match="status"):
+        StoreToolResult("call_1", "fine")
     for not_a_record in (Play("a1", b"\0\0"), BargeIn("u2"), "text"):
         with pytest.raises(TypeError, match="not a record"):
             record_calls(not_a_record)
@@ -124,8 +133,9 @@ async def test_end_session_stamps_the_end_and_stores_the_counters(tmp_path: Path
 async def test_closed_store_refuses_more_work(tmp_path: Path) -> None:
     store = await AsyncStore.open(tmp_path / "r2.db")
     await store.aclose()
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(RuntimeError, match="closed"):
         await store.start_session(backend="local", model="m", voice=None)
+    assert str(store.status) == "database closed"
 
 
 # ---------------------------------------------------------------------------- clock steps

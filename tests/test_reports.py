@@ -7,7 +7,6 @@ import io
 import json
 import os
 import sys
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 from click.testing import CliRunner
-from storage_support import SteppedClock
+from storage_support import DAY1, write_report_db
 
 from r2d2voice.cli.main import main
 from r2d2voice.localbackend import reply
@@ -26,19 +25,6 @@ from r2d2voice.storage.database import Store
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "samples" / "two_turns.wav"
-DAY1 = datetime(2025, 11, 20, 9, 30, 0, tzinfo=timezone.utc)
-DAY2 = DAY1 + timedelta(days=1)
-
-
-def usage(it: int, ia: int, ic: int, ot: int, oa: int) -> dict[str, Any]:
-    """A GA ``response.usage`` object."""
-    return {
-        "total_tokens": it + ia + ot + oa,
-        "input_tokens": it + ia,
-        "output_tokens": ot + oa,
-        "input_token_details": {"text_tokens": it, "audio_tokens": ia, "cached_tokens": ic},
-        "output_token_details": {"text_tokens": ot, "audio_tokens": oa},
-    }
 
 
 # Costs by hand, default prices (USD/1M): text in 4, cached 0.40; audio in 32, cached 0.40;
@@ -54,44 +40,7 @@ R5 = (60 * 4 + 140 * 32 + 20 * 16 + 200 * 64) / 1e6  # 0.01784
 def db(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """Session a on day 1, b and c (continuing b) on day 2, with known usage/latency/stats."""
     path = tmp_path / "r2.db"
-    clock = SteppedClock(DAY1)
-    with Store.open(path, now=clock) as store:
-        s = store.write
-        a = s.start_session(backend="openai", model="gpt-realtime", voice="ash",
-                            metadata={"command": "run"})  # fmt: skip
-        clock.set(DAY2)
-        b = s.start_session(backend="openai", model="gpt-realtime", voice="ash")
-        clock.set(DAY2 + timedelta(hours=1))
-        c = s.start_session(backend="openai", model="gpt-realtime", voice="ash",
-                            previous_session_id=b)
-        clock.set(DAY1 + timedelta(seconds=5))
-        s.record_response(a, response_id="r1", status="completed",
-                          usage=usage(100, 300, 200, 10, 500), first_audio_ms=300)
-        s.set_response_latency(a, response_id="r1", first_played_ms=350)
-        clock.step(seconds=10)
-        s.record_response(a, response_id="r2", status="cancelled",
-                          usage=usage(0, 100, 0, 5, 50))
-        s.set_response_latency(a, response_id="r2", first_audio_ms=500)
-        clock.step(seconds=1)
-        s.upsert_message(a, role="assistant", item_id="i2", seq=2, text="cut", response_id="r2")
-        s.mark_interrupted(a, item_id="i2", seq=2, played_ms=700)
-        clock.set(DAY2 + timedelta(seconds=5))
-        s.record_response(b, response_id="r3", status="completed",
-                          usage=usage(40, 0, 40, 8, 120), first_audio_ms=200)
-        s.set_response_latency(b, response_id="r3", first_played_ms=260)
-        clock.step(seconds=1)
-        s.record_response(b, response_id="r4", status="failed", usage=None)
-        clock.step(seconds=1)
-        s.record_error(b, source="service", type="server_error", code=None, message="boom")
-        clock.set(DAY2 + timedelta(hours=1, seconds=5))
-        s.record_response(c, response_id="r5", status="completed",
-                          usage=usage(60, 140, 0, 20, 200))
-        s.set_response_latency(c, response_id="r5", first_audio_ms=100, first_played_ms=150)
-        s.set_session_stats(a, {"frames_dropped": 3, "underruns": 1, "reconnects": 0,
-                                "interruptions": 1, "junk_messages": 0})  # fmt: skip
-        s.set_session_stats(b, {"frames_dropped": 2, "reconnects": 1, "service_errors": 1,
-                                "frames_gated": 40, "custom": 5, "note": "x"})  # fmt: skip
-    return path, {"a": a, "b": b, "c": c}
+    return path, write_report_db(path)
 
 
 def report_of(fn: Any, path: Path, **kw: Any) -> dict[str, Any]:
@@ -272,6 +221,8 @@ def test_stats_report(db, tmp_path: Path) -> None:
     }  # fmt: skip
     assert rep["reconnects"] == {"count": 1, "source": "counter"}
     assert rep["sessions_continuing_earlier"] == 1
+    assert rep["tools"] == {"calls": 4, "by_tool": {
+        "get_time": {"ok": 1}, "turn_head": {"ok": 1, "running": 1, "timeout": 1}}}
 
 
 def test_stats_text(db, tmp_path: Path) -> None:
@@ -289,6 +240,10 @@ def test_stats_text(db, tmp_path: Path) -> None:
     assert counters["frames_dropped"] == "5"
     assert counters["audio_chunks_dropped"] == "n/a"
     assert counters["custom"] == "5"
+    assert "Tool calls: 4" in lines
+    tools = [line.split() for line in lines]
+    assert ["TOOL", "CALLS", "OK", "TIMEOUT", "RUNNING"] in tools
+    assert ["turn_head", "3", "1", "1", "1"] in tools and ["get_time", "1", "1", "0", "0"] in tools
 
 
 def test_stats_filters_and_reconnects_without_the_counter(db) -> None:
@@ -302,6 +257,7 @@ def test_stats_filters_and_reconnects_without_the_counter(db) -> None:
     assert rep["reconnects"] == {"count": 1, "source": "previous_session_id"}
     rep = report_of(stats_command, path, since="2025-11-21")
     assert rep["sessions"] == 2 and rep["responses"]["total"] == 3
+    assert rep["tools"]["by_tool"] == {"get_time": {"ok": 1}, "turn_head": {"running": 1}}
     assert rep["interrupted_replies"] == 0  # the interruption was on day 1
     assert rep["counters"]["frames_dropped"] == 2
     rep = report_of(stats_command, path, until="2025-11-20")
@@ -317,6 +273,7 @@ def test_stats_with_no_data_says_n_a(tmp_path: Path) -> None:
     assert ["first", "reply", "audio", "played", "0", "n/a", "n/a", "n/a"] in [
         line.split() for line in result.stdout.splitlines()]
     assert "reconnects            0 (not counted by the pipeline" in result.stdout
+    assert "Tool calls: 0" in result.stdout.splitlines()
 
 
 def test_set_session_stats_merges_into_metadata(db) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from pulse import REPO, PulseRig
+from pulse import REPO, PulseRig, open_pulse_rig
 from support import SCRUBBED_PREFIXES
 
 pytestmark = pytest.mark.pulse
@@ -335,29 +335,152 @@ def test_devices_run_at_44100_hz_and_are_resampled(conversation):
     assert "ready: listening on pulse, speaking on pulse" in conversation.log
 
 
-# -- bad devices ----------------------------------------------------------------------------------
+# -- devices that are missing, ambiguous, or come and go -----------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "expected"),
-    [
-        pytest.param(["--input-device", "no such mic"], {},
-                     "no input device matches 'no such mic'; inputs: ", id="input-flag"),
-        pytest.param([], {"R2D2_OUTPUT_DEVICE": "no such speaker"},
-                     "no output device matches 'no such speaker'; outputs: ", id="output-env"),
-    ],
-)
-def test_a_missing_device_is_a_config_error_listing_the_devices(pulse_rig, tmp_path, args, env,
-                                                                  expected):
+def _pings_between(lines: list[str], start: int, end: int) -> int:
+    return sum(line == "WATCHDOG=1" for line in lines[start:end])
+
+
+def test_a_missing_device_is_waited_for_and_sigterm_still_stops_the_run(pulse_rig, tmp_path):
+    # A name that matches nothing is not a configuration error: a USB mic may enumerate late.
+    with NotifyListener() as notify, run_service(
+        pulse_rig, tmp_path, notify, ["--input-device", "no such mic"],
+        R2D2_OUTPUT_DEVICE="no such speaker",
+    ) as service:
+        waiting = "waiting for microphone 'no such mic' and speaker 'no such speaker'"
+        service.wait_ready()  # the service is up and doing what it should: waiting
+        service.wait_for("the waiting status", lambda: waiting in notify.statuses(), timeout=10)
+        ready = notify.lines().index("READY=1")
+        service.wait_for("watchdog pings while waiting",
+                         lambda: _pings_between(notify.lines(), ready, len(notify.lines())) >= 3,
+                         timeout=10)
+        code = service.terminate()
+    log = service.log()
+    assert code == 0, log
+    assert notify.statuses()[-1] == waiting
+    assert "listening" not in notify.statuses()  # it never claimed to hear anything
+    # said once each (not at every look), with the devices there are
+    [mic] = [line for line in log.splitlines() if "microphone 'no such mic' unavailable" in line]
+    assert re.search(r"inputs: \d+ 'pulse', \d+ 'default'", mic)
+    assert log.count("speaker 'no such speaker' unavailable") == 1
+    assert "Traceback" not in log
+
+
+def test_an_ambiguous_device_is_a_config_error(pulse_rig, tmp_path):
     with NotifyListener() as notify:
         res = subprocess.run(
             [sys.executable, "-m", "r2d2voice", "run", "--backend", "local",
-             "--db", str(tmp_path / "c.db"), *args],
-            env=service_env(pulse_rig, notify, **env), cwd=tmp_path,
+             "--db", str(tmp_path / "c.db"), "--input-device", "u"],  # "pulse", "default"
+            env=service_env(pulse_rig, notify), cwd=tmp_path,
             capture_output=True, text=True, timeout=60,
         )
     assert res.returncode == 3, res.stderr  # systemd: RestartPreventExitStatus=3
     [line] = res.stderr.strip().splitlines()
-    assert line.startswith(f"r2d2voice: error: {expected}")
+    assert line.startswith("r2d2voice: error: input device 'u' is ambiguous: matches ")
     assert re.search(r"\d+ 'pulse'", line) and re.search(r"\d+ 'default'", line)
     assert not any(msg.startswith("READY=1") for msg in notify.messages)
+
+
+@dataclass
+class Comeback:
+    """A run that started before the sound server and lived through its restart."""
+
+    code: int
+    lines: list[str]
+    marks: dict[str, int]  # how many notify lines there were at each step
+    log: str
+    db: Path
+
+    def statuses(self, start: str, end: str) -> list[str]:
+        return [line[len("STATUS="):] for line in self.lines[self.marks[start]:self.marks[end]]
+                if line.startswith("STATUS=")]
+
+
+WAITING = "waiting for the default microphone and the default speaker"
+
+
+@pytest.fixture(scope="module")
+def comeback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Comeback]:
+    """``run`` on the default devices of a rig of its own: started while no sound server runs,
+    the server appears, a turn; the server is killed and started again, another turn; SIGTERM.
+    (Its own rig: the session's ``pulse_rig`` must not die under other tests.)"""
+    workdir = tmp_path_factory.mktemp("comeback")
+    with open_pulse_rig() as first:
+        first.stop()  # no sound server yet: the devices do not exist when `run` starts
+        rigs: list[PulseRig] = []
+        marks: dict[str, int] = {}
+        try:
+            with NotifyListener() as notify, run_service(first, workdir, notify, []) as service:
+
+                def mark(name: str) -> None:
+                    marks[name] = len(notify.lines())
+
+                def status_is(text: str) -> Callable[[], bool]:
+                    return lambda: bool(notify.statuses()) and notify.statuses()[-1] == text
+
+                def answered(turns: int) -> Callable[[], bool]:
+                    return lambda: _stored(workdir / "c.db").count("assistant") >= turns
+
+                service.wait_ready()
+                service.wait_for("the waiting status", status_is(WAITING), timeout=10)
+                mark("waiting")
+                rigs.append(PulseRig(first.root))  # the sound server appears
+                service.wait_for("the devices", status_is("listening"), timeout=15)
+                mark("found")
+                rigs[-1].play(SPEECH)
+                service.wait_for("the first reply", answered(1), timeout=15)
+                mark("answered")
+                rigs.pop().stop()  # the sound server dies mid-run
+                service.wait_for("waiting again", status_is(WAITING), timeout=10)
+                mark("lost")
+                rigs.append(PulseRig(first.root))  # ... and comes back
+                service.wait_for("the devices again", status_is("listening"), timeout=15)
+                mark("back")
+                rigs[-1].play(SPEECH)
+                service.wait_for("the second reply", answered(2), timeout=15)
+                mark("answered again")
+                code = service.terminate()
+                mark("end")
+        finally:
+            for rig in rigs:
+                rig.stop()
+        yield Comeback(code, notify.lines(), marks, service.log(), workdir / "c.db")
+
+
+def _stored(db: Path) -> list[str]:
+    """The roles of the stored messages, in order ([] before the schema exists)."""
+    if not db.exists():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            return [r for (r,) in con.execute("SELECT role FROM messages ORDER BY created_at, id")]
+    except sqlite3.OperationalError:
+        return []
+
+
+def test_run_started_before_the_sound_server_waits_then_answers(comeback):
+    assert comeback.code == 0, comeback.log
+    # READY=1 came while waiting for the devices: the service was up and doing what it should
+    assert comeback.lines.index("READY=1") < comeback.marks["waiting"]
+    assert "listening (you are speaking)" in comeback.statuses("found", "answered")
+    assert "no default input device" in comeback.log  # why it waited, in the log
+    assert "Traceback" not in comeback.log
+
+
+def test_the_sound_server_restarting_mid_run_is_survived(comeback):
+    # the same run, the same database: the second turn is answered after the restart
+    assert _stored(comeback.db) == ["user", "assistant", "user", "assistant"], comeback.log
+    assert "listening (you are speaking)" in comeback.statuses("back", "answered again")
+    assert re.search(r"the default microphone unavailable \(.*\): waiting for it", comeback.log)
+    assert "the default microphone is back" in comeback.log
+    with contextlib.closing(sqlite3.connect(comeback.db)) as con:
+        [(sessions,)] = con.execute("SELECT count(*) FROM sessions").fetchall()
+    assert sessions == 1  # the connection survived the device's absence
+
+
+def test_the_watchdog_is_fed_while_deliberately_waiting(comeback):
+    lines, marks = comeback.lines, comeback.marks
+    # WATCHDOG_USEC=1 s: a ping every 0.5 s while the run waits for its devices
+    assert _pings_between(lines, marks["waiting"], marks["found"]) >= 2, lines
+    assert _pings_between(lines, marks["lost"], marks["back"]) >= 2, lines

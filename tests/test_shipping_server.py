@@ -90,7 +90,7 @@ def session(sid: str, seq: int, started: str = "2026-11-21T09:00:00.000Z", **kw:
 def message(sid: str, seq: int, role: str = "user", text: str = "hello", **kw: Any) -> dict:
     row = dict(session_id=sid, seq=seq, role=role, text=text,
                created_at="2026-11-21T09:00:01.000Z", item_id=f"item_{seq}", response_id=None,
-               interrupted=0, played_ms=None, raw_event=None)
+               interrupted=0, played_ms=None, raw_event=None, text_kept=1)
     return row | kw
 
 
@@ -112,7 +112,8 @@ def error(eid: int, sid: str | None, source: str = "service", **kw: Any) -> dict
 def tool(sid: str, call_id: str, seq: int, **kw: Any) -> dict:
     row = dict(session_id=sid, response_id="resp_1", item_id=f"fc_{call_id}", call_id=call_id,
                seq=seq, name="turn_head", arguments='{"degrees": -90}', output="turned",
-               status="ok", exit_code=0, started_at="2026-11-21T09:00:05.000Z", duration_ms=41)
+               status="ok", exit_code=0, started_at="2026-11-21T09:00:05.000Z", duration_ms=41,
+               text_kept=1)
     return row | kw
 
 
@@ -124,11 +125,19 @@ def test_first_connect_creates_the_schema_and_records_its_version(
 ) -> None:
     with open_fleet(url) as fleet:
         assert fleet.schema_version == SERVER_SCHEMA_VERSION
-    with open_fleet(url):  # a second robot, or a restart: nothing applied twice
-        pass
+        first_id = fleet.fleet_id
+        assert fleet.where == f"127.0.0.1:{pg_server.port}/{db}"
+    with open_fleet(url) as again:  # a second robot, or a restart: nothing applied twice
+        assert again.fleet_id == first_id and len(first_id) == 32
+    other = pg_server.create_database()
+    try:
+        with open_fleet(pg_server.url(other)) as elsewhere:  # another server: another id
+            assert elsewhere.fleet_id != first_id
+    finally:
+        pg_server.drop_database(other)
     with pg_server.connect(db) as conn:
-        versions = conn.execute("SELECT version FROM schema_version").fetchall()
-        assert versions == [(SERVER_SCHEMA_VERSION,)]
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
+        assert versions == [(v,) for v in range(1, SERVER_SCHEMA_VERSION + 1)]
         for spec in TABLES.values():
             cols = conn.execute(
                 "SELECT column_name FROM information_schema.columns"
@@ -156,7 +165,8 @@ def test_robots_connecting_at_once_apply_the_schema_once(
     for t in threads:
         t.join(60)
     assert failures == []
-    assert count(pg_server, db, "schema_version") == 1
+    assert count(pg_server, db, "schema_version") == SERVER_SCHEMA_VERSION  # one row a step
+    assert count(pg_server, db, "fleet") == 1
 
 
 def test_a_failing_migration_leaves_the_previous_version(pg_server: PgServer, db: str,
@@ -257,14 +267,15 @@ def test_robot_values_are_converted_faithfully(fleet: FleetStore) -> None:
     fleet.upsert("sessions", "r", [session("s1", 1, metadata="not json {",
                                            started_at="2026-11-21T09:30:00.123Z")])
     fleet.upsert("messages", "r", [
-        message("s1", 1, text=None, played_ms=12.6),  # privacy mode: no text kept
+        message("s1", 1, text="", text_kept=0, played_ms=12.6),  # privacy mode: no text kept
         message("s1", 2, text="naïve 🤖 \"quoted\"\ttab\nnewline \\ back",
                 created_at=datetime(2026, 11, 21, 9, 31, 0, 456000, tzinfo=timezone.utc)),
     ])
     [s] = fleet.list_sessions()
     assert s.started_at == "2026-11-21T09:30:00.123Z"
     first, second = fleet.iter_messages()
-    assert (first.text, first.played_ms) == (None, 13)
+    assert (first.text, first.text_kept, first.played_ms) == ("", False, 13)
+    assert second.text_kept is True
     assert second.text == "naïve 🤖 \"quoted\"\ttab\nnewline \\ back"
     assert second.created_at == "2026-11-21T09:31:00.456Z"
     with psycopg.connect(fleet.target.conninfo) as conn:
@@ -280,6 +291,8 @@ def test_rows_with_the_wrong_columns_are_refused_before_sending(pg_server: PgSer
         fleet.upsert("messages", "r", [message("s1", 2), incomplete])
     with pytest.raises(ValueError, match=r"unknown columns \['id'\]"):
         fleet.upsert("messages", "r", [message("s1", 1) | {"id": 7}])
+    with pytest.raises(ValueError, match="1 values for 11 columns"):
+        fleet.upsert_values("messages", "r", [("s1",)])
     with pytest.raises(ValueError, match="unknown table"):
         fleet.upsert("audio", "r", [{}])
     with pytest.raises(ValueError, match="device_id"):

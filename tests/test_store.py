@@ -15,7 +15,7 @@ from storage_support import T0, SteppedClock, at
 
 from r2d2voice.errors import UsageError
 from r2d2voice.storage.database import Store
-from r2d2voice.storage.queries import MessageRow
+from r2d2voice.storage.queries import MessageRow, ToolRow
 from r2d2voice.storage.schema import APPLICATION_ID, SCHEMA_VERSION
 from r2d2voice.storage.timestamps import format_ts, parse_ts
 
@@ -70,8 +70,9 @@ def test_new_database_is_private_with_wal_and_pragmas(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
     assert mode(tmp_path) == parent_mode  # a directory we did not create is left alone
 
 
@@ -233,6 +234,44 @@ PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = 2;
 """
 
+# Version 3 as it shipped: conversation order from sequence numbers, no tool audit yet.
+V3_SCHEMA = f"""
+CREATE TABLE sessions (
+    id TEXT NOT NULL PRIMARY KEY, seq INTEGER NOT NULL, started_at TEXT NOT NULL,
+    ended_at TEXT, backend TEXT NOT NULL, model TEXT NOT NULL, voice TEXT,
+    service_session_id TEXT, previous_session_id TEXT REFERENCES sessions(id), metadata TEXT
+);
+CREATE UNIQUE INDEX sessions_by_seq ON sessions(seq);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+    seq INTEGER NOT NULL, role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    text TEXT NOT NULL DEFAULT '', created_at TEXT NOT NULL, item_id TEXT NOT NULL,
+    response_id TEXT, interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)),
+    played_ms INTEGER, raw_event TEXT, UNIQUE (session_id, item_id, role)
+);
+CREATE INDEX messages_by_seq ON messages(session_id, seq);
+CREATE TABLE responses (
+    session_id TEXT NOT NULL REFERENCES sessions(id), response_id TEXT NOT NULL,
+    status TEXT NOT NULL, created_at TEXT NOT NULL, done_at TEXT,
+    input_text_tokens INTEGER, input_audio_tokens INTEGER, input_cached_tokens INTEGER,
+    output_text_tokens INTEGER, output_audio_tokens INTEGER, first_audio_ms INTEGER,
+    first_played_ms INTEGER, status_details TEXT, PRIMARY KEY (session_id, response_id)
+);
+CREATE TABLE errors (
+    id INTEGER PRIMARY KEY, session_id TEXT REFERENCES sessions(id), at TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('service', 'local')), type TEXT, code TEXT,
+    message TEXT NOT NULL
+);
+CREATE INDEX errors_by_session ON errors(session_id, at);
+INSERT INTO sessions (id, seq, started_at, backend, model, voice) VALUES
+    ('S1', 1, '2026-11-20T08:00:00.000Z', 'openai', 'gpt-realtime', 'ash');
+INSERT INTO messages (session_id, seq, role, text, created_at, item_id, raw_event) VALUES
+    ('S1', 1, 'user', 'v3 question', '2026-11-20T08:00:01.000Z', 'u1', '{{"e": 1}}'),
+    ('S1', 3, 'assistant', 'v3 answer', '2026-11-20T08:00:02.000Z', 'a1', NULL);
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = 3;
+"""
+
 
 def build(path: Path, script: str) -> None:
     conn = sqlite3.connect(path)
@@ -256,7 +295,7 @@ def shape(conn: sqlite3.Connection) -> dict[str, object]:
 def test_v1_database_is_migrated_and_old_rows_survive(db: Path) -> None:
     build(db, V1_SCHEMA)
     with Store.open(db) as s:
-        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert list(s.read.iter_messages()) == [
             MessageRow(OLD, 1, "user", "old question", "2026-11-20T08:00:01.000Z", "item_u1",
                        None, False, None),
@@ -285,7 +324,7 @@ def test_v2_database_keeps_its_order_as_sequence_numbers(db: Path, clock: Steppe
     build(db, V2_SCHEMA)
     clock.set(datetime(2026, 11, 19, tzinfo=timezone.utc))  # a clock stepped back at boot
     with Store.open(db, now=clock) as s:
-        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         rows = list(s.read.iter_messages())
         # v2's order (sessions by start, messages by time then rowid) is now the seq order
         assert [(m.session_id, m.seq, m.text) for m in rows] == [
@@ -306,24 +345,41 @@ def test_v2_database_keeps_its_order_as_sequence_numbers(db: Path, clock: Steppe
         assert details == '{"type": "failed", "error": {"code": "x"}}'
 
 
+def test_v3_database_gains_the_tool_audit_and_keeps_its_rows(db: Path,
+                                                             clock: SteppedClock) -> None:
+    build(db, V3_SCHEMA)
+    with Store.open(db, now=clock) as s:
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        # Old files keep auto_vacuum NONE until `prune` converts them (one VACUUM).
+        assert s.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+        rows = list(s.read.iter_messages())
+        assert [(m.seq, m.text, m.text_kept) for m in rows] == [
+            (1, "v3 question", True), (3, "v3 answer", True)]
+        s.write.record_tool_call("S1", call_id="c1", item_id="fc1", response_id="r1", seq=2,
+                                 name="get_time", arguments="{}")
+        assert [(r.role, r.seq) for r in s.read.iter_conversation()] == [
+            ("user", 1), ("tool", 2), ("assistant", 3)]
+
+
 def test_migrated_database_has_the_shape_of_a_new_one(tmp_path: Path) -> None:
-    fresh, v1, v2 = tmp_path / "fresh.db", tmp_path / "v1.db", tmp_path / "v2.db"
-    build(v1, V1_SCHEMA)
-    build(v2, V2_SCHEMA)
+    paths = [tmp_path / f"{name}.db" for name in ("fresh", "v1", "v2", "v3")]
+    for path, script in zip(paths[1:], (V1_SCHEMA, V2_SCHEMA, V3_SCHEMA), strict=True):
+        build(path, script)
     shapes = []
-    for path in (fresh, v1, v2):
+    for path in paths:
         with Store.open(path) as s:
             shapes.append(shape(s.conn))
-    assert shapes[0] == shapes[1] == shapes[2]
+    assert shapes[0] == shapes[1] == shapes[2] == shapes[3]
     assert shapes[0]["index sessions_by_seq"] == (1, ["seq"])
     assert shapes[0]["index messages_by_seq"] == (0, ["session_id", "seq"])
+    assert shapes[0]["index tool_executions_by_seq"] == (0, ["session_id", "seq"])
 
 
-@pytest.mark.parametrize("script", [V1_SCHEMA, V2_SCHEMA], ids=["v1", "v2"])
+@pytest.mark.parametrize("script", [V1_SCHEMA, V2_SCHEMA, V3_SCHEMA], ids=["v1", "v2", "v3"])
 def test_old_database_opened_readonly_is_not_modified(db: Path, script: str) -> None:
     build(db, script)
     before = db.read_bytes()
-    with pytest.raises(UsageError, match=r"schema version [12]\b.*upgrade"):
+    with pytest.raises(UsageError, match=r"schema version [123]\b.*upgrade"):
         Store.open(db, create=False)
     assert db.read_bytes() == before
 
@@ -333,25 +389,33 @@ def test_old_database_opened_readonly_is_not_modified(db: Path, script: str) -> 
 
 @pytest.mark.parametrize("source", ["fresh", "v2"])
 def test_export_query_streams_in_order_with_no_sort(db: Path, source: str) -> None:
-    """Every filter combination walks the two indexes in order: no temp B-tree, which would
-    make the first row wait for (and memory grow with) the whole selection."""
+    """Every filter combination walks the indexes in order: no temp B-tree, which would make
+    the first row wait for (and memory grow with) the whole selection. Messages and tool
+    executions are two such cursors, merged as they stream."""
     if source == "v2":
         build(db, V2_SCHEMA)
     with Store.open(db) as s:
         sid = s.read.list_sessions()[0].id if source == "v2" else new_session(s)
+        s.write.record_tool_call(sid, call_id="c1", item_id="fc1", response_id=None, seq=9,
+                                 name="get_time", arguments="{}")
         seen: list[str] = []
         s.conn.set_trace_callback(seen.append)
-        cases = [{}, {"sessions": [sid]}, {"role": "user"},
-                 {"since": at(0), "until": at(60), "role": "assistant", "sessions": [sid]}]
+        cases = [{}, {"sessions": [sid]}, {"role": "user"}, {"role": "tool"},
+                 {"since": at(0), "until": at(60), "role": "assistant", "sessions": [sid]},
+                 {"since": at(0), "until": at(60), "sessions": [sid]}]
         for kw in cases:
-            list(s.read.iter_messages(**kw))
+            list(s.read.iter_conversation(**kw))
         s.read.recent_turns([sid], 5)
         s.conn.set_trace_callback(None)
-        assert len(seen) == len(cases) + 1
-        for sql in seen:
+        selects = [sql for sql in seen if "EXISTS" not in sql]
+        merged = 3  # the cases without a role read two cursors
+        assert len(selects) == len(cases) + merged + 1  # + recent_turns
+        for sql in selects:
             plan = " | ".join(r[3] for r in s.conn.execute("EXPLAIN QUERY PLAN " + sql))
             assert "TEMP B-TREE" not in plan, plan
-            assert "sessions_by_seq" in plan and "messages_by_seq" in plan, plan
+            table_index = "tool_executions_by_seq" if "tool_executions" in sql \
+                else "messages_by_seq"
+            assert "sessions_by_seq" in plan and table_index in plan, plan
 
 
 # ---------------------------------------------------------------------------- writes
@@ -399,6 +463,80 @@ def test_interruption_recorded_before_the_transcript_survives_it(
     # recent_turns skips the empty placeholder texts but not interrupted ones with text.
     store.write.mark_interrupted(sid, item_id="item_c", seq=6, played_ms=10)
     assert [t for _, t in store.read.recent_turns([sid], 10)] == ["I was say", "Long answer"]
+
+
+def test_tool_execution_rows_from_call_to_result(store: Store, clock: SteppedClock) -> None:
+    sid = new_session(store)
+    say(store, sid, "user", "u1", 1, "look left")
+    clock.set(at(3))
+    store.write.record_tool_call(sid, call_id="call_1", item_id="fc_1", response_id="r1",
+                                 seq=2, name="turn_head", arguments='{"degrees": -90}')
+    [running] = store.read.iter_tools()
+    assert (running.status, running.started_at, running.output, running.role) == (
+        "running", format_ts(at(3)), None, "tool")
+    clock.set(at(4))
+    store.write.record_tool_result(sid, call_id="call_1", status="ok",
+                                   output="turned to -90", exit_code=0, duration_ms=41.4)
+    # The same call again (a replayed event) updates it and keeps its place and time.
+    store.write.record_tool_call(sid, call_id="call_1", item_id="fc_1", response_id=None,
+                                 seq=7, name="turn_head", arguments='{"degrees": -90}')
+    say(store, sid, "assistant", "a1", 3, "Done.")
+    assert list(store.read.iter_tools()) == [ToolRow(
+        sid, 2, format_ts(at(3)), "fc_1", "r1", "call_1", "turn_head", '{"degrees": -90}',
+        "turned to -90", "ok", 0, 41)]
+    assert [(r.role, r.seq) for r in store.read.iter_conversation()] == [
+        ("user", 1), ("tool", 2), ("assistant", 3)]
+    # A result that arrives after a reconnect, under the next session's id, finds its call.
+    store.write.record_tool_call(sid, call_id="call_2", item_id="fc_2", response_id="r2",
+                                 seq=4, name="r2-slow", arguments="{}")
+    later = new_session(store, previous_session_id=sid)
+    store.write.record_tool_result(later, call_id="call_2", status="timeout",
+                                   output="timed out after 5 s", duration_ms=5003)
+    store.write.record_tool_result(later, call_id="never-called", status="error")
+    store.write.record_tool_call(later, call_id="call_3", item_id="fc_3", response_id="r3",
+                                 seq=1, name="nope", arguments="{oops")
+    store.write.record_tool_result(later, call_id="call_3", status="rejected",
+                                   output="unknown tool: nope")
+    assert [(r.session_id, r.call_id, r.status, r.exit_code) for r in store.read.iter_tools()] \
+        == [(sid, "call_1", "ok", 0), (sid, "call_2", "timeout", None),
+            (later, "call_3", "rejected", None)]
+    assert store.read.tool_counts() == {"nope": {"rejected": 1}, "r2-slow": {"timeout": 1},
+                                        "turn_head": {"ok": 1}}
+    assert store.read.tool_counts(sessions=[later]) == {"nope": {"rejected": 1}}
+    with pytest.raises(ValueError, match="status"):
+        store.write.record_tool_result(sid, call_id="call_1", status="fine")
+
+
+def test_privacy_mode_keeps_everything_but_the_words(db: Path, clock: SteppedClock) -> None:
+    usage = {"input_token_details": {"text_tokens": 5, "audio_tokens": 7, "cached_tokens": 0},
+             "output_token_details": {"text_tokens": 3, "audio_tokens": 11}}
+    with Store.open(db, now=clock, store_text=False) as s:
+        sid = new_session(s)
+        say(s, sid, "user", "u1", 1, "my PIN is zebra", raw_event='{"transcript": "zebra"}')
+        s.write.mark_interrupted(sid, item_id="a1", seq=2, played_ms=500)
+        say(s, sid, "assistant", "a1", 2, "I will remember zebra", response_id="r1")
+        s.write.record_response(sid, response_id="r1", status="completed", usage=usage,
+                                first_audio_ms=300)
+        s.write.record_tool_call(sid, call_id="c1", item_id="fc1", response_id="r1", seq=3,
+                                 name="remember", arguments='{"note": "PIN zebra"}')
+        s.write.record_tool_result(sid, call_id="c1", status="error", output="saved zebra",
+                                   exit_code=2, duration_ms=12)
+        dump = "\n".join(s.conn.iterdump())
+        assert "zebra" not in dump
+        rows = list(s.read.iter_messages())
+        assert [(m.role, m.text, m.text_kept, m.interrupted) for m in rows] == [
+            ("user", "", False, False), ("assistant", "", False, True)]
+        [tool] = s.read.iter_tools()
+        assert (tool.name, tool.arguments, tool.output, tool.status, tool.exit_code,
+                tool.duration_ms, tool.text_kept) == ("remember", None, None, "error", 2, 12,
+                                                      False)
+        assert s.read.usage_totals()[0].output_audio == 11
+        assert s.read.response_latencies() == ([300], [])
+        assert s.read.recent_turns([sid], 10) == []  # no words, no context to re-send
+    with Store.open(db, now=clock) as s:  # text kept again: a later write keeps it
+        say(s, sid, "user", "u1", 1, "hello again")
+        assert [(m.text, m.text_kept) for m in s.read.iter_messages(role="user")] == [
+            ("hello again", True)]
 
 
 def test_each_write_is_visible_to_another_reader_at_once(db: Path, store: Store) -> None:

@@ -57,3 +57,18 @@ def test_units_verify_clean(tmp_path: Path, unit: str, flags: tuple[str, ...]) -
                 env={"XDG_RUNTIME_DIR": str(runtime)})
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == "", r.stderr
+
+
+def test_the_user_unit_runs_what_the_readme_installs_and_shares_the_default_database() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for unit in ("r2d2voice.service", "r2d2voice-user.service"):
+        text = (UNITS / unit).read_text()
+        binary = re.search(r"^ExecStart=(\S+)", text, re.M).group(1)  # type: ignore[union-attr]
+        venv = binary.rsplit("/bin/", 1)[0]
+        assert f"python3 -m venv {venv}" in readme, (unit, binary)
+        # `r2d2voice wake` finds the run's control socket in its runtime directory
+        assert "RuntimeDirectory=r2d2voice" in text, unit
+    # no StateDirectory=: the user service writes ~/.local/share/r2d2voice/conversations.db,
+    # where export, sessions, usage and stats look by default
+    assert not re.search(r"^StateDirectory=", (UNITS / "r2d2voice-user.service").read_text(),
+                         re.M)

@@ -1,47 +1,69 @@
-"""Composes a run: service endpoint (OpenAI or the embedded local backend), store, pipeline."""
+"""Composes a run: service endpoint (see endpoints.py), store, pipeline."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from r2d2voice.appliance.context import Console, Context, LinkPolicy, Sink, Source, Stopper
+from r2d2voice.appliance.endpoints import open_endpoint, plan_service
 from r2d2voice.appliance.pipeline import run_conversation
-from r2d2voice.link.transport import Endpoint
+from r2d2voice.appliance.signals import SIGNAL_REASONS
+from r2d2voice.appliance.tools import Toolbox, load_tools
+from r2d2voice.audio.playout import PlayoutBuffer
+from r2d2voice.errors import ConfigError, UsageError
+from r2d2voice.link.transport import Connector, open_realtime
 from r2d2voice.realtime.client_events import SessionConfig
-from r2d2voice.storage.recorder import CLOSE_DEADLINE, AsyncStore
+from r2d2voice.storage.recorder import (
+    CLOSE_DEADLINE,
+    AsyncStore,
+    StoreStatus,
+    open_store,
+    store_options,
+)
+from r2d2voice.storage.shipping.alongside import plan_shipping, ship_alongside
 from r2d2voice.system.config import Settings
+
+if TYPE_CHECKING:
+    from r2d2voice.storage.shipping.forever import ShipStatus
 
 log = logging.getLogger("r2d2voice.appliance.compose")
 
+#: the tools' persistent state (the volume), next to the database
+TOOL_STATE_FILE = "tool_state.json"
 
-@asynccontextmanager
-async def open_endpoint(settings: Settings, url: str | None = None) -> AsyncIterator[Endpoint]:
-    """The service to talk to: the embedded local backend on an ephemeral loopback port, or
-    the configured Realtime URL (``url`` overrides it) with the API key."""
-    if settings.backend == "local" and url is None:
-        from r2d2voice.localbackend.server import BackendConfig, serve_local
 
-        # embedded, the backend's own chatter is noise next to the transcripts
-        if logging.getLogger().level > logging.DEBUG:
-            logging.getLogger("r2d2voice.localbackend.server").setLevel(logging.WARNING)
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_local, "127.0.0.1", 0,
-                                      BackendConfig(realtime_factor=10.0))
-            yield Endpoint(f"ws://127.0.0.1:{port}/v1/realtime", settings.model, None)
-            nursery.cancel_scope.cancel()
+def check_listening(settings: Settings) -> None:
+    """With ``R2D2_LISTEN=wake``, the wake word must name a model: ConfigError (exit 3) naming
+    the key and listing the bundled words otherwise. Always listening needs nothing."""
+    if settings.listen != "wake":
         return
-    key = settings.require_api_key() if settings.backend == "openai" else settings.api_key
-    yield Endpoint(url or settings.realtime_url, settings.model, key)
+    from r2d2voice.audio.wake import model_config
+
+    try:
+        model_config(settings.wake_word)
+    except ConfigError as exc:
+        if "pymicro-wakeword" in str(exc):
+            raise  # not the word: the engine is missing
+        raise ConfigError(f"R2D2_WAKE_WORD {settings.where('wake_word')}: {exc}") from None
 
 
-def session_config(settings: Settings) -> SessionConfig:
+def open_toolbox(settings: Settings) -> Toolbox | None:
+    """The tools of ``R2D2_TOOLS`` (ConfigError, exit 3, for a bad file); the volume is kept
+    next to the database. None without a tools file."""
+    if not settings.tools:
+        return None
+    return load_tools(settings.tools, state_path=Path(settings.db).parent / TOOL_STATE_FILE)
+
+
+def session_config(settings: Settings, toolbox: Toolbox | None = None) -> SessionConfig:
     return SessionConfig(
+        tools=tuple(toolbox.session_tools()) if toolbox is not None else (),
         instructions=settings.instructions,
         voice=settings.voice,
         transcribe_model=settings.transcribe_model,
@@ -58,6 +80,8 @@ class Outcome:
     session_id: str
     ctx: Context | None
     wall_seconds: float
+    #: the recorder's last state (closed): ``lost`` records were never written
+    store: StoreStatus | None = None
 
 
 class StoreSessions:
@@ -102,32 +126,61 @@ async def converse(
     on_configured: Callable[[], None] | None = None,
     metadata: dict[str, Any] | None = None,
     policy: LinkPolicy | None = None,
+    toolbox: Toolbox | None = None,
+    buffer: PlayoutBuffer | None = None,
+    connect: Connector = open_realtime,
+    on_store_status: Callable[[StoreStatus], None] | None = None,
+    on_ship_status: Callable[[ShipStatus], None] | None = None,
 ) -> Outcome:
-    """One conversation from ``source`` to ``sink``, every transcript stored as it arrives."""
+    """One conversation from ``source`` to ``sink``, every transcript stored as it arrives.
+    ``toolbox``: the model's tools (default: those of ``settings.tools``, if any).
+    ``buffer``: the playout buffer (wake-word listening keeps one for the whole run);
+    ``connect``: opens the transport (a websocket; tests may slow it down);
+    ``on_store_status``: the recorder's state as it changes (a full disk, records waiting);
+    ``on_ship_status``: the fleet shipper's, after each attempt (``R2D2_SHIP_URL``)."""
     started = trio.current_time()
-    store = await AsyncStore.open(settings.db)
-    backend = "local" if settings.backend == "local" and url is None else settings.backend
-    sessions = StoreSessions(store, backend=backend, model=settings.model, voice=settings.voice,
-                             metadata=metadata or {})
+    service = plan_service(settings, url)  # a missing key fails here, before the database
+    ship_plan = plan_shipping(settings.db, settings.ship_url, settings.device_id)  # idem
+    toolbox = toolbox if toolbox is not None else open_toolbox(settings)
     ctx: Context | None = None
-    try:
-        async with open_endpoint(settings, url) as endpoint:
-            ctx = await run_conversation(
-                endpoint, session_config(settings), source, sink, sessions, store.record,
-                console=console, stopper=stopper, on_configured=on_configured,
-                policy=policy or link_policy(settings),
-            )
-    except BaseException as exc:
-        if not _cancelled(exc):  # a cancelled run (a signal, a timeout) is no error
-            with trio.move_on_after(CLOSE_DEADLINE) as scope:
-                scope.shield = True
-                await store.record_error(None, source="local", type=type(exc).__name__,
-                                         code=None, message=str(exc)[:500])
-        raise
-    finally:
-        await store.aclose()  # shielded, with a deadline
+    # retries while the disk is full, and prunes with R2D2_RETENTION_DAYS; closed on the
+    # way out (shielded, with a deadline)
+    # with R2D2_SHIP_URL, shipping runs as a task of its own next to the conversation (its
+    # own threads: never waited for), cancelled and closed with a deadline on the way out
+    async with (open_store(settings.db, on_status=on_store_status,
+                           **store_options(settings)) as store,
+                ship_alongside(ship_plan, status=on_ship_status) as shipping):
+        sessions = StoreSessions(store, backend=service.backend, model=service.model,
+                                 voice=settings.voice, metadata=metadata or {})
+        try:
+            async with open_endpoint(service) as endpoint:
+                ctx = await run_conversation(
+                    endpoint, session_config(settings, toolbox), source, sink, sessions,
+                    store.record, console=console, stopper=stopper,
+                    on_configured=on_configured, policy=policy or link_policy(settings),
+                    toolbox=toolbox, buffer=buffer, connect=connect,
+                )
+        except BaseException as exc:
+            # a cancelled run (a signal, a timeout) is no error, and a setting the service
+            # refused (a rejected key) is the configuration's, not the session's
+            if not _cancelled(exc) and not _of_type(exc, (ConfigError, UsageError)):
+                with trio.move_on_after(CLOSE_DEADLINE) as scope:
+                    scope.shield = True
+                    await store.record_error(None, source="local", type=type(exc).__name__,
+                                             code=None, message=str(exc)[:500])
+            raise
+        if shipping is not None and (stopper is None or stopper.reason not in SIGNAL_REASONS):
+            await shipping.finish()  # what the conversation wrote last; bounded
     return Outcome(ctx.session_ids[0] if ctx and ctx.session_ids else "-", ctx,
-                   trio.current_time() - started)
+                   trio.current_time() - started, store.status)
+
+
+def _of_type(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """``exc``, or any exception inside it (a group from a nursery), is one of ``kinds``."""
+    inner = getattr(exc, "exceptions", None)
+    if inner is None:
+        return isinstance(exc, kinds)
+    return any(_of_type(e, kinds) for e in inner)
 
 
 def _cancelled(exc: BaseException) -> bool:

@@ -12,10 +12,13 @@ downlink → playback   256 chunks  drop the chunk and count it (the downlink ne
                                   drops its oldest audio beyond that
 downlink → recorder   256 records wait, and log that it waited (transcripts are never dropped)
 downlink → uplink     16 events   wait (control events are few and small; link/connection.py)
+downlink → tools      8 calls     wait (the runner starts each at once; link/tools.py)
+tools → link          16 results  the finished call waits (never the downlink)
 ====================  ==========  ==========================================================
 
 Source, playback and recorder live for the whole run; the link supervisor
-(``link/supervisor.py``) runs one connection (one service session) after another.
+(``link/supervisor.py``) runs one connection (one service session) after another, and the
+model's tool calls in tasks of its own (a tool outlives a reconnect; see ``link/tools.py``).
 
 Shutdown order. End of stream flows by closing channels: the source closes its channel → the
 uplink waits for the open turns to be answered and closes the websocket → the supervisor closes
@@ -35,13 +38,16 @@ from contextlib import contextmanager, suppress
 import trio
 
 from r2d2voice.appliance.context import Console, Context, Sessions, Sink, Source, Stopper
+from r2d2voice.appliance.tools import Toolbox, ToolContext
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 from r2d2voice.link.state import LinkPolicy, Quiet
 from r2d2voice.link.supervisor import Supervisor
+from r2d2voice.link.tools import ToolCaller
 from r2d2voice.link.transport import Connector, Endpoint, open_realtime
-from r2d2voice.realtime.actions import Record
+from r2d2voice.realtime.actions import CallTool, Record
 from r2d2voice.realtime.client_events import SessionConfig
 from r2d2voice.realtime.conversation import Conversation
+from r2d2voice.realtime.tool_records import StoreToolResult
 
 log = logging.getLogger("r2d2voice.appliance.pipeline")
 
@@ -74,6 +80,7 @@ async def run_conversation(
     connect: Connector = open_realtime,
     buffer: PlayoutBuffer | None = None,
     rng: random.Random | None = None,
+    toolbox: Toolbox | None = None,
 ) -> Context:
     """Run a conversation from source to sink until the source ends and every turn is
     answered, or until ``stopper`` fires. ``record(session_id, batch)`` receives batches of
@@ -81,6 +88,8 @@ async def run_conversation(
 
     ``connect`` opens a transport (a websocket by default), ``buffer`` is the playout buffer
     (its clock must be callable from the sink's audio thread), ``rng`` jitters the backoff.
+    ``toolbox`` runs the model's function calls (offer its ``session_tools()`` in
+    ``session_config``) and sets the playback volume; without it every call is rejected.
 
     Raises ConfigError for a rejected key or a fatal service error, RuntimeFailure when the
     connection is lost and ``policy.reconnect`` is off — in every case after everything received
@@ -93,12 +102,18 @@ async def run_conversation(
     if source.live and policy.duplex == "half":
         ctx.gate = policy.echo_gate()
     _wake_on_playout(ctx)
+    caller = None
+    if toolbox is not None:
+        ctx.buffer.set_gain(toolbox.volume.gain)
+        toolbox.volume.subscribe(ctx.buffer.set_gain)
+        caller = tool_caller(toolbox)
 
     frames_send, frames_recv = trio.open_memory_channel[bytes](FRAMES_BOUND)
     audio_send, audio_recv = trio.open_memory_channel[AudioChunk](AUDIO_BOUND)
     records_send, records_recv = trio.open_memory_channel[tuple[str, Record]](RECORDS_BOUND)
     link = Supervisor(endpoint, connect, session_config, source, sessions, ctx, policy, console,
-                      settle_seconds=settle_seconds, on_configured=on_configured, rng=rng)
+                      settle_seconds=settle_seconds, on_configured=on_configured, rng=rng,
+                      tools=caller)
     try:
         async with trio.open_nursery() as outer:
             recorder = _Recorder(record)
@@ -138,6 +153,18 @@ async def run_conversation(
     if link.failure is not None:
         raise link.failure
     return ctx
+
+
+def tool_caller(toolbox: Toolbox) -> ToolCaller:
+    """The link's view of a Toolbox: one call in, its audit result out."""
+
+    async def call(request: CallTool, end_conversation: Callable[[], None]) -> StoreToolResult:
+        result = await toolbox.call(request.name, request.arguments,
+                                    context=ToolContext(request.call_id, end_conversation))
+        return StoreToolResult(request.call_id, result.status, result.output,
+                               result.exit_code, result.duration_ms)
+
+    return call
 
 
 def _wake_on_playout(ctx: Context) -> None:

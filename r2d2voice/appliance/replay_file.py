@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 from r2d2voice.appliance.context import Stopper
-from r2d2voice.appliance.signals import with_signals
+from r2d2voice.appliance.signals import Interrupted, stopped_by_signal, with_signals
 from r2d2voice.audio.pcm import RATE
 from r2d2voice.errors import RuntimeFailure, UsageError
 from r2d2voice.system.config import Settings
@@ -26,6 +26,7 @@ class TextConsole:
         self.err = err or sys.stderr
         self.tty = bool(getattr(self.err, "isatty", lambda: False)())
         self._bar = False
+        self._stopped = False
         self._status = ""
 
     def transcript(self, role: str, text: str) -> None:
@@ -39,13 +40,18 @@ class TextConsole:
             log.debug("status: %s", text)
 
     def progress(self, fraction: float) -> None:
-        if not self.tty:
+        if not self.tty or self._stopped:
             return
         width = 30
         filled = int(width * fraction)
         self.err.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} ")
         self.err.flush()
         self._bar = True
+
+    def stop(self) -> None:
+        """No more progress bar: the run is stopping (log lines follow)."""
+        self._stopped = True
+        self.finish()
 
     def finish(self) -> None:
         if self._bar:
@@ -55,31 +61,46 @@ class TextConsole:
 
 
 def default_out_path(input_path: Path) -> Path:
-    """``<stem>.reply.wav`` in the current directory."""
-    return Path.cwd() / f"{input_path.stem}.reply.wav"
+    """In the current directory: ``hello.reply.wav`` for ``hello.wav``, and the whole name for
+    other formats (``hello.flac.reply.wav``), so hello.flac and hello.mp3 keep their own."""
+    name = input_path.name
+    if input_path.suffix.lower() == ".wav":
+        name = input_path.stem
+    return Path.cwd() / f"{name}.reply.wav"
+
+
+def check_out_path(out: Path, file: Path) -> None:
+    """UsageError for an ``--out`` that would overwrite the input or is named as another format
+    (replies are always WAV; a device or FIFO such as /dev/null is fine)."""
+    if out.exists() and out.resolve() == Path(file).resolve():
+        raise UsageError(f"--out {out} would overwrite the input file")
+    special = out.exists() and not out.is_file() and not out.is_dir()
+    if out.suffix and out.suffix.lower() != ".wav" and not special:
+        raise UsageError(f"--out {out}: replies are written as WAV; name the file .wav")
 
 
 def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: str,
                    timeout: float | None, url: str | None) -> None:
     """Hold a conversation with ``file`` as the microphone, replies to ``out``; print the
     transcripts and a summary. A timeout is a RuntimeFailure (exit 1); a signal ends it early,
-    keeping what was said."""
-    from r2d2voice.appliance.compose import converse
+    keeping what was said, and is :class:`Interrupted` (exit 130 for SIGINT, 143 for SIGTERM)."""
+    from r2d2voice.appliance.compose import check_listening, converse
     from r2d2voice.appliance.sinks import WavSink
     from r2d2voice.appliance.sources import FileSource, VadParams
-    from r2d2voice.audio.files import load_audio
+    from r2d2voice.audio.files import AudioReader
 
-    pcm = load_audio(file)
     out = out or default_out_path(file)
-    if out.resolve() == Path(file).resolve():
-        raise UsageError(f"--out {out} would overwrite the input file")
+    check_out_path(out, file)
+    check_listening(settings)
+    audio = AudioReader(file)  # checks the file now; decodes block by block while replaying
     console = TextConsole()
     realtime = speed == "realtime"
     vad = VadParams(settings.vad_threshold, settings.vad_prefix_ms, settings.vad_silence_ms)
-    source = FileSource(pcm, realtime=realtime, vad=vad, progress=console.progress)
+    source = FileSource(audio, realtime=realtime, vad=vad, progress=console.progress)
     sink = WavSink(str(out), realtime=realtime)
     limit = timeout if timeout is not None else 60.0 + 3 * source.seconds
     stopper = Stopper()
+    stopper.on_stop(console.stop)
 
     async def main() -> Any:
         async def body() -> Any:
@@ -106,7 +127,19 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     reply_s = sink.samples_written / RATE
     print(f"{turns} turn{'s' if turns != 1 else ''} answered, {reply_s:.1f} s of reply audio "
           f"in {out}, {outcome.wall_seconds:.1f} s wall time (session {outcome.session_id})")
+    if source.truncated:
+        print(f"{file} is truncated or corrupt after {source.frames_read * 0.02:.1f} s: "
+              "what could be read was played", file=sys.stderr)
+    elif not source.turns and stopper.reason is None:
+        print(f"no speech found in {file}", file=sys.stderr)
+    signum = stopped_by_signal(stopper)
+    store = outcome.store
+    if store is not None and store.lost and signum is None:  # a signal keeps its exit code
+        raise RuntimeFailure(
+            f"{store.reason or 'database'}: {store.transcripts_lost} transcripts"
+            f" ({store.lost} records) could not be written to {settings.db} and are lost")
     if stopper.reason == "timeout":
         raise RuntimeFailure(f"replay timed out after {limit:g} s; what was said is stored")
-    if stopper.reason == "signal":
-        print("stopped by a signal before the end of the file; what was said is stored")
+    if signum is not None:
+        raise Interrupted(f"interrupted by {signum.name} before the end of {file}; what was said "
+                          "is stored", signum)

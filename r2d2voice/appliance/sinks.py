@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import trio
 
-from r2d2voice.audio.devices import DeviceInfo, PlaybackStatistics, run_playback
+from r2d2voice.audio.availability import DeviceStates
+from r2d2voice.audio.devices import DeviceInfo
+from r2d2voice.audio.earcons import is_earcon
 from r2d2voice.audio.files import WavWriter
 from r2d2voice.audio.pcm import FRAME_SAMPLES, RATE
+from r2d2voice.audio.playback import PlaybackStatistics, run_playback
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 
 
@@ -15,13 +18,15 @@ class WavSink:
     """Writes the reply audio the speaker would have played: replies back to back, 24 kHz mono.
 
     ``realtime`` plays at 20 ms per block, so a barge-in cuts the file at what was played;
-    otherwise every chunk counts as played the moment it arrives.
+    otherwise every chunk counts as played the moment it arrives. Earcons are not reply
+    audio: they are skipped (and counted in ``earcons_skipped``).
     """
 
     def __init__(self, path: str, *, realtime: bool) -> None:
         self.path = path
         self.realtime = realtime
         self.samples_written = 0
+        self.earcons_skipped = 0
 
     async def run(self, receive: trio.MemoryReceiveChannel[AudioChunk],
                   buffer: PlayoutBuffer) -> None:
@@ -31,6 +36,8 @@ class WavSink:
             else:
                 async with receive:
                     async for chunk in receive:
+                        if self._earcon(chunk):
+                            continue
                         buffer.push(chunk.item_id, chunk.pcm)
                         self._write(writer, buffer.read(buffer.queued_samples()))
 
@@ -42,7 +49,8 @@ class WavSink:
         async def take() -> None:
             async with receive:
                 async for chunk in receive:
-                    buffer.push(chunk.item_id, chunk.pcm)
+                    if not self._earcon(chunk):
+                        buffer.push(chunk.item_id, chunk.pcm)
             finished.set()
 
         async with trio.open_nursery() as nursery:
@@ -53,6 +61,12 @@ class WavSink:
                 await trio.sleep_until(tick)
                 self._write(writer, buffer.read(FRAME_SAMPLES))
 
+    def _earcon(self, chunk: AudioChunk) -> bool:
+        if is_earcon(chunk.item_id):
+            self.earcons_skipped += 1
+            return True
+        return False
+
     def _write(self, writer: WavWriter, pcm: np.ndarray) -> None:
         if len(pcm):
             writer.write(pcm)
@@ -60,13 +74,19 @@ class WavSink:
 
 
 class DeviceSink:
-    """Live playback through the playout buffer (drop-oldest beyond 60 s)."""
+    """Live playback through the playout buffer (drop-oldest beyond 60 s) on the speaker a
+    setting names (or a device already found). The output stream runs only while there is
+    something to play; a missing or vanished speaker is waited for, its audio dropped."""
 
-    def __init__(self, device: DeviceInfo, *, latency: float | str | None = 0.03) -> None:
+    def __init__(self, device: str | int | DeviceInfo | None, *,
+                 latency: float | str | None = 0.03,
+                 states: DeviceStates | None = None) -> None:
         self.device = device
         self.latency = latency
+        self.states = states
         self.stats = PlaybackStatistics()
 
     async def run(self, receive: trio.MemoryReceiveChannel[AudioChunk],
                   buffer: PlayoutBuffer) -> None:
-        await run_playback(receive, buffer, self.device, latency=self.latency, stats=self.stats)
+        await run_playback(receive, buffer, self.device, latency=self.latency, stats=self.stats,
+                           states=self.states)

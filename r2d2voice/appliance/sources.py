@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import trio
 
 from r2d2voice.appliance.context import Context
-from r2d2voice.audio.devices import CaptureStatistics, DeviceInfo, run_capture
-from r2d2voice.audio.pcm import FRAME_BYTES, FRAME_SAMPLES, RATE
-from r2d2voice.audio.vad import Turn, find_turns
+from r2d2voice.audio.availability import DeviceStates
+from r2d2voice.audio.capture import CaptureStatistics, run_capture
+from r2d2voice.audio.devices import DeviceInfo
+from r2d2voice.audio.files import AudioReader
+from r2d2voice.audio.pcm import FRAME_SAMPLES, RATE, Framer
+from r2d2voice.audio.vad import EnergyVad, SpeechStarted, Turn
 
 log = logging.getLogger("r2d2voice.appliance.sources")
 
@@ -20,6 +24,13 @@ log = logging.getLogger("r2d2voice.appliance.sources")
 TAIL_MARGIN_MS = 700
 #: In fast mode, how long to wait for the service to notice a turn before moving on anyway.
 NOTICE_TIMEOUT = 3.0
+#: In fast mode, frames sent after the VAD closed a turn before waiting for the reply.
+CLOSE_MARGIN_FRAMES = 6
+#: A turn longer than this is sent again only from its last MAX_HELD_SECONDS after a link drop.
+MAX_HELD_SECONDS = 300
+MAX_HELD_FRAMES = MAX_HELD_SECONDS * RATE // FRAME_SAMPLES
+#: Arrays given to FileSource are fed in blocks of this many samples, like a file's blocks.
+BLOCK_SAMPLES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -32,29 +43,35 @@ class VadParams:
 class FileSource:
     """Streams a recording as 20 ms frames, followed by silence that closes the last turn.
 
-    ``realtime`` paces frames at 20 ms (a person talking, who may talk over the robot).
-    Fast mode goes as fast as the conversation allows but never faster: after each turn it
-    waits until the reply has come, so later audio never interrupts an earlier reply.
+    The recording is an :class:`AudioReader` (decoded, resampled and framed block by block in a
+    worker thread: memory stays flat whatever the file's length) or, for tests, an int16 array.
+    ``realtime`` paces frames at 20 ms (a person talking, who may talk over the robot). Fast
+    mode goes as fast as the conversation allows but never faster: an energy VAD with the
+    service's parameters runs on the frames as they are read; when it closes a turn the source
+    sends a few more frames and waits until the reply has come, so later audio never interrupts
+    an earlier reply. The frames since the previous turn are held (at most
+    ``MAX_HELD_SECONDS``) to send the turn again if the link dies during it.
     Channel policy: a full channel makes this source wait (a replay loses nothing).
     """
 
     live = False
     frames_dropped = 0
 
-    def __init__(self, pcm: np.ndarray, *, realtime: bool, vad: VadParams,
+    def __init__(self, audio: AudioReader | np.ndarray, *, realtime: bool, vad: VadParams,
                  turn_timeout: float = 60.0,
                  progress: Callable[[float], None] | None = None) -> None:
-        tail = np.zeros(RATE * (vad.silence_duration_ms + TAIL_MARGIN_MS) // 1000, np.int16)
-        pcm = np.concatenate([pcm.astype(np.int16, copy=False), tail])
-        pad = (-len(pcm)) % FRAME_SAMPLES
-        self.pcm = np.concatenate([pcm, np.zeros(pad, np.int16)])
+        self.audio = audio
         self.realtime = realtime
         self.vad = vad
         self.turn_timeout = turn_timeout
         self.progress = progress
-        self.turns = find_turns(self.pcm, RATE, threshold=vad.threshold,
-                                prefix_padding_ms=vad.prefix_padding_ms,
-                                silence_duration_ms=vad.silence_duration_ms)
+        self._tail_samples = RATE * (vad.silence_duration_ms + TAIL_MARGIN_MS) // 1000
+        samples = (round(audio.seconds * RATE) if isinstance(audio, AudioReader)
+                   else len(audio))
+        self._total = -(-(samples + self._tail_samples) // FRAME_SAMPLES)
+        #: turns the VAD closed so far (all of them once the run is over)
+        self.turns: list[Turn] = []
+        self.frames_read = 0
 
     @property
     def resends(self) -> bool:
@@ -63,33 +80,54 @@ class FileSource:
 
     @property
     def seconds(self) -> float:
-        return len(self.pcm) / RATE
+        """Length including the closing silence (from the file's header for a reader)."""
+        return self._total * FRAME_SAMPLES / RATE
+
+    @property
+    def truncated(self) -> bool:
+        """The file ended early (corrupt or cut short): what was decoded was sent."""
+        return isinstance(self.audio, AudioReader) and self.audio.truncated
 
     async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
-        data = self.pcm.astype("<i2").tobytes()
-        total = len(data) // FRAME_BYTES
-        async with send:
+        async with send, _Frames(self) as frames:
             try:
                 if self.realtime:
-                    await self._realtime(send, data, total)
+                    await self._realtime(send, frames)
                 else:
-                    await self._fast(send, data, total, ctx)
+                    await self._fast(send, frames, ctx)
             except trio.BrokenResourceError:
                 log.debug("uplink closed before the file ended")
 
-    async def _realtime(self, send: trio.MemorySendChannel[bytes], data: bytes,
-                        total: int) -> None:
-        start = trio.current_time()
-        for i in range(total):
-            await trio.sleep_until(start + i * FRAME_SAMPLES / RATE)
-            await send.send(data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
-            self._progress(i + 1, total)
+    async def stream(self, send: trio.MemorySendChannel[bytes]) -> None:
+        """Every frame (the closing silence too) as fast as ``send`` takes them: whoever reads
+        them paces the file (wake-word listening, appliance/listening.py). Owns ``send``."""
+        async with send, _Frames(self) as frames:
+            done = 0
+            try:
+                while (frame := await frames.next()) is not None:
+                    await send.send(frame)
+                    done += 1
+                    self._progress(done)
+            except trio.BrokenResourceError:
+                log.debug("reader gone before the file ended")
 
-    async def _fast(self, send: trio.MemorySendChannel[bytes], data: bytes, total: int,
+    async def _realtime(self, send: trio.MemorySendChannel[bytes], frames: _Frames) -> None:
+        start = trio.current_time()
+        i = 0
+        while (frame := await frames.next()) is not None:
+            await trio.sleep_until(start + i * FRAME_SAMPLES / RATE)
+            await send.send(frame)
+            i += 1
+            self._progress(i)
+
+    async def _fast(self, send: trio.MemorySendChannel[bytes], frames: _Frames,
                     ctx: Context) -> None:
-        frame = 0
-        for turn in self.turns:
-            end = min(total, -(-turn.close_sample // FRAME_SAMPLES) + 5)
+        sent = 0
+        while not frames.exhausted:
+            # this turn's frames, to send again if the link dies (bounded: drop-oldest)
+            held: deque[bytes] = deque(maxlen=MAX_HELD_FRAMES)
+            closed: Turn | None = None
+            margin = CLOSE_MARGIN_FRAMES
             for _attempt in range(3):
                 # never start talking while the robot is busy or the link is down
                 await ctx.watch.wait_for(
@@ -97,21 +135,37 @@ class FileSource:
                 epoch = ctx.epoch
                 conv = ctx.conversation  # a reconnect brings a new conversation object
                 done_before, commits_before = conv.responses_done, conv.turns_committed
-                for i in range(frame, end):
-                    if ctx.epoch != epoch:
-                        break  # the link died mid-turn: start the turn again
-                    await _send(send, data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
-                    self._progress(i + 1, total)
-                else:
-                    if await self._answered(ctx, epoch, done_before, commits_before, turn):
-                        break
+                if await self._resend(send, held, ctx, epoch):
+                    while margin > 0 and ctx.epoch == epoch:
+                        frame = await frames.next()
+                        if frame is None:
+                            break
+                        held.append(frame)
+                        await _send(send, frame)
+                        sent += 1
+                        self._progress(sent)
+                        if closed is None:
+                            closed = frames.closed_turn()
+                        if closed is not None:
+                            margin -= 1
+                    if ctx.epoch == epoch:
+                        if closed is None:
+                            return  # the file ended with no further turn
+                        if await self._answered(ctx, epoch, done_before, commits_before,
+                                                closed):
+                            break
                 # the link died during this turn: send the whole turn again
                 log.info("link changed during the turn ending at %.1f s: sending it again",
-                         turn.end_sample / RATE)
-            frame = end
-        for i in range(frame, total):
-            await send.send(data[i * FRAME_BYTES:(i + 1) * FRAME_BYTES])
-            self._progress(i + 1, total)
+                         (closed.end_sample if closed else frames.read_samples) / RATE)
+
+    async def _resend(self, send: trio.MemorySendChannel[bytes], held: deque[bytes],
+                      ctx: Context, epoch: int) -> bool:
+        """Send the held frames again; False if the link changed meanwhile."""
+        for frame in held:
+            if ctx.epoch != epoch:
+                return False
+            await _send(send, frame)
+        return ctx.epoch == epoch
 
     async def _answered(self, ctx: Context, epoch: int, done_before: int, commits_before: int,
                         turn: Turn) -> bool:
@@ -141,9 +195,90 @@ class FileSource:
                         self.turn_timeout, turn.end_sample / RATE)
         return True
 
-    def _progress(self, done: int, total: int) -> None:
-        if self.progress and (done == total or done % 25 == 0):
-            self.progress(done / total)
+    def _progress(self, done: int) -> None:
+        if self.progress and (done >= self._total or done % 25 == 0):
+            self.progress(min(1.0, done / self._total))
+
+
+class _Frames:
+    """The recording as 20 ms frames, read ahead one decoded block at a time (in a worker
+    thread for a file), with the closing silence appended and a VAD watching them go by."""
+
+    def __init__(self, source: FileSource) -> None:
+        self.source = source
+        vad = source.vad
+        self._vad = EnergyVad(RATE, threshold=vad.threshold,
+                              prefix_padding_ms=vad.prefix_padding_ms,
+                              silence_duration_ms=vad.silence_duration_ms)
+        self._framer = Framer()
+        self._queue: deque[bytes] = deque()
+        self._blocks: Iterator[np.ndarray] | None = None
+        self._onset: int | None = None
+        self._scanned: list[Turn] = []  # found ahead of the frames handed out
+        self._closed: list[Turn] = []
+        self.read_samples = 0
+        self.exhausted = False
+        self._tail_done = False
+
+    async def __aenter__(self) -> _Frames:
+        audio = self.source.audio
+        if isinstance(audio, AudioReader):
+            self._blocks = audio.blocks()
+        else:
+            arr = np.asarray(audio, dtype=np.int16)
+            self._blocks = iter([arr[i:i + BLOCK_SAMPLES]
+                                 for i in range(0, len(arr), BLOCK_SAMPLES)])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()  # closes the sound file if the run ended early
+
+    def closed_turn(self) -> Turn | None:
+        """A turn the VAD closed in the frames handed out so far (oldest first), or None."""
+        return self._closed.pop(0) if self._closed else None
+
+    async def next(self) -> bytes | None:
+        """The next frame, or None at the end (after the closing silence)."""
+        while not self._queue:
+            if self._tail_done:
+                self.exhausted = True
+                return None
+            block = await self._read_block()
+            if block is None:
+                block = np.zeros(self.source._tail_samples, np.int16)
+                self._tail_done = True
+            self._scan(block)
+            self._queue.extend(self._framer.push(block))
+            if self._tail_done and (last := self._framer.flush()) is not None:
+                self._queue.append(last)
+        frame = self._queue.popleft()
+        self.read_samples += FRAME_SAMPLES
+        self.source.frames_read += 1
+        # a turn counts as closed once the frame holding its close point is handed out
+        while self._scanned and self._scanned[0].close_sample <= self.read_samples:
+            turn = self._scanned.pop(0)
+            self._closed.append(turn)
+            self.source.turns.append(turn)
+        return frame
+
+    async def _read_block(self) -> np.ndarray | None:
+        assert self._blocks is not None
+        if isinstance(self.source.audio, AudioReader):
+            return await trio.to_thread.run_sync(next, self._blocks, None)
+        return next(self._blocks, None)
+
+    def _scan(self, block: np.ndarray) -> None:
+        """Run the VAD over a block as it is read (one numpy pass per block, not per frame)."""
+        for event in self._vad.feed(block):
+            if isinstance(event, SpeechStarted):
+                self._onset = event.onset_ms * RATE // 1000
+            else:
+                end = event.audio_end_ms * RATE // 1000
+                close = end + self._vad.silence_duration_ms * RATE // 1000
+                self._scanned.append(Turn(self._onset or 0, end, close))
+                self._onset = None
 
 
 async def _send(send: trio.MemorySendChannel[bytes], frame: bytes) -> None:
@@ -156,26 +291,46 @@ async def _send(send: trio.MemorySendChannel[bytes], frame: bytes) -> None:
 
 
 class DeviceSource:
-    """Live capture. Channel policy: never blocks; a full uplink queue drops the newest frame
-    and counts it (see ``devices.run_capture``)."""
+    """Live capture from the microphone a setting names (or a device already found).
+
+    Channel policy: never blocks; a full uplink queue drops the newest frame and counts it
+    (see ``capture.run_capture``). A missing, vanished or silent microphone is waited for and
+    reopened; the audio of the gap is lost. Audio is handed over in 100 ms batches while the
+    conversation is idle and nothing plays, frame by frame otherwise (barge-in and the end of a
+    turn keep their latency).
+    """
 
     live = True
     resends = False
 
-    def __init__(self, device: DeviceInfo, *, latency: float | str | None = None) -> None:
+    def __init__(self, device: str | int | DeviceInfo | None, *,
+                 latency: float | str | None = None,
+                 states: DeviceStates | None = None) -> None:
         self.device = device
         self.latency = latency
+        self.states = states
         self.stats = CaptureStatistics()
+        #: set once capture runs, or once it deliberately waits for the microphone
         self.running = trio.Event()
         self._started_at = 0.0
+        self._capture: list = []
 
     async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: run_capture(
-                send, self.device, latency=self.latency, stats=self.stats,
-                task_status=task_status))
+                send, self.device, latency=self.latency, stats=self.stats, states=self.states,
+                capture=self._capture, task_status=task_status))
             self._started_at = trio.current_time()
             self.running.set()
+            nursery.start_soon(self._follow, ctx)
+
+    async def _follow(self, ctx: Context) -> None:
+        """Frame by frame while a turn is open or a reply plays; batches otherwise."""
+        while True:
+            urgent = not ctx.conversation.idle or ctx.buffer.queued_samples() > 0
+            for capture in self._capture:
+                capture.set_urgent(urgent)
+            await ctx.watch.next_change()
 
     @property
     def frames_dropped(self) -> int:
@@ -183,7 +338,10 @@ class DeviceSource:
         return self.stats.frames_dropped
 
     def healthy(self, within: float = 5.0) -> bool:
-        """Frames arrived in the last ``within`` seconds (or capture is still starting).
+        """Capture made progress in the last ``within`` seconds: frames arrived, or the loop
+        that waits for a missing microphone (or reopens a silent one) looked for it. A run that
+        is deliberately waiting is healthy; a capture stuck (a PortAudio call that never
+        returns, a wedged event loop) is not.
 
         A stream that started less than ``within`` seconds ago and has not delivered its first
         frame yet counts as healthy: a check falling between start and first frame must not
@@ -191,7 +349,6 @@ class DeviceSource:
         """
         if not self.running.is_set():
             return True
-        last = self.stats.last_frame_time
-        if last is None:
-            last = self._started_at
-        return trio.current_time() - last < within
+        stamps = [t for t in (self.stats.last_frame_time, self.stats.last_progress,
+                              self._started_at) if t is not None]
+        return trio.current_time() - max(stamps) < within

@@ -169,8 +169,9 @@ class WavWriter:
         try:
             # Opening it here gives a precise reason; soundfile then opens the path itself (its
             # file-object mode prints tracebacks from cffi callbacks when a write fails).
-            # O_NONBLOCK: a FIFO without a reader fails instead of hanging.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666))
+            # O_NONBLOCK: a FIFO without a reader fails instead of hanging. 0600 like the
+            # database: a reply is as private as its transcript.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o600))
             self._snd: sf.SoundFile | None = sf.SoundFile(
                 path, "w", samplerate=RATE, channels=1, format="WAV", subtype="PCM_16"
             )

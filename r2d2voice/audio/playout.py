@@ -6,6 +6,9 @@ blocks and :meth:`PlayoutBuffer.read_into` allocates no sample buffers, so it is
 from an audio callback. Each item's received and played sample counts are kept so that an
 interrupted reply can be truncated at exactly what the user heard.
 
+Volume: :meth:`PlayoutBuffer.set_gain` scales audio as it is pushed (on the producer's thread,
+never in the audio callback); audio already queued keeps the volume it was queued at.
+
 Time: the first sample of each item is stamped with the buffer's ``clock``, which must be
 callable from the consumer's thread (the PortAudio callback cannot ask trio for the time):
 ``time.monotonic`` by default. Whoever compares a stamp with another clock converts it by
@@ -90,6 +93,17 @@ class PlayoutBuffer:
         self._played = 0
         self.clock = clock
         self._listener: Callable[[], None] | None = None
+        self._gain = 1.0
+
+    @property
+    def gain(self) -> float:
+        return self._gain
+
+    def set_gain(self, gain: float) -> None:
+        """Linear amplitude (0..1) for audio pushed from now on."""
+        if not 0.0 <= gain <= 1.0:
+            raise ValueError(f"gain must be between 0 and 1, got {gain!r}")
+        self._gain = gain
 
     def set_listener(self, listener: Callable[[], None] | None) -> None:
         """Call ``listener()`` when audio starts or stops being queued and when an item's first
@@ -131,8 +145,9 @@ class PlayoutBuffer:
         pcm = np.asarray(pcm)
         if pcm.dtype != np.int16 or pcm.ndim != 1:
             raise ValueError(f"PlayoutBuffer takes 1-D int16 audio, got {pcm.dtype} {pcm.shape}")
-        # Copy outside the lock: the caller may reuse its array.
-        pcm = pcm.copy()
+        # Copy (scaled) outside the lock: the caller may reuse its array.
+        gain = self._gain
+        pcm = pcm.copy() if gain == 1.0 else np.round(pcm * gain).astype(np.int16)
         n = len(pcm)
         with self._lock:
             item = self._item(item_id)

@@ -1,4 +1,5 @@
-"""``replay``, ``run`` and ``serve-local``: the commands that hold or serve a conversation."""
+"""``replay``, ``run``, ``serve-local`` and ``wake``: the commands that hold, serve or start a
+conversation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from r2d2voice.cli.options import backend_option, db_option, url_option
+from r2d2voice.cli.options import (
+    backend_option,
+    db_option,
+    listen_option,
+    tools_option,
+    url_option,
+)
 
 if TYPE_CHECKING:
     from r2d2voice.cli.main import Invocation
@@ -16,7 +23,8 @@ if TYPE_CHECKING:
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Reply audio WAV (default: <FILE stem>.reply.wav in the current directory).")
+              help="Reply audio, a .wav file (default: FILE's name + .reply.wav here; "
+                   "hello.wav -> hello.reply.wav).")
 @click.option("--speed", type=click.Choice(["fast", "realtime"]), default="fast", show_default=True,
               help="fast: as fast as the conversation allows; realtime: paced like a person.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=None,
@@ -24,11 +32,14 @@ if TYPE_CHECKING:
 @db_option
 @backend_option
 @url_option
+@tools_option
+@listen_option
 @click.pass_obj
 def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
-           timeout: float | None, db: str | None, backend: str | None, url: str | None) -> None:
+           timeout: float | None, db: str | None, backend: str | None, url: str | None,
+           tools: str | None, listen: str | None) -> None:
     """Hold a conversation with FILE (any WAV) as the microphone; write the replies to --out."""
-    settings = invocation.settings(db=db, backend=backend)
+    settings = invocation.settings(db=db, backend=backend, tools=tools, listen=listen)
     from r2d2voice.appliance.replay_file import replay_command
 
     replay_command(settings, file, out=out, speed=speed, timeout=timeout, url=url)
@@ -44,14 +55,16 @@ def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
 @db_option
 @backend_option
 @url_option
+@tools_option
+@listen_option
 @click.pass_obj
 def run(invocation: Invocation, input_device: str | None, output_device: str | None,
         output_latency: float | None, duplex: str | None, db: str | None, backend: str | None,
-        url: str | None) -> None:
+        url: str | None, tools: str | None, listen: str | None) -> None:
     """Talk through the microphone and speaker until SIGTERM/SIGINT (what systemd starts)."""
     settings = invocation.settings(db=db, backend=backend, input_device=input_device,
                                    output_device=output_device, output_latency=output_latency,
-                                   duplex=duplex)
+                                   duplex=duplex, tools=tools, listen=listen)
     from r2d2voice.appliance.service import run_command
 
     run_command(settings, url=url)
@@ -60,17 +73,39 @@ def run(invocation: Invocation, input_device: str | None, output_device: str | N
 @click.command("serve-local")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--script", type=click.Path(dir_okay=False), default=None,
+              help="What each turn says or which tool it calls (TOML or JSON).")
+@click.option("--fault", "faults", multiple=True, metavar="NAME[=VALUE]",
+              help="Misbehave like the real service does at times (repeatable), "
+                   "e.g. --fault close_after_responses=2.")
 @click.pass_obj
-def serve_local(invocation: Invocation, host: str, port: int) -> None:
+def serve_local(invocation: Invocation, host: str, port: int, script: str | None,
+                faults: tuple[str, ...]) -> None:
     """Run the Realtime-compatible local backend (beeps, no speech understanding)."""
     invocation.settings()
     from r2d2voice.errors import UsageError
-    from r2d2voice.localbackend.command import ListenError, serve_local_command
+    from r2d2voice.localbackend.command import (
+        BackendOptionError,
+        ListenError,
+        backend_config,
+        serve_local_command,
+    )
 
-    try:
-        serve_local_command(host, port)
-    except ListenError as exc:  # the local backend is a peer that knows no exit codes
+    try:  # the local backend is a peer that knows no exit codes
+        config = backend_config(faults, script)
+        serve_local_command(host, port, config)
+    except (ListenError, BackendOptionError) as exc:
         raise UsageError(str(exc)) from None
 
 
-COMMANDS = (replay, run, serve_local)
+@click.command()
+@click.pass_obj
+def wake(invocation: Invocation) -> None:
+    """Tell the running `r2d2voice run` to start a conversation (as its wake word would)."""
+    invocation.settings()
+    from r2d2voice.system.control import send_wake
+
+    click.echo(send_wake())
+
+
+COMMANDS = (replay, run, serve_local, wake)

@@ -15,18 +15,21 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from r2d2voice import __version__
-from r2d2voice.cli import conversation, devices, records
+from r2d2voice.cli import conversation, devices, fleet, records, tools
 from r2d2voice.errors import EXIT_RUNTIME, R2Error
 
 if TYPE_CHECKING:
     from r2d2voice.system.config import Settings
 
-#: Settings keys of the flags a command may pass to :meth:`Invocation.settings`.
+#: Settings keys of the flags a command may pass to :meth:`Invocation.settings`, and the flag
+#: as messages name it (``--`` + the name with dashes unless said here).
 FLAG_KEYS = {
     "db": "R2D2_DB", "backend": "R2D2_BACKEND", "input_device": "R2D2_INPUT_DEVICE",
     "output_device": "R2D2_OUTPUT_DEVICE", "output_latency": "R2D2_OUTPUT_LATENCY",
-    "log_level": "R2D2_LOG_LEVEL", "duplex": "R2D2_DUPLEX",
+    "log_level": "R2D2_LOG_LEVEL", "duplex": "R2D2_DUPLEX", "tools": "R2D2_TOOLS",
+    "listen": "R2D2_LISTEN", "ship_url": "R2D2_SHIP_URL", "device_id": "R2D2_DEVICE_ID",
 }
+FLAG_NAMES = {"ship_url": "--to"}
 EXIT_INTERRUPTED = 130
 
 
@@ -47,10 +50,13 @@ def _settings(invocation: Invocation, **flags: Any) -> Settings:
     from r2d2voice.system.logs import setup_logging
 
     given = {**flags, "log_level": invocation.log_level}
-    mapped = {FLAG_KEYS[k]: (None if v is None else str(v), "--" + k.replace("_", "-"))
+    mapped = {FLAG_KEYS[k]: (None if v is None else str(v),
+                             FLAG_NAMES.get(k, "--" + k.replace("_", "-")))
               for k, v in given.items()}
+    # warnings while loading (a misspelt key, a world-readable env file) look like the rest
+    setup_logging(invocation.log_level or "INFO")
     settings = load_settings(env_file=invocation.env_file, flags=mapped)
-    setup_logging(settings.log_level, secrets=[settings.api_key] if settings.api_key else [])
+    setup_logging(settings.log_level, secrets=settings.secrets())
     return settings
 
 
@@ -79,7 +85,9 @@ def exit_for(exc: BaseException) -> NoReturn:
     if isinstance(leaf, (SystemExit, click.exceptions.Exit)):
         raise leaf
     if isinstance(leaf, BrokenPipeError):  # the reader went away (``| head``): nothing to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):  # nor the finalizers of half-read queries
+            os.dup2(devnull, stream.fileno())
         sys.exit(EXIT_RUNTIME)
     # a bug, or something we did not foresee: still one line
     logging.getLogger("r2d2voice").debug("unexpected failure", exc_info=leaf)
@@ -100,7 +108,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="r2d2voice")
-@click.option("--env-file", type=click.Path(dir_okay=False), default=None,
+@click.option("--env-file", type=click.Path(dir_okay=False, readable=False), default=None,
               help="Env file to read (default: ./.env, else ~/.r2d2/.env).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
               case_sensitive=False), default=None, help="Overrides R2D2_LOG_LEVEL.")
@@ -110,5 +118,6 @@ def main(ctx: click.Context, env_file: str | None, log_level: str | None) -> Non
     ctx.obj = Invocation(env_file=env_file, log_level=log_level)
 
 
-for _command in (*conversation.COMMANDS, *records.COMMANDS, *devices.COMMANDS):
+for _command in (*conversation.COMMANDS, *records.COMMANDS, *fleet.COMMANDS, *tools.COMMANDS,
+                 *devices.COMMANDS):
     main.add_command(_command)

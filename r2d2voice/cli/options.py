@@ -7,24 +7,48 @@ from typing import Any
 
 import click
 
+from r2d2voice.errors import UsageError
+
+
+def _websocket_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--url`` must be a websocket URL: one line, exit 2, before anything starts."""
+    if value is not None and not value.startswith(("ws://", "wss://")):
+        raise UsageError(f"--url {value}: expected a ws:// or wss:// websocket URL "
+                         "(the Realtime endpoint, e.g. ws://127.0.0.1:8765/v1/realtime)")
+    return value
+
+
 db_option = click.option("--db", type=click.Path(dir_okay=False), default=None,
                          help="Transcript database (default: R2D2_DB, then the state dir).")
-backend_option = click.option("--backend", type=click.Choice(["openai", "local"]), default=None,
-                              help="Service: OpenAI, or the embedded local backend.")
-url_option = click.option("--url", default=None,
+backend_option = click.option("--backend", type=click.Choice(["openai", "local", "azure"]),
+                              default=None,
+                              help="Service: OpenAI, Azure OpenAI, or the embedded local "
+                                   "backend.")
+url_option = click.option("--url", default=None, callback=_websocket_url,
                           help="Realtime websocket URL for this command (overrides REALTIME_URL).")
+tools_option = click.option("--tools", type=click.Path(dir_okay=False), default=None,
+                            help="Tools file (TOML) the model may call (overrides R2D2_TOOLS).")
+listen_option = click.option("--listen", type=click.Choice(["always", "wake"]), default=None,
+                             help="always: every utterance is heard; wake: a conversation "
+                                  "starts with the wake word (R2D2_WAKE_WORD).")
 since_option = click.option("--since", default=None,
                             help="ISO 8601 date or datetime (UTC if no offset).")
 until_option = click.option("--until", default=None,
                             help="ISO 8601 date or datetime; a date covers that day.")
 session_option = click.option("--session", "sessions", multiple=True,
                               help="Only this session (repeatable).")
+fleet_db_option = click.option(
+    "--db", default=None,
+    help="Transcript database, or a fleet server (postgresql://…; default: R2D2_DB).")
+device_option = click.option("--device", "devices", multiple=True,
+                             help="Only this robot of a fleet database (repeatable).")
 
 
 def report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--db, --since, --until, --session, --format text|json for the report commands."""
+    """--db (file or fleet), --device, --since, --until, --session, --format text|json."""
     fmt = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
                        show_default=True)
-    for option in (fmt, session_option, until_option, since_option, db_option):
+    for option in (fmt, session_option, until_option, since_option, device_option,
+                   fleet_db_option):
         fn = option(fn)
     return fn

@@ -1,23 +1,31 @@
-"""One connection (one service session): uplink, downlink, keepalive, recycle timer, status.
+"""One connection (one service session): uplink, downlink, tool results, and its watchers.
 
 The uplink sends the session config, the context of earlier sessions, then microphone frames
 and the downlink's control events; when the source ends it waits until the conversation is
 settled and closes. The downlink feeds server events to the :class:`Conversation` and hands
-its actions to :class:`Effects`. Whichever notices the end first cancels the others.
+its actions to :class:`Effects`. Tool results come back from the run's tool runner. Whichever
+notices the end first cancels the others.
+
+How the service ends a connection decides what comes next (:class:`Ending`): a fatal close
+(3000 bad key, 1013 no quota, 4000 bad request/model — with or without an ``error`` first) ends
+the run with exit 3; ``session_expired`` starts a new session at once; anything else is a lost
+link, retried with backoff.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from r2d2voice.audio.playout import AudioChunk
 from r2d2voice.errors import ConfigError
+from r2d2voice.link import timers
 from r2d2voice.link.effects import Effects
 from r2d2voice.link.state import Console, LinkPolicy, LinkState
+from r2d2voice.link.tools import ToolDone, ToolJob
 from r2d2voice.link.transport import LinkClosed, Transport
 from r2d2voice.realtime.actions import Record, StoreError
 from r2d2voice.realtime.client_events import (
@@ -45,6 +53,12 @@ MAX_APPEND_FRAMES = 10
 #: deadline of every shielded step on the way out (closing a socket, flushing records)
 CLOSE_DEADLINE = 1.0
 FLUSH_DEADLINE = 3.0
+#: close codes after which no retry can help (exit 3), and what they mean
+FATAL_CLOSE_CODES = {
+    3000: "the API key was refused",
+    1013: "no quota left (check the plan and billing)",
+    4000: "the request was refused (check the model name)",
+}
 
 
 @dataclass
@@ -54,6 +68,8 @@ class Ending:
     session_id: str
     closing: bool = False  # we closed it: source done, or stopping
     recycle: bool = False  # we closed it to start a fresh session
+    hangup: bool = False  # we closed it after the goodbye (end_conversation)
+    expired: bool = False  # the service ended the session at its time limit
     lost: str | None = None
     fatal: ConfigError | None = None
 
@@ -67,6 +83,8 @@ class FrameFeed:
     drop_stale: bool
     live: bool
     carry: bytes | None = None  # taken but not sent when a link died (a replay resends it)
+    #: speech heard while no session was open (after a hang-up): sent first to the next one
+    preroll: list[bytes] = field(default_factory=list)
     done: bool = False
 
     def drop_queued(self) -> int:
@@ -81,16 +99,25 @@ class FrameFeed:
             dropped += 1
 
 
+@dataclass
+class ToolPorts:
+    """The run's tool runner as a connection sees it (both ends borrowed)."""
+
+    calls: trio.MemorySendChannel[ToolJob]
+    results: trio.MemoryReceiveChannel[ToolDone]
+
+
 class Connection:
     """Runs the tasks of one connection until it ends; see :meth:`run`."""
 
     def __init__(self, transport: Transport, state: LinkState, policy: LinkPolicy,
                  ending: Ending, console: Console, *, config: SessionConfig,
                  context: list[tuple[str, str]], settle_seconds: float,
-                 on_configured: Callable[[], None] | None) -> None:
+                 on_configured: Callable[[], None] | None, tools: ToolPorts) -> None:
         self.transport = transport
         self.state = state
         self.conv = state.conversation
+        self.epoch = state.epoch
         self.policy = policy
         self.ending = ending
         self.console = console
@@ -98,19 +125,24 @@ class Connection:
         self.context = context
         self.settle_seconds = settle_seconds
         self.on_configured = on_configured
+        self.tools = tools
 
     async def run(self, feed: FrameFeed, audio: trio.MemorySendChannel[AudioChunk],
                   records: trio.MemorySendChannel[tuple[str, Record]]) -> Ending:
         """All tasks of this connection; returns once it is closed. Owns the control channel."""
         control_send, control_recv = trio.open_memory_channel[ClientEvent](CONTROL_BOUND)
         effects = Effects(self.state, self.ending.session_id, self.console, audio, records,
-                          control_send)
+                          control_send, self.tools.calls, self.epoch)
+        state, policy, ending = self.state, self.policy, self.ending
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._uplink, feed, control_recv)
             nursery.start_soon(self._downlink, effects, nursery.cancel_scope)
-            nursery.start_soon(self._keepalive)
-            nursery.start_soon(self._recycle_timer)
-            nursery.start_soon(self._status)
+            nursery.start_soon(self._tool_results, effects)
+            nursery.start_soon(timers.keepalive, self.transport, policy, ending, self._close)
+            nursery.start_soon(timers.recycle, state, policy, ending, self._close)
+            nursery.start_soon(timers.give_up_transcripts, state, policy)
+            nursery.start_soon(timers.hang_up, effects, ending, self._close)
+            nursery.start_soon(timers.status, state, self.console)
         return self.ending
 
     async def _send(self, event: ClientEvent) -> None:
@@ -152,6 +184,10 @@ class Connection:
         """Frames → ``input_audio_buffer.append`` until the source ends; LinkClosed if the
         link dies first (a replay keeps the unsent chunk in ``feed.carry``)."""
         state, gate = self.state, self.state.gate
+        if feed.preroll:
+            preroll, feed.preroll = feed.preroll, []
+            await self._send(AudioAppend(b"".join(preroll)))
+            state.stats.frames_sent += len(preroll)
         if feed.carry is not None:
             await self._send(AudioAppend(feed.carry))
             feed.carry = None
@@ -197,8 +233,9 @@ class Connection:
                     state.stats.frames_dropped += len(out)
 
     async def _wait_settled(self) -> None:
-        """Until nothing is open (no speech, no reply, every transcript in) for
-        ``settle_seconds`` in a row: the service may still be deciding about the tail."""
+        """Until nothing is open (no speech, no reply, no tool, every transcript in or given
+        up) for ``settle_seconds`` in a row: the service may still be deciding about the
+        tail."""
         state = self.state
 
         def settled() -> bool:
@@ -221,14 +258,7 @@ class Connection:
                     try:
                         message = await self.transport.receive()
                     except LinkClosed as exc:
-                        if not (state.stopping or ending.closing or ending.recycle
-                                or ending.lost):
-                            ending.lost = exc.reason
-                        if ending.lost:
-                            log.warning("connection to the Realtime service lost: %s",
-                                        ending.lost)
-                            await effects.store(StoreError("connection_lost", None,
-                                                           ending.lost, False))
+                        await self._closed(exc, effects)
                         return
                     await self._event(message, effects)
             finally:
@@ -244,8 +274,28 @@ class Connection:
                 scope.cancel()
                 await self._close()
 
+    async def _closed(self, exc: LinkClosed, effects: Effects) -> None:
+        """The service (or we) closed the connection: say why, once."""
+        ending = self.ending
+        ours = self.state.stopping or ending.closing or ending.recycle or ending.hangup
+        if exc.code in FATAL_CLOSE_CODES and not ours and ending.fatal is None:
+            error = self.conv.last_error
+            said = f": {error.message}" if error is not None else ""
+            ending.fatal = ConfigError(
+                f"the Realtime service closed the connection with code {exc.code} "
+                f"({FATAL_CLOSE_CODES[exc.code]}){said}")
+            await effects.store(StoreError("connection_closed", str(exc.code),
+                                           str(ending.fatal), True))
+            return
+        if not (ours or ending.lost):
+            ending.lost = exc.reason
+        if ending.lost:
+            level = logging.INFO if ending.expired else logging.WARNING
+            log.log(level, "connection to the Realtime service lost: %s", ending.lost)
+            await effects.store(StoreError("connection_lost", None, ending.lost, False))
+
     async def _event(self, message: str | bytes, effects: Effects) -> None:
-        state, ending = self.state, self.ending
+        state, ending, conv = self.state, self.ending, self.conv
         try:
             event = parse_event(message)
         except ProtocolError as exc:
@@ -255,71 +305,43 @@ class Connection:
         if isinstance(event, Ignored):
             log.debug("ignored event %s", event.type)
             return
-        await effects.apply(self.conv.receive(event, trio.current_time()))
+        leftovers = conv.leftover_deltas
+        await effects.apply(conv.receive(event, trio.current_time()))
         await effects.apply(effects.played_latencies())
+        state.stats.leftover_deltas += conv.leftover_deltas - leftovers
         if isinstance(event, SessionUpdated) and self.on_configured:
             self.on_configured()
         if isinstance(event, ServiceError):
-            if event.fatal:
+            if event.benign:
+                state.stats.benign_errors += 1
+                log.info("service: %s (%s), going on", event.message, event.code)
+            elif event.fatal:
                 ending.fatal = ConfigError(f"the Realtime service refused: {event.message}"
                                            + (f" ({event.code})" if event.code else ""))
             elif event.ends_session:
                 ending.lost = f"session ended by the service ({event.code})"
+                ending.expired = True
 
-    # -- keepalive, recycling, status ---------------------------------------------------------
-    async def _keepalive(self) -> None:
-        """A ping the service does not answer in time means the link is dead."""
+    # -- tool results --------------------------------------------------------------------------
+    async def _tool_results(self, effects: Effects) -> None:
+        """Outputs of finished tools go to the session that asked, if it is this one; a result
+        for an ended session is only recorded."""
         while True:
-            await trio.sleep(self.policy.ping_interval)
-            with trio.move_on_after(self.policy.ping_timeout) as waited:
-                try:
-                    await self.transport.ping()
-                except LinkClosed:
-                    return
-            if waited.cancelled_caught:
-                self.ending.lost = "ping timeout"
-                await self._close()
-                return
-
-    async def _recycle_timer(self) -> None:
-        """Before the service's session limit, start a fresh session at a quiet moment: nothing
-        open and no reply audio queued, for ``quiet_seconds`` in a row."""
-        state = self.state
-        await trio.sleep(self.policy.session_max_seconds)
-        log.info("session limit near: recycling the connection at the next quiet moment")
-
-        def quiet() -> bool:
-            return self.conv.settled and state.buffer.queued_samples() == 0
-
-        while True:
-            await state.watch.wait_for(quiet)
-            with trio.move_on_after(self.policy.quiet_seconds) as still:
-                await state.watch.wait_for(lambda: not quiet())
-            if still.cancelled_caught:
-                break
-        self.ending.recycle = True
-        await self._close()
-
-    async def _status(self) -> None:
-        """Keep STATUS= true; the watch changes on every event and when the speaker starts or
-        drains (repeats are skipped by the console)."""
-        while True:
-            self.console.status(status_text(self.state))
-            await self.state.watch.next_change()
+            done = await self.tools.results.receive()
+            with trio.move_on_after(FLUSH_DEADLINE) as deliver:
+                deliver.shield = True  # a received result is never lost to a cancel
+                if done.job.epoch == self.epoch:
+                    await effects.apply(self.conv.tool_finished(done.result,
+                                                                hang_up=done.job.hang_up))
+                else:
+                    log.warning("tool %s (call %s) finished after its session ended: output "
+                                "not delivered", done.job.call.name, done.job.call.call_id)
+                    await effects.store(done.result, done.job.session_id)
+            if deliver.cancelled_caught:
+                log.error("tool %s (call %s): its result could not be recorded",
+                          done.job.call.name, done.job.call.call_id)
 
     async def _close(self) -> None:
         with trio.move_on_after(CLOSE_DEADLINE) as scope:
             scope.shield = True
             await self.transport.aclose()
-
-
-def status_text(state: LinkState) -> str:
-    """What the robot is doing, for ``systemctl status``."""
-    conv, queued = state.conversation, state.buffer.queued_samples() > 0
-    if conv.user_speaking:
-        return "listening (you are speaking)"
-    if conv.active_response and not queued:
-        return "thinking"
-    if queued or conv.active_response:
-        return "speaking"
-    return "listening"

@@ -1,28 +1,34 @@
 """Carries out the protocol core's actions: audio to the speaker channel, records to the
-recorder channel, client events to the uplink, barge-in on the playout buffer.
+recorder channel, client events to the uplink, barge-in on the playout buffer, function calls
+to the tool runner, the hang-up to the connection.
 
-Channel policies (the channels are made in ``appliance/pipeline.py``): audio never waits (a
-full channel drops the chunk and counts it); records wait and log that they waited; control
-events wait (they are few and small).
+Channel policies (the channels are made in ``appliance/pipeline.py`` and ``link/``): audio
+never waits (a full channel drops the chunk and counts it); records wait and log that they
+waited; control events and tool calls wait (they are few and small).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import trio
 
 from r2d2voice.audio.playout import AudioChunk
 from r2d2voice.link.state import Console, LinkState
+from r2d2voice.link.tools import ToolJob
 from r2d2voice.realtime.actions import (
     Action,
     BargeIn,
+    CallTool,
+    HangUp,
     Play,
     Record,
     Send,
     StoreError,
     StoreMessage,
+    StoreResponse,
 )
 from r2d2voice.realtime.client_events import RATE, ClientEvent
 
@@ -35,13 +41,18 @@ class Effects:
     def __init__(self, state: LinkState, session_id: str, console: Console,
                  audio: trio.MemorySendChannel[AudioChunk],
                  records: trio.MemorySendChannel[tuple[str, Record]],
-                 control: trio.MemorySendChannel[ClientEvent]) -> None:
+                 control: trio.MemorySendChannel[ClientEvent],
+                 calls: trio.MemorySendChannel[ToolJob] | None = None, epoch: int = 0) -> None:
         self.state = state
         self.session_id = session_id
         self.console = console
         self.audio = audio
         self.records = records
         self.control = control
+        self.calls = calls
+        self.epoch = epoch
+        #: set by :class:`HangUp`: the connection closes once the goodbye has played
+        self.hang_up = trio.Event()
 
     async def apply(self, actions: list[Action]) -> None:
         state = self.state
@@ -52,20 +63,31 @@ class Effects:
                 await self._barge_in()
             elif isinstance(action, Send):
                 await self._send(action.event)
+            elif isinstance(action, CallTool):
+                await self._call(action)
+            elif isinstance(action, HangUp):
+                self.hang_up.set()
             else:
                 self._count(action)
                 await self.store(action)
         state.watch.changed()
 
-    async def store(self, record: Record) -> None:
-        """Queue a record for the recorder; wait (and say so) when it is behind."""
+    async def store(self, record: Record, session_id: str | None = None) -> None:
+        """Queue a record (of this session, or of ``session_id``) for the recorder; wait (and
+        say so) when it is behind."""
+        item = (session_id or self.session_id, record)
         try:
-            self.records.send_nowait((self.session_id, record))
+            self.records.send_nowait(item)
         except trio.WouldBlock:
             self.state.stats.record_waits += 1
             log.warning("recorder is behind (%d records queued): waiting for it",
                         self.records.statistics().max_buffer_size)
-            await self.records.send((self.session_id, record))
+            await self.records.send(item)
+
+    def speaker_drained(self) -> bool:
+        """Nothing of the replies is left to play (neither queued nor on its way)."""
+        return (self.state.buffer.queued_samples() == 0
+                and self.audio.statistics().current_buffer_used == 0)
 
     def played_latencies(self) -> list[Action]:
         """Latency records for replies whose first sample the speaker has taken by now.
@@ -90,6 +112,14 @@ class Effects:
             await self.control.send(event)
         except trio.BrokenResourceError:
             log.debug("link gone: %s not sent", event.TYPE)
+
+    async def _call(self, call: CallTool) -> None:
+        """Hand a function call to the tool runner (it starts at once in its own task)."""
+        self.state.stats.tool_calls += 1
+        log.info("tool call %s: %s", call.call_id, call.name)
+        if self.calls is None:
+            raise RuntimeError("a tool call without a tool runner")
+        await self.calls.send(ToolJob(call, self.session_id, self.epoch))
 
     def _play(self, action: Play) -> None:
         state = self.state
@@ -123,5 +153,18 @@ class Effects:
             self.console.transcript(record.role, record.text)
         elif isinstance(record, StoreError):
             stats.service_errors += 1
-            log.warning("service error %s%s: %s", record.type,
-                        f" ({record.code})" if record.code else "", record.message)
+            # a fatal one ends the run with its own one-line error
+            log.log(logging.DEBUG if record.fatal else logging.WARNING, "service error %s%s: %s",
+                    record.type, f" ({record.code})" if record.code else "", record.message)
+        elif isinstance(record, StoreResponse) and record.status in ("failed", "incomplete"):
+            log.warning("reply %s %s: %s", record.response_id, record.status,
+                        _reason(record.status_details))
+
+
+def _reason(details: dict[str, Any] | None) -> str:
+    """What ``status_details`` says went wrong, in a few words."""
+    details = details or {}
+    error = details.get("error")
+    if isinstance(error, dict):
+        return f"{error.get('code') or error.get('type')}: {error.get('message', '')}".strip()
+    return str(details.get("reason") or "no reason given")

@@ -16,7 +16,11 @@ class _Wire:
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.code: int | None = None
         self.silent = False
+
+    def closed(self) -> LinkClosed:
+        return LinkClosed(self.reason or "closed", self.code)
 
 
 class MemoryTransport:
@@ -39,25 +43,25 @@ class MemoryTransport:
 
     async def send(self, message: str | bytes) -> None:
         if self._wire.reason is not None:
-            raise LinkClosed(self._wire.reason)
+            raise self._wire.closed()
         if self._wire.silent:
             await trio.lowlevel.checkpoint()
             return
         try:
             await self._outbox.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise LinkClosed(self._wire.reason or "closed") from None
+            raise self._wire.closed() from None
         self.sent += 1
 
     async def receive(self) -> str | bytes:
         try:
             return await self._inbox.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise LinkClosed(self._wire.reason or "closed") from None
+            raise self._wire.closed() from None
 
     async def ping(self) -> None:
         if self._wire.reason is not None:
-            raise LinkClosed(self._wire.reason)
+            raise self._wire.closed()
         if self._wire.silent:
             await trio.sleep_forever()
         await trio.lowlevel.checkpoint()
@@ -65,7 +69,7 @@ class MemoryTransport:
     async def aclose(self, code: int = 1000) -> None:
         """Close both directions; the peer sees ``close code {code}`` (idempotent)."""
         if self._wire.reason is None:
-            self._wire.reason = f"close code {code}"
+            self._wire.reason, self._wire.code = f"close code {code}", code
         self._outbox.close()
         self._inbox.close()
         await trio.lowlevel.checkpoint()

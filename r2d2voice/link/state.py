@@ -47,6 +47,11 @@ class Statistics:
     record_waits: int = 0
     junk_messages: int = 0
     service_errors: int = 0
+    #: ordinary races the service reports as errors (not counted in ``service_errors``)
+    benign_errors: int = 0
+    #: reply audio deltas dropped because the user had talked over that reply
+    leftover_deltas: int = 0
+    tool_calls: int = 0
     interruptions: int = 0
     reconnects: int = 0
     user_turns: int = 0
@@ -76,6 +81,8 @@ class LinkPolicy:
     context_turns: int = 10
     ping_interval: float = 15.0
     ping_timeout: float = 10.0
+    #: once nothing else is open, wait this long for a late user transcript, then give up
+    transcript_wait: float = 10.0
     #: "half": mic audio is not sent while a reply plays and for ``echo_tail`` after it
     duplex: str = "half"
     echo_tail: float = 0.3

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r2d2voice.localbackend.faults import Faults
-from r2d2voice.localbackend.wire import RATE
+from r2d2voice.localbackend.outputs import ChunkMs
+from r2d2voice.localbackend.script import Script
 
 __all__ = ["BackendConfig"]
 
@@ -20,7 +21,8 @@ class BackendConfig:
     otherwise it is rejected with HTTP 401; when None any key (or none) is accepted.
     ``reply_seconds``: length of every reply. ``chunk_ms``: audio per
     ``response.output_audio.delta``. ``realtime_factor``: replies stream this many times
-    faster than real time (1.0 = real time).
+    faster than real time (1.0 = real time). ``faults``: the misbehaviours and habits to
+    imitate. ``script``: what each turn says or which tool it calls (None: beeps).
     """
 
     api_key: str | None = field(default=None, repr=False)
@@ -28,6 +30,7 @@ class BackendConfig:
     chunk_ms: int = 100
     realtime_factor: float = 1.0
     faults: Faults = field(default_factory=Faults)
+    script: Script | None = None
     #: for tests: called with (session id, client event) for every JSON client event received
     observer: Callable[[str, dict[str, Any]], None] | None = field(
         default=None, repr=False, compare=False)
@@ -46,10 +49,6 @@ class BackendConfig:
         return self.faults.reply_seconds or self.reply_seconds
 
     @property
-    def chunk_samples(self) -> int:
-        return max(1, RATE * self.chunk_ms // 1000)
-
-    @property
-    def pace_s(self) -> float:
-        """Time between two audio chunks."""
-        return self.chunk_ms / 1000 / self.realtime_factor
+    def chunk_ms_range(self) -> ChunkMs:
+        """Audio per delta: :attr:`Faults.audio_delta_ms` if set, else :attr:`chunk_ms`."""
+        return self.faults.audio_delta_ms or self.chunk_ms

@@ -1,21 +1,87 @@
-"""Ways for the local backend to misbehave, for tests of a client's resilience (data only)."""
+"""Ways for the local backend to misbehave, and the real service's habits it can imitate (data).
+
+The switches are listed, each with what the real service does, in :class:`Faults`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from r2d2voice.localbackend.wire import EventMaker, Json
-
-__all__ = ["AfterResponse", "Faults", "junk_frames", "session_expired"]
+__all__ = [
+    "CONNECT_CLOSE_CODES",
+    "RESPONSE_FAULTS",
+    "AfterResponse",
+    "ConnectError",
+    "Faults",
+    "ResponseFault",
+    "TranscriptDelay",
+    "TranscriptOutcome",
+]
 
 AfterResponse = Literal["abort", "close", "expire"]
+ConnectError = Literal["invalid_api_key", "insufficient_quota", "model_not_found"]
+TranscriptOutcome = Literal["completed", "empty", "failed", "never"]
+TranscriptDelay = Literal["after_reply_start", "after_response_done"] | float
+ResponseFault = Literal["failed", "max_output_tokens", "content_filter", "turn_detected"]
+
+CONNECT_CLOSE_CODES: dict[str, int] = {
+    "invalid_api_key": 3000, "insufficient_quota": 1013, "model_not_found": 4000,
+}
+RESPONSE_FAULTS: tuple[str, ...] = ("failed", "max_output_tokens", "content_filter",
+                                    "turn_detected")
 
 
 @dataclass(frozen=True)
 class Faults:
-    """All off by default. Counters are per connection and count ``response.done`` events
-    actually sent (completed or cancelled)."""
+    """Every switch is off by default: with ``Faults()`` the backend behaves as it always has.
+    From ``serve-local`` each is ``--fault NAME[=VALUE]`` (:mod:`.fault_options`). Counters are
+    per connection: responses are numbered from 1 in the order they are created; the after-N
+    switches count ``response.done`` events sent. Per switch: what the real service does → what
+    the local backend sends.
+
+    - ``abort_after_responses=N``: a network blip → TCP reset after the Nth ``response.done``.
+    - ``close_after_responses=N`` (``close_code``): closes a session → that close code after the
+      Nth ``response.done``.
+    - ``expire_after_responses=N``: ends a session → ``error`` session_expired, close 1000.
+    - ``reply_delay_s=S``: slow to answer → waits S s before ``response.created``.
+    - ``reply_seconds=S``: long replies → S s of beeps per reply.
+    - ``junk``: unknown events, odd frames → an unknown event, non-JSON text, a binary frame and
+      an ``error`` before each reply.
+    - ``connect_error=KIND``: accepts the upgrade, then refuses a bad key / no quota / an unknown
+      model → ``error`` ``invalid_api_key`` / ``insufficient_quota`` / ``model_not_found``, close
+      3000 / 1013 / 4000 (invalid_api_key with ``BackendConfig.api_key``: only a wrong key, in
+      place of the HTTP 401).
+    - ``session_minutes=M``: ends every session at 60 minutes → ``error`` session_expired, close
+      1001, M minutes after the session opened (``expires_at`` says so).
+    - ``transcript_delay=WHEN``: transcribes asynchronously → the user item done without a
+      transcript, ``...transcription.delta`` at once, ``.completed`` after_reply_start,
+      after_response_done (of the next reply) or after S seconds.
+    - ``transcript_outcome=WHAT``: transcription fails / is empty / never comes →
+      ``...transcription.failed`` / ``.completed`` with "" / nothing.
+    - ``fail_responses=N[:KIND]`` (repeatable): fails a response (rate limit), cuts it
+      (max_output_tokens, content_filter) or cancels it (turn_detected) → response N ends
+      ``failed`` (nothing streamed) or, halfway through, ``incomplete`` / ``cancelled``.
+    - ``leftover_audio_deltas=N``: audio in flight after a cancel → N more audio deltas of the
+      cancelled reply before its ``done`` events; the item does not hold them (a truncate at the
+      received length gets "already shorter than").
+    - ``benign_errors``: the service's VAD commits the whole input buffer, so a client's commit
+      right after it gets ``input_audio_buffer_commit_empty`` → the same (without it the backend
+      keeps the silence after a turn for the next one's padding, and such a commit succeeds).
+      The other benign errors need no switch: ``response_cancel_not_active`` (a cancel after the
+      server's own barge-in cancel, or after ``response.done``),
+      ``conversation_already_has_active_response`` and a truncate "already shorter than" (see
+      leftover_audio_deltas) come where the service gives them.
+    - ``audio_delta_ms=A[-B]``: audio in bursts of ~250-430 ms → deltas of A..B ms.
+    - ``server_ping_s=S``: a websocket ping every ~20 s → a ping frame every S s.
+    - ``rate_limits``: ``rate_limits.updated`` after each ``response.done`` → the same.
+    - ``extra_fields``: fields beyond the SDK's schema → ``phase`` on assistant messages,
+      ``obfuscation`` on text deltas, ``reasoning_tokens`` (counted in output_tokens) and
+      non-zero cached input tokens in usage.
+
+    ``idle_timeout_ms`` needs no switch: the backend honours it when a session sets it on
+    ``server_vad`` turn detection, as the service does.
+    """
 
     #: reset the TCP connection (no close frame) right after the Nth response.done
     abort_after_responses: int | None = None
@@ -31,6 +97,50 @@ class Faults:
     #: before each reply, send an unknown event type, a non-JSON text frame, a binary
     #: frame and a non-fatal ``error`` event
     junk: bool = False
+    #: accept the websocket, send this ``error``, close (see :data:`CONNECT_CLOSE_CODES`)
+    connect_error: ConnectError | None = None
+    #: end every session this many minutes after it opened (``session_expired``, 1001)
+    session_minutes: float | None = None
+    #: when the ``.completed`` transcription comes (None: with the commit, as always)
+    transcript_delay: TranscriptDelay | None = None
+    #: what the transcription of a user turn ends with
+    transcript_outcome: TranscriptOutcome = "completed"
+    #: (response number, how it ends) pairs
+    fail_responses: tuple[tuple[int, ResponseFault], ...] = ()
+    #: audio deltas still sent after a reply is cancelled
+    leftover_audio_deltas: int = 0
+    #: a VAD commit takes the whole input buffer (a client commit after it: commit_empty)
+    benign_errors: bool = False
+    #: (shortest, longest) audio per delta in ms, overriding ``BackendConfig.chunk_ms``
+    audio_delta_ms: tuple[int, int] | None = None
+    #: send a websocket ping this often (seconds)
+    server_ping_s: float | None = None
+    #: ``rate_limits.updated`` after every ``response.done``
+    rate_limits: bool = False
+    #: fields the real service adds beyond the SDK's schema
+    extra_fields: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.reply_delay_s >= 0, "reply_delay_s must be >= 0")
+        for name in ("session_minutes", "server_ping_s", "reply_seconds"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"{name} must be > 0")
+        _check(self.leftover_audio_deltas >= 0, "leftover_audio_deltas must be >= 0")
+        delay = self.transcript_delay
+        _check(delay is None or delay in ("after_reply_start", "after_response_done")
+               or (isinstance(delay, (int, float)) and delay >= 0),
+               "transcript_delay must be after_reply_start, after_response_done or seconds >= 0")
+        _check(self.transcript_outcome in ("completed", "empty", "failed", "never"),
+               "transcript_outcome must be completed, empty, failed or never")
+        _check(self.connect_error is None or self.connect_error in CONNECT_CLOSE_CODES,
+               "connect_error must be one of " + ", ".join(CONNECT_CLOSE_CODES))
+        for n, kind in self.fail_responses:
+            _check(n >= 1 and kind in RESPONSE_FAULTS,
+                   "fail_responses: response numbers start at 1; kinds: "
+                   + ", ".join(RESPONSE_FAULTS))
+        if self.audio_delta_ms is not None:
+            lo, hi = self.audio_delta_ms
+            _check(0 < lo <= hi, "audio_delta_ms must be 0 < shortest <= longest")
 
     def after_response(self, done: int) -> AfterResponse | None:
         """What to do once the ``done``-th ``response.done`` of a connection is sent."""
@@ -42,23 +152,11 @@ class Faults:
             return "expire"
         return None
 
-
-def junk_frames(event: EventMaker) -> list[Json | str | bytes]:
-    """What :attr:`Faults.junk` sends before each reply."""
-    return [
-        event("local.fault.junk", note="an event type the client does not know"),
-        "this frame is not JSON {",
-        b"\x00\x01 binary frame \xff",
-        event("error", error={
-            "type": "server_error", "code": "local_fault_junk", "param": None, "event_id": None,
-            "message": "Non-fatal test error from the local backend (Faults.junk).",
-        }),
-    ]
+    def response_fault(self, number: int) -> ResponseFault | None:
+        """How response ``number`` (from 1) of a connection is made to end, if at all."""
+        return next((kind for n, kind in self.fail_responses if n == number), None)
 
 
-def session_expired(event: EventMaker) -> Json:
-    """The ``error`` the service sends when a session hits its maximum duration."""
-    return event("error", error={
-        "type": "invalid_request_error", "code": "session_expired", "param": None,
-        "event_id": None, "message": "Your session hit the maximum duration of 60 minutes.",
-    })
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)

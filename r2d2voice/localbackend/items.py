@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
 from r2d2voice.localbackend.wire import IdFactory, Json, decode_pcm, is_int, ms, require
 
-__all__ = ["Conversation", "Item", "parse_item", "user_audio_item"]
+__all__ = ["Conversation", "Item", "function_call_item", "parse_item", "system_item",
+           "user_audio_item"]
 
 _CONTENT_TYPES = {
     "user": ("input_text", "input_audio"),
@@ -28,6 +30,8 @@ class Item:
     audio_ms: int = 0  # audio held by the item (user input or assistant output)
     text: str | None = None  # text content, or the transcript of the audio
     digest: bytes = b""  # hash of the user's input (audio or text): seeds the reply
+    call_id: str | None = None  # function_call and function_call_output items
+    name: str | None = None  # function_call items: the tool
 
 
 def _message(item_id: str, role: str, content: list[Json], status: str = "completed") -> Json:
@@ -41,12 +45,47 @@ def user_audio_item(item_id: str, audio: bytes) -> Item:
     return Item(item_id, "user", wire, ms(len(audio) // 2), None, hashlib.sha256(audio).digest())
 
 
+def system_item(item_id: str, text: str) -> Item:
+    """A system message (the service's note before an idle nudge)."""
+    return Item(item_id, "system", _message(item_id, "system", [{"type": "input_text",
+                                                                 "text": text}]), text=text)
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
+                       status: str = "completed") -> Item:
+    wire = {"id": item_id, "object": "realtime.item", "type": "function_call",
+            "status": status, "name": name, "call_id": call_id, "arguments": arguments}
+    return Item(item_id, "function_call", wire, text=arguments, call_id=call_id, name=name)
+
+
 def parse_item(raw: Any, new_id: IdFactory) -> Item:
-    """The item of a ``conversation.item.create`` (messages only), or a ClientError."""
+    """The item of a ``conversation.item.create``, or a ClientError."""
     require(isinstance(raw, dict), "Missing required parameter: 'item'.", "item",
             "missing_required_parameter")
-    require(raw.get("type") == "message",
-            "The local backend supports only items of type 'message'.", "item.type")
+    kind = raw.get("type")
+    require(kind in ("message", "function_call", "function_call_output"),
+            "Invalid value for 'item.type': the local backend supports 'message', "
+            "'function_call' and 'function_call_output'.", "item.type")
+    item_id = raw.get("id")
+    if item_id is None:
+        item_id = new_id("item")
+    require(isinstance(item_id, str) and item_id != "",
+            "Invalid type for 'item.id': expected a string.", "item.id")
+    if kind == "message":
+        return _message_item(raw, item_id)
+    fields = ("call_id", "name", "arguments") if kind == "function_call" else ("call_id", "output")
+    for key in fields:
+        require(isinstance(raw.get(key), str), f"Missing required parameter: 'item.{key}'.",
+                f"item.{key}", "missing_required_parameter")
+    if kind == "function_call":
+        return function_call_item(item_id, raw["call_id"], raw["name"], raw["arguments"])
+    wire = {"id": item_id, "object": "realtime.item", "type": "function_call_output",
+            "status": "completed", "call_id": raw["call_id"], "output": raw["output"]}
+    return Item(item_id, "function_call_output", wire, text=raw["output"],
+                digest=hashlib.sha256(raw["output"].encode()).digest(), call_id=raw["call_id"])
+
+
+def _message_item(raw: Json, item_id: str) -> Item:
     role = raw.get("role")
     require(role in _CONTENT_TYPES, "Invalid 'item.role': expected user, assistant or system.",
             "item.role")
@@ -82,11 +121,6 @@ def parse_item(raw: Any, new_id: IdFactory) -> Item:
         if transcript:
             texts.append(transcript)
         wire_content.append({"type": kind, "transcript": transcript})
-    item_id = raw.get("id")
-    if item_id is None:
-        item_id = new_id("item")
-    require(isinstance(item_id, str) and item_id != "",
-            "Invalid type for 'item.id': expected a string.", "item.id")
     return Item(item_id, role, _message(item_id, role, wire_content), audio_ms,
                 " ".join(texts) or None, digest.digest())
 
@@ -130,9 +164,16 @@ class Conversation:
     def remove(self, item: Item) -> None:
         self.items.remove(item)
 
+    def call(self, call_id: str) -> Item | None:
+        """The function_call item with ``call_id``."""
+        return next((it for it in self.items
+                     if it.role == "function_call" and it.call_id == call_id), None)
+
     def seed(self) -> bytes:
-        """What the next reply's beeps derive from: the last user input (b"" if none)."""
-        return next((it.digest for it in reversed(self.items) if it.role == "user"), b"")
+        """What the next reply's beeps derive from: the last user input or tool output (b"" if
+        none)."""
+        return next((it.digest for it in reversed(self.items)
+                     if it.role in ("user", "function_call_output")), b"")
 
     def truncate(self, item: Item, content_index: Any, audio_end_ms: Any) -> None:
         """Cut an assistant audio item at ``audio_end_ms``; its transcript leaves the context,
@@ -146,20 +187,22 @@ class Conversation:
         require(is_int(audio_end_ms) and audio_end_ms >= 0,
                 "Invalid 'audio_end_ms': expected a non-negative integer.", "audio_end_ms")
         require(audio_end_ms <= item.audio_ms,
-                f"Audio content of {item.audio_ms}ms is shorter than {audio_end_ms}ms.",
+                f"Audio content of {item.audio_ms}ms is already shorter than {audio_end_ms}ms.",
                 "audio_end_ms", "invalid_value")
         item.audio_ms = audio_end_ms
         item.text = None
         item.wire["content"][0]["transcript"] = None
 
-    def input_usage(self, instructions: str, exclude: str | None = None) -> tuple[int, int]:
+    def input_usage(self, instructions: str, exclude: Container[str] = ()) -> tuple[int, int]:
         """(audio, text) input tokens, as a response would be billed: 10 per second of user
-        audio, len(text) // 4 over the instructions, text items and assistant transcripts."""
-        audio_ms = sum(it.audio_ms for it in self.items if it.role == "user" and it.id != exclude)
+        audio, len(text) // 4 over the instructions, text items, assistant transcripts and
+        function calls and outputs; the items in ``exclude`` (the response's own) left out."""
+        audio_ms = sum(it.audio_ms for it in self.items
+                       if it.role == "user" and it.id not in exclude)
         text = len(instructions) // 4
         text += sum(
             len(it.text) // 4 for it in self.items
-            if it.text and it.id != exclude and (it.role != "user" or it.audio_ms == 0)
+            if it.text and it.id not in exclude and (it.role != "user" or it.audio_ms == 0)
         )
         return audio_ms * 10 // 1000, text
 

@@ -1,29 +1,45 @@
-"""One response: the events it is made of, what of it was sent, and how it ends (sans-IO).
+"""One response: its output items, what of it was sent, and how it ends (sans-IO).
 
-The shell streams a :class:`Reply` in three steps: :meth:`Reply.opening` (four events), then
-:meth:`Reply.chunks` over the audio from :func:`synthesize` (paced by :class:`Tick` markers),
-reporting every event it sent with :meth:`Reply.sent`; at the end, or once cancelled,
-:meth:`Reply.closing` closes whatever was opened, from what was actually sent.
+The shell streams a :class:`Reply` in three steps: :meth:`Reply.opening` (``response.created``
+and any deferred events due then), :meth:`Reply.steps` over the audio from :func:`synthesize`
+(paced by :class:`Tick` markers), reporting every event it sent with :meth:`Reply.sent`; at
+the end, or once cancelled, :meth:`Reply.closing` closes whatever was opened, from what was
+actually sent, then ``response.done`` and what is due after it.
+
+A reply is an audio message (beeps, with a scripted or default transcript), a function call,
+or both (a spoken preamble, then the call).
 """
 
 from __future__ import annotations
 
-import base64
 import copy
 import functools
+import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from r2d2voice.audio.beeps import r2_reply
-from r2d2voice.localbackend.items import Conversation, Item
+from r2d2voice.localbackend.fault_events import rate_limits_updated, response_status_details
+from r2d2voice.localbackend.faults import ResponseFault
+from r2d2voice.localbackend.items import Conversation
+from r2d2voice.localbackend.outputs import (
+    ARGUMENT_PIECE,
+    AudioMessage,
+    ChunkMs,
+    FunctionCall,
+    Tick,
+    chunk_bounds,
+)
 from r2d2voice.localbackend.wire import RATE, EventMaker, Json, ms
 
-__all__ = ["Beeps", "Reply", "Tick", "synthesize"]
+__all__ = ["Beeps", "Reply", "Tick", "leftover_audio", "synthesize"]
 
 Beeps = tuple[bytes, str]
 """A reply's PCM16 audio and its transcript."""
+
+REASONING_TOKENS = 8
+"""Reasoning tokens every response reports with ``extra_fields`` (counted in output_tokens)."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -37,17 +53,29 @@ def synthesize(seed: bytes, seconds: float) -> Beeps:
     return audio.astype("<i2").tobytes(), transcript
 
 
-@dataclass(frozen=True)
-class Tick:
-    """Audio chunk ``index`` starts here: due ``index`` chunk durations after chunk 0."""
-
-    index: int
+def leftover_audio(steps: Iterator[Json | Tick], n: int) -> list[Json]:
+    """Up to ``n`` audio deltas still to come in ``steps`` (what the service sends after it
+    cancels a reply: the item does not hold them)."""
+    out: list[Json] = []
+    for step in steps if n > 0 else ():
+        if isinstance(step, Tick) or step["type"] == "response.output_audio_transcript.delta":
+            continue
+        if step["type"] != "response.output_audio.delta":
+            break
+        out.append(step)
+        if len(out) == n:
+            break
+    return out
 
 
 class Reply:
-    """One response, from ``response.created`` to ``response.done``."""
+    """One response, from ``response.created`` to ``response.done``.
 
-    OPENING = 4  # response.created, output_item.added, conversation.item.added, part.added
+    ``say``: the transcript (None: the beeps' own); ``call``: (tool name, arguments) to call
+    after it; ``fault``: how it is made to end (:attr:`Faults.fail_responses`); ``extra``:
+    the fields of :attr:`Faults.extra_fields`; ``cached``: (audio, text) input tokens the
+    previous response already had (reported as cached with ``extra``).
+    """
 
     def __init__(
         self,
@@ -60,23 +88,68 @@ class Reply:
         seed: bytes,
         seconds: float,
         metadata: Any = None,
+        say: str | None = None,
+        call: tuple[str, str] | None = None,
+        fault: ResponseFault | None = None,
+        extra: bool = False,
+        rate_limits: bool = False,
+        cached: tuple[int, int] = (0, 0),
     ) -> None:
         self._event = event
         self._conversation = conversation
         self.id = event.new_id("resp")
-        self.item_id = event.new_id("item")
         self.conversation_id = conversation_id
         self.voice = voice
         self.instructions = instructions
         self.seed = seed
         self.seconds = seconds
         self.metadata = metadata
+        self.say = say
+        self.fault = fault
+        self.extra = extra
+        self.rate_limits = rate_limits
+        self.cached = cached
         self.cancel_reason: str | None = None
-        self.stage = 0  # opening events sent
-        self.bytes_sent = 0
-        self.transcript_sent = ""
-        self.item: Item | None = None
-        self._previous: str | None = None
+        self.created = False
+        self.input_tokens = (0, 0)  # (audio, text), known once closed
+        self.on_start: list[Json] = []  # sent right after response.created
+        self.on_done: list[Json] = []  # sent right after response.done
+        self._start_sent: set[str] = set()
+        common = (event, conversation, self.id)
+        self.message: AudioMessage | None = None
+        self.call: FunctionCall | None = None
+        self.outputs: list[AudioMessage | FunctionCall] = []
+        if call is None or say is not None:
+            phase = "commentary" if call is not None else "final_answer"
+            self.message = AudioMessage(*common, 0, extra=extra, phase=phase)
+            self.outputs.append(self.message)
+        if call is not None:
+            self.call = FunctionCall(*common, len(self.outputs), extra=extra, name=call[0],
+                                     arguments=call[1])
+            self.outputs.append(self.call)
+
+    @property
+    def speaks(self) -> bool:
+        """Whether the reply has audio (the shell synthesizes beeps only then)."""
+        return self.message is not None
+
+    @property
+    def item_id(self) -> str:
+        return self.outputs[0].item_id
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.message.bytes_sent if self.message else 0
+
+    @property
+    def status(self) -> str:
+        if self.cancel_reason is not None or self.fault == "turn_detected":
+            return "cancelled"
+        if self.fault == "failed":
+            return "failed"
+        if self.fault is not None:
+            return "incomplete"
+        return "completed"
 
     def cancel(self, reason: str) -> None:
         """From now on the reply is cancelled (``turn_detected`` or ``client_cancelled``)."""
@@ -85,129 +158,109 @@ class Reply:
     # -- events ------------------------------------------------------------------------
 
     def opening(self) -> Iterator[Json]:
-        """``response.created`` … ``response.content_part.added``."""
+        """``response.created``, then the events due once the reply has started."""
         yield self._event("response.created", response=self._response("in_progress", [], None))
-        yield self._event("response.output_item.added", response_id=self.id, output_index=0,
-                          item=self._wire_item("in_progress"))
-        self._previous = self._conversation.last_id()
-        yield self._event("conversation.item.added", previous_item_id=self._previous,
-                          item=self._wire_item("in_progress"))
-        yield self._event("response.content_part.added", **self._ids(),
-                          part={"type": "audio", "transcript": ""})
+        yield from self.on_start
 
-    def chunks(self, beeps: Beeps, chunk_samples: int) -> Iterator[Json | Tick]:
-        """Per chunk: a :class:`Tick`, an audio delta and maybe a transcript delta (the
-        transcript's words spread over the chunks)."""
-        audio, transcript = beeps
-        chunk_bytes = 2 * chunk_samples
-        n_chunks = max(1, math.ceil(len(audio) / chunk_bytes))
-        words = transcript.split(" ")
-        pieces = [w + " " for w in words[:-1]] + [words[-1]]
-        per_chunk: list[list[str]] = [[] for _ in range(n_chunks)]
-        for i, piece in enumerate(pieces):
-            per_chunk[i * n_chunks // len(pieces)].append(piece)
-        for j in range(n_chunks):
-            yield Tick(j)
-            chunk = audio[j * chunk_bytes : (j + 1) * chunk_bytes]
-            if chunk:
-                yield self._event("response.output_audio.delta", **self._ids(),
-                                  delta=base64.b64encode(chunk).decode("ascii"))
-            if per_chunk[j]:
-                yield self._event("response.output_audio_transcript.delta", **self._ids(),
-                                  delta="".join(per_chunk[j]))
+    def steps(self, beeps: Beeps | None, chunk_ms: ChunkMs) -> Iterator[Json | Tick]:
+        """Every output item: opened, streamed; all but the last closed (the last is closed
+        by :meth:`closing`). A fault that cuts the reply stops it halfway."""
+        if self.fault == "failed":
+            return
+        cut = self.fault is not None
+        for k, out in enumerate(self.outputs):
+            yield from out.opening()
+            if isinstance(out, AudioMessage):
+                assert beeps is not None
+                audio, default = beeps
+                n = len(chunk_bounds(len(audio) // 2, chunk_ms))
+                ticks = 0
+                for step in out.chunks(audio, default if self.say is None else self.say,
+                                       chunk_ms):  # lazily: a cancel stops making events
+                    if isinstance(step, Tick):
+                        if cut and ticks == n // 2:
+                            break
+                        ticks += 1
+                    yield step
+                if not cut and k < len(self.outputs) - 1:
+                    yield Tick(ms(len(audio) // 2))  # what follows is due after the audio
+            else:
+                n = math.ceil(len(out.arguments) / ARGUMENT_PIECE)
+                yield from itertools.islice(out.deltas(), n // 2 if cut else None)
+            if cut:
+                return
+            if k < len(self.outputs) - 1:
+                yield from out.closing("completed")
 
     def sent(self, event: Json) -> None:
-        """``event`` (from :meth:`opening` or :meth:`chunks`) went out: the client knows it."""
-        type_ = event["type"]
-        if type_ == "response.output_audio.delta":
-            self.bytes_sent += len(base64.b64decode(event["delta"]))
-            if self.item is not None:
-                self.item.audio_ms = ms(self.bytes_sent // 2)
-        elif type_ == "response.output_audio_transcript.delta":
-            self.transcript_sent += event["delta"]
-            if self.item is not None:
-                self.item.text = self.transcript_sent
-        else:
-            self.stage += 1
-            if type_ == "conversation.item.added":
-                self.item = Item(self.item_id, "assistant", self._wire_item("in_progress"))
-                self._conversation.insert(self.item)
+        """``event`` (from :meth:`opening` or :meth:`steps`) went out: the client knows it."""
+        if event["type"] == "response.created":
+            self.created = True
+            return
+        self._start_sent.add(event["event_id"])
+        for out in self.outputs:
+            if event.get("item_id", event.get("item", {}).get("id")) == out.item_id:
+                out.sent(event)
 
     def closing(self) -> list[Json]:
-        """The events that end the response, given what was sent and whether it was cancelled:
-        the ``done`` of each part opened, then ``response.done`` with usage."""
-        cancelled = self.cancel_reason is not None
-        item_status = "incomplete" if cancelled else "completed"
+        """What ends the response, given what was sent: the missing opening, the ``done`` of
+        each output opened, ``response.done`` with usage, then what is due after it."""
         out: list[Json] = []
-        if self.stage == 0:
+        if not self.created:
             out.append(self._event("response.created",
                                    response=self._response("in_progress", [], None)))
-        if self.stage >= 4:
-            part = {"type": "audio", "transcript": self.transcript_sent}
-            out += [
-                self._event("response.output_audio.done", **self._ids()),
-                self._event("response.output_audio_transcript.done", **self._ids(),
-                            transcript=self.transcript_sent),
-                self._event("response.content_part.done", **self._ids(), part=part),
-            ]
-        output: list[Json] = []
-        if self.stage >= 2:
-            wire = self._wire_item(item_status)
-            output = [wire]
-            out.append(self._event("response.output_item.done", response_id=self.id,
-                                   output_index=0, item=wire))
-            if self.stage >= 3 and self.item is not None:
-                self.item.wire = copy.deepcopy(wire)
-                out.append(self._event("conversation.item.done", previous_item_id=self._previous,
-                                       item=copy.deepcopy(wire)))
-        status = "cancelled" if cancelled else "completed"
-        out.append(self._event("response.done",
-                               response=self._response(status, output, self.usage())))
-        return out
+        out += [e for e in self.on_start if e["event_id"] not in self._start_sent]
+        status = self.status
+        for o in self.outputs:
+            out += o.closing("completed" if status == "completed" else "incomplete")
+        output = [o.wire(o.status) for o in self.outputs if o.started]
+        usage = self.usage()
+        out.append(self._event("response.done", response=self._response(status, output, usage)))
+        if self.rate_limits:
+            out.append(rate_limits_updated(self._event, usage["total_tokens"]))
+        return out + self.on_done
 
     def usage(self) -> Json:
         """Synthetic, deterministic usage: input as :meth:`Conversation.input_usage`; output
-        20 audio tokens per second of audio sent and len(transcript sent) // 4 text tokens."""
-        in_audio, in_text = self._conversation.input_usage(self.instructions, self.item_id)
+        20 audio tokens per second of audio sent, len(transcript and arguments sent) // 4
+        text tokens (+ :data:`REASONING_TOKENS` and cached input with ``extra``)."""
+        exclude = {o.item_id for o in self.outputs}
+        in_audio, in_text = self._conversation.input_usage(self.instructions, exclude)
+        self.input_tokens = (in_audio, in_text)
         out_audio = self.bytes_sent // 2 * 20 // RATE
-        out_text = len(self.transcript_sent) // 4
+        text = (self.message.transcript_sent if self.message else "") + (
+            self.call.arguments_sent if self.call else "")
+        out_text = len(text) // 4
+        reasoning = REASONING_TOKENS if self.extra else 0
+        cached_audio = min(self.cached[0], in_audio) if self.extra else 0
+        cached_text = min(self.cached[1], in_text) if self.extra else 0
+        output_details: Json = {"text_tokens": out_text, "audio_tokens": out_audio}
+        if self.extra:
+            output_details["reasoning_tokens"] = reasoning
         return {
-            "total_tokens": in_audio + in_text + out_audio + out_text,
+            "total_tokens": in_audio + in_text + out_audio + out_text + reasoning,
             "input_tokens": in_audio + in_text,
-            "output_tokens": out_audio + out_text,
+            "output_tokens": out_audio + out_text + reasoning,
             "input_token_details": {
                 "text_tokens": in_text, "audio_tokens": in_audio, "image_tokens": 0,
-                "cached_tokens": 0,
-                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+                "cached_tokens": cached_audio + cached_text,
+                "cached_tokens_details": {"text_tokens": cached_text, "audio_tokens": cached_audio,
+                                          "image_tokens": 0},
             },
-            "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio},
+            "output_token_details": output_details,
         }
 
-    # -- builders ----------------------------------------------------------------------
-
     def _response(self, status: str, output: list[Json], usage: Json | None) -> Json:
-        details: Json | None = None
-        if status == "cancelled":
-            details = {"type": "cancelled", "reason": self.cancel_reason or "client_cancelled"}
-        elif status == "completed":
-            details = {"type": "completed"}
+        details = None
+        if status != "in_progress":
+            details = response_status_details(status, self.fault,
+                                              self.cancel_reason or self.fault)
         return {
             "object": "realtime.response", "id": self.id, "status": status,
-            "status_details": details, "output": output,
+            "status_details": details, "output": copy.deepcopy(output),
             "conversation_id": self.conversation_id, "output_modalities": ["audio"],
             "max_output_tokens": "inf",
             "audio": {"output": {"format": {"type": "audio/pcm", "rate": RATE},
                                  "voice": copy.deepcopy(self.voice)}},
             "usage": usage, "metadata": self.metadata,
         }
-
-    def _wire_item(self, status: str) -> Json:
-        content = []
-        if self.stage >= self.OPENING:
-            content = [{"type": "output_audio", "transcript": self.transcript_sent}]
-        return {"id": self.item_id, "object": "realtime.item", "type": "message",
-                "status": status, "role": "assistant", "content": content}
-
-    def _ids(self) -> Json:
-        return {"response_id": self.id, "item_id": self.item_id, "output_index": 0,
-                "content_index": 0}

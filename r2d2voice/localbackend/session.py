@@ -15,12 +15,16 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from r2d2voice.localbackend import session_config as sc
-from r2d2voice.localbackend.items import Conversation, Item, parse_item, user_audio_item
+from r2d2voice.localbackend.faults import Faults
+from r2d2voice.localbackend.items import Conversation, parse_item, system_item, user_audio_item
+from r2d2voice.localbackend.planner import Planner
 from r2d2voice.localbackend.reply import Reply
+from r2d2voice.localbackend.script import Script
+from r2d2voice.localbackend.transcription import Deferred, commit_events
 from r2d2voice.localbackend.turns import InputAudio, TurnStarted
 from r2d2voice.localbackend.wire import (
     RATE,
@@ -34,7 +38,8 @@ from r2d2voice.localbackend.wire import (
     require,
 )
 
-__all__ = ["MIN_COMMIT_MS", "SESSION_LIFETIME_S", "CancelReply", "LocalSession", "Output"]
+__all__ = ["MIN_COMMIT_MS", "SESSION_LIFETIME_S", "CancelReply", "Later", "LocalSession",
+           "Output"]
 
 MIN_COMMIT_MS = 100
 """A manual commit needs at least this much audio, like the service."""
@@ -50,7 +55,15 @@ class CancelReply:
     reply: Reply
 
 
-Output = Json | Reply | CancelReply
+@dataclass(frozen=True)
+class Later:
+    """For the shell: send ``events`` ``delay_s`` seconds from now (a late transcription)."""
+
+    delay_s: float
+    events: list[Json] = field(default_factory=list)
+
+
+Output = Json | Reply | CancelReply | Later
 Handler = Callable[["LocalSession", Json], list[Output]]
 
 
@@ -58,8 +71,9 @@ class LocalSession:
     """Protocol state of one connection: session config, input audio, items, the active reply.
 
     ``clock`` is wall time in seconds (only ``expires_at`` reads it); ``new_id`` makes every id
-    (``sess``, ``conv``, ``item``, ``resp``, ``event``); ``reply_seconds`` is the length of
-    every reply; ``observer`` sees (session id, client event) for every JSON event received.
+    (``sess``, ``conv``, ``item``, ``resp``, ``call``, ``event``); ``reply_seconds`` is the
+    length of every reply; ``faults`` the habits to imitate; ``script`` what each turn says or
+    calls; ``observer`` sees (session id, client event) for every JSON event received.
     """
 
     def __init__(
@@ -69,18 +83,28 @@ class LocalSession:
         clock: Callable[[], float],
         new_id: IdFactory = random_id,
         reply_seconds: float = 1.0,
+        faults: Faults | None = None,
+        script: Script | None = None,
         observer: Callable[[str, Json], None] | None = None,
     ) -> None:
         self.event = EventMaker(new_id)
         self.reply_seconds = reply_seconds
+        self.faults = faults or Faults()
+        self.planner = Planner(script)
         self.observer = observer
-        expires_at = int(clock()) + SESSION_LIFETIME_S
-        self.session = sc.default_session(model, new_id("sess"), expires_at)
+        minutes = self.faults.session_minutes
+        lifetime = round(minutes * 60) if minutes is not None else SESSION_LIFETIME_S
+        self.session = sc.default_session(model, new_id("sess"), int(clock()) + lifetime)
         self.conversation_id = new_id("conv")
         self.conversation = Conversation()
-        self.input = InputAudio(sc.vad_params(self.turn_detection))
+        self.input = InputAudio(sc.vad_params(self.turn_detection), self.faults.benign_errors)
         self.active: Reply | None = None  # the reply in progress (not cancelled, not done)
+        self.responses = 0  # replies started
+        self.idle_epoch = 0  # bumped whenever the idle timeout starts over
+        self._idle_from_ms = 0  # where in the input stream the idle time started
         self._speech_item_id: str | None = None  # the user item the turn in progress becomes
+        self._deferred: list[Deferred] = []  # transcriptions waiting for the next reply
+        self._last_reply: Reply | None = None
 
     # -- public ------------------------------------------------------------------------
 
@@ -91,6 +115,17 @@ class LocalSession:
     @property
     def turn_detection(self) -> Json | None:
         return self.session["audio"]["input"]["turn_detection"]
+
+    @property
+    def idle_timeout_s(self) -> float | None:
+        """How long without speech until :meth:`on_idle` is due (None: not armed now): only
+        with ``idle_timeout_ms`` on server_vad, no reply active and no turn in progress."""
+        td = self.turn_detection
+        if td is None or td.get("type") != "server_vad" or not td.get("idle_timeout_ms"):
+            return None
+        if self.active is not None or self.input.in_turn:
+            return None
+        return td["idle_timeout_ms"] / 1000
 
     def created(self) -> Json:
         """The first event of every connection."""
@@ -124,9 +159,29 @@ class LocalSession:
         """The shell is done streaming ``reply`` (completed or cancelled)."""
         if self.active is reply:
             self.active = None
+            self._idle_restart()
 
-    def item(self, item_id: str) -> Item | None:
-        return self.conversation.get(item_id)
+    def on_idle(self) -> list[Output]:
+        """The idle timeout passed without speech (the shell's timer): like the service,
+        ``timeout_triggered``, a system item, an empty user item committed, and a reply."""
+        td = self.turn_detection or {}
+        ev = self.event
+        user_id = ev.new_id("item")
+        end_ms = ms(self.input.position)
+        out: list[Output] = [ev("input_audio_buffer.timeout_triggered",
+                                audio_start_ms=self._idle_from_ms, audio_end_ms=end_ms,
+                                item_id=user_id)]
+        note = system_item(ev.new_id("item"),
+                           f"The user has not spoken for {td.get('idle_timeout_ms')} ms.")
+        previous = self.conversation.insert(note)
+        out += [ev(kind, previous_item_id=previous, item=self.conversation.wire(note))
+                for kind in ("conversation.item.added", "conversation.item.done")]
+        self.input.take()
+        out += self._commit(b"", 0, user_id)
+        self._idle_restart()
+        if self.active is None:
+            out.append(self._start_reply())
+        return out
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -137,49 +192,49 @@ class LocalSession:
             "event_id": event_id,
         })
 
+    def _idle_restart(self) -> None:
+        self.idle_epoch += 1
+        self._idle_from_ms = ms(self.input.position)
+
     def _restart_turn_detection(self) -> None:
         self.input.detect(sc.vad_params(self.turn_detection))
         self._speech_item_id = None
+        self._idle_restart()
 
     def _commit(self, audio: bytes, speech_ms: int, item_id: str | None) -> list[Output]:
         """Turn ``audio`` into a user item: committed, item added/done, transcription."""
         item = user_audio_item(item_id or self.event.new_id("item"), audio)
         previous = self.conversation.insert(item)
-        ev = self.event
-        out: list[Output] = [
-            ev("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id),
-            ev("conversation.item.added", previous_item_id=previous,
-               item=self.conversation.wire(item)),
-        ]
-        if self.session["audio"]["input"]["transcription"] is None:
-            out.append(ev("conversation.item.done", previous_item_id=previous,
-                          item=self.conversation.wire(item)))
-            return out
-        transcript = f"(speech, {speech_ms / 1000:.1f} s)"
-        item.text = transcript
-        item.wire["content"][0]["transcript"] = transcript
-        audio_tokens = item.audio_ms * 10 // 1000
-        text_tokens = len(transcript) // 4
-        out += [
-            ev("conversation.item.done", previous_item_id=previous,
-               item=self.conversation.wire(item)),
-            ev("conversation.item.input_audio_transcription.completed", item_id=item.id,
-               content_index=0, transcript=transcript, usage={
-                   "type": "tokens", "input_tokens": audio_tokens, "output_tokens": text_tokens,
-                   "total_tokens": audio_tokens + text_tokens,
-                   "input_token_details": {"audio_tokens": audio_tokens, "text_tokens": 0},
-               }),
-        ]
+        transcribe = self.session["audio"]["input"]["transcription"] is not None
+        now, later = commit_events(self.event, self.conversation, item, previous, speech_ms,
+                                   transcribe, self.faults)
+        out: list[Output] = list(now)
+        if later is not None and isinstance(later.when, str):
+            self._deferred.append(later)
+        elif later is not None:
+            out.append(Later(float(later.when), later.events))
         return out
 
     def _start_reply(self, metadata: Any = None) -> Reply:
+        self.responses += 1
+        say, call = self.planner.next(self.conversation, self.session)
+        faults = self.faults
+        last = self._last_reply
         reply = Reply(
             self.event, self.conversation, conversation_id=self.conversation_id,
             voice=self.session["audio"]["output"]["voice"],
             instructions=self.session.get("instructions") or "",
             seed=self.conversation.seed(), seconds=self.reply_seconds, metadata=metadata,
+            say=say, call=call, fault=faults.response_fault(self.responses),
+            extra=faults.extra_fields, rate_limits=faults.rate_limits,
+            cached=last.input_tokens if last is not None else (0, 0),
         )
-        self.active = reply
+        for deferred in self._deferred:
+            target = reply.on_start if deferred.when == "after_reply_start" else reply.on_done
+            target += deferred.events
+        self._deferred.clear()
+        self.active = self._last_reply = reply
+        self.idle_epoch += 1
         return reply
 
     def _cancel_active(self, reason: str) -> list[Output]:
@@ -211,12 +266,14 @@ class LocalSession:
                                       item_id=self._speech_item_id))
                 if td.get("interrupt_response", True):
                     out += self._cancel_active("turn_detected")
+                self.idle_epoch += 1
                 continue
             item_id, self._speech_item_id = self._speech_item_id, None
             assert item_id is not None
             out.append(self.event("input_audio_buffer.speech_stopped",
                                   audio_end_ms=turn.audio_end_ms, item_id=item_id))
             out += self._commit(turn.audio, turn.speech_ms, item_id)
+            self._idle_restart()
             if td.get("create_response", True) and self.active is None:
                 out.append(self._start_reply())
         return out
@@ -231,17 +288,23 @@ class LocalSession:
         )
         item_id, self._speech_item_id = self._speech_item_id, None
         audio = self.input.take()  # a manual commit ends any turn in progress
+        self._idle_restart()
         return self._commit(audio, ms(samples), item_id)
 
     def _on_clear(self, event: Json) -> list[Output]:
         self.input.take()
         self._speech_item_id = None
+        self._idle_restart()
         return [self.event("input_audio_buffer.cleared")]
 
     def _on_item_create(self, event: Json) -> list[Output]:
         item = parse_item(event.get("item"), self.event.new_id)
-        require(self.item(item.id) is None, f"Item with id {item.id} already exists.",
+        require(self.conversation.get(item.id) is None, f"Item with id {item.id} already exists.",
                 "item.id", "item_create_duplicate_id")
+        if item.role == "function_call_output":
+            require(self.conversation.call(item.call_id or "") is not None,
+                    f"No tool call found for function call output with call_id {item.call_id}.",
+                    "item.call_id")
         previous_item_id = event.get("previous_item_id")
         require(previous_item_id is None or isinstance(previous_item_id, str),
                 "Invalid type for 'previous_item_id': expected a string.", "previous_item_id")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from r2d2voice.localbackend.tools import check_tool_choice, check_tools
 from r2d2voice.localbackend.wire import RATE, Json, is_int, is_num, require
 
 __all__ = [
@@ -28,8 +29,7 @@ _SESSION_KEYS = {
     "type", "model", "instructions", "output_modalities", "audio", "tools", "tool_choice",
     "max_output_tokens", "tracing", "truncation", "prompt", "include",
 }
-_COPIED_AS_IS = ("model", "tools", "tool_choice", "max_output_tokens", "tracing", "truncation",
-                 "prompt", "include")
+_COPIED_AS_IS = ("model", "max_output_tokens", "tracing", "truncation", "prompt", "include")
 _TURN_DETECTION_KEYS = {
     "type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
     "interrupt_response", "idle_timeout_ms", "eagerness",
@@ -113,6 +113,11 @@ def apply_update(session: Json, update: Any) -> tuple[Json, bool]:
         new["instructions"] = update["instructions"]
     if "output_modalities" in update:
         check_output_modalities(update["output_modalities"], "session.output_modalities")
+    if "tools" in update:
+        new["tools"] = check_tools(update["tools"] if update["tools"] is not None else [])
+    if "tool_choice" in update or isinstance(new["tool_choice"], dict):
+        new["tool_choice"] = check_tool_choice(update.get("tool_choice", new["tool_choice"]),
+                                               new["tools"])
     vad_changed = False
     audio = update.get("audio")
     if audio is not None:

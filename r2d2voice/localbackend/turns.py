@@ -45,9 +45,12 @@ class InputAudio:
     """Audio appended by the client, not yet committed, and the VAD that cuts it into turns.
 
     ``vad`` is :class:`EnergyVad` keyword arguments, or None for manual turns only.
+    ``commit_all``: a turn's end empties the buffer, as the service's VAD commit does
+    (otherwise the audio after the speech stays, for the next turn's padding).
     """
 
-    def __init__(self, vad: dict[str, Any] | None) -> None:
+    def __init__(self, vad: dict[str, Any] | None, commit_all: bool = False) -> None:
+        self.commit_all = commit_all
         self._total = 0  # samples appended since the session started
         self._buffer = bytearray()  # input audio not yet committed
         self._start = 0  # stream sample index of _buffer[0]
@@ -58,6 +61,11 @@ class InputAudio:
     def samples(self) -> int:
         """Samples held (what a manual commit would take)."""
         return len(self._buffer) // 2
+
+    @property
+    def position(self) -> int:
+        """Samples appended since the session started (the input stream's clock)."""
+        return self._total
 
     @property
     def in_turn(self) -> bool:
@@ -92,7 +100,7 @@ class InputAudio:
             first = self._vad_base + start.audio_start_ms * RATE // 1000
             end = self._vad_base + ev.audio_end_ms * RATE // 1000
             audio = self._slice(first, end)
-            self._drop_before(end)
+            self._drop_before(self._total if self.commit_all else end)
             speech_ms = ev.audio_end_ms - start.onset_ms
             out.append(TurnEnded(base_ms + ev.audio_end_ms, audio, speech_ms))
         if self._speech is None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r2d2voice.realtime.client_events import ClientEvent
+from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,23 @@ class Send:
     """Send this client event (serialised by :meth:`Conversation.send`)."""
 
     event: ClientEvent
+
+
+@dataclass(frozen=True, slots=True)
+class CallTool:
+    """Run tool ``name`` with ``arguments`` (JSON text as the service sent it) and report with
+    :meth:`Conversation.tool_finished`. Only calls of a ``completed`` response are run."""
+
+    call_id: str
+    name: str
+    arguments: str = field(repr=False)
+    response_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """The robot said goodbye (``end_conversation``): close this session once the speaker has
+    played it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,5 +107,6 @@ class StoreError:
 
 Record = (
     StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreLatency | StoreError
+    | StoreToolCall | StoreToolResult
 )
-Action = Play | BargeIn | Send | Record
+Action = Play | BargeIn | Send | CallTool | HangUp | Record

@@ -32,6 +32,10 @@ class SessionConfig:
     retention_ratio: float | None = None
     #: conversation tokens (after instructions) that trigger truncation; None: model default
     token_limit: int | None = None
+    #: function tools offered to the model (GA ``tools`` entries); none: no ``tools`` sent
+    tools: tuple[dict[str, Any], ...] = ()
+    #: no speech this long makes the service nudge the user (``idle_timeout_ms``); None: off
+    idle_timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,16 @@ class ItemCreateText:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemCreateFunctionOutput:
+    """``conversation.item.create`` of a ``function_call_output``: a tool's answer."""
+
+    TYPE: ClassVar[str] = "conversation.item.create"
+
+    call_id: str
+    output: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ItemTruncate:
     """``conversation.item.truncate``: the service keeps only what the user heard."""
 
@@ -113,13 +127,23 @@ class ResponseCancel:
 
 
 ClientEvent = (
-    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreateText | ItemTruncate
-    | ItemDelete | ResponseCreate | ResponseCancel
+    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreateText
+    | ItemCreateFunctionOutput | ItemTruncate | ItemDelete | ResponseCreate | ResponseCancel
 )
 
 
 def _session(cfg: SessionConfig) -> dict[str, Any]:
     pcm = {"type": "audio/pcm", "rate": RATE}
+    turn_detection: dict[str, Any] = {
+        "type": "server_vad",
+        "threshold": cfg.vad_threshold,
+        "prefix_padding_ms": cfg.vad_prefix_ms,
+        "silence_duration_ms": cfg.vad_silence_ms,
+        "create_response": cfg.create_response,
+        "interrupt_response": cfg.interrupt_response,
+    }
+    if cfg.idle_timeout_ms is not None:
+        turn_detection["idle_timeout_ms"] = cfg.idle_timeout_ms
     session: dict[str, Any] = {
         "type": "realtime",
         "output_modalities": ["audio"],
@@ -128,14 +152,7 @@ def _session(cfg: SessionConfig) -> dict[str, Any]:
             "input": {
                 "format": pcm,
                 "transcription": {"model": cfg.transcribe_model},
-                "turn_detection": {
-                    "type": "server_vad",
-                    "threshold": cfg.vad_threshold,
-                    "prefix_padding_ms": cfg.vad_prefix_ms,
-                    "silence_duration_ms": cfg.vad_silence_ms,
-                    "create_response": cfg.create_response,
-                    "interrupt_response": cfg.interrupt_response,
-                },
+                "turn_detection": turn_detection,
             },
             "output": {"format": dict(pcm), "voice": cfg.voice},
         },
@@ -146,6 +163,9 @@ def _session(cfg: SessionConfig) -> dict[str, Any]:
         if cfg.token_limit:
             truncation["token_limits"] = {"post_instructions": cfg.token_limit}
         session["truncation"] = truncation
+    if cfg.tools:
+        session["tools"] = [dict(tool) for tool in cfg.tools]
+        session["tool_choice"] = "auto"
     return session
 
 
@@ -161,6 +181,9 @@ def to_dict(event: ClientEvent, event_id: str) -> dict[str, Any]:
             part = "output_text" if role == "assistant" else "input_text"
             body = {"item": {"type": "message", "role": role,
                              "content": [{"type": part, "text": text}]}}
+        case ItemCreateFunctionOutput(call_id=call_id, output=output):
+            body = {"item": {"type": "function_call_output", "call_id": call_id,
+                             "output": output}}
         case ItemTruncate(item_id=item_id, audio_end_ms=end, content_index=index):
             body = {"item_id": item_id, "content_index": index, "audio_end_ms": end}
         case ItemDelete(item_id=item_id):

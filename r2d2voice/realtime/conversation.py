@@ -4,6 +4,11 @@ Inbound, :meth:`Conversation.receive` takes a parsed server event and answers wi
 outbound, :meth:`Conversation.send` turns a client event record into JSON with an event id of
 this instance. Times (``now``) are seconds of a monotonic clock the shell supplies; the core
 never reads a clock, so every latency is a difference of two such times.
+
+The service's habits are handled here: late user transcripts keep their place (and can be given
+up on), the idle-timeout nudge's empty user item is no utterance, audio of a reply the user
+talked over is never played, benign errors are not errors, and function calls run only from a
+completed response (:mod:`.tool_calls`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import enum
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from r2d2voice.realtime.actions import (
@@ -22,7 +26,6 @@ from r2d2voice.realtime.actions import (
     Send,
     StoreError,
     StoreInterrupted,
-    StoreLatency,
     StoreMessage,
     StoreResponse,
     StoreSession,
@@ -32,10 +35,15 @@ from r2d2voice.realtime.client_events import (
     ClientEvent,
     ItemDelete,
     ItemTruncate,
+    ResponseCreate,
     encode,
 )
+from r2d2voice.realtime.items import Items
+from r2d2voice.realtime.latency import Latencies
 from r2d2voice.realtime.server_events import (
     AudioDelta,
+    CallArgumentsDelta,
+    CallArgumentsDone,
     InputCommitted,
     OutputItemAdded,
     ResponseCreated,
@@ -46,11 +54,15 @@ from r2d2voice.realtime.server_events import (
     SessionUpdated,
     SpeechStarted,
     SpeechStopped,
+    TimeoutTriggered,
     TranscriptDelta,
     TranscriptDone,
     UserTranscript,
     UserTranscriptFailed,
 )
+from r2d2voice.realtime.tool_calls import ToolCalls
+from r2d2voice.realtime.tool_records import StoreToolResult
+from r2d2voice.realtime.tracking import MAX_TRACKED, remember
 
 
 class Phase(enum.Enum):
@@ -67,13 +79,15 @@ class Turn(enum.Enum):
 
     IDLE = "idle"
     USER_SPEAKING = "user_speaking"  # the service's VAD hears the user
-    RESPONDING = "responding"  # a response is being generated
+    RESPONDING = "responding"  # a response is being generated (or we asked for one)
+    ACTING = "acting"  # tools run; the model answers once their outputs are in
     TRANSCRIBING = "transcribing"  # replies are done; a user transcript is still to come
 
 
 #: How each event type moves the turn. A state not listed for an event moves to the *rest*
-#: state, what is still open: RESPONDING if a response is active, else TRANSCRIBING if a user
-#: transcript is pending, else IDLE. Event types not in the table leave the turn alone.
+#: state, what is still open: RESPONDING if a response is active or asked for, else ACTING if a
+#: tool runs, else TRANSCRIBING if a user transcript is pending, else IDLE. Event types not in
+#: the table leave the turn alone.
 TRANSITIONS: dict[type, dict[Turn, Turn]] = {
     SpeechStarted: dict.fromkeys(Turn, Turn.USER_SPEAKING),
     SpeechStopped: {},
@@ -82,6 +96,7 @@ TRANSITIONS: dict[type, dict[Turn, Turn]] = {
     ResponseDone: {Turn.USER_SPEAKING: Turn.USER_SPEAKING},
     UserTranscript: {Turn.USER_SPEAKING: Turn.USER_SPEAKING},
     UserTranscriptFailed: {Turn.USER_SPEAKING: Turn.USER_SPEAKING},
+    ServiceError: {Turn.USER_SPEAKING: Turn.USER_SPEAKING},
 }
 
 
@@ -89,21 +104,17 @@ class LocalProtocolError(RuntimeError):
     """The shell asked for something the state forbids (sending on a closed connection)."""
 
 
-@dataclass
-class _Reply:
-    response_id: str | None
-    seq: int
-    text: list[str] = field(default_factory=list)
-    audio_samples: int = 0
-    done: bool = False
-
-
 class Conversation:
-    """What one service session has said so far; answers every event with actions."""
+    """What one service session has said so far; answers every event with actions.
 
-    MAX_TRACKED_ITEMS = 256
+    ``interrupt_response``: the session lets speech cancel the reply in progress, so audio of
+    that reply still arriving after the user started speaking is never played.
+    """
 
-    def __init__(self) -> None:
+    MAX_TRACKED_ITEMS = MAX_TRACKED
+
+    def __init__(self, *, interrupt_response: bool = True) -> None:
+        self.interrupt_response = interrupt_response
         self.phase = Phase.CONNECTING
         self.turn = Turn.IDLE
         self.session_id: str | None = None
@@ -115,22 +126,23 @@ class Conversation:
         self.usage_totals: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
         #: committed user items whose transcript is still to come -> their seq
         self.pending_user: OrderedDict[str, int] = OrderedDict()
-        #: reply item -> (response id, end of the user's speech) until its first sample plays
-        self.awaiting_play: OrderedDict[str, tuple[str, float]] = OrderedDict()
         #: event id -> wire type of what this instance sent (to name it in service errors)
         self.sent: OrderedDict[str, str] = OrderedDict()
+        self.tools = ToolCalls()
+        self.latency = Latencies()
+        #: audio deltas dropped because they belong to a reply the user talked over
+        self.leftover_deltas = 0
+        self.items = Items()
         self._event_ids = itertools.count(1)
-        self._seqs: OrderedDict[str, int] = OrderedDict()
-        self._last_seq = 0
-        self._replies: OrderedDict[str, _Reply] = OrderedDict()
-        self._response_created: OrderedDict[str, float] = OrderedDict()
-        self._first_audio: OrderedDict[str, float] = OrderedDict()
-        self._speech_stopped_at: float | None = None
+        #: idle-timeout nudges: their empty user items are no utterances
+        self._nudges: OrderedDict[str, bool] = OrderedDict()
+        #: cancelled responses and stopped items: their late audio is never played
+        self._cut: OrderedDict[str, bool] = OrderedDict()
 
     # -- queries ---------------------------------------------------------------------------
     @property
     def idle(self) -> bool:
-        """No user speech in progress and no reply being generated."""
+        """No user speech, no reply being generated or asked for, no tool running."""
         return self.turn in (Turn.IDLE, Turn.TRANSCRIBING)
 
     @property
@@ -146,12 +158,17 @@ class Conversation:
     def configured(self) -> bool:
         return self.phase is Phase.CONFIGURED
 
+    @property
+    def awaiting_play(self) -> OrderedDict[str, tuple[str, float]]:
+        """Reply item -> (response id, end of speech) until its first sample is played."""
+        return self.latency.awaiting_play
+
     def received_samples(self, item_id: str) -> int:
-        reply = self._replies.get(item_id)
+        reply = self.items.known_reply(item_id)
         return reply.audio_samples if reply else 0
 
     def seq_of(self, item_id: str) -> int | None:
-        return self._seqs.get(item_id)
+        return self.items.seq_of(item_id)
 
     # -- outbound --------------------------------------------------------------------------
     def send(self, event: ClientEvent) -> str:
@@ -159,7 +176,7 @@ class Conversation:
         if self.phase is Phase.CLOSED:
             raise LocalProtocolError(f"cannot send {type(event).__name__}: connection closed")
         event_id = f"evt_r2_{next(self._event_ids)}"
-        self._remember(self.sent, event_id, event.TYPE)
+        remember(self.sent, event_id, event.TYPE)
         return encode(event, event_id)
 
     # -- inbound ---------------------------------------------------------------------------
@@ -174,40 +191,55 @@ class Conversation:
 
     def first_played(self, item_id: str, at: float) -> list[Action]:
         """The first sample of reply ``item_id`` reached the speaker at ``at`` (same clock)."""
-        pending = self.awaiting_play.pop(item_id, None)
-        if pending is None:
-            return []
-        response_id, stopped = pending
-        return [StoreLatency(response_id, round((at - stopped) * 1000, 1))]
+        return self.latency.first_played(item_id, at)
 
     def interrupted(self, item_id: str, played_samples: int) -> list[Action]:
         """The speaker stopped reply ``item_id`` after ``played_samples`` at 24 kHz.
 
         Truncates the service's copy to what was heard (never more than was received), or
-        deletes the item if nothing was heard, and marks the stored message interrupted. An item
-        this session never sent (audio of an earlier session) needs nothing.
+        deletes the item if nothing was heard, and marks the stored message interrupted; audio
+        of it still arriving is dropped. An item this session never sent (audio of an earlier
+        session) needs nothing.
         """
-        reply = self._replies.get(item_id)
+        reply = self.items.known_reply(item_id)
         if reply is None:
             return []
+        remember(self._cut, item_id, True)
         played = max(0, min(played_samples, reply.audio_samples))
         played_ms = played * 1000 // RATE
         if played == 0:
-            self.awaiting_play.pop(item_id, None)
+            self.latency.never_played(item_id)
         event = ItemTruncate(item_id, played_ms) if played_ms > 0 else ItemDelete(item_id)
         return [Send(event), StoreInterrupted(item_id, reply.seq, played_ms)]
 
     def connection_lost(self) -> list[Action]:
         """The transport is gone: store transcripts that never got their ``.done``; no more
         sending. Calling it again returns nothing."""
-        out: list[Action] = []
-        for item_id, reply in self._replies.items():
-            if not reply.done and reply.text:
-                out.append(self._partial(item_id, reply))
+        out: list[Action] = list(self.items.unfinished())
         self.phase = Phase.CLOSED
         self.turn = Turn.IDLE
         self.active_response = None
+        self.tools.stop()
         return out
+
+    def tool_finished(self, result: StoreToolResult, *, hang_up: bool = False) -> list[Action]:
+        """A tool the shell ran for :class:`CallTool` finished: record the result, send its
+        output, and once every call of the asking response is answered ask for a reply (when
+        no other response is active). ``hang_up``: it was ``end_conversation``, so that reply
+        is the goodbye, after which :class:`HangUp` comes."""
+        out: list[Action] = [result]
+        out += self.tools.answered(result, hang_up=hang_up, send=self.phase is not Phase.CLOSED)
+        out += self._request_response()
+        self._settle()
+        return out
+
+    def give_up_transcripts(self) -> list[str]:
+        """Stop waiting for user transcripts that never came; returns their item ids. One that
+        comes later anyway is stored in its place as usual."""
+        items = list(self.pending_user)
+        self.pending_user.clear()
+        self._settle()
+        return items
 
     # -- handlers --------------------------------------------------------------------------
     def _on_session_created(self, ev: SessionCreated, now: float) -> list[Action]:
@@ -220,51 +252,75 @@ class Conversation:
         return []
 
     def _on_speech_started(self, ev: SpeechStarted, now: float) -> list[Action]:
+        if self.active_response is not None and self.interrupt_response:
+            remember(self._cut, self.active_response, True)  # the service cancels it
         return [BargeIn(ev.item_id)]
 
     def _on_speech_stopped(self, ev: SpeechStopped, now: float) -> list[Action]:
-        self._speech_stopped_at = now
+        self.latency.speech_stopped(now)
+        return []
+
+    def _on_timeout(self, ev: TimeoutTriggered, now: float) -> list[Action]:
+        remember(self._nudges, ev.item_id, True)
+        self.latency.no_speech()
         return []
 
     def _on_committed(self, ev: InputCommitted, now: float) -> list[Action]:
+        if ev.item_id in self._nudges:
+            return []
         self.turns_committed += 1
-        self._remember(self.pending_user, ev.item_id, self._seq(ev.item_id))
+        remember(self.pending_user, ev.item_id, self.items.seq(ev.item_id))
         return []
 
     def _on_user_transcript(self, ev: UserTranscript, now: float) -> list[Action]:
         self.pending_user.pop(ev.item_id, None)
-        return [StoreMessage("user", ev.item_id, self._seq(ev.item_id), ev.transcript,
+        if ev.item_id in self._nudges:
+            return []
+        return [StoreMessage("user", ev.item_id, self.items.seq(ev.item_id), ev.transcript,
                              raw=ev.raw)]
 
     def _on_transcript_failed(self, ev: UserTranscriptFailed, now: float) -> list[Action]:
         self.pending_user.pop(ev.item_id, None)
+        if ev.item_id in self._nudges:
+            return []
         return [StoreError("transcription_failed", None, f"{ev.item_id}: {ev.message}", False)]
 
     def _on_response_created(self, ev: ResponseCreated, now: float) -> list[Action]:
+        self.tools.response_created(ev.response_id)
         self.active_response = ev.response_id
-        self._remember(self._response_created, ev.response_id, now)
+        self.latency.response_created(ev.response_id, now)
         return [StoreResponse(ev.response_id, "in_progress")]
 
     def _on_output_item(self, ev: OutputItemAdded, now: float) -> list[Action]:
-        self._reply(ev.item_id, ev.response_id)
+        if ev.kind == "function_call":
+            self.tools.added(ev.response_id, ev.item_id, ev.call_id or ev.item_id,
+                             ev.name or "?", self.items.seq(ev.item_id))
+        elif ev.kind == "message":
+            self.items.reply(ev.item_id, ev.response_id)
         return []
 
+    def _on_call_delta(self, ev: CallArgumentsDelta, now: float) -> list[Action]:
+        self.tools.delta(ev)
+        return []
+
+    def _on_call_done(self, ev: CallArgumentsDone, now: float) -> list[Action]:
+        return self.tools.arguments_done(ev, self.items.seq(ev.item_id))
+
     def _on_audio(self, ev: AudioDelta, now: float) -> list[Action]:
-        reply = self._reply(ev.item_id, ev.response_id)
+        if ev.response_id in self._cut or ev.item_id in self._cut:
+            self.leftover_deltas += 1
+            return []
+        reply = self.items.reply(ev.item_id, ev.response_id)
         reply.audio_samples += len(ev.pcm) // 2
-        if ev.response_id not in self._first_audio:
-            self._remember(self._first_audio, ev.response_id, now)
-            stopped = self._answered_speech(ev.response_id)
-            if stopped is not None:
-                self._remember(self.awaiting_play, ev.item_id, (ev.response_id, stopped))
+        self.latency.audio(ev.response_id, ev.item_id, now)
         return [Play(ev.item_id, ev.pcm)] if ev.pcm else []
 
     def _on_transcript_delta(self, ev: TranscriptDelta, now: float) -> list[Action]:
-        self._reply(ev.item_id, ev.response_id).text.append(ev.delta)
+        self.items.reply(ev.item_id, ev.response_id).text.append(ev.delta)
         return []
 
     def _on_transcript_done(self, ev: TranscriptDone, now: float) -> list[Action]:
-        reply = self._reply(ev.item_id, ev.response_id)
+        reply = self.items.reply(ev.item_id, ev.response_id)
         reply.text = [ev.transcript]
         reply.done = True
         return [StoreMessage("assistant", ev.item_id, reply.seq, ev.transcript, ev.response_id,
@@ -278,21 +334,19 @@ class Conversation:
             v = (ev.usage or {}).get(key)
             if isinstance(v, int):
                 self.usage_totals[key] += v
-        first = self._first_audio.pop(ev.response_id, None)
-        stopped = self._answered_speech(ev.response_id)
-        self._response_created.pop(ev.response_id, None)
-        latency = None
-        if first is not None and stopped is not None:
-            latency = round((first - stopped) * 1000, 1)
         out: list[Action] = [StoreResponse(ev.response_id, ev.status, ev.usage,
-                                           ev.status_details, latency)]
-        # a reply cut off before its transcript finished: keep what was said
-        for item_id, reply in self._replies.items():
-            if reply.response_id == ev.response_id and not reply.done and reply.text:
-                out.append(self._partial(item_id, reply))
-        return out
+                                           ev.status_details,
+                                           self.latency.response_done(ev.response_id))]
+        out += self.items.unfinished(ev.response_id)  # a reply cut off: keep what was said
+        out += self.tools.response_done(ev.response_id, ev.status, ev.status_details)
+        return out + self._request_response()
 
     def _on_error(self, ev: ServiceError, now: float) -> list[Action]:
+        if ev.benign:  # an ordinary race: the shell logs it, nothing is stored
+            ours = self.sent.get(ev.event_id or "") == ResponseCreate.TYPE
+            if ev.code == "conversation_already_has_active_response" and ours:
+                self.tools.busy()
+            return []
         self.last_error = ev
         message = ev.message
         if ev.event_id in self.sent:
@@ -304,6 +358,7 @@ class Conversation:
         SessionUpdated: _on_session_updated,
         SpeechStarted: _on_speech_started,
         SpeechStopped: _on_speech_stopped,
+        TimeoutTriggered: _on_timeout,
         InputCommitted: _on_committed,
         UserTranscript: _on_user_transcript,
         UserTranscriptFailed: _on_transcript_failed,
@@ -312,49 +367,29 @@ class Conversation:
         AudioDelta: _on_audio,
         TranscriptDelta: _on_transcript_delta,
         TranscriptDone: _on_transcript_done,
+        CallArgumentsDelta: _on_call_delta,
+        CallArgumentsDone: _on_call_done,
         ResponseDone: _on_response_done,
         ServiceError: _on_error,
     }
 
     # -- helpers ---------------------------------------------------------------------------
     def _rest(self) -> Turn:
-        if self.active_response is not None:
+        if self.active_response is not None or self.tools.awaiting_reply:
             return Turn.RESPONDING
+        if self.tools.running:
+            return Turn.ACTING
         return Turn.TRANSCRIBING if self.pending_user else Turn.IDLE
 
-    def _seq(self, item_id: str) -> int:
-        """The item's place in the conversation, given when it is first seen."""
-        seq = self._seqs.get(item_id)
-        if seq is None:
-            self._last_seq += 1
-            seq = self._last_seq
-            self._remember(self._seqs, item_id, seq)
-        return seq
+    def _settle(self) -> None:
+        """Recompute the turn after a change the shell made (not a server event)."""
+        if self.turn is not Turn.USER_SPEAKING:
+            self.turn = self._rest()
 
-    def _answered_speech(self, response_id: str) -> float | None:
-        """When the user's speech this response answers stopped (None: not a speech turn)."""
-        stopped = self._speech_stopped_at
-        created = self._response_created.get(response_id)
-        if stopped is None or created is None or stopped > created:
-            return None
-        return stopped
+    def _request_response(self) -> list[Action]:
+        """Ask for the reply tool outputs are due, unless the session is gone or the user is
+        speaking (the response for their turn will answer the outputs)."""
+        if self.phase is Phase.CLOSED or self.turn is Turn.USER_SPEAKING:
+            return []
+        return self.tools.request(self.active_response)
 
-    def _reply(self, item_id: str, response_id: str | None) -> _Reply:
-        reply = self._replies.get(item_id)
-        if reply is None:
-            reply = _Reply(response_id, self._seq(item_id))
-            self._remember(self._replies, item_id, reply)
-        elif reply.response_id is None:
-            reply.response_id = response_id
-        return reply
-
-    def _partial(self, item_id: str, reply: _Reply) -> StoreMessage:
-        reply.done = True
-        return StoreMessage("assistant", item_id, reply.seq, "".join(reply.text),
-                            reply.response_id, partial=True)
-
-    def _remember(self, d: OrderedDict[str, Any], key: str, value: Any) -> None:
-        d[key] = value
-        d.move_to_end(key)
-        while len(d) > self.MAX_TRACKED_ITEMS:
-            d.popitem(last=False)

@@ -20,6 +20,14 @@ FATAL_ERROR_CODES = frozenset({
 })
 #: Error codes after which the service closes the session; a new session can go on.
 SESSION_END_CODES = frozenset({"session_expired"})
+#: Errors the service sends in ordinary races (a cancel after the reply ended, a commit after its
+#: VAD took the buffer, a response.create while one is active): logged, never stored or counted.
+BENIGN_ERROR_CODES = frozenset({
+    "response_cancel_not_active", "conversation_already_has_active_response",
+    "input_audio_buffer_commit_empty",
+})
+#: A truncate racing the end of the audio it names (leftover deltas the item does not hold).
+BENIGN_MESSAGE = "already shorter than"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +78,43 @@ class ResponseCreated:
 
 
 @dataclass(frozen=True, slots=True)
+class TimeoutTriggered:
+    """The idle timeout passed: ``item_id`` is the empty user item the nudge commits."""
+
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class OutputItemAdded:
     response_id: str
     item_id: str
     role: str | None
+    #: ``message``, ``function_call``, …
+    kind: str = "message"
+    name: str | None = None  # a function call's tool name
+    call_id: str | None = None  # a function call's id
+
+
+@dataclass(frozen=True, slots=True)
+class CallArgumentsDelta:
+    """``response.function_call_arguments.delta``: more of a call's arguments."""
+
+    response_id: str
+    item_id: str
+    call_id: str
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallArgumentsDone:
+    """``response.function_call_arguments.done``: the call's final arguments (JSON text, maybe
+    with whitespace and newlines; also sent for an interrupted response)."""
+
+    response_id: str
+    item_id: str
+    call_id: str
+    name: str | None
+    arguments: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +169,11 @@ class ServiceError:
     def ends_session(self) -> bool:
         return self.code in SESSION_END_CODES
 
+    @property
+    def benign(self) -> bool:
+        """An ordinary race, not a fault: log it and go on (see :data:`BENIGN_ERROR_CODES`)."""
+        return self.code in BENIGN_ERROR_CODES or BENIGN_MESSAGE in self.message
+
 
 @dataclass(frozen=True, slots=True)
 class Ignored:
@@ -138,8 +184,9 @@ class Ignored:
 
 ServerEvent = (
     SessionCreated | SessionUpdated | SpeechStarted | SpeechStopped | InputCommitted
-    | UserTranscript | UserTranscriptFailed | ResponseCreated | OutputItemAdded | AudioDelta
-    | TranscriptDelta | TranscriptDone | ResponseDone | ItemTruncated | ServiceError | Ignored
+    | TimeoutTriggered | UserTranscript | UserTranscriptFailed | ResponseCreated
+    | OutputItemAdded | AudioDelta | TranscriptDelta | TranscriptDone | CallArgumentsDelta
+    | CallArgumentsDone | ResponseDone | ItemTruncated | ServiceError | Ignored
 )
 
 
@@ -179,7 +226,12 @@ def _audio_delta(d: dict[str, Any], raw: str) -> AudioDelta:
 
 def _output_item(d: dict[str, Any], raw: str) -> OutputItemAdded:
     item = _dict(d.get("item"))
-    return OutputItemAdded(_s(d, "response_id"), _s(item, "id"), _opt_str(item.get("role")))
+    kind = _opt_str(item.get("type")) or "message"
+    if kind == "function_call":
+        return OutputItemAdded(_s(d, "response_id"), _s(item, "id"), None, kind,
+                               _s(item, "name"), _s(item, "call_id"))
+    return OutputItemAdded(_s(d, "response_id"), _s(item, "id"), _opt_str(item.get("role")),
+                           kind)
 
 
 def _response_done(d: dict[str, Any], raw: str) -> ResponseDone:
@@ -222,6 +274,12 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str], ServerEvent]] = {
         _s(d, "response_id"), _s(d, "item_id"), _s(d, "delta")),
     "response.output_audio_transcript.done": lambda d, raw: TranscriptDone(
         _s(d, "response_id"), _s(d, "item_id"), _s(d, "transcript"), raw=raw),
+    "response.function_call_arguments.delta": lambda d, raw: CallArgumentsDelta(
+        _s(d, "response_id"), _s(d, "item_id"), _s(d, "call_id"), _s(d, "delta")),
+    "response.function_call_arguments.done": lambda d, raw: CallArgumentsDone(
+        _s(d, "response_id"), _s(d, "item_id"), _s(d, "call_id"), _opt_str(d.get("name")),
+        _s(d, "arguments")),
+    "input_audio_buffer.timeout_triggered": lambda d, raw: TimeoutTriggered(_s(d, "item_id")),
     "response.done": _response_done,
     "conversation.item.truncated": lambda d, raw: ItemTruncated(
         _s(d, "item_id"), _i(d, "audio_end_ms")),

@@ -1,8 +1,17 @@
 """``export``: transcripts as JSONL, CSV or Markdown, streamed row by row in conversation order.
 
-Memory stays constant whatever the database size: messages come from
-:meth:`Queries.iter_messages` (a cursor, ``fetchmany``) and each is written as it arrives;
-Markdown looks a session up only when the stream enters it. ``--output`` is written atomically.
+Memory stays constant whatever the database size: messages and tool executions come from
+:meth:`Queries.iter_conversation` (two ordered cursors, merged) and each is written as it
+arrives; Markdown looks a session up only when the stream enters it. ``--output`` is written
+atomically.
+
+Every row has every column (JSONL keys, CSV header): a message has ``null`` in the tool
+columns, a tool execution (``role`` "tool") ``null`` in ``text``, ``interrupted`` and
+``played_ms``. Text not kept (privacy mode) reads ``(not kept)`` with ``text_kept`` false.
+
+From a fleet server (``--db postgresql://…``, ``--device``) the rows are the same with
+``device_id`` first (JSONL key, CSV column; Markdown names the robot in each session's
+header), in order of device, then conversation.
 """
 
 from __future__ import annotations
@@ -15,28 +24,40 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from r2d2voice.errors import RuntimeFailure, UsageError
-from r2d2voice.reports.tables import check_format, check_sessions, clock, time_range
-from r2d2voice.storage.database import Store
-from r2d2voice.storage.queries import MessageRow, SessionRow
-from r2d2voice.storage.schema import ROLES
+from r2d2voice.reports.source import Records, open_records
+from r2d2voice.reports.tables import check_format, clock, time_range
+from r2d2voice.storage.queries import EXPORT_ROLES, MessageRow, SessionRow, ToolRow
 
-__all__ = ["COLUMNS", "FORMATS", "export_command", "run_export"]
+if TYPE_CHECKING:
+    from r2d2voice.storage.shipping.rows import FleetMessageRow, FleetSessionRow, FleetToolRow
+
+__all__ = ["COLUMNS", "FLEET_COLUMNS", "FORMATS", "NOT_KEPT", "export_command", "run_export"]
 
 FORMATS = ("jsonl", "csv", "markdown")
 #: Export columns, in order (JSONL keys, CSV header).
 COLUMNS = ("session_id", "seq", "role", "text", "created_at", "item_id", "response_id",
-           "interrupted", "played_ms")
+           "interrupted", "played_ms", "text_kept", "name", "arguments", "output", "status",
+           "duration_ms", "call_id")
+#: Export columns from a fleet server: the robot's id first.
+FLEET_COLUMNS = ("device_id", *COLUMNS)
+#: What a text reads when it was not kept (privacy mode; ``text_kept`` is false).
+NOT_KEPT = "(not kept)"
+
+#: A MessageRow or ToolRow, or their fleet twins (the same fields, ``device_id`` first).
+AnyRow = Any
 
 
 def export_command(db_path: str | os.PathLike[str], *, fmt: str = "jsonl",
                    sessions: Sequence[str] = (), since: str | None = None,
                    until: str | None = None, role: str | None = None,
                    output: str | os.PathLike[str] | None = None,
-                   out: TextIO | None = None) -> int:
+                   out: TextIO | None = None, devices: Sequence[str] = ()) -> int:
     """The ``export`` command: to ``output`` (atomically) or to ``out`` (default stdout).
+
+    ``db_path`` is a database file, or a fleet server URL (``devices``: only those robots).
 
     A regular ``output`` file is written next to itself under a temporary name, made 0600 and
     renamed at the end: a failed export leaves neither it nor the temporary file behind.
@@ -46,7 +67,7 @@ def export_command(db_path: str | os.PathLike[str], *, fmt: str = "jsonl",
 
     def export_to(stream: TextIO) -> int:
         return run_export(db_path, fmt=fmt, out=stream, sessions=sessions, since=since,
-                          until=until, role=role)
+                          until=until, role=role, devices=devices)
 
     if output is None:
         return export_to(out if out is not None else sys.stdout)
@@ -55,26 +76,28 @@ def export_command(db_path: str | os.PathLike[str], *, fmt: str = "jsonl",
 
 def run_export(db_path: str | os.PathLike[str], *, fmt: str = "jsonl", out: TextIO,
                sessions: Sequence[str] = (), since: str | None = None,
-               until: str | None = None, role: str | None = None) -> int:
-    """Write the selected messages of ``db_path`` to ``out``; returns the rows written.
+               until: str | None = None, role: str | None = None,
+               devices: Sequence[str] = ()) -> int:
+    """Write the selected messages of ``db_path`` (a file, or a fleet server URL with its
+    ``devices``) to ``out``; returns the rows written.
 
     ``out`` should be opened with ``newline=""`` and UTF-8 (CSV writes its own CRLFs).
     Raises :class:`UsageError` for a bad option or a missing / non-r2d2voice database,
     before anything is written.
     """
     check_format(fmt, FORMATS)
-    if role is not None and role not in ROLES:
-        raise UsageError(f"--role: {role!r} is not one of {', '.join(ROLES)}")
+    if role is not None and role not in EXPORT_ROLES:
+        raise UsageError(f"--role: {role!r} is not one of {', '.join(EXPORT_ROLES)}")
     since_dt, until_dt = time_range(since, until)
-    with Store.open(db_path, create=False) as store:
-        check_sessions(store, sessions)
-        rows = store.read.iter_messages(sessions=sessions, since=since_dt, until=until_dt,
-                                        role=role)
+    with open_records(db_path, devices) as records:
+        records.check_sessions(sessions)
+        rows = records.read.iter_conversation(sessions=sessions, since=since_dt,
+                                              until=until_dt, role=role)
         if fmt == "jsonl":
-            return _write_jsonl(rows, out)
+            return _write_jsonl(rows, out, fleet=records.fleet)
         if fmt == "csv":
-            return _write_csv(rows, out)
-        return _write_markdown(rows, out, store)
+            return _write_csv(rows, out, fleet=records.fleet)
+        return _write_markdown(rows, out, records)
 
 
 def _write_atomically(target: Path, write: Callable[[TextIO], int]) -> int:
@@ -121,25 +144,62 @@ def _escape_line_breakers(line: str) -> str:
     return line
 
 
-def _row_dict(row: MessageRow) -> dict[str, Any]:
+def _tool_output(row: ToolRow | FleetToolRow) -> str | None:
+    if row.text_kept or row.status == "running":
+        return row.output
+    return NOT_KEPT
+
+
+def _row_dict(row: AnyRow) -> dict[str, Any]:
+    if row.role == "tool":
+        return {
+            "session_id": row.session_id,
+            "seq": row.seq,
+            "role": "tool",
+            "text": None,
+            "created_at": row.started_at,
+            "item_id": row.item_id,
+            "response_id": row.response_id,
+            "interrupted": None,
+            "played_ms": None,
+            "text_kept": row.text_kept,
+            "name": row.name,
+            "arguments": row.arguments if row.text_kept else NOT_KEPT,
+            "output": _tool_output(row),
+            "status": row.status,
+            "duration_ms": row.duration_ms,
+            "call_id": row.call_id,
+        }
     return {
         "session_id": row.session_id,
         "seq": row.seq,
         "role": row.role,
-        "text": row.text,
+        "text": row.text if row.text_kept else NOT_KEPT,
         "created_at": row.created_at,
         "item_id": row.item_id,
         "response_id": row.response_id,
         "interrupted": row.interrupted,
         "played_ms": row.played_ms,
+        "text_kept": row.text_kept,
+        "name": None,
+        "arguments": None,
+        "output": None,
+        "status": None,
+        "duration_ms": None,
+        "call_id": None,
     }
 
 
-def _write_jsonl(rows: Iterable[MessageRow], out: TextIO) -> int:
+def _fleet_dict(row: AnyRow) -> dict[str, Any]:
+    return {"device_id": row.device_id, **_row_dict(row)}
+
+
+def _write_jsonl(rows: Iterable[AnyRow], out: TextIO, *, fleet: bool = False) -> int:
     n = 0
     dumps = json.dumps
+    as_dict = _fleet_dict if fleet else _row_dict
     for row in rows:
-        line = dumps(_row_dict(row), ensure_ascii=False)
+        line = dumps(as_dict(row), ensure_ascii=False)
         out.write(_escape_line_breakers(line) + "\n")
         n += 1
     return n
@@ -159,22 +219,36 @@ def _cell(value: str | None) -> str:
     return "'" + value if value.startswith(_CSV_GUARDED) else value
 
 
-def _write_csv(rows: Iterable[MessageRow], out: TextIO) -> int:
+def _flag(value: bool | None) -> str:
+    return "" if value is None else "true" if value else "false"
+
+
+def _int_cell(value: int | None) -> int | str:
+    return "" if value is None else value
+
+
+_NO_TOOL = ("",) * 6
+
+
+def _csv_row(r: AnyRow) -> tuple[Any, ...]:
+    if r.role == "tool":
+        kept = r.text_kept
+        output = _tool_output(r)
+        return (_cell(r.session_id), r.seq, "tool", "", r.started_at, _cell(r.item_id),
+                _cell(r.response_id), "", "", _flag(kept), _cell(r.name),
+                _cell(r.arguments) if kept else NOT_KEPT, _cell(output), r.status,
+                _int_cell(r.duration_ms), _cell(r.call_id))
+    return (_cell(r.session_id), r.seq, r.role, _cell(r.text) if r.text_kept else NOT_KEPT,
+            r.created_at, _cell(r.item_id), _cell(r.response_id), _flag(r.interrupted),
+            _int_cell(r.played_ms), _flag(r.text_kept), *_NO_TOOL)
+
+
+def _write_csv(rows: Iterable[AnyRow], out: TextIO, *, fleet: bool = False) -> int:
     writer = csv.writer(out, lineterminator="\r\n")  # QUOTE_MINIMAL: RFC 4180
-    writer.writerow(COLUMNS)
+    writer.writerow(FLEET_COLUMNS if fleet else COLUMNS)
     n = 0
     for r in rows:
-        writer.writerow((
-            _cell(r.session_id),
-            r.seq,
-            r.role,
-            _cell(r.text),
-            r.created_at,
-            _cell(r.item_id),
-            _cell(r.response_id),
-            "true" if r.interrupted else "false",
-            "" if r.played_ms is None else r.played_ms,
-        ))
+        writer.writerow((_cell(r.device_id), *_csv_row(r)) if fleet else _csv_row(r))
         n += 1
     return n
 
@@ -186,46 +260,87 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 _INDENT = "    "
 
 
-def _session_header(info: SessionRow | None, session_id: str) -> str:
+def _session_header(info: SessionRow | FleetSessionRow | None, session_id: str,
+                    device_id: str | None = None) -> str:
     lines = [f"## Session {session_id}", ""]
+    facts = [] if device_id is None else [f"Robot `{device_id}`"]
     if info is not None:
-        desc = f"Started {clock(info.started_at)} UTC"
+        started = f"Started {clock(info.started_at)} UTC"
         if info.ended_at:
-            desc += f", ended {clock(info.ended_at)} UTC"
-        desc += f" · backend `{info.backend}` · model `{info.model}`"
+            started += f", ended {clock(info.ended_at)} UTC"
+        facts += [started, f"backend `{info.backend}`", f"model `{info.model}`"]
         if info.voice:
-            desc += f" · voice `{info.voice}`"
-        lines.append(desc + ".")
-        if info.previous_session_id:
+            facts.append(f"voice `{info.voice}`")
+    if facts:
+        lines.append(" · ".join(facts) + ".")
+        if info is not None and info.previous_session_id:
             lines.append(f"Continues session {info.previous_session_id}.")
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def _turn(row: MessageRow, day: str) -> str:
-    # The time shows the date only when the turn is not on the session's first day.
-    when = row.created_at[11:19] if row.created_at[:10] == day else clock(row.created_at)
+def _when(created_at: str, day: str) -> str:
+    # The time shows the date only when the row is not on the session's first day.
+    return created_at[11:19] if created_at[:10] == day else clock(created_at)
+
+
+def _lines(text: str) -> str:
+    # Continuation lines are indented by four spaces (a reader strips them), so lines like
+    # "# x" or "- x" never become markdown blocks.
+    return ("\n" + _INDENT).join(_LINE_END.split(text))
+
+
+def _turn(row: MessageRow | FleetMessageRow, day: str) -> str:
+    when = _when(row.created_at, day)
     if row.interrupted:
         when += ", interrupted"
         if row.played_ms is not None:
             when += f" after {row.played_ms / 1000:.1f} s"
-    # Everything after ": " is the text; continuation lines are indented by four spaces
-    # (a reader strips them), so lines like "# x" or "- x" never become markdown blocks.
-    body = ("\n" + _INDENT).join(_LINE_END.split(row.text))
+    # Everything after ": " is the text.
+    body = _lines(row.text) if row.text_kept else f"*{NOT_KEPT}*"
     return f"**{_SPEAKER[row.role]}** ({when}): {body}\n\n"
 
 
-def _write_markdown(rows: Iterable[MessageRow], out: TextIO, store: Store) -> int:
+# Markdown that would change how a tool name renders: escaped (an underscore inside a word,
+# as in turn_head, is plain text and stays as it is).
+_MD_INLINE = re.compile(r"([\\`*\[\]<>]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+
+
+def _tool_line(row: ToolRow | FleetToolRow, day: str) -> str:
+    """``🔧 **turn_head** (09:30:05): {"degrees": -90} → turned to -90 (ok, 41 ms)``"""
+    name = _MD_INLINE.sub(r"\\\1", row.name)
+    if row.text_kept:
+        call = _lines(row.arguments or "")
+        result = "" if row.output is None else _lines(row.output)
+    else:
+        call = result = f"*{NOT_KEPT}*"
+    outcome = [row.status]
+    if row.exit_code not in (None, 0):
+        outcome.append(f"exit {row.exit_code}")
+    if row.duration_ms is not None:
+        outcome.append(f"{row.duration_ms} ms")
+    arrow = "" if row.status == "running" else f" → {result}" if result else " →"
+    return (f"🔧 **{name}** ({_when(row.started_at, day)}): {call}{arrow}"
+            f" ({', '.join(outcome)})\n\n")
+
+
+def _write_markdown(rows: Iterable[AnyRow], out: TextIO, records: Records) -> int:
     out.write("# r2d2voice transcript\n\n")
     n = 0
-    current: str | None = None
+    current: tuple[str | None, str] | None = None
     day = ""
+    fleet = records.fleet
     for row in rows:
-        if row.session_id != current:
-            current = row.session_id
-            info = store.read.get_session(current)
-            day = (info.started_at if info else row.created_at)[:10]
-            out.write(_session_header(info, current))
-        out.write(_turn(row, day))
+        device = row.device_id if fleet else None
+        if (device, row.session_id) != current:
+            current = (device, row.session_id)
+            info = records.session(row.session_id, device)
+            day = (info.started_at if info else _label(row))[:10]
+            out.write(_session_header(info, row.session_id, device))
+        out.write(_tool_line(row, day) if row.role == "tool" else _turn(row, day))
         n += 1
     return n
+
+
+def _label(row: AnyRow) -> str:
+    return row.started_at if row.role == "tool" else row.created_at

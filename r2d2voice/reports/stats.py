@@ -1,9 +1,12 @@
-"""``stats``: per-turn latency percentiles, response outcomes, interruptions, errors and the
-pipeline's counters.
+"""``stats``: per-turn latency percentiles, response outcomes, interruptions, errors, tool
+calls per tool and status, and the pipeline's counters.
 
 Latencies are intervals the appliance measured on the monotonic clock and stored as such;
 nothing here subtracts wall-clock labels. The report is a plain dict first
 (:func:`stats_report`); the text renderer only formats it.
+
+From a fleet server the report covers the selected robots together (percentiles over all
+their replies) and names them in ``devices``; ``--device`` narrows it to one.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
-from r2d2voice.reports.tables import check_format, check_sessions, table, time_range, write_report
-from r2d2voice.storage.database import Store
+from r2d2voice.reports.source import FleetReader, open_records
+from r2d2voice.reports.tables import check_format, table, time_range, write_report
+from r2d2voice.storage.queries import Queries
+from r2d2voice.storage.schema import TOOL_ROW_STATUSES
 
 __all__ = ["COUNTERS", "PERCENTILES", "format_stats", "percentile", "stats_command",
            "stats_report"]
@@ -38,16 +43,19 @@ COUNTERS = (
 
 def stats_command(db_path: str | os.PathLike[str], *, out: TextIO | None = None,
                   fmt: str = "text", sessions: Sequence[str] = (), since: str | None = None,
-                  until: str | None = None) -> dict[str, Any]:
+                  until: str | None = None, devices: Sequence[str] = ()) -> dict[str, Any]:
     """The ``stats`` command: the report of ``db_path`` to ``out`` (stdout); returns it.
+    ``db_path`` is a database file, or a fleet server URL (``devices``: only those robots).
 
     Raises :class:`UsageError` for a bad option or a missing / non-r2d2voice database.
     """
     check_format(fmt)
     since_dt, until_dt = time_range(since, until)
-    with Store.open(db_path, create=False) as store:
-        check_sessions(store, sessions)
-        report = stats_report(store, sessions=sessions, since=since_dt, until=until_dt)
+    with open_records(db_path, devices) as records:
+        records.check_sessions(sessions)
+        report = stats_report(records.read, sessions=sessions, since=since_dt, until=until_dt)
+        if records.fleet:
+            report = {"devices": list(records.devices), **report}
     write_report(out if out is not None else sys.stdout, report, fmt, format_stats)
     return report
 
@@ -73,17 +81,19 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def stats_report(store: Store, *, sessions: Sequence[str] = (), since: datetime | None = None,
-                 until: datetime | None = None) -> dict[str, Any]:
-    """Latency percentiles, responses by status, interruptions, errors and summed counters.
+def stats_report(read: Queries | FleetReader, *, sessions: Sequence[str] = (),
+                 since: datetime | None = None, until: datetime | None = None,
+                 ) -> dict[str, Any]:
+    """Latency percentiles, responses by status, interruptions, errors, tool calls and
+    summed counters.
 
-    Responses, messages and errors count when created in [``since``, ``until``); session
-    counters when the session started in it.
+    Responses, messages, errors and tool calls count when created (started) in [``since``,
+    ``until``); session counters when the session started in it.
     """
     window = {"sessions": sessions, "since": since, "until": until}
-    first_audio, first_played = store.read.response_latencies(**window)
-    by_status = store.read.response_status_counts(**window)
-    rows = store.read.session_stats(sessions, since, until)
+    first_audio, first_played = read.response_latencies(**window)
+    by_status = read.response_status_counts(**window)
+    rows = read.session_stats(sessions, since, until)
     recorded = [r.stats for r in rows if r.stats is not None]
     continued = sum(1 for r in rows if r.previous_session_id)
 
@@ -107,12 +117,28 @@ def stats_report(store: Store, *, sessions: Sequence[str] = (), since: datetime 
             "speech_stopped_to_first_audio_received": _latency(first_audio),
             "speech_stopped_to_first_audio_played": _latency(first_played),
         },
-        "interrupted_replies": store.read.count_interrupted(**window),
-        "errors": store.read.count_errors(**window),
+        "interrupted_replies": read.count_interrupted(**window),
+        "errors": read.count_errors(**window),
+        "tools": _tools(read.tool_counts(**window)),
         "counters": counters,
         "reconnects": reconnects,
         "sessions_continuing_earlier": continued,
     }
+
+
+def _tools(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+    return {"calls": sum(n for by in counts.values() for n in by.values()), "by_tool": counts}
+
+
+def _tool_table(tools: dict[str, Any]) -> list[str]:
+    if not tools["calls"]:
+        return ["Tool calls: 0"]
+    statuses = [s for s in TOOL_ROW_STATUSES[1:] + TOOL_ROW_STATUSES[:1]
+                if any(s in by for by in tools["by_tool"].values())]
+    rows = [[name, str(sum(by.values())), *(str(by.get(s, 0)) for s in statuses)]
+            for name, by in tools["by_tool"].items()]
+    return [f"Tool calls: {tools['calls']}",
+            *table(("TOOL", "CALLS", *(s.upper() for s in statuses)), rows)]
 
 
 def _na(v: Any) -> str:
@@ -123,7 +149,8 @@ def format_stats(report: dict[str, Any]) -> str:
     """The stats report as text."""
     resp = report["responses"]
     statuses = ", ".join(f"{k} {v}" for k, v in resp["by_status"].items())
-    out = [
+    out = [f"Robots: {', '.join(report['devices']) or 'none'}"] if "devices" in report else []
+    out += [
         f"Sessions: {report['sessions']}",
         f"Responses: {resp['total']}" + (f" ({statuses})" if statuses else ""),
         "",
@@ -145,6 +172,8 @@ def format_stats(report: dict[str, Any]) -> str:
         "",
         f"Interrupted replies: {report['interrupted_replies']}",
         f"Errors recorded: service {errors['service']}, local {errors['local']}",
+        "",
+        *_tool_table(report["tools"]),
         "",
         f"Pipeline counters, summed over {report['sessions_with_stats']} of"
         f" {report['sessions']} sessions that recorded them:",

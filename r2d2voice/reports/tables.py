@@ -9,12 +9,10 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, TextIO
 
 from r2d2voice.errors import UsageError
-from r2d2voice.storage.database import Store
 
 __all__ = [
     "REPORT_FORMATS",
     "check_format",
-    "check_sessions",
     "clock",
     "parse_time_option",
     "table",
@@ -39,7 +37,7 @@ def parse_time_option(value: str, *, option: str, end: bool = False) -> datetime
         if not _HAS_TIME.search(text):  # a date: 2026-11-21 (or 20261121)
             day = date.fromisoformat(text)
             start = datetime.combine(day, time(), tzinfo=timezone.utc)
-            return start + timedelta(days=1) if end else start
+            return _later(start, timedelta(days=1)) if end else start
         if text[-1:] in ("Z", "z"):
             text = text[:-1] + "+00:00"
         dt = datetime.fromisoformat(text)
@@ -51,7 +49,15 @@ def parse_time_option(value: str, *, option: str, end: bool = False) -> datetime
     dt = dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
     # Stored labels have millisecond resolution: round down, then make --until inclusive.
     dt = dt.replace(microsecond=dt.microsecond // 1000 * 1000)
-    return dt + timedelta(milliseconds=1) if end else dt
+    return _later(dt, timedelta(milliseconds=1)) if end else dt
+
+
+def _later(dt: datetime, delta: timedelta) -> datetime:
+    """``dt + delta``, or the last representable moment (``--until 9999-12-31``)."""
+    try:
+        return dt + delta
+    except OverflowError:
+        return datetime.max.replace(tzinfo=timezone.utc)
 
 
 def time_range(since: str | None,
@@ -62,13 +68,6 @@ def time_range(since: str | None,
     if since_dt is not None and until_dt is not None and until_dt <= since_dt:
         raise UsageError(f"--until ({until}) is not after --since ({since})")
     return since_dt, until_dt
-
-
-def check_sessions(store: Store, sessions: Sequence[str]) -> None:
-    """UsageError for a ``--session`` id the database does not have."""
-    for sid in sessions:
-        if store.read.get_session(sid) is None:
-            raise UsageError(f"--session: no session {sid!r} in {store.path}")
 
 
 def check_format(fmt: str, formats: Sequence[str] = REPORT_FORMATS) -> None:

@@ -1,7 +1,9 @@
 """``usage``: token usage per UTC day and per session, with an estimated cost.
 
 The report is a plain dict first (:func:`usage_report`); the text renderer only formats it, so
-the JSON output and the table always agree.
+the JSON output and the table always agree. From a fleet server, each day and session row
+carries ``device_id`` (a ``DEVICE`` column in the text), one row per robot; the total is the
+selected robots' together.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from r2d2voice.errors import UsageError
-from r2d2voice.reports.tables import check_format, check_sessions, table, time_range, write_report
-from r2d2voice.storage.database import Store
-from r2d2voice.storage.queries import UsageSummaryRow
+from r2d2voice.reports.source import FleetReader, open_records
+from r2d2voice.reports.tables import check_format, table, time_range, write_report
+from r2d2voice.storage.queries import Queries, UsageSummaryRow
 
 __all__ = ["Prices", "format_usage", "usage_command", "usage_report"]
 
@@ -75,8 +77,10 @@ class Prices:
 
 def usage_command(db_path: str | os.PathLike[str], *, out: TextIO | None = None,
                   settings: Any = None, fmt: str = "text", sessions: Sequence[str] = (),
-                  since: str | None = None, until: str | None = None) -> dict[str, Any]:
+                  since: str | None = None, until: str | None = None,
+                  devices: Sequence[str] = ()) -> dict[str, Any]:
     """The ``usage`` command: the report of ``db_path`` to ``out`` (stdout); returns it.
+    ``db_path`` is a database file, or a fleet server URL (``devices``: only those robots).
 
     Prices come from ``settings`` (``price_*`` attributes) over the defaults.
     Raises :class:`UsageError` for a bad option or a missing / non-r2d2voice database.
@@ -84,9 +88,10 @@ def usage_command(db_path: str | os.PathLike[str], *, out: TextIO | None = None,
     check_format(fmt)
     since_dt, until_dt = time_range(since, until)
     prices = Prices.from_settings(settings)
-    with Store.open(db_path, create=False) as store:
-        check_sessions(store, sessions)
-        report = usage_report(store, prices, sessions=sessions, since=since_dt, until=until_dt)
+    with open_records(db_path, devices) as records:
+        records.check_sessions(sessions)
+        report = usage_report(records.read, prices, sessions=sessions, since=since_dt,
+                              until=until_dt)
     write_report(out if out is not None else sys.stdout, report, fmt, format_usage)
     return report
 
@@ -101,6 +106,13 @@ def _usage_dict(row: UsageSummaryRow, prices: Prices) -> dict[str, Any]:
     return d
 
 
+def _keyed(row: Any, key: str, prices: Prices, fleet: bool) -> dict[str, Any]:
+    """One day or session row: ``key`` names the group (after ``device_id`` on a fleet)."""
+    d: dict[str, Any] = {"device_id": row.device_id} if fleet else {}
+    d[key] = row.key
+    return d | _usage_dict(row, prices)
+
+
 def _sum_rows(rows: Sequence[UsageSummaryRow]) -> UsageSummaryRow:
     return UsageSummaryRow(
         "total",
@@ -110,21 +122,23 @@ def _sum_rows(rows: Sequence[UsageSummaryRow]) -> UsageSummaryRow:
     )
 
 
-def usage_report(store: Store, prices: Prices, *, sessions: Sequence[str] = (),
-                 since: datetime | None = None,
+def usage_report(read: Queries | FleetReader, prices: Prices, *,
+                 sessions: Sequence[str] = (), since: datetime | None = None,
                  until: datetime | None = None) -> dict[str, Any]:
     """Token usage per UTC day and per session (in order), with totals and estimated costs.
 
-    Rows are the responses created in [``since``, ``until``) of ``sessions`` (all if empty).
+    Rows are the responses created in [``since``, ``until``) of ``sessions`` (all if empty);
+    ``read`` is a database's queries or a fleet server's (rows per robot, ``device_id``).
     """
+    fleet = isinstance(read, FleetReader)
     window = {"sessions": sessions, "since": since, "until": until}
-    days = store.read.usage_summary("day", **window)
-    per_session = store.read.usage_summary("session", **window)
+    days = read.usage_summary("day", **window)
+    per_session = read.usage_summary("session", **window)
     return {
         "prices_usd_per_million": asdict(prices),
-        "days": [{"day": r.key, **_usage_dict(r, prices)} for r in days],
-        "sessions": [{"session_id": r.key, **_usage_dict(r, prices)} for r in per_session],
-        "total": _usage_dict(_sum_rows(days), prices),
+        "days": [_keyed(r, "day", prices, fleet) for r in days],
+        "sessions": [_keyed(r, "session_id", prices, fleet) for r in per_session],
+        "total": _usage_dict(_sum_rows(days), prices),  # type: ignore[arg-type]
     }
 
 
@@ -143,12 +157,20 @@ def format_usage(report: dict[str, Any]) -> str:
     """The usage report as text: a table per day and per session, each with a total line."""
     if not report["days"]:
         return "no responses recorded in the selection\n"
-    total = ["TOTAL", *_cells(report["total"])]
+    fleet = "device_id" in report["days"][0]
+    lead = ("DEVICE",) if fleet else ()
+
+    def rows(group: list[dict[str, Any]], key: str) -> list[list[str]]:
+        total = ["TOTAL", *[""] * len(lead), *_cells(report["total"])]
+        return [[*([d["device_id"]] if fleet else []), d[key], *_cells(d)]
+                for d in group] + [total]
+
     out = ["Token usage by day (UTC)"]
-    out += table(("DAY", *_HEADER), [[d["day"], *_cells(d)] for d in report["days"]] + [total])
+    out += table((*lead, "DAY", *_HEADER), rows(report["days"], "day"),
+                 left=range(len(lead) + 1))
     out += ["", "Token usage by session"]
-    out += table(("SESSION", *_HEADER),
-                 [[s["session_id"], *_cells(s)] for s in report["sessions"]] + [total])
+    out += table((*lead, "SESSION", *_HEADER), rows(report["sessions"], "session_id"),
+                 left=range(len(lead) + 1))
     p = report["prices_usd_per_million"]
     out += [
         "",

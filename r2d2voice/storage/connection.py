@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from r2d2voice.errors import UsageError
+from r2d2voice.storage.health import StoreUnavailable, is_transient
 from r2d2voice.storage.schema import prepare
 
 __all__ = ["connect"]
@@ -28,6 +29,10 @@ def connect(path: str, *, create: bool = True) -> sqlite3.Connection:
     ``create=True``: missing directories are made 0700, a missing file 0600, the schema is
     created or migrated forward. ``create=False``: read-only; nothing is created or changed,
     and a missing or foreign file raises :class:`UsageError`.
+
+    Read-write, a full disk, an I/O error or a lock held too long raise
+    :class:`~r2d2voice.storage.health.StoreUnavailable`: a condition to wait out, not a
+    verdict on the file.
     """
     conn = _connect_create(path) if create else _connect_readonly(path)
     try:
@@ -70,10 +75,11 @@ def _connect_create(path: str) -> sqlite3.Connection:
             # SQLite gives -wal/-shm the main file's mode; the umask covers the rest.
             return sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=10.0)
-    except OSError as exc:
-        raise UsageError(f"cannot open database {path}: {exc.strerror or exc}") from exc
-    except sqlite3.Error as exc:
-        raise UsageError(f"cannot open database {path}: {exc}") from exc
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        if is_transient(exc):
+            raise StoreUnavailable(f"cannot open database {path}: {reason}") from exc
+        raise UsageError(f"cannot open database {path}: {reason}") from exc
 
 
 def _connect_readonly(path: str) -> sqlite3.Connection:
@@ -91,15 +97,23 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     # A read-only connection to a WAL database creates -wal/-shm and cannot remove them at
     # close. When no -wal exists (no writer around), open read-write with query_only on, so
     # SQLite deletes the side files it made; otherwise (or when we may not write the file)
-    # open mode=ro, which still sees the writer's WAL.
-    modes = ["ro"] if os.path.exists(path + "-wal") else ["rw", "ro"]
+    # open mode=ro, which still sees the writer's WAL. Without a writer and without the right
+    # to write the file or its directory (a read-only mount, another user's 0644 file), a WAL
+    # database can only be read as immutable.
+    modes = ["ro"] if os.path.exists(path + "-wal") else ["rw", "ro", "ro&immutable=1"]
     error: sqlite3.Error | None = None
     for mode in modes:
         try:
             conn = sqlite3.connect(f"{uri}?mode={mode}", uri=True, check_same_thread=False,
                                    isolation_level=None, timeout=10.0)
+        except sqlite3.Error as exc:
+            error = exc
+            continue
+        try:
             conn.execute("PRAGMA query_only = ON")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens it for real
             return conn
         except sqlite3.Error as exc:
+            conn.close()
             error = exc
     raise UsageError(f"cannot open database {path}: {error}")

@@ -18,21 +18,23 @@ class Store:
     """One SQLite connection to an r2d2voice database. Use :meth:`open`."""
 
     def __init__(self, conn: sqlite3.Connection, path: str, *, readonly: bool,
-                 now: WallClock = utc_now) -> None:
+                 now: WallClock = utc_now, store_text: bool = True) -> None:
         self._conn: sqlite3.Connection | None = conn
         self.path = path
         self.readonly = readonly
         self.read = Queries(conn)
-        self._writer = None if readonly else Writer(conn, now=now)
+        self._writer = None if readonly else Writer(conn, now=now, store_text=store_text)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, create: bool = True,
-             now: WallClock = utc_now) -> Store:
+             now: WallClock = utc_now, store_text: bool = True) -> Store:
         """Open the database at ``path``: ``create=True`` creates or migrates it (see
         :func:`~r2d2voice.storage.connection.connect`), ``create=False`` opens it read-only.
-        ``now`` is the writer's wall clock (labels only)."""
+        ``now`` is the writer's wall clock (labels only); ``store_text=False`` is privacy
+        mode (see :class:`~r2d2voice.storage.writer.Writer`)."""
         spath = os.fspath(path)
-        return cls(connect(spath, create=create), spath, readonly=not create, now=now)
+        return cls(connect(spath, create=create), spath, readonly=not create, now=now,
+                   store_text=store_text)
 
     @property
     def write(self) -> Writer:

@@ -1,11 +1,13 @@
 """Read queries and the rows they return.
 
-Conversation order is ``sessions.seq`` then ``messages.seq`` (then the rowid); wall-clock
-labels only filter (``since`` inclusive, ``until`` exclusive, as the user asked for them).
+Conversation order is ``sessions.seq`` then ``messages.seq`` (then the rowid); tool
+executions share the messages' sequence. Wall-clock labels only filter (``since`` inclusive,
+``until`` exclusive, as the user asked for them).
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -17,11 +19,13 @@ from r2d2voice.storage.schema import ERROR_SOURCES, ROLES
 from r2d2voice.storage.timestamps import format_ts
 
 __all__ = [
+    "EXPORT_ROLES",
     "ErrorRow",
     "MessageRow",
     "Queries",
     "SessionRow",
     "SessionStatsRow",
+    "ToolRow",
     "UsageRow",
     "UsageSummaryRow",
 ]
@@ -44,6 +48,38 @@ class MessageRow:
     response_id: str | None
     interrupted: bool
     played_ms: int | None
+    #: False: written in privacy mode, ``text`` is empty
+    text_kept: bool = True
+
+
+@dataclass(frozen=True)
+class ToolRow:
+    """One tool execution (``role`` "tool"), in conversation order among the messages.
+
+    ``status`` is ``running`` until a result is stored; ``text_kept`` False: privacy mode, no
+    arguments nor output were stored."""
+
+    session_id: str
+    seq: int
+    started_at: str
+    item_id: str | None
+    response_id: str | None
+    call_id: str
+    name: str
+    arguments: str | None
+    output: str | None
+    status: str
+    exit_code: int | None
+    duration_ms: int | None
+    text_kept: bool = True
+
+    @property
+    def role(self) -> str:
+        return "tool"
+
+    @property
+    def created_at(self) -> str:
+        return self.started_at
 
 
 @dataclass(frozen=True)
@@ -130,7 +166,11 @@ class ErrorRow:
 
 _MESSAGE_COLUMNS = (
     "m.session_id, m.seq, m.role, m.text, m.created_at, m.item_id, m.response_id,"
-    " m.interrupted, m.played_ms"
+    " m.interrupted, m.played_ms, m.text_kept"
+)
+_TOOL_COLUMNS = (
+    "t.session_id, t.seq, t.started_at, t.item_id, t.response_id, t.call_id, t.name,"
+    " t.arguments, t.output, t.status, t.exit_code, t.duration_ms, t.text_kept"
 )
 
 # Pinned plan: walk sessions by seq (unique, not null), each one's messages by (seq, rowid)
@@ -140,6 +180,12 @@ _ORDERED_JOIN = (
     "sessions AS s INDEXED BY sessions_by_seq"
     " CROSS JOIN messages AS m INDEXED BY messages_by_seq ON m.session_id = s.id"
 )
+_ORDERED_TOOLS = (
+    "sessions AS s INDEXED BY sessions_by_seq"
+    " CROSS JOIN tool_executions AS t INDEXED BY tool_executions_by_seq ON t.session_id = s.id"
+)
+#: ``export --role`` values: the message roles and "tool"
+EXPORT_ROLES = (*ROLES, "tool")
 
 _SESSION_SELECT = """
 SELECT s.id, s.seq, s.started_at, s.ended_at, s.backend, s.model, s.voice,
@@ -206,20 +252,83 @@ class Queries:
         ``since`` is inclusive and ``until`` exclusive (on ``created_at``); ``sessions`` empty
         means all.
         """
+        for _, row in self._messages(sessions, since, until, role):
+            yield row
+
+    def iter_tools(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
+                   until: datetime | None = None) -> Iterator[ToolRow]:
+        """Stream tool executions in conversation order (filters on ``started_at``)."""
+        for _, row in self._tools(sessions, since, until):
+            yield row
+
+    def iter_conversation(self, *, sessions: Sequence[str] = (),
+                          since: datetime | None = None, until: datetime | None = None,
+                          role: str | None = None) -> Iterator[MessageRow | ToolRow]:
+        """Messages and tool executions merged in conversation order (at an equal seq, the
+        message first), streamed: two ordered cursors, no sort. ``role`` is a message role
+        or ``"tool"``."""
+        if role is not None and role not in EXPORT_ROLES:
+            raise ValueError(f"role must be one of {EXPORT_ROLES}, not {role!r}")
+        if role == "tool":
+            yield from self.iter_tools(sessions=sessions, since=since, until=until)
+            return
+        messages = self._messages(sessions, since, until, role)
+        if role is not None or not self._has_tools():
+            for _, row in messages:
+                yield row
+            return
+        merged = heapq.merge(messages, self._tools(sessions, since, until),
+                             key=lambda keyed: keyed[0])
+        for _, row in merged:
+            yield row
+
+    def _has_tools(self) -> bool:
+        return self.conn.execute("SELECT EXISTS (SELECT 1 FROM tool_executions)").fetchone()[0]
+
+    def _messages(self, sessions: Sequence[str], since: datetime | None,
+                  until: datetime | None,
+                  role: str | None) -> Iterator[tuple[tuple[int, int, int, int], MessageRow]]:
         where, args = _where("s.id", "m.created_at", sessions, since, until)
         if role is not None:
             if role not in ROLES:
                 raise ValueError(f"role must be one of {ROLES}, not {role!r}")
             where += (" AND" if where else " WHERE") + " m.role = ?"
             args.append(role)
-        cur = self.conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM {_ORDERED_JOIN}{where}"
-                                " ORDER BY s.seq, m.seq, m.id", args)
+        cur = self.conn.execute(f"SELECT s.seq, m.id, {_MESSAGE_COLUMNS} FROM {_ORDERED_JOIN}"
+                                f"{where} ORDER BY s.seq, m.seq, m.id", args)
         try:
             while rows := cur.fetchmany(_FETCH):
                 for r in rows:
-                    yield MessageRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
+                    yield (r[0], r[3], 0, r[1]), MessageRow(
+                        r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10],
+                        bool(r[11]))
         finally:
             cur.close()
+
+    def _tools(self, sessions: Sequence[str], since: datetime | None, until: datetime | None,
+               ) -> Iterator[tuple[tuple[int, int, int, int], ToolRow]]:
+        where, args = _where("s.id", "t.started_at", sessions, since, until)
+        cur = self.conn.execute(f"SELECT s.seq, t.id, {_TOOL_COLUMNS} FROM {_ORDERED_TOOLS}"
+                                f"{where} ORDER BY s.seq, t.seq, t.id", args)
+        try:
+            while rows := cur.fetchmany(_FETCH):
+                for r in rows:
+                    yield (r[0], r[3], 1, r[1]), ToolRow(*r[2:14], bool(r[14]))
+        finally:
+            cur.close()
+
+    def tool_counts(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
+                    until: datetime | None = None) -> dict[str, dict[str, int]]:
+        """Tool executions started in [``since``, ``until``): ``{name: {status: calls}}``,
+        names and statuses sorted."""
+        where, args = _where("session_id", "started_at", sessions, since, until)
+        rows = self.conn.execute(
+            f"SELECT name, status, count(*) FROM tool_executions{where}"
+            " GROUP BY name, status ORDER BY name, status", args).fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for name, status, n in rows:
+            out.setdefault(name, {})[status] = n
+        return out
 
     def recent_turns(self, session_ids: Sequence[str] | None,
                      limit: int) -> list[tuple[str, str]]:

@@ -8,6 +8,15 @@
 * v3: order from the conversation, not the wall clock: ``sessions.seq`` (assigned at insert,
   strictly increasing) and ``messages.seq`` (the protocol core's per-session sequence), with
   the indexes that stream in that order; ``responses.status_details`` (JSON text).
+* v4: ``tool_executions`` (the tool audit trail, in the messages' conversation order);
+  ``messages.text_kept`` / ``tool_executions.text_kept`` (0: written in privacy mode).
+* v5: the shipping change log, watermarks and target (:mod:`r2d2voice.storage.shipping.local`):
+  triggers log every insert/update once the robot first ships.
+
+New databases are created with ``auto_vacuum = INCREMENTAL``, so pruning can give space back
+to the filesystem; that pragma only takes effect before the first table exists, so older files
+keep ``NONE`` until a one-time ``VACUUM`` (``r2d2voice prune`` does it, see
+:mod:`r2d2voice.storage.retention`).
 """
 
 from __future__ import annotations
@@ -16,16 +25,45 @@ import sqlite3
 from collections.abc import Callable
 
 from r2d2voice.errors import UsageError
+from r2d2voice.storage.health import StoreUnavailable, is_transient
+from r2d2voice.storage.shipping.local import migrate_ship_log
 
-__all__ = ["APPLICATION_ID", "ERROR_SOURCES", "MIGRATIONS", "ROLES", "SCHEMA_VERSION", "prepare"]
+__all__ = ["APPLICATION_ID", "ERROR_SOURCES", "MIGRATIONS", "ROLES", "SCHEMA_VERSION",
+           "TOOL_ROW_STATUSES", "prepare"]
 
 #: ``PRAGMA application_id`` of every r2d2voice database (ASCII "r2d2").
 APPLICATION_ID = 0x72326432
 #: The schema version this code writes; older files are migrated forward on open.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 
 ROLES = ("user", "assistant")
 ERROR_SOURCES = ("service", "local")
+#: ``tool_executions.status``: running until the result is stored, then final.
+TOOL_ROW_STATUSES = ("running", "ok", "error", "timeout", "rejected")
+#: WAL file kept at most this big after a checkpoint (bytes; a prune can swell it).
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+
+_TOOL_EXECUTIONS = """
+CREATE TABLE tool_executions (
+    id          INTEGER PRIMARY KEY,    -- rowid: tie-break for equal seq
+    session_id  TEXT NOT NULL REFERENCES sessions(id),
+    seq         INTEGER NOT NULL,       -- conversation order, shared with messages
+    response_id TEXT,
+    item_id     TEXT,
+    call_id     TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    arguments   TEXT,                   -- JSON text as received (NULL: not kept)
+    output      TEXT,                   -- what the model was told (NULL: none yet / not kept)
+    status      TEXT NOT NULL CHECK (status IN
+                    ('running', 'ok', 'error', 'timeout', 'rejected')),
+    exit_code   INTEGER,
+    started_at  TEXT NOT NULL,          -- wall-clock label
+    duration_ms INTEGER,                -- monotonic
+    text_kept   INTEGER NOT NULL DEFAULT 1 CHECK (text_kept IN (0, 1)),
+    UNIQUE (session_id, call_id)
+);
+CREATE INDEX tool_executions_by_seq ON tool_executions(session_id, seq);
+"""
 
 SCHEMA = f"""
 CREATE TABLE sessions (
@@ -55,6 +93,7 @@ CREATE TABLE messages (
     interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)),
     played_ms   INTEGER,                -- audio played before the interruption
     raw_event   TEXT,                   -- the server event JSON the text came from
+    text_kept   INTEGER NOT NULL DEFAULT 1 CHECK (text_kept IN (0, 1)),
     UNIQUE (session_id, item_id, role)
 );
 CREATE INDEX messages_by_seq ON messages(session_id, seq);
@@ -86,7 +125,7 @@ CREATE TABLE errors (
     message    TEXT NOT NULL
 );
 CREATE INDEX errors_by_session ON errors(session_id, at);
-
+{_TOOL_EXECUTIONS}
 PRAGMA application_id = {APPLICATION_ID};
 """
 
@@ -139,10 +178,20 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
         conn.execute(stmt)
 
 
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    """v4 adds the tool audit trail and marks rows written in privacy mode."""
+    conn.execute("ALTER TABLE messages ADD COLUMN text_kept INTEGER NOT NULL DEFAULT 1"
+                 " CHECK (text_kept IN (0, 1))")
+    for stmt in split_sql(_TOOL_EXECUTIONS):
+        conn.execute(stmt)
+
+
 #: ``MIGRATIONS[n]`` upgrades a version-n database to version n + 1.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
+    4: migrate_ship_log,  # v5: change log + watermarks for shipping to a fleet server
 }
 
 
@@ -163,7 +212,8 @@ def prepare(conn: sqlite3.Connection, path: str, *, readonly: bool) -> None:
     """Check that ``conn`` is an r2d2voice database this code understands; read-write, also
     set the pragmas and create the schema or migrate it forward (one transaction).
 
-    Raises :class:`UsageError` for a foreign, newer, or (read-only) older database.
+    Raises :class:`UsageError` for a foreign, newer, or (read-only) older database, and
+    (read-write) :class:`StoreUnavailable` when the disk is full, fails or the file is locked.
     """
     foreign = UsageError(f"{path} is not an r2d2voice database")
     try:
@@ -187,13 +237,18 @@ def prepare(conn: sqlite3.Connection, path: str, *, readonly: bool) -> None:
                 )
             conn.execute("PRAGMA foreign_keys = ON")
             return
+        if fresh:  # only before the first table exists; older files: see retention.py
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")  # persistent; a no-op once set
         conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA foreign_keys = ON")
         if version == SCHEMA_VERSION:
             return
         _create_or_migrate(conn)
     except sqlite3.DatabaseError as exc:
+        if not readonly and is_transient(exc):
+            raise StoreUnavailable(f"cannot open database {path}: {exc}") from exc
         raise UsageError(f"{path} is not a usable r2d2voice database: {exc}") from exc
 
 
@@ -205,6 +260,7 @@ def _create_or_migrate(conn: sqlite3.Connection) -> None:
         if empty and app_id == 0 and version == 0:
             for stmt in split_sql(SCHEMA):
                 conn.execute(stmt)
+            migrate_ship_log(conn)  # trigger bodies hold ';': not part of the SCHEMA script
         else:
             while version < SCHEMA_VERSION:
                 MIGRATIONS[version](conn)

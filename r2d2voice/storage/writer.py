@@ -5,7 +5,12 @@ kept on update), ``responses.created_at`` (first insert) and ``done_at`` (first 
 the write transaction) and ``messages.seq`` comes from the protocol core.
 
 Each write commits at once unless it runs inside ``with writer.batch():``, which commits once
-at the end.
+at the end. ``with writer.labels_at(when):`` stamps ``when`` instead of ``now()`` (the recorder
+stamps a record when it is recorded, even if the disk lets it be written only later).
+
+Privacy mode (``store_text=False``): messages keep their ids, order, interruption and
+responses, but ``text`` is stored empty and ``raw_event`` NULL, with ``text_kept = 0``;
+tool executions keep no arguments nor output (see :mod:`r2d2voice.storage.tool_audit`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Any
 
 from r2d2voice.storage.schema import ERROR_SOURCES, ROLES
 from r2d2voice.storage.timestamps import WallClock, format_ts, utc_now
+from r2d2voice.storage.tool_audit import ToolWrites
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "new_session_id"]
 
 _INSERT_SESSION = """
 INSERT INTO sessions (id, seq, started_at, backend, model, voice, previous_session_id, metadata)
@@ -29,17 +35,21 @@ VALUES (?, (SELECT COALESCE(max(seq), 0) + 1 FROM sessions), ?, ?, ?, ?, ?, ?)
 """
 
 _UPSERT_MESSAGE = """
-INSERT INTO messages (session_id, seq, role, text, created_at, item_id, response_id, raw_event)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO messages (session_id, seq, role, text, created_at, item_id, response_id, raw_event,
+                      text_kept)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (session_id, item_id, role) DO UPDATE SET
     text        = excluded.text,
     response_id = COALESCE(excluded.response_id, messages.response_id),
-    raw_event   = COALESCE(excluded.raw_event, messages.raw_event)
+    raw_event   = CASE WHEN excluded.text_kept
+                       THEN COALESCE(excluded.raw_event, messages.raw_event) END,
+    text_kept   = excluded.text_kept
 """
 
 _MARK_INTERRUPTED = """
-INSERT INTO messages (session_id, seq, role, text, created_at, item_id, interrupted, played_ms)
-VALUES (?, ?, 'assistant', '', ?, ?, 1, ?)
+INSERT INTO messages (session_id, seq, role, text, created_at, item_id, interrupted, played_ms,
+                      text_kept)
+VALUES (?, ?, 'assistant', '', ?, ?, 1, ?, ?)
 ON CONFLICT (session_id, item_id, role) DO UPDATE SET
     interrupted = 1,
     played_ms   = excluded.played_ms
@@ -91,21 +101,35 @@ def _usage_columns(usage: dict[str, Any] | None) -> tuple[int | None, ...]:
     )
 
 
-def _new_session_id(started: datetime) -> str:
+def new_session_id(started: datetime) -> str:
+    """A new session id from its start label: ``20261121T093000Z-3f9a1c``."""
     utc = started.replace(tzinfo=timezone.utc) if started.tzinfo is None else started
     return f"{utc.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-class Writer:
-    """Writes over one read-write connection; wall-clock labels come from ``now``."""
+class Writer(ToolWrites):
+    """Writes over one read-write connection; wall-clock labels come from ``now``;
+    ``store_text=False`` is privacy mode."""
 
-    def __init__(self, conn: sqlite3.Connection, *, now: WallClock = utc_now) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, now: WallClock = utc_now,
+                 store_text: bool = True) -> None:
         self.conn = conn
         self.now = now
+        self.store_text = store_text
         self._batch_depth = 0
 
     def _stamp(self) -> str:
         return format_ts(self.now())
+
+    @contextmanager
+    def labels_at(self, when: datetime) -> Iterator[None]:
+        """Stamp ``when`` on everything written inside (instead of ``now()``)."""
+        saved = self.now
+        self.now = lambda: when
+        try:
+            yield
+        finally:
+            self.now = saved
 
     # -- transactions -----------------------------------------------------------------
 
@@ -148,15 +172,20 @@ class Writer:
 
     def start_session(self, *, backend: str, model: str, voice: str | None,
                       previous_session_id: str | None = None,
-                      metadata: dict[str, Any] | None = None) -> str:
-        """Record a new session, last in order; returns its id (``20261121T093000Z-3f9a1c``)."""
+                      metadata: dict[str, Any] | None = None,
+                      session_id: str | None = None) -> str:
+        """Record a new session, last in order; returns its id (``20261121T093000Z-3f9a1c``).
+
+        ``session_id``: use this id (made earlier with :func:`new_session_id`) instead of a
+        new one."""
         started = self.now()
         meta = None if metadata is None else json.dumps(metadata, ensure_ascii=False)
         with self._transaction() as conn:
-            while True:
-                sid = _new_session_id(started)
-                if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)).fetchone() is None:
-                    break
+            sid = session_id
+            while sid is None:
+                sid = new_session_id(started)
+                if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)).fetchone():
+                    sid = None
             conn.execute(_INSERT_SESSION, (sid, format_ts(started), backend, model, voice,
                                            previous_session_id, meta))
         return sid
@@ -198,6 +227,27 @@ class Writer:
             conn.execute("UPDATE sessions SET metadata = ? WHERE id = ?",
                          (json.dumps(meta, ensure_ascii=False), session_id))
 
+    def update_session_metadata(self, session_id: str, values: dict[str, Any]) -> None:
+        """Set top-level keys of the session's metadata (facts known only when a session is
+        over, e.g. a wake-word conversation's length), keeping the other keys; ``stats`` is
+        :meth:`set_session_stats`'s. Read-modify-write in one transaction; an unknown session
+        id changes nothing."""
+        if "stats" in values:
+            raise ValueError("metadata['stats'] is set by set_session_stats")
+        encoded = json.dumps(values, ensure_ascii=False)  # fails before the transaction
+        with self._transaction() as conn:
+            row = conn.execute("SELECT metadata FROM sessions WHERE id = ?",
+                               (session_id,)).fetchone()
+            if row is None:
+                return
+            try:
+                meta = json.loads(row[0]) if row[0] else {}
+            except ValueError:
+                meta = {}
+            meta = {**(meta if isinstance(meta, dict) else {}), **json.loads(encoded)}
+            conn.execute("UPDATE sessions SET metadata = ? WHERE id = ?",
+                         (json.dumps(meta, ensure_ascii=False), session_id))
+
     # -- messages ---------------------------------------------------------------------
 
     def upsert_message(self, session_id: str, *, role: str, item_id: str, seq: int, text: str,
@@ -205,13 +255,16 @@ class Writer:
         """Insert a message, or update the one with the same (session, item_id, role).
 
         An update replaces the text, and the response id / raw event when given; it keeps the
-        first ``seq`` and ``created_at`` and any interruption already recorded.
+        first ``seq`` and ``created_at`` and any interruption already recorded. In privacy
+        mode the text is stored empty and the raw event not at all.
         """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        kept = self.store_text
         with self._transaction() as conn:
-            conn.execute(_UPSERT_MESSAGE, (session_id, int(seq), role, text, self._stamp(),
-                                           item_id, response_id, raw_event))
+            conn.execute(_UPSERT_MESSAGE, (session_id, int(seq), role, text if kept else "",
+                                           self._stamp(), item_id, response_id,
+                                           raw_event if kept else None, int(kept)))
 
     def mark_interrupted(self, session_id: str, *, item_id: str, seq: int,
                          played_ms: int) -> None:
@@ -222,7 +275,7 @@ class Writer:
         """
         with self._transaction() as conn:
             conn.execute(_MARK_INTERRUPTED, (session_id, int(seq), self._stamp(), item_id,
-                                             int(played_ms)))
+                                             int(played_ms), int(self.store_text)))
 
     # -- responses --------------------------------------------------------------------
 

@@ -5,13 +5,16 @@ No trio, no sounddevice: importing this module is cheap.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from r2d2voice.errors import ConfigError
 
@@ -24,8 +27,12 @@ DEFAULT_INSTRUCTIONS = (
     "You are R2, a small friendly robot. Answer briefly and warmly, in one or two short sentences."
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-BACKENDS = ("openai", "local")
+BACKENDS = ("openai", "local", "azure")
 DUPLEX_MODES = ("half", "full")
+LISTEN_MODES = ("always", "wake")
+#: Prefixes of the keys that are ours: an unknown one in the environment or an env file is
+#: probably a misspelt setting, and is warned about.
+OWN_PREFIXES = ("R2D2_", "REALTIME_")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class Key:
     parse: Callable[[str], Any]
     rule: str  # what a valid value looks like, for the error message
     doc: str
+    secret: bool = False  # never shown: not in errors, repr, logs
 
 
 def _str(v: str) -> str:
@@ -87,14 +95,50 @@ def _off_or_number(lo: float, hi: float) -> Callable[[str], float | None]:
     return parse
 
 
+def _flag(v: str) -> bool:
+    x = v.strip().lower()
+    if x in ("true", "yes", "on", "1"):
+        return True
+    if x in ("false", "no", "off", "0"):
+        return False
+    raise ValueError
+
+
 def _url(v: str) -> str:
     if not v.startswith(("ws://", "wss://")):
         raise ValueError
     return v
 
 
+def _service_url(v: str) -> str | None:
+    if not v:
+        return None
+    if not v.startswith(("https://", "wss://", "http://", "ws://")) or not urlsplit(v).hostname:
+        raise ValueError
+    return v
+
+
+def _postgres_url(v: str) -> str | None:
+    if not v:
+        return None
+    if not v.lower().startswith(("postgresql://", "postgres://")):
+        raise ValueError
+    return v
+
+
+def _path(v: str) -> str | None:
+    return str(Path(v).expanduser()) if v else None
+
+
+def _db_path(v: str) -> str | None:
+    if v and Path(v).expanduser().is_dir():
+        raise ValueError
+    return v or None
+
+
 KEYS: tuple[Key, ...] = (
-    Key("OPENAI_API_KEY", "api_key", None, _opt_str, "an API key", "API key (backend openai)"),
+    Key("OPENAI_API_KEY", "api_key", None, _opt_str, "an API key", "API key (backend openai)",
+        secret=True),
     Key("REALTIME_URL", "realtime_url", DEFAULT_URL, _url, "a ws:// or wss:// URL",
         "Realtime websocket endpoint"),
     Key("REALTIME_MODEL", "model", DEFAULT_MODEL, _str, "a model name", "Realtime model"),
@@ -103,9 +147,31 @@ KEYS: tuple[Key, ...] = (
         "system instructions"),
     Key("R2D2_TRANSCRIBE_MODEL", "transcribe_model", "gpt-4o-transcribe", _str, "a model name",
         "model transcribing the user's speech"),
-    Key("R2D2_BACKEND", "backend", "openai", _choice(BACKENDS), "'openai' or 'local'",
+    Key("R2D2_BACKEND", "backend", "openai", _choice(BACKENDS), "'openai', 'local' or 'azure'",
         "service to talk to"),
-    Key("R2D2_DB", "db", None, _opt_str, "a file path", "transcript database"),
+    Key("AZURE_OPENAI_ENDPOINT", "azure_endpoint", None, _service_url,
+        "an https:// (or wss://) URL such as https://NAME.openai.azure.com",
+        "Azure OpenAI resource (backend azure)"),
+    Key("AZURE_OPENAI_DEPLOYMENT", "azure_deployment", None, _opt_str, "a deployment name",
+        "Azure deployment of a realtime model (backend azure)"),
+    Key("AZURE_OPENAI_API_KEY", "azure_api_key", None, _opt_str, "an API key",
+        "Azure OpenAI key (backend azure)", secret=True),
+    Key("R2D2_DB", "db", None, _db_path, "a file path (not a directory)",
+        "transcript database"),
+    Key("R2D2_SHIP_URL", "ship_url", None, _postgres_url, "a postgresql:// URL",
+        "fleet server to ship transcripts to", secret=True),
+    Key("R2D2_DEVICE_ID", "device_id", None, _opt_str, "a name",
+        "this robot's name in the fleet (default: the hostname)"),
+    Key("R2D2_TOOLS", "tools", None, _path, "the path of a tools file",
+        "function tools the model may call"),
+    Key("R2D2_LISTEN", "listen", "always", _choice(LISTEN_MODES), "'always' or 'wake'",
+        "wake: a conversation starts with the wake word"),
+    Key("R2D2_WAKE_WORD", "wake_word", "hey_mycroft", _str,
+        "a bundled wake word or the path of a microWakeWord model", "wake word (listen=wake)"),
+    Key("R2D2_CONVERSATION_IDLE_S", "conversation_idle_s", 20.0, _number(1.0, 3600.0),
+        "a number of seconds between 1 and 3600", "silence that ends a conversation (wake)"),
+    Key("R2D2_EARCONS", "earcons", True, _flag, "on or off",
+        "short sounds when a conversation starts and ends"),
     Key("R2D2_INPUT_DEVICE", "input_device", None, _opt_str, "a device index or name",
         "microphone"),
     Key("R2D2_OUTPUT_DEVICE", "output_device", None, _opt_str, "a device index or name",
@@ -134,6 +200,10 @@ KEYS: tuple[Key, ...] = (
         "a number between 0 and 1", "share of context kept when it overflows"),
     Key("R2D2_CONTEXT_TOKEN_LIMIT", "context_token_limit", 16000, _int(0, 1_000_000),
         "a whole number of tokens (0 = the model's limit)", "context that triggers truncation"),
+    Key("R2D2_RETENTION_DAYS", "retention_days", None, _off_or_number(0.01, 36_500.0),
+        "'off' or a number of days", "delete conversations older than this (shipped first)"),
+    Key("R2D2_STORE_TEXT", "store_text", True, _flag, "'true' or 'false'",
+        "false: privacy mode, no transcript text, raw events nor tool arguments/output"),
     *(
         Key(f"R2D2_PRICE_{name.upper()}", f"price_{name}", default, _number(0.0, 10_000.0),
             "a price in USD per million tokens", "price per 1M tokens")
@@ -145,6 +215,7 @@ KEYS: tuple[Key, ...] = (
 )
 KEYS_BY_ENV = {k.env: k for k in KEYS}
 KEYS_BY_ATTR = {k.attr: k for k in KEYS}
+_SECRET_ATTRS = tuple(k.attr for k in KEYS if k.secret)
 
 
 def default(attr: str) -> Any:
@@ -166,8 +237,19 @@ class Settings:
     instructions: str = default("instructions")
     transcribe_model: str = default("transcribe_model")
     backend: str = default("backend")
+    azure_endpoint: str | None = default("azure_endpoint")
+    azure_deployment: str | None = default("azure_deployment")
+    azure_api_key: str | None = field(default=default("azure_api_key"), repr=False)
     #: R2D2_DB's default is None: the path depends on the environment (see default_db_path)
     db: Path = field(default_factory=lambda: default_db_path({}))
+    ship_url: str | None = field(default=default("ship_url"), repr=False)
+    #: None: the hostname (resolved and checked where it is used, by the shipper)
+    device_id: str | None = default("device_id")
+    tools: str | None = default("tools")
+    listen: str = default("listen")
+    wake_word: str = default("wake_word")
+    conversation_idle_s: float = default("conversation_idle_s")
+    earcons: bool = default("earcons")
     input_device: str | None = default("input_device")
     output_device: str | None = default("output_device")
     output_latency: float = default("output_latency")
@@ -182,6 +264,8 @@ class Settings:
     session_max_minutes: float = default("session_max_minutes")
     truncation_ratio: float = default("truncation_ratio")
     context_token_limit: int = default("context_token_limit")
+    retention_days: float | None = default("retention_days")
+    store_text: bool = default("store_text")
     price_audio_in: float = default("price_audio_in")
     price_audio_in_cached: float = default("price_audio_in_cached")
     price_text_in: float = default("price_text_in")
@@ -193,11 +277,12 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __repr__(self) -> str:
+        hidden = ", ".join(f"{name}={'***' if getattr(self, name) else None!r}"
+                           for name in _SECRET_ATTRS)
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr
         )
-        key = "'***'" if self.api_key else "None"
-        return f"Settings(api_key={key}, {shown})"
+        return f"Settings({hidden}, {shown})"
 
     def require_api_key(self) -> str:
         """The key for the OpenAI backend, or a ConfigError (exit 3) saying how to set it."""
@@ -207,6 +292,26 @@ class Settings:
                 "or use --backend local"
             )
         return self.api_key
+
+    def where(self, attr: str) -> str:
+        """Where setting ``attr`` came from, for a message: "in FILE", "in the environment",
+        "on the command line (--flag)" or "by default"."""
+        source = self.sources.get(attr, "default")
+        if source == "default":
+            return "by default"
+        if source == "environment":
+            return "in the environment"
+        if source.startswith("--"):
+            return f"on the command line ({source})"
+        return f"in {source}"
+
+    def secrets(self) -> list[str]:
+        """Every value the logs must never show: API keys, the fleet URL and its password."""
+        found = [self.api_key, self.azure_api_key]
+        if self.ship_url:
+            password = urlsplit(self.ship_url).password
+            found += [self.ship_url, password, unquote(password) if password else None]
+        return [s for s in found if s]
 
 
 def default_db_path(environ: Mapping[str, str]) -> Path:
@@ -236,24 +341,62 @@ def _read_env_file(path: Path) -> dict[str, str]:
     from dotenv import dotenv_values
 
     try:
-        values = dotenv_values(path)
+        with _dotenv_warnings_name(path):
+            values = dotenv_values(path)
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read env file {path}: {exc.__class__.__name__}") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"cannot read env file {path}: {why}") from None
     return {k: v for k, v in values.items() if v is not None}
+
+
+class _NameTheFile(logging.Filter):
+    """python-dotenv's parse warnings say the line but not the file: add it, as our warning."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "could not parse" in str(record.msg) and record.args:
+            log.warning("%s line %s: cannot parse it (expected KEY=value); the line is ignored",
+                        self.path, record.args[0])  # type: ignore[index]
+        else:
+            log.warning("%s: %s", self.path, record.getMessage())
+        return False
+
+
+@contextmanager
+def _dotenv_warnings_name(path: Path) -> Iterator[None]:
+    dotenv_log = logging.getLogger("dotenv.main")
+    rename = _NameTheFile(path)
+    dotenv_log.addFilter(rename)
+    try:
+        yield
+    finally:
+        dotenv_log.removeFilter(rename)
+
+
+def _warn_unknown(names: Iterable[str], where: str) -> None:
+    """A warning for every key that looks like ours but is not (a typo is otherwise silent)."""
+    for name in names:
+        if name.startswith(OWN_PREFIXES) and name not in KEYS_BY_ENV:
+            close = difflib.get_close_matches(name, KEYS_BY_ENV, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            log.warning("unknown setting %s %s is ignored%s", name, where, hint)
 
 
 _warned_readable: set[Path] = set()
 
 
-def _warn_if_readable(path: Path) -> None:
+def _warn_if_readable(path: Path, held: list[str]) -> None:
     try:
         mode = path.stat().st_mode
     except OSError:
         return
     if mode & (stat.S_IRGRP | stat.S_IROTH) and path not in _warned_readable:
         _warned_readable.add(path)
-        log.warning("%s holds OPENAI_API_KEY and is readable by other users: chmod 600 %s",
-                    path, path)
+        log.warning("%s holds %s and is readable by other users: chmod 600 %s",
+                    path, " and ".join(held), path)
 
 
 def load_settings(
@@ -271,6 +414,8 @@ def load_settings(
     environ = os.environ if environ is None else environ
     path = find_env_file(env_file, cwd=cwd, home=home)
     file_values = _read_env_file(path) if path else {}
+    _warn_unknown(sorted(file_values), f"in {path}")
+    _warn_unknown(sorted(environ), "in the environment")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in KEYS:
@@ -291,14 +436,15 @@ def load_settings(
                 where = "on the command line" if source.startswith("--") else f"in {source}"
                 if source == "environment":
                     where = "in the environment"
-                shown = "***" if key.env == "OPENAI_API_KEY" else str(raw)
+                shown = "***" if key.secret else str(raw)
                 flag = f" ({source})" if source.startswith("--") else ""
                 raise ConfigError(
                     f"{key.env}{flag} {where} must be {key.rule}, got {shown!r}"
                 ) from None
         sources[key.attr] = source
-    if values["api_key"] and sources["api_key"] == str(path) and path is not None:
-        _warn_if_readable(path)
+    held = [k.env for k in KEYS if k.secret and values[k.attr] and sources[k.attr] == str(path)]
+    if held and path is not None:
+        _warn_if_readable(path, held)
     db = values.pop("db")
     values["db"] = Path(db).expanduser() if db else default_db_path(environ)
     return Settings(**values, env_file=path, sources=sources)

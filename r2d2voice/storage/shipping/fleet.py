@@ -21,8 +21,8 @@ from psycopg.conninfo import conninfo_to_dict
 from r2d2voice.errors import R2Error
 from r2d2voice.storage.shipping.errors import FleetUnavailable, fleet_error
 from r2d2voice.storage.shipping.queries import FleetQueries
-from r2d2voice.storage.shipping.server_schema import migrate
-from r2d2voice.storage.shipping.uploader import upsert_rows
+from r2d2voice.storage.shipping.server_schema import fleet_id, migrate
+from r2d2voice.storage.shipping.uploader import upsert_rows, upsert_values
 from r2d2voice.storage.shipping.url import FleetTarget, parse_fleet_url
 
 __all__ = ["CONNECT_TIMEOUT_S", "FleetStore", "open_fleet"]
@@ -50,10 +50,18 @@ def _connect(target: FleetTarget) -> psycopg.Connection:
 class FleetStore(FleetQueries):
     """A connected fleet server with the current schema. Use :func:`open_fleet`."""
 
-    def __init__(self, conn: psycopg.Connection, target: FleetTarget, version: int) -> None:
+    def __init__(self, conn: psycopg.Connection, target: FleetTarget, version: int,
+                 fleet_id: str = "") -> None:
         self._conn: psycopg.Connection | None = conn
         self.target = target
         self.schema_version = version
+        #: the server's own id (see :mod:`~r2d2voice.storage.shipping.server_schema`)
+        self.fleet_id = fleet_id
+        info = conn.info
+        host = info.host if not info.host.startswith("/") else "localhost"
+        port = "" if info.port == 5432 else f":{info.port}"
+        #: ``host[:port]/dbname`` as libpq resolved it: what a person is shown
+        self.where = f"{host}{port}/{info.dbname}"
 
     @property
     def closed(self) -> bool:
@@ -98,6 +106,13 @@ class FleetStore(FleetQueries):
         with self._mapped(f"shipping a batch of {len(rows)} {table}") as conn:
             return upsert_rows(conn, table, device_id, rows)
 
+    def upsert_values(self, table: str, device_id: str,
+                      rows: Sequence[Sequence[Any]]) -> int:
+        """:meth:`upsert` for rows given as values in the table's column order (the
+        shipper's fast path: no dict per row)."""
+        with self._mapped(f"shipping a batch of {len(rows)} {table}") as conn:
+            return upsert_values(conn, table, device_id, rows)
+
     # -- reads (FleetQueries) ---------------------------------------------------------
 
     def _query(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -125,6 +140,7 @@ def open_fleet(url: str | FleetTarget) -> FleetStore:
     conn = _connect(target)
     try:
         version = migrate(conn, target)
+        server_id = fleet_id(conn)
     except R2Error:
         conn.close()
         raise
@@ -132,4 +148,4 @@ def open_fleet(url: str | FleetTarget) -> FleetStore:
         conn.close()
         raise fleet_error(exc, target, "preparing the schema") from None
     log.info("fleet server %s ready (schema v%d)", target, version)
-    return FleetStore(conn, target, version)
+    return FleetStore(conn, target, version, server_id)

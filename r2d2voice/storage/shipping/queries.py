@@ -79,14 +79,14 @@ def _filters(dev: str, sid: str, time: str, devices: Sequence[str], sessions: Se
 _MESSAGES = f"""
 SELECT 0, m.device_id, m.session_id, m.seq, m.role, m.text, {_label("m.created_at")},
        m.item_id, m.response_id, m.interrupted, m.played_ms,
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, s.seq, s.id
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, s.seq, s.id, m.text_kept
 FROM sessions AS s JOIN messages AS m ON m.device_id = s.device_id AND m.session_id = s.id
 """
 _TOOLS = f"""
 SELECT 1, t.device_id, t.session_id, t.seq, 'tool', NULL, {_label("t.started_at")},
        t.item_id, t.response_id, NULL, NULL,
        t.call_id, t.name, t.arguments, t.output, t.status, t.exit_code, t.duration_ms,
-       s.seq, s.id
+       s.seq, s.id, t.text_kept
 FROM sessions AS s JOIN tool_executions AS t ON t.device_id = s.device_id AND t.session_id = s.id
 """
 # device, session order, then the per-session seq; ties (equal seq) broken by kind and ids.
@@ -168,10 +168,11 @@ class FleetQueries:
             return
         for r in self._stream(" UNION ALL ".join(parts) + _CONVERSATION_ORDER, params):
             if r[0] == 0:
-                yield FleetMessageRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10])
+                yield FleetMessageRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                                      r[20])
             else:
                 yield FleetToolRow(r[1], r[2], r[3], r[6], r[7], r[8], r[11], r[12], r[13], r[14],
-                                   r[15], r[16], r[17])
+                                   r[15], r[16], r[17], r[20])
 
     def list_sessions(
         self, *, devices: Sequence[str] = (), sessions: Sequence[str] = ()

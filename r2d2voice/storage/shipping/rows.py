@@ -21,7 +21,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FleetMessageRow:
-    """One transcript message (``text`` None: the robot kept no text)."""
+    """One transcript message (``text_kept`` False: written in privacy mode, no text)."""
 
     device_id: str
     session_id: str
@@ -33,11 +33,13 @@ class FleetMessageRow:
     response_id: str | None
     interrupted: bool
     played_ms: int | None
+    text_kept: bool = True
 
 
 @dataclass(frozen=True)
 class FleetToolRow:
-    """One tool execution, in conversation order among the messages (``role`` is "tool")."""
+    """One tool execution, in conversation order among the messages (``role`` is "tool";
+    ``text_kept`` False: privacy mode, no arguments nor output)."""
 
     device_id: str
     session_id: str
@@ -52,6 +54,7 @@ class FleetToolRow:
     status: str
     exit_code: int | None
     duration_ms: int | None
+    text_kept: bool = True
 
     @property
     def role(self) -> str:

@@ -2,9 +2,13 @@
 
 Every shipped row carries the ``device_id`` of the robot it came from; each table's primary
 key is (``device_id``, the row's natural id on the robot), so shipping a row again updates it
-in place. Columns mirror the robot's SQLite schema (v3, plus ``tool_executions``); the text
-time labels become ``timestamptz``. There are no foreign keys: tables are shipped one by one
-and a message may arrive before its session.
+in place. Columns (:mod:`~r2d2voice.storage.shipping.tables`) mirror the robot's SQLite schema
+v4 (``tool_executions``; ``text_kept`` false for rows written in privacy mode); the text time
+labels become ``timestamptz``. There are no foreign keys: tables are shipped one by one and a
+message may arrive before its session.
+
+``fleet`` holds the server's own random id, made with the schema: a robot's watermarks belong
+to one server id, so a rebuilt server gets everything again.
 
 ``schema_version`` holds one row per applied version. ``MIGRATIONS[n]`` takes a version-n
 database to n + 1 (0 = empty); each runs in its own transaction under an advisory lock, so
@@ -14,11 +18,11 @@ robots connecting to a fresh server at the same moment apply it once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import psycopg
 
 from r2d2voice.storage.shipping.errors import FleetSchemaTooNew
+from r2d2voice.storage.shipping.tables import TABLES, TableSpec
 from r2d2voice.storage.shipping.url import FleetTarget
 
 __all__ = [
@@ -26,68 +30,10 @@ __all__ = [
     "SERVER_SCHEMA_VERSION",
     "TABLES",
     "TableSpec",
+    "fleet_id",
     "migrate",
     "server_version",
 ]
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """A shipped table: the robot-side columns a row must carry (``device_id`` excluded),
-    the natural key among them, and the columns needing conversion on the way."""
-
-    name: str
-    columns: tuple[str, ...]
-    key: tuple[str, ...]
-    json: tuple[str, ...] = ()  # jsonb: dict/list, or JSON text (other text kept as a string)
-    ints: tuple[str, ...] = ()  # integer columns the robot may hold as REAL (ms figures)
-
-    @property
-    def updated(self) -> tuple[str, ...]:
-        """The non-key columns: an upsert replaces them all."""
-        return tuple(c for c in self.columns if c not in self.key)
-
-
-TABLES: dict[str, TableSpec] = {
-    spec.name: spec
-    for spec in (
-        TableSpec(
-            "sessions",
-            ("id", "seq", "started_at", "ended_at", "backend", "model", "voice",
-             "service_session_id", "previous_session_id", "metadata"),
-            key=("id",),
-            json=("metadata",),
-        ),
-        TableSpec(
-            "messages",
-            ("session_id", "seq", "role", "text", "created_at", "item_id", "response_id",
-             "interrupted", "played_ms", "raw_event"),
-            key=("session_id", "item_id", "role"),
-            ints=("played_ms",),
-        ),
-        TableSpec(
-            "responses",
-            ("session_id", "response_id", "status", "status_details", "created_at", "done_at",
-             "input_text_tokens", "input_audio_tokens", "input_cached_tokens",
-             "output_text_tokens", "output_audio_tokens", "first_audio_ms", "first_played_ms"),
-            key=("session_id", "response_id"),
-            json=("status_details",),
-            ints=("first_audio_ms", "first_played_ms"),
-        ),
-        TableSpec(
-            "errors",
-            ("id", "session_id", "at", "source", "type", "code", "message"),
-            key=("id",),
-        ),
-        TableSpec(
-            "tool_executions",
-            ("session_id", "response_id", "item_id", "call_id", "seq", "name", "arguments",
-             "output", "status", "exit_code", "started_at", "duration_ms"),
-            key=("session_id", "call_id"),
-            ints=("duration_ms",),
-        ),
-    )
-}  # fmt: skip
 
 _V1 = """
 CREATE TABLE sessions (
@@ -112,7 +58,7 @@ CREATE TABLE messages (
     session_id  text NOT NULL,
     seq         bigint NOT NULL,
     role        text NOT NULL CHECK (role IN ('user', 'assistant')),
-    text        text,                   -- NULL: not kept (privacy mode)
+    text        text,
     created_at  timestamptz NOT NULL,
     item_id     text NOT NULL,
     response_id text,
@@ -175,8 +121,20 @@ CREATE TABLE tool_executions (
 CREATE INDEX tool_executions_in_order ON tool_executions (device_id, session_id, seq);
 """
 
+# v2: the server's own id (a robot that finds a different one ships everything again: a new
+# or rebuilt server), and the privacy-mode flag of the robot's schema v4.
+_V2 = """
+CREATE TABLE fleet (
+    id         text PRIMARY KEY,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO fleet (id) VALUES (md5(random()::text || clock_timestamp()::text));
+ALTER TABLE messages ADD COLUMN text_kept boolean NOT NULL DEFAULT true;
+ALTER TABLE tool_executions ADD COLUMN text_kept boolean NOT NULL DEFAULT true;
+"""
+
 #: ``MIGRATIONS[n]``: the SQL taking a version-n server schema to n + 1 (0 = empty database).
-MIGRATIONS: dict[int, str] = {0: _V1}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
 #: The server schema version this code writes and reads.
 SERVER_SCHEMA_VERSION = max(MIGRATIONS) + 1
 
@@ -198,6 +156,12 @@ def server_version(conn: psycopg.Connection) -> int:
         return 0
     row = conn.execute("SELECT COALESCE(max(version), 0) FROM schema_version").fetchone()
     return int(row[0]) if row else 0
+
+
+def fleet_id(conn: psycopg.Connection) -> str:
+    """The server's own id (schema v2 on)."""
+    row = conn.execute("SELECT id FROM fleet").fetchone()
+    return str(row[0]) if row else ""
 
 
 def _too_new(target: FleetTarget, version: int, known: int) -> FleetSchemaTooNew:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -20,7 +20,7 @@ from psycopg import sql
 
 from r2d2voice.storage.shipping.server_schema import TABLES, TableSpec
 
-__all__ = ["prepare_rows", "upsert_rows"]
+__all__ = ["prepare_rows", "prepare_values", "upsert_rows", "upsert_values"]
 
 
 def _json_value(value: Any) -> str | None:
@@ -61,24 +61,40 @@ def prepare_rows(
     Each row must have exactly the table's columns (:attr:`TableSpec.columns`): a missing
     column would silently blank the server's value, so it is a :class:`ValueError`.
     """
+    getter = itemgetter(*spec.columns)
+    ncols = len(spec.columns)
+
+    def values_of(rows: Iterable[Mapping[str, Any]]) -> Iterator[Sequence[Any]]:
+        for row in rows:
+            try:
+                values = getter(row)
+            except KeyError:
+                values = None
+            if values is None or len(row) != ncols:
+                missing = sorted(set(spec.columns) - set(row.keys()))
+                extra = sorted(set(row.keys()) - set(spec.columns))
+                raise ValueError(
+                    f"{spec.name} row: missing columns {missing}, unknown columns {extra}"
+                )
+            yield values
+
+    return prepare_values(spec, device_id, values_of(rows))
+
+
+def prepare_values(
+    spec: TableSpec, device_id: str, rows: Iterable[Sequence[Any]]
+) -> list[tuple[Any, ...]]:
+    """Like :func:`prepare_rows`, for rows given as values in :attr:`TableSpec.columns`
+    order (the shipper reads them so: no dict per row)."""
     if not isinstance(device_id, str) or not device_id:
         raise ValueError("device_id must be a non-empty string")
-    getter = itemgetter(*spec.columns)
     ncols = len(spec.columns)
     conv = _converters(spec)
     key_at = [spec.columns.index(c) for c in spec.key]
     out: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-    for row in rows:
-        try:
-            values = getter(row)
-        except KeyError:
-            values = None
-        if values is None or len(row) != ncols:
-            missing = sorted(set(spec.columns) - set(row.keys()))
-            extra = sorted(set(row.keys()) - set(spec.columns))
-            raise ValueError(
-                f"{spec.name} row: missing columns {missing}, unknown columns {extra}"
-            )
+    for values in rows:
+        if len(values) != ncols:
+            raise ValueError(f"{spec.name} row: {len(values)} values for {ncols} columns")
         if conv:
             values = list(values)
             for i, fn in conv:
@@ -106,15 +122,30 @@ def _upsert_sql(spec: TableSpec) -> sql.Composed:
     ).format(target=target, cols=cols, stage=_stage(spec), key=key, sets=sets, old=old, new=new)
 
 
+def _spec(table: str) -> TableSpec:
+    spec = TABLES.get(table)
+    if spec is None:
+        raise ValueError(f"unknown table {table!r}; shipped tables: {', '.join(TABLES)}")
+    return spec
+
+
 def upsert_rows(conn: psycopg.Connection, table: str, device_id: str,
                 rows: Iterable[Mapping[str, Any]]) -> int:
     """Upsert ``rows`` of ``table`` for ``device_id`` in one transaction; returns the number
     of distinct rows sent. ``conn`` must be in autocommit mode (each batch its own
     transaction). psycopg errors propagate after the rollback."""
-    spec = TABLES.get(table)
-    if spec is None:
-        raise ValueError(f"unknown table {table!r}; shipped tables: {', '.join(TABLES)}")
-    prepared = prepare_rows(spec, device_id, rows)
+    spec = _spec(table)
+    return _upsert(conn, spec, prepare_rows(spec, device_id, rows))
+
+
+def upsert_values(conn: psycopg.Connection, table: str, device_id: str,
+                  rows: Iterable[Sequence[Any]]) -> int:
+    """:func:`upsert_rows` for rows given as values in the table's column order."""
+    spec = _spec(table)
+    return _upsert(conn, spec, prepare_values(spec, device_id, rows))
+
+
+def _upsert(conn: psycopg.Connection, spec: TableSpec, prepared: list[tuple[Any, ...]]) -> int:
     if not prepared:
         return 0
     cols = sql.SQL(", ").join(map(sql.Identifier, ("device_id", *spec.columns)))

@@ -1,0 +1,111 @@
+"""The watchers of one connection, each a task that waits on the run's state (never polls):
+keepalive pings, recycling before the session limit, giving up on a late transcript, hanging up
+after the goodbye, and ``STATUS=``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from r2d2voice.link.state import Console, LinkPolicy, LinkState
+from r2d2voice.link.transport import LinkClosed, Transport
+from r2d2voice.realtime.conversation import Turn
+
+if TYPE_CHECKING:
+    from r2d2voice.link.connection import Ending
+    from r2d2voice.link.effects import Effects
+
+log = logging.getLogger("r2d2voice.link.connection")
+
+Close = Callable[[], Awaitable[None]]
+
+
+async def keepalive(transport: Transport, policy: LinkPolicy, ending: Ending,
+                    close: Close) -> None:
+    """A ping the service does not answer in time means the link is dead."""
+    while True:
+        await trio.sleep(policy.ping_interval)
+        with trio.move_on_after(policy.ping_timeout) as waited:
+            try:
+                await transport.ping()
+            except LinkClosed:
+                return
+        if waited.cancelled_caught:
+            ending.lost = "ping timeout"
+            await close()
+            return
+
+
+async def recycle(state: LinkState, policy: LinkPolicy, ending: Ending, close: Close) -> None:
+    """Before the service's session limit, start a fresh session at a quiet moment: nothing
+    open and no reply audio queued, for ``quiet_seconds`` in a row."""
+    await trio.sleep(policy.session_max_seconds)
+    log.info("session limit near: recycling the connection at the next quiet moment")
+
+    def quiet() -> bool:
+        return state.conversation.settled and state.buffer.queued_samples() == 0
+
+    await _hold(state, quiet, policy.quiet_seconds)
+    ending.recycle = True
+    await close()
+
+
+async def give_up_transcripts(state: LinkState, policy: LinkPolicy) -> None:
+    """A user transcript still missing ``transcript_wait`` seconds after everything else was
+    done never comes: stop waiting for it (it must not hold up a replay's end or recycling)."""
+    conv = state.conversation
+    while True:
+        await state.watch.wait_for(lambda: conv.turn is Turn.TRANSCRIBING)
+        with trio.move_on_after(policy.transcript_wait) as waited:
+            await state.watch.wait_for(lambda: conv.turn is not Turn.TRANSCRIBING)
+        if waited.cancelled_caught:
+            items = conv.give_up_transcripts()
+            log.warning("no transcript of %s within %.0f s: no longer waiting for it",
+                        ", ".join(items), policy.transcript_wait)
+            state.watch.changed()
+
+
+async def hang_up(effects: Effects, ending: Ending, close: Close) -> None:
+    """After the goodbye (:class:`HangUp`), once the speaker has played it, close the session."""
+    await effects.hang_up.wait()
+    await effects.state.watch.wait_for(effects.speaker_drained)
+    log.info("conversation ended by the robot (end_conversation): hanging up")
+    ending.hangup = True
+    await close()
+
+
+async def status(state: LinkState, console: Console) -> None:
+    """Keep STATUS= true; the watch changes on every event and when the speaker starts or
+    drains (repeats are skipped by the console)."""
+    while True:
+        console.status(status_text(state))
+        await state.watch.next_change()
+
+
+def status_text(state: LinkState) -> str:
+    """What the robot is doing, for ``systemctl status``."""
+    conv, queued = state.conversation, state.buffer.queued_samples() > 0
+    if conv.user_speaking:
+        return "listening (you are speaking)"
+    if conv.active_response and not queued:
+        return "thinking"
+    if queued or conv.active_response:
+        return "speaking"
+    if conv.turn is Turn.ACTING:
+        return "acting (" + ", ".join(conv.tools.running) + ")"
+    if conv.turn is Turn.RESPONDING:
+        return "thinking"
+    return "listening"
+
+
+async def _hold(state: LinkState, predicate: Callable[[], bool], seconds: float) -> None:
+    """Until ``predicate`` has held for ``seconds`` in a row."""
+    while True:
+        await state.watch.wait_for(predicate)
+        with trio.move_on_after(seconds) as still:
+            await state.watch.wait_for(lambda: not predicate())
+        if still.cancelled_caught:
+            return

@@ -1,0 +1,108 @@
+"""``serve-local --script FILE``: what the local backend says or calls, turn by turn (data).
+
+A JSON file (a list of turns, or ``{"turns": [...]}``) or a TOML file (``[[turn]]`` tables).
+A turn is a table with any of:
+
+- ``say``: the reply's transcript (the audio is still beeps);
+- ``call``: the name of a function tool to call, with ``arguments`` — a table (sent as
+  indented JSON, whitespace and newlines included) or a string sent verbatim (e.g. invalid
+  JSON); ``say`` with ``call`` is a spoken preamble before the call.
+
+An empty turn (``{}``) is the default beeps; so is every turn past the end of the script. A
+reply that answers a tool's output does not use a turn: it quotes the output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["Script", "ScriptError", "ScriptTurn", "load_script", "parse_script"]
+
+_KEYS = {"say", "call", "arguments"}
+
+
+class ScriptError(ValueError):
+    """A script file that cannot be used; ``str()`` is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class ScriptTurn:
+    """One scripted reply: words, a tool call, both (preamble + call), or neither (beeps)."""
+
+    say: str | None = None
+    call: str | None = None
+    arguments: str = "{}"
+
+
+@dataclass(frozen=True)
+class Script:
+    turns: tuple[ScriptTurn, ...] = ()
+
+    def turn(self, number: int) -> ScriptTurn:
+        """Turn ``number`` (from 1); past the end, the default beeps."""
+        return self.turns[number - 1] if 0 < number <= len(self.turns) else ScriptTurn()
+
+
+def load_script(path: str | Path) -> Script:
+    """The script in ``path`` (``.toml``: TOML, anything else: JSON)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ScriptError(f"{path}: cannot read the script: {why}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ScriptError(f"{path}: {str(exc).splitlines()[0]}") from None
+    return parse_script(data, str(path))
+
+
+def parse_script(data: Any, where: str = "script") -> Script:
+    """A :class:`Script` from decoded JSON/TOML (``where`` names it in errors)."""
+    if isinstance(data, dict):
+        unknown = set(data) - {"turn", "turns"}
+        if unknown:
+            raise ScriptError(f"{where}: unknown key {sorted(unknown)[0]!r} (expected 'turn' "
+                              "tables in TOML or a 'turns' list in JSON)")
+        data = data.get("turns", data.get("turn", []))
+    if not isinstance(data, list):
+        raise ScriptError(f"{where}: expected a list of turns")
+    return Script(tuple(_turn(raw, f"{where}: turn {i}") for i, raw in enumerate(data, 1)))
+
+
+def _turn(raw: Any, where: str) -> ScriptTurn:
+    if not isinstance(raw, dict):
+        raise ScriptError(f"{where}: expected a table/object")
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ScriptError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: arguments, "
+                          "call, say)")
+    say, call, arguments = raw.get("say"), raw.get("call"), raw.get("arguments")
+    if say is not None and not isinstance(say, str):
+        raise ScriptError(f"{where}: 'say' must be a string")
+    if call is not None and (not isinstance(call, str) or not call):
+        raise ScriptError(f"{where}: 'call' must be a tool name")
+    if arguments is not None and call is None:
+        raise ScriptError(f"{where}: 'arguments' without 'call'")
+    if arguments is None:
+        text = "{}"
+    elif isinstance(arguments, str):
+        text = arguments
+    elif isinstance(arguments, dict):
+        text = json.dumps(arguments, indent=2)
+    else:
+        raise ScriptError(f"{where}: 'arguments' must be a table/object or a string")
+    return ScriptTurn(say, call, text)
