@@ -101,11 +101,12 @@ class Shipping:
         if not self._done.is_set():
             log.warning("fleet: the last ship took over %g s; the rest ships next time",
                         deadline)
-        elif status is not None and status.state == "ok" and status.last is not None:
-            log.info("fleet: %s", status.last)
-        elif status is not None and status.state == "waiting":
-            log.warning("fleet: not shipped now (%s); the next run or `r2d2voice ship` sends it",
-                        status.reason)
+        elif status is not None and status.state == "ok":
+            log.info("fleet: up to date on %s as device '%s' (%d rows shipped)",
+                     self.plan.server, self.plan.device_id, status.shipped)
+        elif status is not None and status.state == "waiting":  # the reason is logged
+            log.warning("fleet: not shipped this time; the next run or `r2d2voice ship` "
+                        "sends it")
         return status
 
 
