@@ -15,11 +15,17 @@ Then it times arming alone (the write lock a first ship holds while it queues ev
 upserts through ``Writer.upsert_message``, one transaction each as in a run, without the
 change log, with it installed but not armed (a robot that never ships), and armed.
 
+``--loop-lag`` instead measures what shipping costs the conversation: a task ticking every
+20 ms on the trio event loop (the microphone's pace) while ``ship_alongside`` (what ``run``
+starts) ships the whole database in its worker thread, against the same ticker alone. It
+prints how late the ticks came (median, p99, max).
+
 Without ``--url`` a throw-away cluster is started (``tests/pg.py``) and deleted afterwards.
 
     .venv/bin/python bench/ship_bench.py                       # 1,000,000 messages
     .venv/bin/python bench/ship_bench.py --rows 100000 --batch 2000
     .venv/bin/python bench/ship_bench.py --writer-cost [--dir /var/lib/r2d2voice]
+    .venv/bin/python bench/ship_bench.py --loop-lag --rows 200000
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import trio
+
 from r2d2voice.storage.database import Store
+from r2d2voice.storage.shipping.alongside import ShipPlan, ship_alongside
+from r2d2voice.storage.shipping.forever import ShipStatus
 from r2d2voice.storage.shipping.local import arm, ensure_ship_log
 from r2d2voice.storage.timestamps import format_ts
 
@@ -160,6 +170,56 @@ def bench_writer(workdir: Path, n: int = 10_000, rounds: int = 3) -> None:
         print(f"  {mode:<16} {best[mode] * 1e6:8.1f} µs per upsert")
 
 
+TICK = 0.02  # the microphone's frame
+
+
+async def _tick_until(done: trio.Event, seconds: float | None = None) -> list[float]:
+    """Lateness (s) of each 20 ms tick until ``done`` is set (or ``seconds`` passed)."""
+    late: list[float] = []
+    start = trio.current_time()
+    n = 0
+    while not done.is_set() and (seconds is None or n * TICK < seconds):
+        n += 1
+        await trio.sleep_until(start + n * TICK)
+        late.append(trio.current_time() - (start + n * TICK))
+    return late
+
+
+def _lag_row(name: str, late: list[float], extra: str = "") -> None:
+    late = sorted(late)
+    ms = [x * 1000 for x in (late[len(late) // 2], late[int(len(late) * 0.99)], late[-1])]
+    print(f"{name:<22} {len(late):>7,} {ms[0]:>8.2f} {ms[1]:>8.2f} {ms[2]:>8.2f}  {extra}")
+
+
+async def _lag(path: Path, url: str, batch: int) -> None:
+    idle = await _tick_until(trio.Event(), seconds=10)
+    done = trio.Event()
+    last: list[ShipStatus] = []
+
+    def status(state: ShipStatus) -> None:
+        last.append(state)
+        if state.state != "waiting":
+            done.set()
+
+    t0 = trio.current_time()
+    async with ship_alongside(ShipPlan(str(path), url, "bench-robot"), status=status,
+                              batch=batch):
+        late = await _tick_until(done)
+        seconds = trio.current_time() - t0
+    print(f"{'ticker':<22} {'ticks':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    _lag_row("alone", idle)
+    shipped = last[-1].shipped if last else 0
+    _lag_row("while shipping", late,
+             f"{shipped:,} rows in {seconds:.1f} s ({last[-1].state if last else '-'})")
+
+
+def bench_lag(args: argparse.Namespace, workdir: Path) -> None:
+    path = workdir / "robot.db"
+    make_database(path, args.rows, args.per_session)
+    with server(args.url) as url:
+        trio.run(_lag, path, url, args.batch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="fleet server (default: a throw-away local cluster)")
@@ -170,10 +230,14 @@ def main() -> None:
     parser.add_argument("--dir", help="where the robot database goes (default: a temp dir)")
     parser.add_argument("--writer-cost", action="store_true",
                         help="measure the change log's cost on the write path instead")
+    parser.add_argument("--loop-lag", action="store_true",
+                        help="measure how late a 20 ms ticker gets while shipping instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         if args.writer_cost:
             bench_writer(Path(tmp))
+        elif args.loop_lag:
+            bench_lag(args, Path(tmp))
         else:
             bench_ship(args, Path(tmp))
     os.sync()

@@ -4,6 +4,8 @@ backend, scrubbed settings."""
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -26,9 +28,48 @@ def pg_server() -> Iterator[PgServer]:
         yield server
 
 
+@pytest.fixture
+def db(pg_server: PgServer) -> Iterator[str]:
+    """A fresh PostgreSQL database of this test's own on ``pg_server`` (its name); dropped after.
+    Test modules about SQLite files define their own ``db``."""
+    name = pg_server.create_database()
+    yield name
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def url(pg_server: PgServer, db: str) -> str:
+    """The ``postgresql://`` URL of :func:`db`."""
+    return pg_server.url(db)
+
+
 @pytest.fixture(autouse=True)
 def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reads the developer's own R2D2_*/OPENAI*/REALTIME* settings or systemd sockets."""
+    """No test reads the developer's own R2D2_*/OPENAI*/REALTIME* settings, systemd sockets or
+    libpq's PGHOST/PGPASSWORD/PGSERVICE..."""
     for key in list(os.environ):
-        if key.startswith(SCRUBBED_PREFIXES):
+        if key.startswith((*SCRUBBED_PREFIXES, "PG")):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+    """systemd's side of ``$NOTIFY_SOCKET``: an abstract AF_UNIX datagram socket, non-blocking;
+    yields (the ``@name`` address for ``$NOTIFY_SOCKET``, the socket)."""
+    name = f"r2d2voice-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(b"\0" + name.encode())
+    sock.setblocking(False)
+    yield "@" + name, sock
+    sock.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (two workers on a two-core machine), every test of the PulseAudio rig
+    runs on one worker and every PostgreSQL test on one worker, so each server is started once."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "pulse_rig" in names or item.get_closest_marker("pulse"):
+            item.add_marker(pytest.mark.xdist_group("pulse"))
+        elif "pg_server" in names:
+            item.add_marker(pytest.mark.xdist_group("postgresql"))

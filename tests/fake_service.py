@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import trio
 
+from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.audio.vad import EnergyVad
 from r2d2voice.audio.vad import SpeechStarted as VadStarted
 from r2d2voice.errors import RuntimeFailure
@@ -246,6 +247,16 @@ def speech(*parts: float) -> np.ndarray:
         else:
             out.append(np.zeros(n, np.int16))
     return np.concatenate(out)
+
+
+def fast(*parts: float) -> FileSource:
+    """:func:`speech` as a file source read as fast as the pipeline takes it."""
+    return FileSource(speech(*parts), realtime=False, vad=VadParams())
+
+
+def realtime(*parts: float) -> FileSource:
+    """:func:`speech` as a file source paced like a microphone (on the test's clock)."""
+    return FileSource(speech(*parts), realtime=True, vad=VadParams())
 
 
 class NullSink:

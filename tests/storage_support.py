@@ -147,6 +147,16 @@ def write_report_db(path: Path) -> dict[str, str]:
     return {"a": a, "b": b, "c": c}
 
 
+def add_local_session(path: Path) -> str:
+    """A session on the local backend (as a run records it: backend and model "local"),
+    started after c and labelled on day 2, with one response of known usage: r6."""
+    with Store.open(path, now=SteppedClock(DAY2 + timedelta(minutes=30))) as store:
+        sid = store.write.start_session(backend="local", model="local", voice=None)
+        store.write.record_response(sid, response_id="r6", status="completed",
+                                    usage=usage(10, 200, 0, 5, 300))
+    return sid
+
+
 # ---------------------------------------------------------------------------- tool executions
 
 
@@ -175,3 +185,19 @@ async def record_a_conversation_with_tools(db: Path, *, store_text: bool = True)
                              StoreMessage("assistant", "a2", 7, "Noted.", "r1")])
     await store.aclose()
     return sid
+
+
+def add_wake_sessions(path: Path) -> None:
+    """Four wake-word sessions (three spoken, one external), three of them over."""
+    wakes = [("word", 0.91, 812, 14.5, "idle"), ("word", 0.88, 640, 3.0, "ended"),
+             ("external", None, None, 1.0, "no service"), ("word", 0.95, None, None, None)]
+    with Store.open(path, now=lambda: DAY1) as s:
+        for source, score, ready, length, end in wakes:
+            sid = s.write.start_session(backend="local", model="m", voice=None)
+            s.write.update_session_metadata(sid, {
+                "listen": "wake", "wake_source": source, "wake_word": "hey r2",
+                "wake_score": score, "wake_at_s": 12.5})
+            if end is not None:
+                s.write.update_session_metadata(sid, {
+                    "wake_ready_ms": ready, "conversation_s": length, "conversation_end": end})
+

@@ -1,12 +1,15 @@
 """Helpers shared by the tests: signals (tones, silence, espeak speech), a scrubbed environment,
-the CLI in a subprocess, and the local backend on a loopback port."""
+the CLI in a subprocess, the local backend on a loopback port, and systemd's notify socket."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -96,3 +99,75 @@ async def local_backend(**config: Any) -> AsyncIterator[str]:
         port = await nursery.start(serve_local, "127.0.0.1", 0, BackendConfig(**config))
         yield f"ws://127.0.0.1:{port}/v1/realtime"
         nursery.cancel_scope.cancel()
+
+
+# -- systemd's side of $NOTIFY_SOCKET -------------------------------------------------------------
+
+
+def drain(sock: socket.socket) -> list[str]:
+    """Every datagram queued on the non-blocking ``sock``, decoded, in arrival order."""
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+def statuses(sock: socket.socket) -> list[str]:
+    """The ``STATUS=`` values queued on the non-blocking ``sock``, in order."""
+    return [line[len("STATUS="):] for message in drain(sock) for line in message.splitlines()
+            if line.startswith("STATUS=")]
+
+
+class NotifyListener:
+    """A bound ``AF_UNIX`` datagram socket standing in for systemd's ``$NOTIFY_SOCKET`` of a
+    child process; a thread receives every datagram (one sd_notify message of ``KEY=value``
+    lines) in arrival order."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="r2n-")  # AF_UNIX socket paths are short (108 B)
+        self.path = os.path.join(self._dir, "notify")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.path)
+        self._sock.settimeout(0.05)
+        self._messages: list[str] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                if self._closing.is_set():
+                    return  # nothing left in the queue
+                continue
+            except OSError:
+                return
+            self._messages.append(data.decode())
+
+    def close(self) -> None:
+        """Stop after draining what is already queued (messages sent before the child exited)."""
+        self._closing.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> NotifyListener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def messages(self) -> list[str]:
+        return list(self._messages)
+
+    def lines(self) -> list[str]:
+        """Every ``KEY=value`` line, in the order they came."""
+        return [line for msg in self.messages for line in msg.splitlines()]
+
+    def statuses(self) -> list[str]:
+        return [line[len("STATUS="):] for line in self.lines() if line.startswith("STATUS=")]

@@ -11,16 +11,25 @@ import json
 import logging
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 import trio
-from support import SCRUBBED_PREFIXES
+from support import SCRUBBED_PREFIXES, tone
 
 from r2d2voice.audio.capture import CaptureStatistics, _Capture
-from r2d2voice.audio.devices import DeviceInfo, DeviceUnavailable, list_devices, resolve_device
+from r2d2voice.audio.devices import (
+    DeviceInfo,
+    DeviceUnavailable,
+    format_devices,
+    list_devices,
+    resolve_device,
+)
+from r2d2voice.audio.playback import PlaybackStatistics, _Output
+from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.errors import ConfigError
 
 
@@ -196,8 +205,16 @@ def test_exact_name_beats_substring_and_direction_matters():
 
 
 def test_no_default_device_is_a_device_to_wait_for():
-    with pytest.raises(DeviceUnavailable, match="no default output device; outputs: none"):
+    with pytest.raises(DeviceUnavailable, match=r"no default output device; outputs: none$"):
         resolve_device(None, "output", [_dev(0, "mic", 1, 0)])
+
+
+def test_no_devices_at_all_says_what_to_check():
+    hint = "is the sound server running, and is this user in the 'audio' group?"
+    with pytest.raises(DeviceUnavailable) as exc:
+        resolve_device("QuadCast", "input", [])
+    assert str(exc.value) == f"no input device matches 'QuadCast'; inputs: none ({hint})"
+    assert format_devices([]).splitlines()[-1] == f"no sound devices: {hint}"
 
 
 # -- missing PortAudio ------------------------------------------------------------------------
@@ -265,8 +282,13 @@ CAPTURE_SCRIPT = """
 import json, sys
 import numpy as np
 import trio
+import r2d2voice.audio.capture
 from r2d2voice.audio.capture import CaptureStatistics, run_capture
 from r2d2voice.audio.devices import resolve_device
+
+# A shorter stall than the appliance's 3 s, still well over the 0.6 s suspension below (which
+# must not count as a stall): the same reopening, sooner.
+r2d2voice.audio.capture.STALL_SECONDS = 1.5
 
 tone, out = sys.argv[1], sys.argv[2]
 RATES = {"48000": 48000, "default": None}
@@ -313,6 +335,14 @@ async def main():
         resumed = trio.current_time()
         await pactl("suspend-sink", "mic", "0")
         await trio.sleep(0.4)
+        # A microphone silent for longer than STALL_SECONDS: the stream is opened again.
+        await pactl("suspend-sink", "mic", "1")
+        with trio.move_on_after(10):  # (a capture that never reopens fails the tests)
+            while not all(got["stats"].reopens for got in captures.values()):
+                await trio.sleep(0.05)
+        await pactl("suspend-sink", "mic", "0")
+        stalled = trio.current_time()
+        await trio.sleep(0.5)
         for scope in scopes:
             scope.cancel()
 
@@ -327,7 +357,9 @@ async def main():
             "samplerate": stats.samplerate,
             "last_frame_time": stats.last_frame_time,
             "during_suspension": int(np.sum((times > suspended + 0.15) & (times < resumed))),
-            "after_resume": int(np.sum(times > resumed)),
+            "after_resume": int(np.sum((times > resumed) & (times < resumed + 0.4))),
+            "reopens": stats.reopens,
+            "after_stall": int(np.sum(times > stalled)),
         }
     print(json.dumps(report))
 
@@ -338,7 +370,8 @@ trio.run(main)
 @pytest.fixture(scope="module")
 def captured(pulse_rig, tmp_path_factory) -> tuple[dict, Path]:
     """0.5 s of 440 Hz played into the mic while ``pulse`` is captured at 48 kHz and at its
-    default rate at once; then the mic is suspended for 0.6 s and resumed."""
+    default rate at once; then the mic is suspended for 0.6 s and resumed, then suspended for
+    longer than STALL_SECONDS and resumed."""
     tmp = tmp_path_factory.mktemp("capture")
     tone = tmp / "tone.wav"
     soundfile.write(tone, _tone(440, 0.5, 48000), 48000, subtype="PCM_16")
@@ -376,6 +409,15 @@ def test_a_suspended_microphone_delivers_no_frames_and_capture_resumes(captured,
     info = captured[0][rate]
     assert info["during_suspension"] == 0, info
     assert info["after_resume"] >= 5, info
+
+
+@pytest.mark.pulse
+@pytest.mark.parametrize("rate", ["48000", "default"])
+def test_a_microphone_silent_for_seconds_is_opened_again_and_delivers(captured, rate):
+    info = captured[0][rate]
+    assert info["reopens"] >= 1, info
+    assert info["after_stall"] >= 5, info  # frames flow again, in the same channel
+    assert info["ended"] is True
 
 
 def _capture(send: trio.MemorySendChannel[bytes], stats: CaptureStatistics) -> _Capture:
@@ -436,6 +478,86 @@ async def test_capture_stops_delivering_once_the_receiver_is_gone() -> None:
     assert stats.frames_sent == 0 and stats.frames_dropped == 0
 
 
+async def test_quiet_audio_goes_to_trio_in_100ms_batches_and_block_by_block_when_urgent():
+    send, receive = trio.open_memory_channel[bytes](1000)
+    capture = _capture(send, CaptureStatistics())
+    drains: list[int] = []
+    capture.on_block = lambda: drains.append(capture.read)
+    blocks = iter(_blocks(1.0))  # 20 ms blocks at 48 kHz
+
+    async def push(n: int) -> None:
+        for _ in range(n):
+            capture.push(next(blocks), False)  # as PortAudio's thread does
+            await trio.testing.wait_all_tasks_blocked()  # trio runs what was handed over
+
+    await push(4)
+    assert drains == []  # 80 ms: nobody woken yet
+    await push(1)
+    assert drains == [5 * 960]  # one wake-up for the 100 ms batch
+    await push(7)
+    assert drains == [5 * 960, 10 * 960]
+    capture.set_urgent(True)  # a turn opens: what waits goes at once ...
+    assert drains[-1] == 12 * 960
+    await push(3)  # ... and each block from now on
+    assert drains[-3:] == [13 * 960, 14 * 960, 15 * 960]
+    assert receive.statistics().current_buffer_used > 0
+
+
+async def test_a_ring_trio_did_not_drain_for_a_second_loses_the_newest_blocks():
+    send, receive = trio.open_memory_channel[bytes](1000)
+    stats = CaptureStatistics()
+    capture = _capture(send, stats)
+    blocks = _blocks(1.2)
+    for block in blocks:  # 1.2 s arrive while trio is busy elsewhere
+        capture.push(block, False)
+    assert stats.overflows == 10  # the ring holds 1 s: 10 blocks of 20 ms are lost
+    capture.drain()
+    reference_send, reference = trio.open_memory_channel[bytes](1000)
+    expected = _capture(reference_send, CaptureStatistics())
+    for block in blocks[:50]:
+        _deliver(expected, block)
+    # what was kept is the first second, intact
+    got = [receive.receive_nowait() for _ in range(receive.statistics().current_buffer_used)]
+    want = [reference.receive_nowait() for _ in range(reference.statistics().current_buffer_used)]
+    assert got == want and len(got) >= 45
+
+
+def _callbacks(output: _Output, n: int, frames: int = 480) -> np.ndarray:
+    """``n`` PortAudio output callbacks of ``frames`` stereo samples; the left channel."""
+    status = types.SimpleNamespace(output_underflow=False)
+    played = []
+    for _ in range(n):
+        block = np.full((frames, 2), 7, dtype=np.int16)  # garbage: the callback must overwrite
+        output.callback(block, frames, None, status)
+        played.append(block[:, 0].copy())
+    return np.concatenate(played)
+
+
+def test_the_speaker_plays_a_reply_to_its_end_then_idles_without_resampling():
+    buffer, stats = PlayoutBuffer(), PlaybackStatistics()
+    output = _Output(buffer, stats)
+    output.configure(48000)
+    reply = tone(0.3, dbfs=-20.0)
+    buffer.push("a", reply)
+    out = _callbacks(output, 60)  # 0.6 s at 48 kHz
+    assert buffer.played_samples("a") == len(reply) and output.silent
+    # all of the reply came out (twice the samples at twice the rate), none of its tail stuck
+    energy = float(np.sum(out.astype(np.float64) ** 2)) / 2
+    assert energy == pytest.approx(float(np.sum(reply.astype(np.float64) ** 2)), rel=0.02)
+    assert not np.any(out[-4800:])  # then silence
+
+    resampled = []
+    real = output.resampler.process
+    output.resampler.process = lambda x: (resampled.append(len(x)), real(x))[1]
+    assert not np.any(_callbacks(output, 20))  # idle: zeros, and no work for them
+    assert resampled == []
+    buffer.push("b", tone(0.2, dbfs=-20.0, freq=660.0))
+    out = _callbacks(output, 40)
+    active = np.flatnonzero(np.abs(out) > 100)
+    assert active[0] < 3 * 480  # the next reply starts within 30 ms
+    assert buffer.played_samples("b") == 4800 and stats.callback_errors == 0
+
+
 # -- playback ---------------------------------------------------------------------------------
 
 PLAYBACK_SCRIPT = """
@@ -443,11 +565,12 @@ import json, sys
 import numpy as np
 import trio
 from r2d2voice.audio.devices import resolve_device
-from r2d2voice.audio.playback import IDLE_STOP_SECONDS, PlaybackStatistics, run_playback
+from r2d2voice.audio.playback import PlaybackStatistics, run_playback
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 
 spec = sys.argv[1]
 rate = None if sys.argv[2] == "default" else int(sys.argv[2])
+IDLE_STOP = 0.6  # the appliance's 1 s would only make the test longer; 3x the pauses below
 
 def tone(freq, seconds):
     t = np.arange(int(seconds * 24000)) / 24000
@@ -463,14 +586,15 @@ async def main():
     send, receive = trio.open_memory_channel(8)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: run_playback(
-            receive, buffer, device, samplerate=rate, stats=stats, task_status=task_status))
+            receive, buffer, device, samplerate=rate, stats=stats, idle_stop=IDLE_STOP,
+            task_status=task_status))
         async with send:
             await send.send(AudioChunk("a", tone(440, 0.2)))
             await trio.sleep(0.4)   # reply "a" runs dry mid-way: an underrun
             await send.send(AudioChunk("a", tone(440, 0.2)))
             await trio.sleep(0.4)   # a pause between replies is not an underrun
             await send.send(AudioChunk("b", tone(660, 0.3)))
-            await trio.sleep(0.3 + IDLE_STOP_SECONDS + 0.5)  # idle: the stream stops
+            await trio.sleep(0.3 + IDLE_STOP + 0.5)  # idle: the stream stops
             stopped = stats.starts
             await send.send(AudioChunk("c", tone(880, 0.2)))  # ... and starts again
         # run_playback drains the buffer and returns on its own
@@ -501,7 +625,7 @@ def test_playback_plays_replies_and_counts_what_was_played(
     assert info["played_a"] == 2 * 4800  # every pushed sample was handed to the device
     assert info["played_b"] == 7200
     assert info["played_c"] == 4800
-    # the stream ran from "a" to after "b" (pauses shorter than IDLE_STOP_SECONDS), stopped
+    # the stream ran from "a" to after "b" (pauses shorter than its idle_stop), stopped
     # while nothing played, and started again for "c"
     assert info["starts_before_c"] == 1 and info["starts"] == 2
     assert info["queued"] == 0

@@ -38,7 +38,12 @@ pytestmark = pytest.mark.pulse
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 HELLO = SAMPLES / "hello.wav"
+HELLO_UNTIL_S = 1.15  # "Hello R2." (the rest of the sample only makes the test longer)
 QUESTION = SAMPLES / "question.wav"
+QUESTION_UNTIL_S = 1.2  # "What time is it ..."
+#: a turn ends after 200 ms of silence (R2D2_VAD_SILENCE_MS; the default 500 ms only makes
+#: the test slower)
+VAD_SILENCE_MS = 200
 
 #: Gain of the speaker -> microphone path: beeps at -15 dBFS RMS reach the mic at about
 #: -33 dBFS RMS, 7 dB above the VAD threshold and 8 dB below the barge-in level.
@@ -47,9 +52,9 @@ VAD_DBFS = threshold_to_dbfs(0.5)  # R2D2_VAD_THRESHOLD default: -40 dBFS RMS
 BARGE_IN_DBFS = -25.0  # R2D2_BARGE_IN_DBFS default
 LOUD_DBFS = -10.0  # someone talking over the robot, close to the mic
 REPLY_SECONDS = 2.0
-#: After the reply: the echo tail (0.3 s), a VAD onset and the 500 ms of silence that would
-#: close a turn made of echo, and slack for device latencies.
-AFTER_REPLY = 1.6
+#: After the reply: the echo tail (0.3 s), a VAD onset and the VAD_SILENCE_MS of silence that
+#: would close a turn made of echo, and slack for device latencies.
+AFTER_REPLY = 1.3
 
 
 def _frame_dbfs(pcm: np.ndarray, rate: int) -> np.ndarray:
@@ -172,11 +177,12 @@ async def _until(db: Path, role: str, count: int, timeout: float = 10) -> None:
             await trio.sleep(0.05)
 
 
-def _trimmed(path: Path, tmp_path: Path, gain_dbfs: float | None = None) -> Path:
-    """``path`` without its leading 0.25 s of silence, optionally at ``gain_dbfs`` RMS while
-    speaking, as a WAV file in ``tmp_path``."""
+def _trimmed(path: Path, tmp_path: Path, until_s: float, gain_dbfs: float | None = None
+             ) -> Path:
+    """``path`` from 0.25 s (its leading silence cut) to ``until_s``, optionally at
+    ``gain_dbfs`` RMS while speaking, as a WAV file in ``tmp_path``."""
     speech, rate = sf.read(path, dtype="int16")
-    speech = speech[rate // 4 :]
+    speech = speech[rate // 4 : round(until_s * rate)]
     if gain_dbfs is not None:
         frames = _frame_dbfs(speech, rate)
         level = 10 * np.log10(np.mean(10 ** (frames[frames > -50] / 10)))  # while speaking
@@ -197,7 +203,8 @@ async def converse(rig: PulseRig, tmp_path: Path, duplex: str,
                            observer=lambda _sid, event: events.append(event))
     notify = Notifications()
     env = {k: v for k, v in rig.env.items() if not k.startswith(SCRUBBED_PREFIXES)}
-    env.update(HOME=str(tmp_path), NOTIFY_SOCKET="@" + notify.name)
+    env.update(HOME=str(tmp_path), NOTIFY_SOCKET="@" + notify.name,
+               R2D2_VAD_SILENCE_MS=str(VAD_SILENCE_MS))
     log = tmp_path / "run.log"
     with open(log, "wb") as stderr:
         async with trio.open_nursery() as nursery:
@@ -232,8 +239,8 @@ def test_the_rig_leaks_between_the_vad_threshold_and_the_barge_in_level(leaky_ro
 async def test_half_duplex_loud_speech_barges_in_and_the_leak_does_not(
     pulse_rig, leaky_room, tmp_path
 ):
-    hello = _trimmed(HELLO, tmp_path)
-    loud = _trimmed(QUESTION, tmp_path, gain_dbfs=LOUD_DBFS)
+    hello = _trimmed(HELLO, tmp_path, HELLO_UNTIL_S)
+    loud = _trimmed(QUESTION, tmp_path, QUESTION_UNTIL_S, gain_dbfs=LOUD_DBFS)
 
     async def script(db: Path) -> None:
         await _play(pulse_rig, hello)
@@ -263,7 +270,7 @@ async def test_full_duplex_the_leak_makes_the_robot_interrupt_itself(
     pulse_rig, leaky_room, tmp_path
 ):
     async def script(db: Path) -> None:
-        await _play(pulse_rig, _trimmed(HELLO, tmp_path))
+        await _play(pulse_rig, _trimmed(HELLO, tmp_path, HELLO_UNTIL_S))
         await _until(db, "user", 2)  # the robot's own beeps, heard back, make a turn
 
     run = await converse(pulse_rig, tmp_path, "full", script)

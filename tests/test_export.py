@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -15,7 +16,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import trio
 from storage_support import T0, SteppedClock, at, record_a_conversation_with_tools
+from support import clean_env
 
 from r2d2voice.errors import RuntimeFailure, UsageError
 from r2d2voice.reports.export import COLUMNS, export_command, run_export
@@ -37,6 +40,10 @@ AWKWARD = [
     "# not a heading\n- not a list\n\n    indented, after a blank line",
     "sep\u2028arators\x85too",
     "",
+    "*beep* <b>hi</b>",
+    "[a](b) ![c](d) `e` _f_ __g__ ~~h~~ &amp; x|y back\\slash\\",
+    "1. one\n2) two\n> quote\n  lead, trail  \n===\n\n",
+    "    code?\n\tTab | col\n--- | ---",
 ]
 
 
@@ -144,16 +151,43 @@ def test_csv_written_to_a_real_file_reads_back(awkward_db, tmp_path: Path) -> No
     assert [c[1:] if c.startswith("'") else c for c in cells] == AWKWARD
 
 
+_HARD_BREAK = re.compile(r"(?<!\\)((?:\\\\)*)\\$")  # an unescaped backslash ending a line
+_ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])|&#(\d+);")
+
+
+def unmarkdown(body: str) -> str:
+    """The text a CommonMark renderer shows for a turn's ``body`` (what follows ``": "``):
+    a line continues the turn only after a hard break (``\\`` at the end of the one before)
+    and indented four spaces; backslash escapes and numeric references give the character
+    they stand for. Fails on anything else (a soft break, a block, an unescaped markup
+    character)."""
+    lines = body.split("\n")
+    for line, following in itertools.pairwise(lines):
+        assert _HARD_BREAK.search(line), f"no hard break ending {line!r}"
+        assert following.startswith("    "), f"not indented: {following!r}"
+    plain = [_HARD_BREAK.sub(r"\1", line) for line in lines[:-1]] + lines[-1:]
+    plain = [plain[0]] + [line[4:] for line in plain[1:]]
+    for line in plain:
+        bare = _ESCAPED.sub("\0", line)  # what is left unescaped
+        assert not re.search(r"[\\`*\[\]<&|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", bare), line
+        # nothing a renderer would drop (edge spaces) or read as a block
+        assert not re.match(r"[ \t#>+=-]|\d+[.)](\s|$)", line), line
+        assert not line.endswith((" ", "\t")), line
+    return "\n".join(_ESCAPED.sub(lambda m: m[1] or chr(int(m[2])), line) for line in plain)
+
+
+def as_said(text: str) -> str:
+    """What a Markdown turn shows of ``text``: line ends as ``\\n``, none trailing."""
+    return re.sub(r"\n+$", "", re.sub(r"\r\n|\r", "\n", text))
+
+
 def parse_markdown_turns(md: str) -> list[tuple[str, str, str]]:
-    """(speaker, time note, text) per turn: continuation lines lose their 4-space indent."""
+    """(speaker, time note, text as rendered) per turn."""
     turns: list[tuple[str, str, str]] = []
     for block in md.split("\n\n"):
         m = re.match(r"\*\*(you|r2)\*\* \(([^)]*)\): (.*)", block, re.S)
-        if not m:
-            continue
-        first, *rest = m.group(3).split("\n")
-        assert all(line.startswith("    ") for line in rest)
-        turns.append((m.group(1), m.group(2), "\n".join([first] + [r[4:] for r in rest])))
+        if m:
+            turns.append((m.group(1), m.group(2), unmarkdown(m.group(3))))
     return turns
 
 
@@ -165,14 +199,40 @@ def test_markdown_is_readable_and_faithful(awkward_db) -> None:
     assert "Started 2025-11-21 09:30:00 UTC, ended 2025-11-21 09:31:40 UTC" in md
     assert "backend `local` · model `gpt-realtime` · voice `ash`" in md
     assert "**you** (09:30:01): He said \"hi\", then left\n" in md
-    assert "**r2** (09:30:02, interrupted after 1.2 s): two\n    lines\n" in md
-    # Every line of every text is in the file, in order, after its speaker label.
+    assert "**r2** (09:30:02, interrupted after 1.2 s): two\\\n    lines\n" in md
+    # Every text, line by line, renders back as it was said, after its speaker label.
     turns = parse_markdown_turns(md)
-    expected = [re.sub(r"\r\n|\r", "\n", t) for t in AWKWARD]
-    assert [t for _, _, t in turns] == expected
+    assert [t for _, _, t in turns] == [as_said(t) for t in AWKWARD]
     assert [s for s, _, _ in turns] == ["you", "r2"] * (len(AWKWARD) // 2)
-    # Lines that look like markdown blocks stay inside the turn, indented.
-    assert "): # not a heading\n    - not a list\n    \n        indented, after" in md
+    # Markup is escaped, not interpreted: emphasis, HTML, code, links, tables, entities ...
+    assert "**you** (09:30:15): \\*beep\\* \\<b>hi\\</b>\n" in md
+    assert ("): \\[a\\](b) !\\[c\\](d) \\`e\\` \\_f\\_ \\_\\_g\\_\\_ \\~\\~h\\~\\~ \\&amp; x\\|y"
+            " back\\\\slash\\\\\n") in md
+    # ... and so are lines that would start a block, or lose their edge spaces; a blank line
+    # is a hard break of its own, never the end of the turn's paragraph.
+    assert ("): \\# not a heading\\\n    \\- not a list\\\n    \\\n"
+            "    &#32;&#32;&#32;&#32;indented, after a blank line\n") in md
+    assert ("): 1\\. one\\\n    2\\) two\\\n    \\> quote\\\n"
+            "    &#32;&#32;lead, trail&#32;&#32;\\\n    \\===\n") in md
+
+
+def test_markdown_renders_back_to_the_transcript(awkward_db) -> None:
+    """With a real CommonMark renderer (markdown-it-py, tables and strikethrough on): each
+    turn is one paragraph of plain text and line breaks, the transcript as said."""
+    import markdown_it  # the test extra installs it
+
+    db, _ = awkward_db
+    tokens = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(
+        export(db, fmt="markdown")[1])
+    said = []
+    for inline in (t for t in tokens if t.type == "inline"):
+        kids = [k for k in inline.children or () if k.type != "text" or k.content]
+        if [k.type for k in kids[:3]] != ["strong_open", "text", "strong_close"]:
+            continue  # a session header
+        assert {k.type for k in kids[3:]} <= {"text", "hardbreak"}, inline.content
+        shown = "".join("\n" if k.type == "hardbreak" else k.content for k in kids[3:])
+        said.append(re.sub(r"^ \([^)]*\):( |$)", "", shown))
+    assert said == [as_said(t) for t in AWKWARD]
 
 
 def test_markdown_marks_days_and_continued_sessions(tmp_path: Path) -> None:
@@ -236,11 +296,15 @@ async def test_tool_executions_export_in_conversation_order_in_every_format(
         "**you** (09:30:01): look left, then note it",
         '🔧 **turn_head** (09:30:01): {"degrees": -90} → turned to -90 (ok, 41 ms)',
         "**r2** (09:30:02, interrupted after 0.8 s): Turning.",
-        '🔧 **note** (09:30:02): {"text": "=cmd|x"} → -disk\n    full (error, exit 2, 7 ms)',
-        "🔧 **fly\\_\\*away\\*** (09:30:02): {bad → unknown tool: fly_*away* (rejected)",
+        '🔧 **note** (09:30:02): {"text": "=cmd\\|x"} → \\-disk\\\n    full (error, exit 2, 7 ms)',
+        "🔧 **fly\\_\\*away\\*** (09:30:02): {bad → unknown tool: fly\\_\\*away\\* (rejected)",
         "🔧 **get_time** (09:30:03): {} (running)",
         "**r2** (09:30:03): Noted.",
     ]
+    # Arguments and outputs render back as they were (the tool's name too).
+    note = lines[3].split("): ", 1)[1].rsplit(" (error", 1)[0]
+    assert [unmarkdown(part) for part in note.split(" → ")] == ['{"text": "=cmd|x"}',
+                                                               "-disk\nfull"]
     # --role tool, and the message roles leave the tools out.
     assert [r["call_id"] for r in map(json.loads, export(db, role="tool")[1].splitlines())] \
         == ["call_1", "call_2", "call_3", "call_4"]
@@ -490,3 +554,46 @@ def test_output_to_a_fifo_is_written_in_place(three_days, tmp_path: Path) -> Non
     assert texts(got[0]) == ALL
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert sorted(os.listdir(tmp_path)) == ["pipe", "r2.db"]
+
+
+# ---------------------------------------------------------------------------- a reader gone
+
+# The CLI, with finalizer failures ("Exception ignored in ...") written to a file: the CLI
+# silences stderr once its reader is gone, which would hide them.
+_CLI_REPORTING_FINALIZERS = """
+import os, sys
+def report(u):
+    with open(os.environ["UNRAISABLE_LOG"], "a", encoding="utf-8") as f:
+        f.write(f"{u.exc_type.__name__}: {u.exc_value} in {u.object!r}\\n")
+sys.unraisablehook = report
+from r2d2voice.cli.main import main
+main(prog_name="r2d2voice")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "markdown"])
+def test_export_into_a_pipe_closed_early_is_quiet_and_closes_cleanly(
+        tmp_path: Path, fmt: str) -> None:
+    """``r2d2voice export | head -1``: exit 1, nothing on stderr, and no cursor outlives its
+    database (messages and tool executions, two cursors)."""
+    db = tmp_path / "r2.db"
+    trio.run(record_a_conversation_with_tools, db)
+    with Store.open(db) as s:  # ~1 MB: far more than a pipe holds
+        sid = s.write.start_session(backend="local", model="local", voice=None)
+        with s.write.batch():
+            for seq in range(1, 301):
+                say = f"{seq} " + "beep " * 800
+                s.write.upsert_message(sid, role="user", item_id=f"i{seq}", seq=seq, text=say)
+    log = tmp_path / "unraisable.log"
+    env = clean_env(HOME=str(tmp_path), UNRAISABLE_LOG=str(log))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CLI_REPORTING_FINALIZERS, "export", "--db", str(db),
+         "--format", fmt],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith((b'{"session_id": ', b"# r2d2voice"))
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert err == b""
+    assert not log.exists(), log.read_text()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
+import logging
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +20,20 @@ import pytest
 import trio
 from click.testing import CliRunner, Result
 from pg import PASSWORD, PgServer
-from storage_support import record_a_conversation_with_tools, write_report_db
+from storage_support import (
+    add_local_session,
+    add_wake_sessions,
+    record_a_conversation_with_tools,
+    write_report_db,
+)
 
 from r2d2voice.cli.main import main
 from r2d2voice.reports.export import COLUMNS, FLEET_COLUMNS
 from r2d2voice.storage.shipping.fleet import open_fleet
+from r2d2voice.storage.shipping.server_schema import SERVER_SCHEMA_VERSION
 from r2d2voice.storage.shipping.tables import TABLES
 
 ROBOTS = ("attic", "hall", "kitchen")  # the server's order: by device id
-
-
-@pytest.fixture(autouse=True)
-def _no_libpq_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
 
 
 def ship(db: Path, url: str, device: str) -> None:
@@ -50,6 +50,18 @@ def ship(db: Path, url: str, device: str) -> None:
                     fleet.upsert(table, device, batch)
     finally:
         conn.close()
+
+
+@contextmanager
+def shipped_as_hall(pg_server: PgServer, db: Path) -> Iterator[str]:
+    """A fresh fleet database holding ``db`` as robot ``hall``: its URL; dropped after."""
+    name = pg_server.create_database()
+    try:
+        url = pg_server.url(name)
+        ship(db, url, "hall")
+        yield url
+    finally:
+        pg_server.drop_database(name)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +215,70 @@ def test_usage_from_a_fleet_is_per_robot_with_the_device_id(fleet, tmp_path: Pat
     assert text.splitlines()[2].split()[:2] == ["hall", "2025-11-20"]
 
 
+def test_usage_from_a_fleet_prices_local_backend_sessions_at_zero(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "mixed.db"
+    write_report_db(db)  # openai sessions
+    local_sid = add_local_session(db)  # and one on the local backend, on day 2
+    with shipped_as_hall(pg_server, db) as url:
+        here = report(tmp_path, "usage", "--db", str(db))
+        there = report(tmp_path, "usage", "--db", url)
+        text = out_of(tmp_path, "usage", "--db", url)
+    assert there["days"] == [{"device_id": "hall", **d} for d in here["days"]]
+    assert there["sessions"] == [{"device_id": "hall", **s} for s in here["sessions"]]
+    assert there["total"] == here["total"]
+    [local] = [s for s in there["sessions"] if s["session_id"] == local_sid]
+    assert (local["output_audio"], local["cost_usd"], local["local_responses"]) == (300, 0, 1)
+    assert there["total"]["local_responses"] == 1
+    [row] = [line for line in text.splitlines() if line.startswith(f"hall    {local_sid}")]
+    assert row.endswith("0.0000  local backend: not billed")
+
+
+def test_reading_a_server_without_r2d2voice_data_changes_nothing(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    name = pg_server.create_database()
+    try:
+        url = pg_server.url(name)
+        for command in ("export", "sessions", "usage", "stats"):
+            result = cli(tmp_path, command, "--db", url)
+            assert result.exit_code == 2, result.output
+            assert result.stderr == f"r2d2voice: error: no r2d2voice data on {shown(url)}\n"
+            assert result.stdout == ""
+        with pg_server.connect(name) as conn:  # no schema was created
+            assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+                                ).fetchone() == (0,)
+        # Shipping creates the schema and says so at INFO ...
+        logger = logging.getLogger("r2d2voice.storage.shipping.fleet")
+        seen: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = seen.append  # type: ignore[method-assign]
+        level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        try:
+            open_fleet(url).close()
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        ready = f"fleet server {shown(url)} ready (schema v{SERVER_SCHEMA_VERSION})"
+        assert [(r.levelno, r.getMessage()) for r in seen] == [(logging.INFO, ready)]
+        # ... a report reading it says nothing about it, unless asked for DEBUG.
+        result = cli(tmp_path, "sessions", "--db", url)
+        assert (result.exit_code, result.stdout, result.stderr) \
+            == (0, "no sessions recorded\n", "")
+        result = cli(tmp_path, "--log-level", "DEBUG", "sessions", "--db", url)
+        assert ready in result.stderr
+    finally:
+        pg_server.drop_database(name)
+
+
+def shown(url: str) -> str:
+    """How messages name the server: the password masked."""
+    return url.replace(PASSWORD, "***")
+
+
 def test_stats_from_a_fleet_cover_the_selected_robots(fleet, tmp_path: Path) -> None:
     url, dbs = fleet
     local = {d: report(tmp_path, "stats", "--db", str(db)) for d, db in dbs.items()}
@@ -220,6 +296,21 @@ def test_stats_from_a_fleet_cover_the_selected_robots(fleet, tmp_path: Path) -> 
                                                  for r in local.values())
     text = out_of(tmp_path, "stats", "--db", url, "--device", "kitchen", "--device", "attic")
     assert text.splitlines()[0] == "Robots: attic, kitchen"
+
+
+def test_stats_from_a_fleet_report_the_wake_word_mode_as_the_robot_does(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "wake.db"
+    write_report_db(db)
+    add_wake_sessions(db)
+    with shipped_as_hall(pg_server, db) as url:
+        here = report(tmp_path, "stats", "--db", str(db))
+        there = report(tmp_path, "stats", "--db", url)
+        text = out_of(tmp_path, "stats", "--db", url)
+    assert here["wake"]["wakes"] == 4
+    assert there == {"devices": ["hall"], **here}
+    assert "Wakes: 4 (external 1, word 3)" in text
 
 
 # ---------------------------------------------------------------------------- refusals

@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import trio
-from fake_service import FakeService, MemorySessions, NullSink, Script, speech
+from fake_service import FakeService, MemorySessions, NullSink, Script, fast, realtime
 from local_link import CFG, ENDPOINT, LocalLink, inline_threads, talk
 from support import SAMPLES, cli, local_backend
 
 from r2d2voice.appliance.pipeline import run_conversation
 from r2d2voice.appliance.sinks import WavSink
-from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.errors import ConfigError
 from r2d2voice.link.state import LinkPolicy
@@ -36,14 +35,6 @@ FATAL = [("invalid_api_key", 3000), ("insufficient_quota", 1013), ("model_not_fo
 @pytest.fixture(autouse=True)
 def _inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     inline_threads(monkeypatch)
-
-
-def fast(*parts: float) -> FileSource:
-    return FileSource(speech(*parts), realtime=False, vad=VadParams())
-
-
-def realtime(*parts: float) -> FileSource:
-    return FileSource(speech(*parts), realtime=True, vad=VadParams())
 
 
 @pytest.mark.parametrize(("kind", "code"), FATAL)

@@ -149,6 +149,10 @@ class Microphone:
         self.frames = speech_frames(pcm)
         self.speaker = speaker
         self.frames_dropped = 0
+        self.urgency: list[bool] = []  # what the listener said: no batching in a conversation
+
+    def set_urgent(self, urgent: bool) -> None:
+        self.urgency.append(urgent)
 
     def hear(self, frame: bytes) -> bytes:
         sounding = self.speaker.sounding if self.speaker is not None else None
@@ -315,9 +319,11 @@ async def test_an_external_wake_on_a_live_microphone(autojump_clock, tmp_path: P
             trigger.wake()
 
         nursery.start_soon(press_the_button)
-        result = await listen_for_wake(settings(tmp_path), Microphone(pcm, speaker), speaker,
+        microphone = Microphone(pcm, speaker)
+        result = await listen_for_wake(settings(tmp_path), microphone, speaker,
                                        url=url, idle_s=3.0, trigger=trigger, console=console)
     (conversation,) = result.conversations
+    assert microphone.urgency == [True, False]  # frame by frame only while in conversation
     assert conversation.heard.source == "external" and conversation.heard.score is None
     assert conversation.heard.at_s == pytest.approx(1.0, abs=0.05)
     (row,) = stored(tmp_path)

@@ -5,22 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import trio
+from support import drain
 
 from r2d2voice.system.notify import Notifier, run_watchdog, watchdog_interval
-
-
-def _drain(sock: socket.socket) -> list[str]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            return out
 
 
 @pytest.fixture
@@ -30,16 +21,6 @@ def path_socket(tmp_path) -> Iterator[tuple[str, socket.socket]]:
     sock.bind(path)
     sock.setblocking(False)
     yield path, sock
-    sock.close()
-
-
-@pytest.fixture
-def abstract_socket() -> Iterator[tuple[str, socket.socket]]:
-    name = f"r2d2voice-test-{uuid.uuid4().hex}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(b"\0" + name.encode())
-    sock.setblocking(False)
-    yield "@" + name, sock
     sock.close()
 
 
@@ -53,7 +34,7 @@ def test_messages_reach_a_path_socket(path_socket, monkeypatch):
     assert n.watchdog()
     assert n.stopping()
     assert n.notify(ERRNO=5, STATUS="bye")
-    assert _drain(sock) == [
+    assert drain(sock) == [
         "READY=1",
         "STATUS=listening on mic",  # one line: a newline would start a new field
         "WATCHDOG=1",
@@ -62,13 +43,13 @@ def test_messages_reach_a_path_socket(path_socket, monkeypatch):
     ]
 
 
-def test_messages_reach_an_abstract_socket(abstract_socket, monkeypatch):
-    address, sock = abstract_socket
+def test_messages_reach_an_notify_socket(notify_socket, monkeypatch):
+    address, sock = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", address)
     n = Notifier()
     n.ready(status="connected")
     n.watchdog()
-    assert _drain(sock) == ["READY=1\nSTATUS=connected", "WATCHDOG=1"]
+    assert drain(sock) == ["READY=1\nSTATUS=connected", "WATCHDOG=1"]
 
 
 def test_the_same_status_is_not_sent_twice_in_a_row(path_socket):
@@ -79,7 +60,7 @@ def test_the_same_status_is_not_sent_twice_in_a_row(path_socket):
     assert n.status("b")
     assert not n.status("b")
     assert n.status("a")
-    assert _drain(sock) == ["READY=1\nSTATUS=a", "STATUS=b", "STATUS=a"]
+    assert drain(sock) == ["READY=1\nSTATUS=a", "STATUS=b", "STATUS=a"]
 
 
 def test_without_notify_socket_everything_is_a_no_op(monkeypatch):
@@ -116,14 +97,14 @@ async def test_watchdog_pings_only_while_healthy(path_socket, autojump_clock):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_watchdog, n, lambda: healthy, 1.0)
         await trio.sleep(3.5)  # checks at 0, 1, 2, 3
-        pings_healthy = _drain(sock)
+        pings_healthy = drain(sock)
         healthy = False
         await trio.sleep(3.0)  # 4, 5, 6
-        pings_unhealthy = _drain(sock)
+        pings_unhealthy = drain(sock)
         healthy = True
         await trio.sleep(2.0)  # 7, 8
         nursery.cancel_scope.cancel()
-    pings_resumed = _drain(sock)
+    pings_resumed = drain(sock)
 
     assert pings_healthy == ["WATCHDOG=1"] * 4
     assert pings_unhealthy == []  # a pipeline without capture frames is not vouched for
@@ -156,15 +137,15 @@ async def test_pings_stop_while_the_microphone_delivers_nothing(path_socket, aut
             nursery.start_soon(microphone)
             nursery.start_soon(run_watchdog, Notifier(path), source.healthy, 0.5)
             await trio.sleep(3.25)
-            assert len(_drain(sock)) == 7  # checks at 0, 0.5, ..., 3.0
+            assert len(drain(sock)) == 7  # checks at 0, 0.5, ..., 3.0
             microphone_on = False  # the last frame came at 3.245
             await trio.sleep(4.9)
-            assert len(_drain(sock)) == 10  # 3.5 .. 8.0: up to 5 s without frames is a hiccup
+            assert len(drain(sock)) == 10  # 3.5 .. 8.0: up to 5 s without frames is a hiccup
             await trio.sleep(12)
-            assert _drain(sock) == []  # 8.5 .. 20.0: a dead microphone
+            assert drain(sock) == []  # 8.5 .. 20.0: a dead microphone
             microphone_on = True
             await trio.sleep(1.0)
-            assert _drain(sock) == ["WATCHDOG=1"] * 2  # 20.5, 21.0
+            assert drain(sock) == ["WATCHDOG=1"] * 2  # 20.5, 21.0
             nursery.cancel_scope.cancel()
     messages = [r.getMessage() for r in caplog.records]
     assert messages.count("unhealthy: withholding watchdog pings") == 1

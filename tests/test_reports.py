@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 from click.testing import CliRunner
-from storage_support import DAY1, write_report_db
+from storage_support import DAY1, add_local_session, add_wake_sessions, write_report_db
 
 from r2d2voice.cli.main import main
 from r2d2voice.localbackend import reply
@@ -67,7 +67,7 @@ def test_usage_totals_per_day_and_session_with_default_prices(db, tmp_path: Path
     day1, day2 = rep["days"]
     assert {k: day1[k] for k in day1 if k not in ("day", "cost_usd")} == {
         "responses": 2, "input_text": 100, "input_audio": 400, "input_cached": 200,
-        "output_text": 15, "output_audio": 550,
+        "output_text": 15, "output_audio": 550, "local_responses": 0,
     }  # fmt: skip
     assert day2["responses"] == 3  # the failed response with no usage still counts
     assert (day2["input_text"], day2["input_audio"], day2["input_cached"]) == (100, 140, 40)
@@ -79,6 +79,7 @@ def test_usage_totals_per_day_and_session_with_default_prices(db, tmp_path: Path
     assert total == {
         "responses": 5, "input_text": 200, "input_audio": 540, "input_cached": 240,
         "output_text": 43, "output_audio": 870, "cost_usd": pytest.approx(0.069384, abs=1e-12),
+        "local_responses": 0,
     }  # fmt: skip
     assert rep["prices_usd_per_million"] == {
         "audio_in": 32.0, "audio_in_cached": 0.4, "text_in": 4.0, "text_in_cached": 0.4,
@@ -102,6 +103,35 @@ def test_usage_text_table(db, tmp_path: Path) -> None:
     assert by_session[3].split()[0] == "TOTAL"
     assert "text in 4.00 (cached 0.40)" in result.stdout
     assert "in proportion to each response's input" in result.stdout
+
+
+def test_local_backend_sessions_show_their_tokens_but_cost_nothing(db, tmp_path: Path) -> None:
+    path, ids = db
+    local = add_local_session(path)  # r6 on day 2: 10 text + 200 audio in, 5 + 300 out
+    rep = report_of(usage_command, path)
+    day1, day2 = rep["days"]
+    assert (day1["responses"], day1["local_responses"]) == (2, 0)
+    assert (day2["responses"], day2["local_responses"]) == (4, 1)  # r3, r4, r5 and r6
+    assert (day2["input_text"], day2["input_audio"], day2["output_audio"]) == (110, 340, 620)
+    assert day2["cost_usd"] == pytest.approx(R3 + R5, abs=1e-12)  # r6 priced at 0
+    by_session = {s["session_id"]: s for s in rep["sessions"]}
+    assert list(by_session) == [ids["a"], ids["b"], ids["c"], local]  # in session order
+    assert {k: by_session[local][k] for k in ("responses", "input_audio", "output_audio",
+                                              "cost_usd", "local_responses")} == {
+        "responses": 1, "input_audio": 200, "output_audio": 300, "cost_usd": 0,
+        "local_responses": 1}  # fmt: skip
+    assert by_session[ids["c"]]["local_responses"] == 0
+    assert rep["total"]["cost_usd"] == pytest.approx(0.069384, abs=1e-12)
+    assert (rep["total"]["responses"], rep["total"]["local_responses"]) == (6, 1)
+    # The text marks what was not billed, whole rows and shares of a day.
+    lines = cli(tmp_path, "usage", "--db", str(path)).stdout.splitlines()
+    assert lines[1].split()[-1] == "NOTE"
+    assert lines[2].split() == ["2025-11-20", "2", "100", "400", "200", "15", "550", "0.0437"]
+    assert lines[3].endswith("0.0257  1 of them local backend: not billed")
+    [row] = [line for line in lines if line.startswith(local)]
+    assert row.split()[1:8] == ["1", "10", "200", "0", "5", "300", "0.0000"]
+    assert row.endswith("  local backend: not billed")
+    assert any(line.startswith("Responses of sessions on the local backend") for line in lines)
 
 
 def test_usage_prices_from_settings_override_the_defaults(db) -> None:
@@ -356,11 +386,32 @@ async def test_usage_totals_match_what_the_service_reported(tmp_path: Path, monk
     total = rep["total"]
     assert {k: total[k] for k in expected} == expected
     assert [s["responses"] for s in rep["sessions"]] == [2]
-    p = Prices()
-    cost = (expected["input_text"] * p.text_in + expected["input_audio"] * p.audio_in
-            + expected["output_text"] * p.text_out + expected["output_audio"] * p.audio_out)
     assert expected["input_cached"] == 0  # the local backend caches nothing
-    assert total["cost_usd"] == pytest.approx(cost / 1e6, abs=1e-12)
+    # No service bills the local backend: its tokens are shown, priced at 0 and marked.
+    assert total["cost_usd"] == 0 and total["local_responses"] == 2
+    assert [(s["cost_usd"], s["local_responses"]) for s in rep["sessions"]] == [(0, 2)]
+    text = cli(tmp_path, "usage", "--db", str(db)).stdout.splitlines()
+    assert text[1].split()[-1] == "NOTE"
+    assert text[2].endswith("0.0000  local backend: not billed")
     stats = json.loads(cli(tmp_path, "stats", "--db", str(db), "--format", "json").stdout)
     assert stats["responses"] == {"total": 2, "by_status": {"completed": 2}}
     assert stats["latency_ms"]["speech_stopped_to_first_audio_received"]["n"] == 2
+
+
+def test_stats_report_the_wake_word_mode(db, tmp_path: Path) -> None:
+    path, _ = db
+    assert "wake" not in report_of(stats_command, path)  # no wake sessions: not shown
+    assert "Wakes" not in cli(tmp_path, "stats", "--db", str(path)).stdout
+    add_wake_sessions(path)
+    rep = report_of(stats_command, path)
+    assert rep["wake"] == {
+        "wakes": 4, "by_source": {"external": 1, "word": 3}, "conversations": 3,
+        "wake_to_ready_ms": {"n": 2, "p50": 640, "p90": 812, "max": 812},
+        "conversation_s": {"n": 3, "p50": 3.0, "p90": 14.5, "max": 14.5},
+        "ends": {"idle": 1, "ended": 1, "no service": 1}}
+    text = cli(tmp_path, "stats", "--db", str(path)).stdout
+    assert "Wakes: 4 (external 1, word 3)" in text
+    assert "Conversations: 3 (ended: idle 1, ended 1, no service 1)" in text
+    rows = [line.split() for line in text.splitlines()]
+    assert ["wake", "to", "ready,", "ms", "2", "640", "812", "812"] in rows
+    assert ["conversation", "length,", "s", "3", "3.0", "14.5", "14.5"] in rows

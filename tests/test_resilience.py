@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 import soundfile as sf
 import trio
-from fake_service import FakeService, MemorySessions, NullSink, Script, speech
+from fake_service import FakeService, MemorySessions, NullSink, Script, fast, realtime, speech
 from support import SAMPLES, cli, local_backend
 from trio_websocket import serve_websocket
 
 from r2d2voice.appliance.context import Context
 from r2d2voice.appliance.pipeline import run_conversation
 from r2d2voice.appliance.sinks import WavSink
-from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.audio.pcm import FRAME_BYTES
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.link.state import LinkPolicy
@@ -45,14 +44,6 @@ async def converse(service: FakeService, source: Any, sink: Any = None,
     ctx = await run_conversation(ENDPOINT, CFG, source, sink or NullSink(), sessions,
                                  sessions.record, connect=service.connect, **kw)
     return ctx, sessions
-
-
-def fast(*parts: float) -> FileSource:
-    return FileSource(speech(*parts), realtime=False, vad=VadParams())
-
-
-def realtime(*parts: float) -> FileSource:
-    return FileSource(speech(*parts), realtime=True, vad=VadParams())
 
 
 @pytest.mark.parametrize("drop", ["abort", "close", "expire"])

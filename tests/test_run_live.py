@@ -14,16 +14,11 @@ front of the rig's 48 kHz sinks: the run path resamples 44.1 kHz <-> 24 kHz both
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,11 +28,15 @@ import numpy as np
 import pytest
 import soundfile
 from pulse import REPO, PulseRig, open_pulse_rig
-from support import SCRUBBED_PREFIXES
+from support import SCRUBBED_PREFIXES, NotifyListener
 
 pytestmark = pytest.mark.pulse
 
-SPEECH = REPO / "data" / "samples" / "hello.wav"  # 2.7 s: 0.3 s silence, speech, 0.5 s silence
+HELLO = REPO / "data" / "samples" / "hello.wav"  # 16 kHz; 0.3 s silence, speech, 0.5 s silence
+#: the sample up to the end of "Hello R2." (a 0.3 s pause, then "Can you hear me?"), then
+#: SPEECH_TAIL_S of silence: the whole of what is said takes time to play into the rig
+SPEECH_CUT_S = 1.15
+SPEECH_TAIL_S = 0.1
 WATCHDOG_USEC = 1_000_000
 REPLY_PEAK_DBFS = -12.0  # r2d2voice.audio.beeps.PEAK_DBFS
 REPLY_SECONDS = 1.0
@@ -45,62 +44,6 @@ SILENCE_DBFS = -60.0
 
 
 # -- the notify socket ----------------------------------------------------------------------------
-
-
-class NotifyListener:
-    """A bound ``AF_UNIX`` datagram socket standing in for systemd's ``$NOTIFY_SOCKET``.
-
-    A thread receives every datagram in arrival order; each is one sd_notify message of
-    ``KEY=value`` lines.
-    """
-
-    def __init__(self) -> None:
-        # A short path: AF_UNIX socket paths are limited to 108 bytes.
-        self._dir = tempfile.mkdtemp(prefix="r2n-")
-        self.path = os.path.join(self._dir, "notify")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(self.path)
-        self._sock.settimeout(0.05)
-        self._messages: list[str] = []
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while True:
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:  # socket.timeout
-                if self._closing.is_set():
-                    return  # nothing left in the queue
-                continue
-            except OSError:
-                return
-            self._messages.append(data.decode())
-
-    def close(self) -> None:
-        """Stop after draining what is already queued (messages sent before the child exited)."""
-        self._closing.set()
-        self._thread.join(timeout=5)
-        self._sock.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> NotifyListener:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def messages(self) -> list[str]:
-        return list(self._messages)
-
-    def lines(self) -> list[str]:
-        """Every ``KEY=value`` line, in the order they came."""
-        return [line for msg in self.messages for line in msg.splitlines()]
-
-    def statuses(self) -> list[str]:
-        return [line[len("STATUS="):] for line in self.lines() if line.startswith("STATUS=")]
 
 
 # -- the service ----------------------------------------------------------------------------------
@@ -143,7 +86,8 @@ def service_env(rig: PulseRig, notify: NotifyListener, **extra: str) -> dict[str
     """The rig's environment without any r2d2voice/Realtime settings of the caller's, plus the
     systemd variables."""
     env = {k: v for k, v in rig.env.items() if not k.startswith(SCRUBBED_PREFIXES)}
-    env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC=str(WATCHDOG_USEC), **extra)
+    env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC=str(WATCHDOG_USEC),
+               R2D2_VAD_SILENCE_MS="200", **extra)  # a turn ends 200 ms after the speech
     return env
 
 
@@ -212,13 +156,26 @@ class Conversation:
     log: str
     db: Path
     speaker: Path
+    speech: Path  # what was played into the microphone
 
     def index(self, line: str) -> int:
         return self.lines.index(line)
 
 
 @pytest.fixture(scope="module")
-def conversation(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) -> Conversation:
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the user says into the microphone: "Hello R2." as a 16 kHz WAV."""
+    pcm, rate = soundfile.read(HELLO, dtype="int16")
+    short = np.concatenate([pcm[: round(SPEECH_CUT_S * rate)],
+                            np.zeros(round(SPEECH_TAIL_S * rate), np.int16)])
+    path = tmp_path_factory.mktemp("speech") / "hello_r2.wav"
+    soundfile.write(path, short, rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def conversation(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory,
+                 speech: Path) -> Conversation:
     """Start ``run``, say hello into the microphone, let R2 answer, SIGTERM it.
 
     The input device comes from the environment (R2D2_INPUT_DEVICE), the output from the flag.
@@ -230,7 +187,7 @@ def conversation(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) 
     ) as service:
         service.wait_ready()
         with pulse_rig.record(speaker):
-            pulse_rig.play(SPEECH)  # returns when the whole sample has been played
+            pulse_rig.play(speech)  # returns when the whole sample has been played
 
             def listening_after_reply() -> bool:
                 statuses = notify.statuses()
@@ -240,7 +197,8 @@ def conversation(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) 
             time.sleep(0.5)  # the device's own latency, then some silence
         before = len(notify.lines())
         code = service.terminate()
-    return Conversation(code, notify.lines(), before, service.log(), workdir / "c.db", speaker)
+    return Conversation(code, notify.lines(), before, service.log(), workdir / "c.db", speaker,
+                        speech)
 
 
 def test_sigterm_stops_cleanly_and_says_so(conversation):
@@ -310,8 +268,8 @@ def test_the_reply_is_heard_on_the_speaker_after_the_speech(conversation):
     active = _active_windows(pcm, rate)
     assert len(active), "the speaker stayed silent"
     start, end = active[0] * 0.02, (active[-1] + 1) * 0.02
-    speech, _ = soundfile.read(SPEECH, dtype="float64")
-    speech_end = len(speech) / 16000 - 0.5  # the sample ends with 0.5 s of silence
+    speech, _ = soundfile.read(conversation.speech, dtype="float64")
+    speech_end = len(speech) / 16000 - SPEECH_TAIL_S  # the sample ends with silence
     # Nothing on the speaker while the user spoke (no echo of the microphone), then the reply.
     assert start > speech_end
     assert _dbfs(pcm[: int((start - 0.05) * rate)]) < SILENCE_DBFS
@@ -401,7 +359,7 @@ WAITING = "waiting for the default microphone and the default speaker"
 
 
 @pytest.fixture(scope="module")
-def comeback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Comeback]:
+def comeback(tmp_path_factory: pytest.TempPathFactory, speech: Path) -> Iterator[Comeback]:
     """``run`` on the default devices of a rig of its own: started while no sound server runs,
     the server appears, a turn; the server is killed and started again, another turn; SIGTERM.
     (Its own rig: the session's ``pulse_rig`` must not die under other tests.)"""
@@ -419,6 +377,11 @@ def comeback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Comeback]:
                 def status_is(text: str) -> Callable[[], bool]:
                     return lambda: bool(notify.statuses()) and notify.statuses()[-1] == text
 
+                def waiting_for_the_microphone() -> bool:
+                    # (and for the speaker too, if it was playing when the server died)
+                    return any(line.startswith("STATUS=waiting for the default microphone")
+                               for line in notify.lines()[marks["answered"]:])
+
                 def answered(turns: int) -> Callable[[], bool]:
                     return lambda: _stored(workdir / "c.db").count("assistant") >= turns
 
@@ -428,16 +391,16 @@ def comeback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Comeback]:
                 rigs.append(PulseRig(first.root))  # the sound server appears
                 service.wait_for("the devices", status_is("listening"), timeout=15)
                 mark("found")
-                rigs[-1].play(SPEECH)
+                rigs[-1].play(speech)
                 service.wait_for("the first reply", answered(1), timeout=15)
                 mark("answered")
                 rigs.pop().stop()  # the sound server dies mid-run
-                service.wait_for("waiting again", status_is(WAITING), timeout=10)
+                service.wait_for("waiting again", waiting_for_the_microphone, timeout=10)
                 mark("lost")
                 rigs.append(PulseRig(first.root))  # ... and comes back
                 service.wait_for("the devices again", status_is("listening"), timeout=15)
                 mark("back")
-                rigs[-1].play(SPEECH)
+                rigs[-1].play(speech)
                 service.wait_for("the second reply", answered(2), timeout=15)
                 mark("answered again")
                 code = service.terminate()

@@ -8,15 +8,13 @@ from __future__ import annotations
 import io
 import json
 import socket
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from storage_support import cap_pages, free_space, settled
+from support import statuses
 
 from r2d2voice.appliance.service import ServiceConsole
 from r2d2voice.realtime.actions import StoreMessage
@@ -30,28 +28,6 @@ from r2d2voice.system.notify import Notifier
 
 BIG = "x" * 6000  # a record that needs new pages
 LONG_AGO = datetime(2020, 1, 1, 9, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[str, socket.socket]]:
-    """systemd's side of ``$NOTIFY_SOCKET`` (an abstract AF_UNIX datagram socket)."""
-    name = f"r2d2voice-test-{uuid.uuid4().hex}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(b"\0" + name.encode())
-    sock.setblocking(False)
-    yield "@" + name, sock
-    sock.close()
-
-
-def statuses(sock: socket.socket) -> list[str]:
-    out = []
-    while True:
-        try:
-            message = sock.recv(4096).decode()
-        except BlockingIOError:
-            return out
-        out += [line[len("STATUS="):] for line in message.splitlines()
-                if line.startswith("STATUS=")]
 
 
 async def test_status_shows_a_full_database_through_the_conversations_updates(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,20 +128,6 @@ async def test_cancellation_is_prompt_and_the_loop_never_waits_for_the_thread(
     release.set()
     await trio.to_thread.run_sync(finished.wait)
     assert stop_seen == [True]  # the abandoned thread was told to stop after its batch
-
-
-@pytest.fixture(autouse=True)
-def _no_libpq_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def db(pg_server: PgServer) -> Iterator[str]:
-    name = pg_server.create_database()
-    yield name
-    pg_server.drop_database(name)
 
 
 def write_more(path: Path) -> None:

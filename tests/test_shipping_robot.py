@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -41,25 +39,6 @@ from r2d2voice.storage.shipping.local import (
     watermarks,
 )
 from r2d2voice.storage.shipping.shipper import ship_once
-
-
-@pytest.fixture(autouse=True)
-def _no_libpq_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def db(pg_server: PgServer) -> Iterator[str]:
-    name = pg_server.create_database()
-    yield name
-    pg_server.drop_database(name)
-
-
-@pytest.fixture
-def url(pg_server: PgServer, db: str) -> str:
-    return pg_server.url(db)
 
 
 def assert_clean(message: str) -> None:
@@ -328,8 +307,12 @@ def test_ship_command_prints_what_it_shipped_and_refuses_bad_input(
     with pytest.raises(UsageError, match="no such database"):
         ship_command(tmp_path / "missing.db", url, device_id="r2")
     assert not (tmp_path / "missing.db").exists()
-    with pytest.raises(UsageError, match="postgresql:// URL"):
+    # the fleet URL is a setting (R2D2_SHIP_URL, --to): a bad one is exit 3, as the CLI's check
+    with pytest.raises(ConfigError, match="postgresql:// URL"):
         ship_command(path, "mysql://h/db", device_id="r2")
+    with pytest.raises(ConfigError, match="invalid URI query parameter") as bad_url:
+        ship_command(path, "postgresql://h/db?foo=bar", device_id="r2")
+    assert bad_url.value.exit_code == 3
     with pytest.raises(ConfigError) as bad_id:
         ship_command(path, url, device_id="two words")
     assert bad_id.value.exit_code == 3 and "R2D2_DEVICE_ID" in str(bad_id.value)

@@ -5,7 +5,6 @@ partial batch and no password in sight, and the fleet read queries."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -35,27 +34,6 @@ from r2d2voice.storage.shipping.server_schema import (
 from r2d2voice.storage.shipping.url import is_fleet_url, parse_fleet_url
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def _no_libpq_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test picks up the developer's PGHOST/PGPASSWORD/PGSERVICE..."""
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def db(pg_server: PgServer) -> Iterator[str]:
-    """A fresh database of its own for this test."""
-    name = pg_server.create_database()
-    yield name
-    pg_server.drop_database(name)
-
-
-@pytest.fixture
-def url(pg_server: PgServer, db: str) -> str:
-    return pg_server.url(db)
 
 
 @pytest.fixture

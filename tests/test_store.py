@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sqlite3
 import stat
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -148,7 +150,8 @@ def test_readonly_open_sees_data_and_leaves_files_as_they_were(db: Path) -> None
 
 # ---------------------------------------------------------------------------- migrations
 
-V1_SCHEMA = f"""
+# What versions 1 and 2 have in common: sessions, and how a messages row begins.
+_V1_V2_SESSIONS = """
 CREATE TABLE sessions (
     id TEXT NOT NULL PRIMARY KEY, started_at TEXT NOT NULL, ended_at TEXT,
     backend TEXT NOT NULL, model TEXT NOT NULL, voice TEXT, service_session_id TEXT,
@@ -157,7 +160,9 @@ CREATE TABLE sessions (
 CREATE UNIQUE INDEX sessions_by_start ON sessions(started_at, id);
 CREATE TABLE messages (
     id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), text TEXT NOT NULL DEFAULT '',
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), text TEXT NOT NULL DEFAULT ''"""
+
+V1_SCHEMA = f"""{_V1_V2_SESSIONS},
     created_at TEXT NOT NULL, item_id TEXT NOT NULL, response_id TEXT, raw_event TEXT,
     UNIQUE (session_id, item_id, role)
 );
@@ -191,16 +196,7 @@ PRAGMA user_version = 1;
 OLD = "20261120T080000Z-aaaaaa"
 
 # Version 2 as it shipped, with rows written in an order different from their times.
-V2_SCHEMA = f"""
-CREATE TABLE sessions (
-    id TEXT NOT NULL PRIMARY KEY, started_at TEXT NOT NULL, ended_at TEXT,
-    backend TEXT NOT NULL, model TEXT NOT NULL, voice TEXT, service_session_id TEXT,
-    previous_session_id TEXT REFERENCES sessions(id), metadata TEXT
-);
-CREATE UNIQUE INDEX sessions_by_start ON sessions(started_at, id);
-CREATE TABLE messages (
-    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), text TEXT NOT NULL DEFAULT '',
+V2_SCHEMA = f"""{_V1_V2_SESSIONS},
     created_at TEXT NOT NULL, item_id TEXT NOT NULL, response_id TEXT,
     interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)), played_ms INTEGER,
     raw_event TEXT, UNIQUE (session_id, item_id, role)
@@ -710,6 +706,46 @@ def test_iter_messages_order_and_filters(store: Store, clock: SteppedClock) -> N
     assert texts(store, since=at(601)) == ["a-first", "b-first"]
     with pytest.raises(ValueError):
         list(store.read.iter_messages(role="system"))
+
+
+@pytest.fixture
+def unraisable(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What finalizers failed with ("Exception ignored in ..."), instead of stderr."""
+    seen: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook",
+                        lambda u: seen.append(f"{u.exc_type.__name__}: {u.exc_value}"))
+    return seen
+
+
+@pytest.mark.parametrize("reader", ["iter_messages", "iter_tools", "iter_conversation"])
+def test_a_reader_left_half_read_is_closed_with_its_store(db: Path, unraisable: list[str],
+                                                          reader: str) -> None:
+    """A reader that stops early (``export | head``) and never closes its iterator: closing
+    the store closes the iterator's cursors first, so nothing later touches a closed
+    database."""
+    with Store.open(db) as s:
+        sid = new_session(s)
+        for seq in (1, 3):
+            say(s, sid, "user", f"u{seq}", seq, "hi")
+            s.write.record_tool_call(sid, call_id=f"c{seq}", item_id=f"fc{seq}",
+                                     response_id=None, seq=seq + 1, name="get_time",
+                                     arguments="{}")
+    store = Store.open(db, create=False)
+    rows = getattr(store.read, reader)()
+    next(rows)
+    store.close()
+    del rows
+    gc.collect()
+    assert unraisable == []
+    # Read to the end or closed by its reader, a stream leaves nothing for the store.
+    with Store.open(db, create=False) as again:
+        assert len(list(getattr(again.read, reader)())) in (2, 4)
+        closed = getattr(again.read, reader)()
+        next(closed)
+        closed.close()
+        assert list(again.read._streams) == []
+    gc.collect()
+    assert unraisable == []
 
 
 def test_recent_turns_are_the_last_ones_in_conversation_order(

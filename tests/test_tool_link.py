@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import trio
-from fake_service import speech
+from fake_service import fast, realtime, speech
 from local_link import CFG, LocalLink, inline_threads, talk
 from support import SAMPLES, cli, local_backend
 
 from r2d2voice.appliance.context import Stopper
 from r2d2voice.appliance.sinks import WavSink
-from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.appliance.tools import Toolbox, ToolResult, runner
 from r2d2voice.appliance.tools.config import CommandSpec
 from r2d2voice.audio.pcm import FRAME_BYTES
@@ -38,14 +37,6 @@ BUILTINS = ("get_time", "set_volume", "end_conversation")
 @pytest.fixture(autouse=True)
 def _inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     inline_threads(monkeypatch)
-
-
-def fast(*parts: float) -> FileSource:
-    return FileSource(speech(*parts), realtime=False, vad=VadParams())
-
-
-def realtime(*parts: float) -> FileSource:
-    return FileSource(speech(*parts), realtime=True, vad=VadParams())
 
 
 def turn(call: str | None = None, say: str | None = None, **arguments: Any) -> ScriptTurn:

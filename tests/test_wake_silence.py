@@ -11,8 +11,6 @@ from support import espeak_pcm, silence, tone
 
 from r2d2voice.audio import wake
 
-pytest.importorskip("pymicro_wakeword")
-
 
 def _run(pcm: np.ndarray, **kw: object) -> tuple[list[wake.Wake], int]:
     detector = wake.WakeWordDetector("hey_mycroft", **kw)

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import trio
 
@@ -105,6 +105,18 @@ class StoreSessions:
         return await self.store.recent_turns(chain, limit)
 
 
+class LinkOptions(TypedDict, total=False):
+    """What :func:`converse` takes about the service, the link and the store, for a caller that
+    holds conversations of its own and passes these on as they are (wake-word listening)."""
+
+    url: str | None
+    policy: LinkPolicy | None
+    toolbox: Toolbox | None
+    connect: Connector
+    on_store_status: Callable[[StoreStatus], None] | None
+    ship: bool
+
+
 def link_policy(settings: Settings) -> LinkPolicy:
     return LinkPolicy(
         session_max_seconds=settings.session_max_minutes * 60,
@@ -131,16 +143,20 @@ async def converse(
     connect: Connector = open_realtime,
     on_store_status: Callable[[StoreStatus], None] | None = None,
     on_ship_status: Callable[[ShipStatus], None] | None = None,
+    ship: bool = True,
 ) -> Outcome:
     """One conversation from ``source`` to ``sink``, every transcript stored as it arrives.
     ``toolbox``: the model's tools (default: those of ``settings.tools``, if any).
     ``buffer``: the playout buffer (wake-word listening keeps one for the whole run);
     ``connect``: opens the transport (a websocket; tests may slow it down);
     ``on_store_status``: the recorder's state as it changes (a full disk, records waiting);
-    ``on_ship_status``: the fleet shipper's, after each attempt (``R2D2_SHIP_URL``)."""
+    ``on_ship_status``: the fleet shipper's, after each attempt (``R2D2_SHIP_URL``);
+    ``ship=False``: no shipper here, the caller runs one (wake-word listening: one for the
+    whole run)."""
     started = trio.current_time()
     service = plan_service(settings, url)  # a missing key fails here, before the database
-    ship_plan = plan_shipping(settings.db, settings.ship_url, settings.device_id)  # idem
+    ship_plan = (plan_shipping(settings.db, settings.ship_url, settings.device_id)  # idem
+                 if ship else None)
     toolbox = toolbox if toolbox is not None else open_toolbox(settings)
     ctx: Context | None = None
     # retries while the disk is full, and prunes with R2D2_RETENTION_DAYS; closed on the

@@ -25,6 +25,10 @@ class Source(FrameSource, Protocol):
     async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
         """Send frames until the end of the input; owns ``send`` and closes it."""
 
+    def set_urgent(self, urgent: bool) -> None:
+        """A conversation is open (True): deliver frames as they come, not batched to save CPU
+        while idle. The wake-word listener says it; sources that never batch ignore it."""
+
 
 class Sink(Protocol):
     """Where reply audio goes."""

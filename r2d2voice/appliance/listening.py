@@ -6,7 +6,9 @@ only: no connection to the service exists. A wake (the word, or an external trig
 row), which is sent the frames since the wake first (the pre-roll, held while connecting), then
 live frames. After ``idle_s`` with no user speech and no reply playing, or when the connection
 ends by itself (``end_conversation``, a lost link), the falling whistle, the connection closes,
-and the detector listens again.
+and the detector listens again. Earcons are never sent: in half duplex the microphone frames
+heard while the chirp plays (and for the echo tail) are held back as the link holds back a
+reply's echo, unless the user talks over it; the reply WAV of a replay skips them.
 
 Tasks and channels (one nursery):
 
@@ -36,16 +38,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
 
-from r2d2voice.appliance.compose import Outcome, converse, link_policy
-from r2d2voice.appliance.context import Console, Context, LinkPolicy, Sink, Source, Stopper
+from r2d2voice.appliance.compose import LinkOptions, Outcome, converse, link_policy
+from r2d2voice.appliance.context import Console, Context, Sink, Source, Stopper
 from r2d2voice.appliance.pipeline import AUDIO_BOUND, FRAMES_BOUND, STOP_GRACE
 from r2d2voice.appliance.sources import FileSource
-from r2d2voice.appliance.tools import Toolbox
 from r2d2voice.appliance.wake_feed import (
     ENDED,
     IDLE,
@@ -62,15 +63,17 @@ from r2d2voice.audio.pcm import FRAME_SAMPLES, RATE
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 from r2d2voice.audio.wake import Wake, WakeWordDetector
 from r2d2voice.link.state import Quiet
-from r2d2voice.link.transport import Connector, open_realtime
 from r2d2voice.realtime.conversation import Conversation
 from r2d2voice.storage.recorder import AsyncStore
 from r2d2voice.system.config import Settings
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 log = logging.getLogger("r2d2voice.appliance.listening")
 
-__all__ = ["PREROLL_SECONDS", "Heard", "Listening", "WakeTrigger", "WakeWordConversation",
-           "listen_for_wake"]
+__all__ = ["LATE_METADATA_KEYS", "METADATA_KEYS", "PREROLL_SECONDS", "Heard", "Listening",
+           "WakeTrigger", "WakeWordConversation", "listen_for_wake"]
 
 PREROLL_FRAMES = round(PREROLL_SECONDS * RATE / FRAME_SAMPLES)
 FRAME_S = FRAME_SAMPLES / RATE
@@ -151,22 +154,21 @@ async def listen_for_wake(
     idle_s: float | None = None,
     earcons_on: bool | None = None,
     trigger: WakeTrigger | None = None,
-    url: str | None = None,
     console: Console | None = None,
     stopper: Stopper | None = None,
     on_ready: Callable[[], None] | None = None,
     metadata: dict[str, Any] | None = None,
-    policy: LinkPolicy | None = None,
-    toolbox: Toolbox | None = None,
     buffer: PlayoutBuffer | None = None,
-    connect: Connector = open_realtime,
+    **link: Unpack[LinkOptions],
 ) -> Listening:
     """Listen for the wake word on ``source`` until it ends or ``stopper`` fires; hold one
     conversation per wake (what :func:`converse` does in ``always`` mode). ``wake_word``,
     ``idle_s`` and ``earcons_on`` default to the settings; ``on_ready()`` once the first
     microphone frame has been heard; ``metadata`` goes into every session row (the wake keys
     are added, see :data:`METADATA_KEYS`). A :class:`FileSource` is paced as the module
-    docstring says. ConfigError for an unknown wake word (before anything starts)."""
+    docstring says. ``link`` (url, policy, toolbox, connect, on_store_status, ship): passed
+    to :func:`converse` as they are, for each conversation. ConfigError for an unknown wake
+    word (before anything starts)."""
     detector = WakeWordDetector(wake_word or settings.wake_word)
     try:
         listener = _Listener(
@@ -175,7 +177,7 @@ async def listen_for_wake(
             earcons_on=settings.earcons if earcons_on is None else earcons_on,
             trigger=trigger, console=console or Quiet(), stopper=stopper or Stopper(),
             on_ready=on_ready, metadata=metadata or {}, buffer=buffer or PlayoutBuffer(),
-            link={"url": url, "policy": policy, "toolbox": toolbox, "connect": connect})
+            link=link)
         return await listener.run()
     finally:
         detector.close()
@@ -215,8 +217,8 @@ class _Listener:
     on_ready: Callable[[], None] | None
     metadata: dict[str, Any]
     buffer: PlayoutBuffer
-    #: passed on to :func:`converse` as they are: url, policy, toolbox, connect
-    link: dict[str, Any]
+    #: passed on to :func:`converse` as they are
+    link: LinkOptions
     episode: _Episode | None = None
     conversation_stopper: Stopper | None = None
     earcons_played: int = 0
@@ -234,7 +236,7 @@ class _Listener:
         self.file = self.source if isinstance(self.source, FileSource) else None
         #: a file's frames are paced here: throughout (realtime), or during conversations
         self.pace_always = self.file is not None and self.file.realtime
-        policy = self.link["policy"] or link_policy(self.settings)
+        policy = self.link.get("policy") or link_policy(self.settings)
         self.half_duplex = policy if self.source.live and policy.duplex == "half" else None
 
     async def run(self) -> Listening:
@@ -385,12 +387,14 @@ class _Listener:
                     "wake_word": self.wake_word, "wake_score": heard.score,
                     "wake_at_s": heard.at_s}
         self.console.status("in conversation (connecting)")
+        self.source.set_urgent(True)  # barge-in and turn ends at once, not in 100 ms batches
         try:
             outcome = await converse(
                 self.settings, feed, SinkPort(self._sink_send),
                 console=_InConversation(self.console), stopper=stopper,
                 on_configured=configured, metadata=metadata, buffer=self.buffer, **self.link)
         finally:
+            self.source.set_urgent(False)
             self.conversation_stopper = None
             episode.done = episode.over = True
             episode.queue.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -14,6 +14,9 @@ from r2d2voice.appliance.signals import Interrupted, stopped_by_signal, with_sig
 from r2d2voice.audio.pcm import RATE
 from r2d2voice.errors import RuntimeFailure, UsageError
 from r2d2voice.system.config import Settings
+
+if TYPE_CHECKING:
+    from r2d2voice.appliance.listening import Listening
 
 log = logging.getLogger("r2d2voice.appliance.replay_file")
 
@@ -82,11 +85,18 @@ def check_out_path(out: Path, file: Path) -> None:
 def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: str,
                    timeout: float | None, url: str | None) -> None:
     """Hold a conversation with ``file`` as the microphone, replies to ``out``; print the
-    transcripts and a summary. A timeout is a RuntimeFailure (exit 1); a signal ends it early,
-    keeping what was said, and is :class:`Interrupted` (exit 130 for SIGINT, 143 for SIGTERM)."""
+    transcripts and a summary. With ``R2D2_LISTEN=wake`` the wake-word detector hears the file
+    first, and each wake opens a conversation (none heard: said on stderr, still exit 0). A
+    timeout is a RuntimeFailure (exit 1); a signal ends it early, keeping what was said, and is
+    :class:`Interrupted` (exit 130 for SIGINT, 143 for SIGTERM).
+
+    The default timeout, 60 s + 3x the file's length, holds in both modes: woken
+    conversations never overlap, the file is paced in real time while one is open (its idle
+    time is the file's audio), and the end of the file closes the last one."""
     from r2d2voice.appliance.compose import check_listening, converse
     from r2d2voice.appliance.sinks import WavSink
     from r2d2voice.appliance.sources import FileSource, VadParams
+    from r2d2voice.appliance.wake_mode import listen
     from r2d2voice.audio.files import AudioReader
 
     out = out or default_out_path(file)
@@ -101,6 +111,8 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     limit = timeout if timeout is not None else 60.0 + 3 * source.seconds
     stopper = Stopper()
     stopper.on_stop(console.stop)
+    metadata = {"command": "replay", "file": str(file), "speed": speed}
+    wake = settings.listen == "wake"
 
     async def main() -> Any:
         async def body() -> Any:
@@ -111,10 +123,13 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
                     stopper.stop("timeout")
 
                 nursery.start_soon(deadline)
-                outcome = await converse(settings, source, sink, url=url, console=console,
-                                         stopper=stopper,
-                                         metadata={"command": "replay", "file": str(file),
-                                                   "speed": speed})
+                if wake:
+                    outcome = await listen(settings, source, sink, url=url, console=console,
+                                           stopper=stopper, metadata=metadata)
+                else:
+                    outcome = await converse(settings, source, sink, url=url,
+                                             console=console, stopper=stopper,
+                                             metadata=metadata)
                 nursery.cancel_scope.cancel()
             return outcome
 
@@ -122,24 +137,46 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
 
     outcome = trio.run(main)
     console.finish()
-    stats = outcome.ctx.stats if outcome.ctx else None
-    turns = stats.assistant_turns if stats else 0
-    reply_s = sink.samples_written / RATE
-    print(f"{turns} turn{'s' if turns != 1 else ''} answered, {reply_s:.1f} s of reply audio "
-          f"in {out}, {outcome.wall_seconds:.1f} s wall time (session {outcome.session_id})")
+    reply = f"{sink.samples_written / RATE:.1f} s of reply audio in {out}"
+    if wake:
+        stores = [c.outcome.store for c in outcome.conversations]
+        print(_woken_summary(outcome, reply))
+    else:
+        stores = [outcome.store]
+        stats = outcome.ctx.stats if outcome.ctx else None
+        turns = stats.assistant_turns if stats else 0
+        print(f"{turns} turn{'s' if turns != 1 else ''} answered, {reply}, "
+              f"{outcome.wall_seconds:.1f} s wall time (session {outcome.session_id})")
     if source.truncated:
         print(f"{file} is truncated or corrupt after {source.frames_read * 0.02:.1f} s: "
               "what could be read was played", file=sys.stderr)
-    elif not source.turns and stopper.reason is None:
+    elif wake and not outcome.conversations and stopper.reason is None:
+        print(f"no wake word heard in {file} (R2D2_WAKE_WORD={settings.wake_word}): nothing "
+              "was sent", file=sys.stderr)
+    elif not wake and not source.turns and stopper.reason is None:
         print(f"no speech found in {file}", file=sys.stderr)
     signum = stopped_by_signal(stopper)
-    store = outcome.store
-    if store is not None and store.lost and signum is None:  # a signal keeps its exit code
+    lost = [store for store in stores if store is not None and store.lost]
+    if lost and signum is None:  # a signal keeps its exit code
         raise RuntimeFailure(
-            f"{store.reason or 'database'}: {store.transcripts_lost} transcripts"
-            f" ({store.lost} records) could not be written to {settings.db} and are lost")
+            f"{lost[0].reason or 'database'}: {sum(s.transcripts_lost for s in lost)} "
+            f"transcripts ({sum(s.lost for s in lost)} records) could not be written to "
+            f"{settings.db} and are lost")
     if stopper.reason == "timeout":
         raise RuntimeFailure(f"replay timed out after {limit:g} s; what was said is stored")
     if signum is not None:
         raise Interrupted(f"interrupted by {signum.name} before the end of {file}; what was said "
                           "is stored", signum)
+
+
+def _woken_summary(listening: Listening, reply: str) -> str:
+    """``2 conversations (woken at 0.9 s, 25.9 s), 2 turns answered, …``."""
+    count, turns = len(listening.conversations), listening.assistant_turns
+    woken = ", ".join(f"{c.heard.at_s:.1f} s" for c in listening.conversations)
+    ids = listening.session_ids
+    sessions = (f"session {ids[0]}" if len(ids) == 1
+                else f"sessions {', '.join(ids)}" if ids else "no session")
+    return (f"{count} conversation{'s' if count != 1 else ''}"
+            f"{f' (woken at {woken})' if woken else ''}, "
+            f"{turns} turn{'s' if turns != 1 else ''} answered, {reply}, "
+            f"{listening.wall_seconds:.1f} s wall time ({sessions})")

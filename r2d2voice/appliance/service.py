@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -66,20 +64,26 @@ class ServiceConsole:
         self.refresh()
 
 
-def run_command(settings: Settings, *, url: str | None,
-                on_wake: Callable[[], None] | None = None) -> None:
+def run_command(settings: Settings, *, url: str | None) -> None:
     """Talk through the configured devices until SIGTERM/SIGINT, then drain and return.
 
-    Under systemd: ``READY=1`` once the session is configured and capture runs or deliberately
-    waits for its device, ``STATUS=`` as the conversation goes (or the device waited for),
-    ``WATCHDOG=1`` while capture makes progress (frames arrive, or a missing device is being
-    looked for), ``STOPPING=1`` once. A missing device is waited for, an ambiguous one is a
-    ConfigError (exit 3).
-    ``r2d2voice wake`` (the control socket, or SIGUSR1) calls ``on_wake``.
+    Under systemd: ``READY=1`` once capture runs or deliberately waits for its device (and, when
+    always listening, the session is configured), ``STATUS=`` as the conversation goes (or the
+    device waited for), ``WATCHDOG=1`` while capture makes progress (frames arrive, or a
+    missing device is being looked for), ``STOPPING=1`` once. A missing device is waited for,
+    an ambiguous one is a ConfigError (exit 3).
+
+    ``R2D2_LISTEN=always``: one conversation from start to stop; ``r2d2voice wake`` (the
+    control socket, or SIGUSR1) only logs that it is already listening. ``wake``: the
+    microphone goes to the wake-word detector only, and each wake (the word, ``r2d2voice
+    wake``) opens a conversation (appliance/listening.py); ``STATUS=`` says "waiting for 'hey
+    mycroft'", then "in conversation (…)".
     """
     from r2d2voice.appliance.compose import check_listening, converse
+    from r2d2voice.appliance.listening import WakeTrigger
     from r2d2voice.appliance.sinks import DeviceSink
     from r2d2voice.appliance.sources import DeviceSource
+    from r2d2voice.appliance.wake_mode import listen
     from r2d2voice.audio.availability import device_at_start, label
     from r2d2voice.system.control import serve_control
     from r2d2voice.system.notify import run_watchdog, watchdog_interval
@@ -97,31 +101,45 @@ def run_command(settings: Settings, *, url: str | None,
     stopper = Stopper()
     stopper.on_stop(notifier.stopping)
     interval = watchdog_interval()
+    metadata = {"command": "run", "input": mic_name, "output": speaker_name}
+
+    async def announce_ready(configured: trio.Event | None, doing: str) -> None:
+        if configured is not None:
+            await configured.wait()
+            console.status("listening")
+        await source.running.wait()
+        notifier.ready()
+        log.info("ready: %s on %s, speaking on %s%s", doing, mic_name, speaker_name,
+                 f" ({console.devices.status})" if console.devices.status else "")
+
+    async def always(nursery: trio.Nursery) -> Any:
+        configured = trio.Event()
+        await nursery.start(serve_control, _already_listening)
+        nursery.start_soon(announce_ready, configured, "listening")
+        console.status("connecting")
+        return await converse(settings, source, sink, url=url, console=console,
+                              stopper=stopper, on_configured=configured.set,
+                              on_store_status=console.store_status,
+                              on_ship_status=console.ship_status, metadata=metadata)
+
+    async def wake(nursery: trio.Nursery) -> Any:
+        trigger = WakeTrigger()
+        await nursery.start(serve_control, trigger.wake)
+        # no session while waiting: ready once the microphone runs (or is waited for)
+        waiting = f"waiting for the wake word ({settings.wake_word})"
+        nursery.start_soon(announce_ready, None, waiting)
+        return await listen(settings, source, sink, url=url, console=console, stopper=stopper,
+                            metadata=metadata, trigger=trigger,
+                            on_store_status=console.store_status,
+                            on_ship_status=console.ship_status)
 
     async def main() -> Any:
-        configured = trio.Event()
-
-        async def announce_ready() -> None:
-            await configured.wait()
-            await source.running.wait()
-            notifier.ready()
-            console.status("listening")
-            log.info("ready: listening on %s, speaking on %s%s", mic_name, speaker_name,
-                     f" ({console.devices.status})" if console.devices.status else "")
-
         async def body() -> Any:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(announce_ready)
-                nursery.start_soon(functools.partial(serve_control, on_wake or _already_listening))
                 if interval:
                     nursery.start_soon(run_watchdog, notifier, source.healthy, interval)
-                console.status("connecting")
-                outcome = await converse(settings, source, sink, url=url, console=console,
-                                         stopper=stopper, on_configured=configured.set,
-                                         on_store_status=console.store_status,
-                                         on_ship_status=console.ship_status,
-                                         metadata={"command": "run", "input": mic_name,
-                                                   "output": speaker_name})
+                mode = wake if settings.listen == "wake" else always
+                outcome = await mode(nursery)
                 nursery.cancel_scope.cancel()
             return outcome
 
@@ -133,7 +151,12 @@ def run_command(settings: Settings, *, url: str | None,
         if stopper.reason is None:  # a signal already sent STOPPING=1 (the on_stop hook)
             notifier.stopping()
         notifier.close()
-    log.info("stopped; session %s", outcome.session_id)
+    if settings.listen == "wake":
+        count = len(outcome.conversations)
+        log.info("stopped after %d conversation%s%s", count, "" if count == 1 else "s",
+                 f" (sessions {', '.join(outcome.session_ids)})" if outcome.session_ids else "")
+    else:
+        log.info("stopped; session %s", outcome.session_id)
 
 
 def _already_listening() -> None:

@@ -11,12 +11,14 @@ import numpy as np
 import trio
 
 from r2d2voice.appliance.context import Context
+from r2d2voice.audio import portaudio
 from r2d2voice.audio.availability import DeviceStates
 from r2d2voice.audio.capture import CaptureStatistics, run_capture
 from r2d2voice.audio.devices import DeviceInfo
 from r2d2voice.audio.files import AudioReader
 from r2d2voice.audio.pcm import FRAME_SAMPLES, RATE, Framer
 from r2d2voice.audio.vad import EnergyVad, SpeechStarted, Turn
+from r2d2voice.system.config import default
 
 log = logging.getLogger("r2d2voice.appliance.sources")
 
@@ -35,9 +37,9 @@ BLOCK_SAMPLES = 1 << 16
 
 @dataclass(frozen=True)
 class VadParams:
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
+    threshold: float = default("vad_threshold")
+    prefix_padding_ms: int = default("vad_prefix_ms")
+    silence_duration_ms: int = default("vad_silence_ms")
 
 
 class FileSource:
@@ -82,6 +84,9 @@ class FileSource:
     def seconds(self) -> float:
         """Length including the closing silence (from the file's header for a reader)."""
         return self._total * FRAME_SAMPLES / RATE
+
+    def set_urgent(self, urgent: bool) -> None:
+        """A file is never batched: nothing to do."""
 
     @property
     def truncated(self) -> bool:
@@ -317,9 +322,14 @@ class DeviceSource:
 
     async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: run_capture(
-                send, self.device, latency=self.latency, stats=self.stats, states=self.states,
-                capture=self._capture, task_status=task_status))
+
+            async def capture(task_status: trio.TaskStatus[None]) -> None:
+                await run_capture(send, self.device, latency=self.latency, stats=self.stats,
+                                  states=self.states, capture=self._capture,
+                                  task_status=task_status)
+                nursery.cancel_scope.cancel()  # the receiver is gone: stop following too
+
+            await nursery.start(capture)
             self._started_at = trio.current_time()
             self.running.set()
             nursery.start_soon(self._follow, ctx)
@@ -327,10 +337,15 @@ class DeviceSource:
     async def _follow(self, ctx: Context) -> None:
         """Frame by frame while a turn is open or a reply plays; batches otherwise."""
         while True:
-            urgent = not ctx.conversation.idle or ctx.buffer.queued_samples() > 0
-            for capture in self._capture:
-                capture.set_urgent(urgent)
+            self.set_urgent(not ctx.conversation.idle or ctx.buffer.queued_samples() > 0)
             await ctx.watch.next_change()
+
+    def set_urgent(self, urgent: bool) -> None:
+        """Hand the microphone's audio over block by block (True) or in 100 ms batches. ``run``
+        follows its context; a caller whose context does not follow the conversation (the
+        wake-word listener's) may say it here."""
+        for capture in self._capture:
+            capture.set_urgent(urgent)
 
     @property
     def frames_dropped(self) -> int:
@@ -340,13 +355,16 @@ class DeviceSource:
     def healthy(self, within: float = 5.0) -> bool:
         """Capture made progress in the last ``within`` seconds: frames arrived, or the loop
         that waits for a missing microphone (or reopens a silent one) looked for it. A run that
-        is deliberately waiting is healthy; a capture stuck (a PortAudio call that never
-        returns, a wedged event loop) is not.
+        is deliberately waiting is healthy; one stuck is not: a PortAudio call that has not
+        returned for ``within`` seconds (the speaker's too), a capture loop that stopped
+        (a wedged event loop stops the checks themselves).
 
         A stream that started less than ``within`` seconds ago and has not delivered its first
         frame yet counts as healthy: a check falling between start and first frame must not
         withhold a ping (one missed ping is a gap of a whole ``WatchdogSec``).
         """
+        if portaudio.stuck(within):
+            return False
         if not self.running.is_set():
             return True
         stamps = [t for t in (self.stats.last_frame_time, self.stats.last_progress,

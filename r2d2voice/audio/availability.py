@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks for a missing device.
 POLL_SECONDS = 2.0
+#: A device that fails again within this many polls of its last failure is waited for (and
+#: said so once) rather than reopened at once.
+RECENT_LOSS_POLLS = 10
 
 ROLES: dict[Kind, str] = {"input": "microphone", "output": "speaker"}
 
@@ -134,15 +137,18 @@ async def keep_device(
 
     ``first``: a device already resolved (skips the first lookup). ``on_progress`` is called at
     every step (a lookup, a poll): the loop is alive and doing what it should. ``on_waiting`` is
-    called when a device is found missing (the caller drops what it would have played or
-    captured). A lost device is looked for again at once (a sound server restarting is back
-    within a second); after that, every ``poll`` seconds, rescanning PortAudio's list. An
-    ambiguous name is a :class:`~r2d2voice.errors.ConfigError`, raised.
+    called when the run starts waiting for the device (the caller drops what it would have
+    played). A device that worked a while and fails is opened again at once; one that is
+    missing, or fails again soon, is waited for: said once (``states``), then looked for every
+    ``poll`` seconds in a freshly scanned list. ``session`` calls ``running()`` once the device
+    works (the microphone: once audio arrives), which ends the wait. An ambiguous name is a
+    :class:`~r2d2voice.errors.ConfigError`, raised.
     """
     states = states or DeviceStates()
     previous: DeviceInfo | None = None
     device = first
     rescan = False
+    last_loss = float("-inf")
     while True:
         if on_progress:
             on_progress()
@@ -162,13 +168,19 @@ async def keep_device(
             await session(device, running)
             return
         except DeviceUnavailable as exc:
+            now = trio.current_time()
+            ran = device is not None and now - started >= poll
+            recent = now - last_loss < RECENT_LOSS_POLLS * poll
+            last_loss = now
+            device = None
+            if ran and not recent and not states.is_waiting(kind):
+                # it worked a while: open it again at once (a sound server restarting is back
+                # within a second), from PortAudio's cached list
+                log.warning("%s failed (%s): opening it again", label(spec, kind), exc)
+                rescan = False
+                continue
             states.waiting(kind, spec, str(exc))
             if on_waiting:
                 on_waiting()
-            # a stream that ran a while is reopened at once, from PortAudio's cached list;
-            # otherwise wait, then look in a fresh list
-            ran = device is not None and trio.current_time() - started >= poll
-            device = None
-            rescan = not ran
-            if not ran:
-                await trio.sleep(poll)
+            rescan = True  # from now on, look in a fresh list
+            await trio.sleep(poll)

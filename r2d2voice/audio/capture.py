@@ -34,7 +34,6 @@ from r2d2voice.audio.portaudio import (
     StreamWatch,
     candidate_rates,
     host,
-    open_stream,
 )
 
 log = logging.getLogger(__name__)
@@ -263,27 +262,33 @@ async def _session(cap: _Capture, device: DeviceInfo, *, block_ms: int,
     """One input stream on ``device``: until the receiver is gone (returns), the device fails
     or stalls (DeviceUnavailable), or a rescan needs the stream closed (Reopen)."""
     pa = host()
-    await pa.wait_no_rescan()
+    generation = pa.generation  # ``device`` was found in this generation's list
     channels = max(1, min(2, device.max_input_channels))
     watch = StreamWatch(cap.token)
     plan = StreamPlan(device.index, device.describe(), "input",
                       candidate_rates(device.default_samplerate, samplerate), block_ms,
                       {"channels": channels, "dtype": "float32", "latency": latency,
                        "callback": cap.callback, "finished_callback": watch.finished_callback})
-    stream, rate = await trio.to_thread.run_sync(open_stream, plan)
-    pa.opened()
+    stream, rate = await pa.open(plan)
     try:
+        if pa.generation != generation:  # a rescan came first: the index may be another's
+            raise Reopen
         cap.configure(rate, channels)
         cap.stats.samplerate, cap.stats.channels = rate, channels
         await watch.start(stream, f"input device {device.describe()}")
         log.info("capturing from %s at %d Hz, %d channel(s), latency %.0f ms",
                  device.describe(), rate, channels, stream.latency * 1000)
-        running()
         with trio.CancelScope() as stall:
-            def fed() -> None:
-                stall.deadline = trio.current_time() + STALL_SECONDS
+            heard = False
 
-            fed()
+            def fed() -> None:
+                nonlocal heard
+                stall.deadline = trio.current_time() + STALL_SECONDS
+                if not heard:  # audio arrives: the device works
+                    heard = True
+                    running()
+
+            stall.deadline = trio.current_time() + STALL_SECONDS
             cap.on_block = fed
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on, cap.receiver_gone, nursery.cancel_scope)

@@ -23,6 +23,10 @@ __all__ = [
 ]
 
 
+#: What to check when PortAudio sees no device at all.
+NO_DEVICES_HINT = "is the sound server running, and is this user in the 'audio' group?"
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """One PortAudio device, as listed at the last scan."""
@@ -53,7 +57,7 @@ def _default_index(sd: object, kind: Kind) -> int | None:
 def list_devices() -> list[DeviceInfo]:
     """Every device PortAudio sees (as of its last scan), with the default flags."""
     sd = sounddevice()
-    with pa_lock:
+    with pa_lock():
         try:
             hostapis = [h["name"] for h in sd.query_hostapis()]
             listed = sd.query_devices()
@@ -97,8 +101,7 @@ def format_devices(devs: list[DeviceInfo]) -> str:
             )
     lines.append("(* = default; choose with an index or a part of the name)")
     if not devs:
-        lines.append("no sound devices: is the sound server running, and is this user in the "
-                     "'audio' group?")
+        lines.append(f"no sound devices: {NO_DEVICES_HINT}")
     return "\n".join(lines)
 
 
@@ -108,7 +111,10 @@ def devices_command() -> None:
 
 
 def inventory(devs: list[DeviceInfo], kind: Kind) -> str:
+    """``inputs: 0 'pulse', 1 'default'`` (with what to check when there are no devices)."""
     rows = [d.describe() for d in devs if d.channels(kind) > 0]
+    if not devs:
+        return f"{kind}s: none ({NO_DEVICES_HINT})"
     return f"{kind}s: {', '.join(rows) if rows else 'none'}"
 
 

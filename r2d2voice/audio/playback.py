@@ -1,8 +1,8 @@
 """The speaker: reply audio from a trio channel, through the :class:`PlayoutBuffer`, to PortAudio.
 
-The output stream runs only while there is something to play: it is opened once, started on the
-first reply chunk, and stopped after ``IDLE_STOP_SECONDS`` of silence (a stopped stream costs
-nothing; a running one wakes a real-time thread every few milliseconds to play zeros). The
+The output stream runs only while there is something to play: it is opened and started on the
+first chunk of a reply, and closed after ``IDLE_STOP_SECONDS`` of silence (a running stream wakes
+a real-time thread every few milliseconds to play zeros; a closed one costs nothing). The
 playback callback pulls from the thread-safe buffer and resamples into a FIFO; once the buffer
 has been empty long enough to flush the resampler it just writes zeros.
 
@@ -14,7 +14,7 @@ hold the microphone for it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,6 @@ from r2d2voice.audio.portaudio import (
     StreamWatch,
     candidate_rates,
     host,
-    open_stream,
 )
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PlaybackStatistics", "run_playback"]
 
-#: The output stream stops after this long with nothing to play.
+#: The output stream closes after this long with nothing to play.
 IDLE_STOP_SECONDS = 1.0
 #: How often a running stream checks whether it has become idle.
 IDLE_CHECK_SECONDS = 0.1
@@ -157,7 +156,13 @@ class _Output:
 
 
 class _Speaker:
-    """Keeps the output device open, and its stream running only while there is audio."""
+    """Opens the output device for each burst of audio and closes it once idle.
+
+    Idle, no stream is open: nothing runs, a device rescan needs nothing of the speaker, and a
+    sound server that restarts meanwhile leaves no dead stream behind (starting a stopped
+    stream whose server died hangs PortAudio). Opening costs a few milliseconds at the first
+    chunk of a reply.
+    """
 
     def __init__(self, buffer: PlayoutBuffer, stats: PlaybackStatistics, *,
                  latency: float | str | None, samplerate: int | None,
@@ -173,19 +178,15 @@ class _Speaker:
         self._audio = trio.Event()
 
     def poke(self) -> None:
-        """Audio was pushed (trio thread): start the stream, or drop it while there is none."""
+        """Audio was pushed (trio thread): play it, or drop it while there is no speaker."""
         if self.missing:
             self.stats.dropped_samples += self.buffer.clear()
         self._audio.set()
 
-    async def _wait_for_audio(self) -> None:
-        """Until audio is queued or a rescan wants the (stopped) stream closed."""
-        pa = host()
-        while self.buffer.queued_samples() == 0:
-            if pa.rescan_wanted:
-                raise Reopen
-            self._audio = trio.Event()
-            await _first(self._audio.wait, pa.changed)
+    def lost(self) -> None:
+        """The speaker is missing: drop what waits for it, and what comes until it is back."""
+        self.missing = True
+        self.stats.dropped_samples += self.buffer.clear()
 
     async def _until_idle(self) -> None:
         """While the stream runs: until nothing was queued or left in the pipe for a while."""
@@ -201,31 +202,40 @@ class _Speaker:
                 return
 
     async def session(self, device: DeviceInfo, running: Callable[[], None]) -> None:
-        """One output stream on ``device``, started and stopped as audio comes and goes."""
+        """Play bursts on ``device`` until it fails (DeviceUnavailable) or a rescan changed
+        the device indexes (Reopen)."""
         pa = host()
-        await pa.wait_no_rescan()
+        generation = pa.generation
         channels = max(1, min(2, device.max_output_channels))
-        watch = StreamWatch(trio.lowlevel.current_trio_token())
         label = f"output device {device.describe()}"
-        plan = StreamPlan(device.index, device.describe(), "output",
-                          candidate_rates(device.default_samplerate, self.samplerate), None,
-                          {"channels": channels, "dtype": "int16", "latency": self.latency,
-                           "callback": self.output.callback,
-                           "finished_callback": watch.finished_callback})
-        stream, rate = await trio.to_thread.run_sync(open_stream, plan)
-        pa.opened()
-        watch.expected = True  # not started yet: its finished callback is no alarm
-        try:
-            self.output.configure(rate)
-            self.stats.samplerate, self.stats.channels = rate, channels
-            self.stream_latency = float(stream.latency)
-            log.info("playing to %s at %d Hz, %d channel(s), latency %.0f ms",
-                     device.describe(), rate, channels, stream.latency * 1000)
-            self.missing = False
-            running()
-            while True:
-                await self._wait_for_audio()
-                self.output.reset()
+        token = trio.lowlevel.current_trio_token()
+        rates = candidate_rates(device.default_samplerate, self.samplerate)
+        first = True
+        while True:
+            if not first:
+                while self.buffer.queued_samples() == 0:
+                    self._audio = trio.Event()
+                    await self._audio.wait()
+            if pa.generation != generation:
+                raise Reopen
+            watch = StreamWatch(token)
+            plan = StreamPlan(device.index, device.describe(), "output", rates, None,
+                              {"channels": channels, "dtype": "int16", "latency": self.latency,
+                               "callback": self.output.callback,
+                               "finished_callback": watch.finished_callback})
+            stream, rate = await pa.open(plan)
+            try:
+                if pa.generation != generation:  # a rescan came first: look again
+                    raise Reopen
+                if first:  # the device opens: it is there; it plays when audio comes
+                    log.info("playing to %s at %d Hz, %d channel(s), latency %.0f ms",
+                             device.describe(), rate, channels, stream.latency * 1000)
+                    self.stats.samplerate, self.stats.channels = rate, channels
+                    self.stream_latency = float(stream.latency)
+                    self.missing = first = False
+                    running()
+                    continue
+                self.output.configure(rate)
                 await watch.start(stream, label)
                 self.stats.starts += 1
                 async with trio.open_nursery() as nursery:
@@ -234,15 +244,9 @@ class _Speaker:
                     nursery.cancel_scope.cancel()
                 if watch.stopped.is_set():
                     raise DeviceUnavailable(f"{label} stopped playing")
-                await watch.stop(stream)
-        finally:
-            await watch.close(stream)
-            pa.closed()
-
-    def lost(self) -> None:
-        """The speaker is missing: drop what waits for it, and what comes until it is back."""
-        self.missing = True
-        self.stats.dropped_samples += self.buffer.clear()
+            finally:
+                await watch.close(stream)
+                pa.closed()
 
     async def run(self, spec: str | int | None, first: DeviceInfo | None,
                   states: DeviceStates | None,
@@ -297,7 +301,7 @@ async def run_playback(
     closes the stream. The samples handed to the device per reply item are counted by
     ``buffer`` (``played_samples``). A missing or vanished speaker is waited for; meanwhile
     reply audio is dropped (``stats.dropped_samples``). ``task_status.started()`` comes once the
-    device is open or once it is waited for.
+    device opened (it is then closed until audio comes) or once it is waited for.
     """
     stats = stats if stats is not None else PlaybackStatistics()
     spec = device.name if isinstance(device, DeviceInfo) else device
@@ -350,17 +354,6 @@ async def _report_playback(stats: PlaybackStatistics) -> None:
                 *counts,
             )
             reported = counts
-
-
-async def _first(*waits: Callable[[], Awaitable[Any]]) -> None:
-    """Until the first of ``waits`` returns."""
-    async with trio.open_nursery() as nursery:
-        for wait in waits:
-            async def one(wait: Callable[[], Awaitable[Any]] = wait) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(one)
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -8,8 +8,8 @@ PortAudio's API is not thread-safe, and opening, starting, stopping or closing a
 tens of milliseconds: those calls run in worker threads, one at a time under :data:`pa_lock`.
 PortAudio lists the devices once, at ``Pa_Initialize``, so a device plugged in (or a sound server
 started) later is invisible until a *rescan* (``Pa_Terminate`` + ``Pa_Initialize``), which closes
-every open stream. :class:`Host` (one per trio run) makes rescans wait until no stream is open,
-and asks the streams that can pause (an idle speaker; the microphone, rarely) to close for it.
+every open stream. :class:`Host` (one per trio run) makes rescans wait until no stream is open
+(the speaker's is closed whenever nothing plays) and asks the microphone, rarely, to pause.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -36,9 +37,31 @@ FALLBACK_RATES = (48000, 44100)
 #: RESCAN_PAUSE_MIN up to RESCAN_PAUSE_MAX while the device looked for stays missing.
 RESCAN_PAUSE_MIN = 2.0
 RESCAN_PAUSE_MAX = 60.0
+#: Closing a stream (also on the way out) waits this long at most.
+CLOSE_DEADLINE = 2.0
 
-#: Serialises every PortAudio call made from worker threads (and device listing).
-pa_lock = threading.Lock()
+_lock = threading.Lock()
+_busy_since: float | None = None  # time.monotonic() when the call holding the lock began
+
+
+@contextlib.contextmanager
+def pa_lock() -> Iterator[None]:
+    """Hold PortAudio for one call (worker threads, device listing): one call at a time."""
+    global _busy_since
+    with _lock:
+        _busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            _busy_since = None
+
+
+def stuck(limit: float) -> bool:
+    """A PortAudio call has not returned for ``limit`` seconds (PortAudio can hang, e.g.
+    starting a stream whose sound server died): nothing in-process can fix that, so the run
+    reports itself unhealthy and the watchdog restarts it."""
+    since = _busy_since
+    return since is not None and time.monotonic() - since > limit
 
 
 class DeviceUnavailable(RuntimeFailure):
@@ -88,7 +111,7 @@ def open_stream(plan: StreamPlan) -> tuple[Any, int]:
     sd = sounddevice()
     factory = sd.InputStream if plan.kind == "input" else sd.OutputStream
     errors = []
-    with pa_lock:
+    with pa_lock():
         for rate in plan.rates:
             blocksize = 0 if plan.block_ms is None else max(1, rate * plan.block_ms // 1000)
             try:
@@ -103,28 +126,22 @@ def open_stream(plan: StreamPlan) -> tuple[Any, int]:
 
 def start(stream: Any, label: str) -> None:
     """Start a stream (worker thread); a refusal is :class:`DeviceUnavailable`."""
-    with pa_lock:
+    with pa_lock():
         try:
             stream.start()
         except Exception as exc:  # PortAudioError: busy or vanished
             raise DeviceUnavailable(f"cannot start {label}: {exc}") from exc
 
 
-def stop(stream: Any) -> None:
-    """Stop a stream, playing out what it holds (worker thread); errors are ignored."""
-    with pa_lock, contextlib.suppress(Exception):
-        stream.stop()
-
-
 def close(stream: Any) -> None:
-    with pa_lock:
+    with pa_lock():
         stream.close(ignore_errors=True)
 
 
 class StreamWatch:
-    """Tells the trio side that PortAudio ended a stream we did not stop (device gone).
+    """Tells the trio side that PortAudio ended a stream we did not close (device gone).
 
-    ``expected`` is set before a deliberate stop or close, so its finished callback is no alarm.
+    ``expected`` is set before a deliberate close, so its finished callback is no alarm.
     """
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
@@ -138,22 +155,21 @@ class StreamWatch:
         with contextlib.suppress(Exception):  # RunFinishedError: trio is gone already
             self._token.run_sync_soon(self.stopped.set)
 
-    async def stop(self, stream: Any) -> None:
-        """Stop ``stream`` on purpose (worker thread)."""
-        self.expected = True
-        await trio.to_thread.run_sync(stop, stream)
-
     async def start(self, stream: Any, label: str) -> None:
-        """Start ``stream`` again after :meth:`stop` (worker thread)."""
+        """Start ``stream`` (worker thread)."""
         self.expected = False
         await trio.to_thread.run_sync(start, stream, label)
 
     async def close(self, stream: Any) -> None:
-        """Close the stream in a worker thread, even while being cancelled (PortAudio returns
-        within milliseconds; a shield without its own deadline is bounded by that call)."""
+        """Close the stream in a worker thread, even while being cancelled, within
+        ``CLOSE_DEADLINE`` (PortAudio returns within milliseconds; a call that hangs is left
+        behind, and :func:`stuck` reports it)."""
         self.expected = True
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(close, stream)
+        with trio.move_on_after(CLOSE_DEADLINE) as scope:
+            scope.shield = True
+            await trio.to_thread.run_sync(close, stream, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.error("PortAudio did not close a stream within %g s", CLOSE_DEADLINE)
 
 
 def _reinitialize() -> None:
@@ -164,7 +180,7 @@ def _reinitialize() -> None:
     thread waits those few milliseconds instead of vanishing.
     """
     sd = sounddevice()
-    with pa_lock, _holding(logging.getLogger().handlers):
+    with pa_lock(), _holding(logging.getLogger().handlers):
         if sd._initialized > 0:
             sd._terminate()
         sd._initialize()
@@ -184,14 +200,17 @@ def _holding(handlers: list[logging.Handler]) -> Iterator[None]:
 class Host:
     """PortAudio's state in one trio run: open streams, rescans, pause requests.
 
-    A rescan waits until no stream is open. Meanwhile :attr:`rescan_wanted` asks the holders of
-    open streams to close them: the speaker does when nothing plays; the microphone only when
-    :attr:`pause_capture` is set, which happens for a rescan another device needs, at most once
-    per backoff step (RESCAN_PAUSE_MIN doubling to RESCAN_PAUSE_MAX), since each costs a gap
-    in the microphone's audio.
+    A rescan waits until no stream is open, and no stream opens while one is wanted
+    (:attr:`rescan_wanted`). The speaker's stream is open only while it plays. The microphone
+    closes its stream when :attr:`pause_capture` is set too, which happens for a rescan another
+    device needs, at most once per backoff step (RESCAN_PAUSE_MIN doubling to
+    RESCAN_PAUSE_MAX), since each costs a gap in the microphone's audio. Device indexes are
+    valid within one :attr:`generation` (bumped by each rescan).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reinitialize: Callable[[], None] | None = None) -> None:
+        #: what a rescan runs in a worker thread (Pa_Terminate + Pa_Initialize)
+        self.reinitialize = reinitialize or _reinitialize
         self.open_streams = 0
         self.generation = 0
         self.rescan_wanted = False
@@ -222,6 +241,17 @@ class Host:
         while self.rescan_wanted:
             await self.changed()
 
+    async def open(self, plan: StreamPlan) -> tuple[Any, int]:
+        """:func:`open_stream` in a worker thread, counted as open from before the call (a
+        rescan must not run while an open is in flight); call :meth:`closed` after closing."""
+        await self.wait_no_rescan()
+        self.opened()
+        try:
+            return await trio.to_thread.run_sync(open_stream, plan)
+        except BaseException:
+            self.closed()
+            raise
+
     async def rescan(self, *, capture_running: bool, timeout: float) -> bool:
         """Rescan the devices once no stream is open; False if that did not happen within
         ``timeout`` (the holders kept their streams) or the rescan failed.
@@ -245,7 +275,7 @@ class Host:
                 if self.generation != generation:
                     return True  # someone else rescanned meanwhile
                 try:
-                    await trio.to_thread.run_sync(_reinitialize)
+                    await trio.to_thread.run_sync(self.reinitialize)
                 except Exception as exc:  # PortAudioError: nothing to list yet
                     log.debug("device rescan failed: %s", exc)
                     return False

@@ -3,8 +3,9 @@ conversation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -19,6 +20,17 @@ from r2d2voice.cli.options import (
 if TYPE_CHECKING:
     from r2d2voice.cli.main import Invocation
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def conversation_options(command: F) -> F:
+    """--db, --backend, --url, --tools, --listen (in that order in --help) and the invocation:
+    what every command that holds a conversation takes."""
+    command = click.pass_obj(command)
+    for option in (listen_option, tools_option, url_option, backend_option, db_option):
+        command = option(command)
+    return command
+
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
@@ -29,12 +41,7 @@ if TYPE_CHECKING:
               help="fast: as fast as the conversation allows; realtime: paced like a person.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=None,
               help="Give up after this many seconds (default: 60 s + 3x the file's length).")
-@db_option
-@backend_option
-@url_option
-@tools_option
-@listen_option
-@click.pass_obj
+@conversation_options
 def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
            timeout: float | None, db: str | None, backend: str | None, url: str | None,
            tools: str | None, listen: str | None) -> None:
@@ -52,12 +59,7 @@ def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
               help="Speaker latency in seconds (small boards: ~0.03 avoids crackle).")
 @click.option("--duplex", type=click.Choice(["half", "full"]), default=None,
               help="half: mic muted while the robot speaks; full: headset or echo-cancelled mic.")
-@db_option
-@backend_option
-@url_option
-@tools_option
-@listen_option
-@click.pass_obj
+@conversation_options
 def run(invocation: Invocation, input_device: str | None, output_device: str | None,
         output_latency: float | None, duplex: str | None, db: str | None, backend: str | None,
         url: str | None, tools: str | None, listen: str | None) -> None:

@@ -16,6 +16,7 @@ import trio
 from r2d2voice.audio.gates import EchoGate
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.realtime.conversation import Conversation
+from r2d2voice.system.config import default
 
 
 class Watch:
@@ -74,21 +75,21 @@ class LinkPolicy:
     #: a session that lived this long resets the backoff
     healthy_after: float = 20.0
     #: recycle the connection at a quiet moment after this long (the service stops at 60 min)
-    session_max_seconds: float = 55 * 60
+    session_max_seconds: float = default("session_max_minutes") * 60
     #: this long without speech, reply or queued audio counts as a quiet moment
     quiet_seconds: float = 0.5
     #: turns re-sent as text items to a new session
-    context_turns: int = 10
+    context_turns: int = default("context_turns")
     ping_interval: float = 15.0
     ping_timeout: float = 10.0
     #: once nothing else is open, wait this long for a late user transcript, then give up
     transcript_wait: float = 10.0
     #: "half": mic audio is not sent while a reply plays and for ``echo_tail`` after it
-    duplex: str = "half"
-    echo_tail: float = 0.3
+    duplex: str = default("duplex")
+    echo_tail: float = default("echo_tail_ms") / 1000
     #: in half duplex, mic audio this loud (dBFS RMS) for ``barge_in_ms`` opens the gate
     #: (barge-in); None: no barge-in while the robot speaks
-    barge_in_dbfs: float | None = -25.0
+    barge_in_dbfs: float | None = default("barge_in_dbfs")
     barge_in_ms: int = 120
 
     def echo_gate(self) -> EchoGate:

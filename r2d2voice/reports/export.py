@@ -8,6 +8,7 @@ atomically.
 Every row has every column (JSONL keys, CSV header): a message has ``null`` in the tool
 columns, a tool execution (``role`` "tool") ``null`` in ``text``, ``interrupted`` and
 ``played_ms``. Text not kept (privacy mode) reads ``(not kept)`` with ``text_kept`` false.
+Markdown (:mod:`~r2d2voice.reports.markdown`) escapes every text so it renders as said.
 
 From a fleet server (``--db postgresql://…``, ``--device``) the rows are the same with
 ``device_id`` first (JSONL key, CSV column; Markdown names the robot in each session's
@@ -19,20 +20,21 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from r2d2voice.errors import RuntimeFailure, UsageError
-from r2d2voice.reports.source import Records, open_records
-from r2d2voice.reports.tables import check_format, clock, time_range
-from r2d2voice.storage.queries import EXPORT_ROLES, MessageRow, SessionRow, ToolRow
+from r2d2voice.reports.markdown import write_markdown
+from r2d2voice.reports.source import open_records
+from r2d2voice.reports.tables import check_format, time_range
+from r2d2voice.storage.queries import EXPORT_ROLES, ToolRow
 
 if TYPE_CHECKING:
-    from r2d2voice.storage.shipping.rows import FleetMessageRow, FleetSessionRow, FleetToolRow
+    from r2d2voice.storage.shipping.rows import FleetToolRow
 
 __all__ = ["COLUMNS", "FLEET_COLUMNS", "FORMATS", "NOT_KEPT", "export_command", "run_export"]
 
@@ -91,13 +93,15 @@ def run_export(db_path: str | os.PathLike[str], *, fmt: str = "jsonl", out: Text
     since_dt, until_dt = time_range(since, until)
     with open_records(db_path, devices) as records:
         records.check_sessions(sessions)
-        rows = records.read.iter_conversation(sessions=sessions, since=since_dt,
-                                              until=until_dt, role=role)
-        if fmt == "jsonl":
-            return _write_jsonl(rows, out, fleet=records.fleet)
-        if fmt == "csv":
-            return _write_csv(rows, out, fleet=records.fleet)
-        return _write_markdown(rows, out, records)
+        # Closed before the database is, whatever stops the writing (a reader gone): its
+        # cursors close while their connection is still open.
+        with closing(records.read.iter_conversation(sessions=sessions, since=since_dt,
+                                                    until=until_dt, role=role)) as rows:
+            if fmt == "jsonl":
+                return _write_jsonl(rows, out, fleet=records.fleet)
+            if fmt == "csv":
+                return _write_csv(rows, out, fleet=records.fleet)
+            return write_markdown(rows, out, records, not_kept=NOT_KEPT)
 
 
 def _write_atomically(target: Path, write: Callable[[TextIO], int]) -> int:
@@ -251,96 +255,3 @@ def _write_csv(rows: Iterable[AnyRow], out: TextIO, *, fleet: bool = False) -> i
         writer.writerow((_cell(r.device_id), *_csv_row(r)) if fleet else _csv_row(r))
         n += 1
     return n
-
-
-# ---------------------------------------------------------------------------- Markdown
-
-_SPEAKER = {"user": "you", "assistant": "r2"}
-_LINE_END = re.compile(r"\r\n|\r|\n")
-_INDENT = "    "
-
-
-def _session_header(info: SessionRow | FleetSessionRow | None, session_id: str,
-                    device_id: str | None = None) -> str:
-    lines = [f"## Session {session_id}", ""]
-    facts = [] if device_id is None else [f"Robot `{device_id}`"]
-    if info is not None:
-        started = f"Started {clock(info.started_at)} UTC"
-        if info.ended_at:
-            started += f", ended {clock(info.ended_at)} UTC"
-        facts += [started, f"backend `{info.backend}`", f"model `{info.model}`"]
-        if info.voice:
-            facts.append(f"voice `{info.voice}`")
-    if facts:
-        lines.append(" · ".join(facts) + ".")
-        if info is not None and info.previous_session_id:
-            lines.append(f"Continues session {info.previous_session_id}.")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def _when(created_at: str, day: str) -> str:
-    # The time shows the date only when the row is not on the session's first day.
-    return created_at[11:19] if created_at[:10] == day else clock(created_at)
-
-
-def _lines(text: str) -> str:
-    # Continuation lines are indented by four spaces (a reader strips them), so lines like
-    # "# x" or "- x" never become markdown blocks.
-    return ("\n" + _INDENT).join(_LINE_END.split(text))
-
-
-def _turn(row: MessageRow | FleetMessageRow, day: str) -> str:
-    when = _when(row.created_at, day)
-    if row.interrupted:
-        when += ", interrupted"
-        if row.played_ms is not None:
-            when += f" after {row.played_ms / 1000:.1f} s"
-    # Everything after ": " is the text.
-    body = _lines(row.text) if row.text_kept else f"*{NOT_KEPT}*"
-    return f"**{_SPEAKER[row.role]}** ({when}): {body}\n\n"
-
-
-# Markdown that would change how a tool name renders: escaped (an underscore inside a word,
-# as in turn_head, is plain text and stays as it is).
-_MD_INLINE = re.compile(r"([\\`*\[\]<>]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
-
-
-def _tool_line(row: ToolRow | FleetToolRow, day: str) -> str:
-    """``🔧 **turn_head** (09:30:05): {"degrees": -90} → turned to -90 (ok, 41 ms)``"""
-    name = _MD_INLINE.sub(r"\\\1", row.name)
-    if row.text_kept:
-        call = _lines(row.arguments or "")
-        result = "" if row.output is None else _lines(row.output)
-    else:
-        call = result = f"*{NOT_KEPT}*"
-    outcome = [row.status]
-    if row.exit_code not in (None, 0):
-        outcome.append(f"exit {row.exit_code}")
-    if row.duration_ms is not None:
-        outcome.append(f"{row.duration_ms} ms")
-    arrow = "" if row.status == "running" else f" → {result}" if result else " →"
-    return (f"🔧 **{name}** ({_when(row.started_at, day)}): {call}{arrow}"
-            f" ({', '.join(outcome)})\n\n")
-
-
-def _write_markdown(rows: Iterable[AnyRow], out: TextIO, records: Records) -> int:
-    out.write("# r2d2voice transcript\n\n")
-    n = 0
-    current: tuple[str | None, str] | None = None
-    day = ""
-    fleet = records.fleet
-    for row in rows:
-        device = row.device_id if fleet else None
-        if (device, row.session_id) != current:
-            current = (device, row.session_id)
-            info = records.session(row.session_id, device)
-            day = (info.started_at if info else _label(row))[:10]
-            out.write(_session_header(info, row.session_id, device))
-        out.write(_tool_line(row, day) if row.role == "tool" else _turn(row, day))
-        n += 1
-    return n
-
-
-def _label(row: AnyRow) -> str:
-    return row.started_at if row.role == "tool" else row.created_at

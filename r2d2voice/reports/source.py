@@ -9,7 +9,7 @@ from a fleet carry ``device_id``; the reports add it to what they show.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,7 +51,7 @@ class FleetReader:
 
     def iter_conversation(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
                           until: datetime | None = None, role: str | None = None,
-                          ) -> Iterator[FleetMessageRow | FleetToolRow]:
+                          ) -> Generator[FleetMessageRow | FleetToolRow, None, None]:
         """Messages and tool executions in order: device, session, then conversation."""
         return self.fleet.iter_messages(devices=self.devices, sessions=sessions, since=since,
                                         until=until, role=role, tools=True)
@@ -148,7 +148,7 @@ def open_records(db: str | os.PathLike[str], devices: Sequence[str] = ()) -> Ite
         return
     from r2d2voice.storage.shipping.fleet import open_fleet
 
-    with open_fleet(os.fspath(db)) as fleet:
+    with open_fleet(os.fspath(db), create_schema=False) as fleet:
         known = fleet.list_devices()
         for device in devices:
             if device not in known:

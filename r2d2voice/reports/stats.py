@@ -1,5 +1,6 @@
 """``stats``: per-turn latency percentiles, response outcomes, interruptions, errors, tool
-calls per tool and status, and the pipeline's counters.
+calls per tool and status, and the pipeline's counters; with wake-word sessions, the wake
+mode (wakes by source, wake→ready and conversation length, how conversations ended).
 
 Latencies are intervals the appliance measured on the monotonic clock and stored as such;
 nothing here subtracts wall-clock labels. The report is a plain dict first
@@ -22,8 +23,8 @@ from r2d2voice.reports.tables import check_format, table, time_range, write_repo
 from r2d2voice.storage.queries import Queries
 from r2d2voice.storage.schema import TOOL_ROW_STATUSES
 
-__all__ = ["COUNTERS", "PERCENTILES", "format_stats", "percentile", "stats_command",
-           "stats_report"]
+__all__ = ["COUNTERS", "PERCENTILES", "WAKE_ENDS", "format_stats", "percentile",
+           "stats_command", "stats_report", "wake_report"]
 
 #: Latency percentiles reported by ``stats`` (nearest-rank).
 PERCENTILES = (50, 90, 99)
@@ -108,7 +109,7 @@ def stats_report(read: Queries | FleetReader, *, sessions: Sequence[str] = (),
         reconnects = {"count": continued, "source": "previous_session_id"}
     else:
         reconnects = {"count": counters["reconnects"], "source": "counter"}
-    return {
+    report: dict[str, Any] = {
         "sessions": len(rows),
         "sessions_with_stats": len(recorded),
         "responses": {"total": sum(by_status.values()), "by_status": by_status},
@@ -124,6 +125,57 @@ def stats_report(read: Queries | FleetReader, *, sessions: Sequence[str] = (),
         "reconnects": reconnects,
         "sessions_continuing_earlier": continued,
     }
+    wakes = [r.wake for r in rows if r.wake is not None]
+    if wakes:
+        report["wake"] = wake_report(wakes)
+    return report
+
+
+#: How a wake-mode conversation can end (``metadata["conversation_end"]``), in report order.
+WAKE_ENDS = ("idle", "ended", "no service", "end of input", "stopped")
+
+
+def _spread(values: list[int | float]) -> dict[str, Any]:
+    values = sorted(values)
+    return {"n": len(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
+            "max": values[-1] if values else None}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def wake_report(wakes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The wake-word mode over sessions' wake facts: wakes by source, conversations (wakes
+    whose conversation was recorded as over), wake→ready ms and conversation length s
+    (nearest-rank p50/p90 and max), and conversations by how they ended."""
+    by_source: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    for w in wakes:
+        source = str(w.get("wake_source") or "unknown")
+        by_source[source] = by_source.get(source, 0) + 1
+        if isinstance(end := w.get("conversation_end"), str):
+            ends[end] = ends.get(end, 0) + 1
+    order = [e for e in WAKE_ENDS if e in ends] + sorted(set(ends) - set(WAKE_ENDS))
+    return {
+        "wakes": len(wakes),
+        "by_source": dict(sorted(by_source.items())),
+        "conversations": sum(ends.values()),
+        "wake_to_ready_ms": _spread([v for w in wakes if _number(v := w.get("wake_ready_ms"))]),
+        "conversation_s": _spread([v for w in wakes if _number(v := w.get("conversation_s"))]),
+        "ends": {e: ends[e] for e in order},
+    }
+
+
+def _wake_lines(wake: dict[str, Any]) -> list[str]:
+    sources = ", ".join(f"{k} {v}" for k, v in wake["by_source"].items())
+    ends = ", ".join(f"{k} {v}" for k, v in wake["ends"].items())
+    rows = [[label, str(d["n"]), _na(d["p50"]), _na(d["p90"]), _na(d["max"])]
+            for label, d in (("wake to ready, ms", wake["wake_to_ready_ms"]),
+                             ("conversation length, s", wake["conversation_s"]))]
+    return ["", f"Wakes: {wake['wakes']} ({sources})",
+            f"Conversations: {wake['conversations']}" + (f" (ended: {ends})" if ends else ""),
+            *table(("", "N", "P50", "P90", "MAX"), rows)]
 
 
 def _tools(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
@@ -188,4 +240,6 @@ def format_stats(report: dict[str, Any]) -> str:
         else:
             shown = _na(value)
         out.append(f"  {name.ljust(width)}  {shown}")
+    if "wake" in report:
+        out += _wake_lines(report["wake"])
     return "\n".join(out) + "\n"

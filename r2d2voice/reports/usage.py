@@ -4,6 +4,10 @@ The report is a plain dict first (:func:`usage_report`); the text renderer only 
 the JSON output and the table always agree. From a fleet server, each day and session row
 carries ``device_id`` (a ``DEVICE`` column in the text), one row per robot; the total is the
 selected robots' together.
+
+Responses of sessions on the local backend (``sessions.backend`` "local") show their tokens
+but cost 0, as no service bills them: ``local_responses`` counts them in each row, and the
+text marks them "local backend: not billed".
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from r2d2voice.errors import UsageError
 from r2d2voice.reports.source import FleetReader, open_records
 from r2d2voice.reports.tables import check_format, table, time_range, write_report
 from r2d2voice.storage.queries import Queries, UsageSummaryRow
+from r2d2voice.system.config import default
 
-__all__ = ["Prices", "format_usage", "usage_command", "usage_report"]
+__all__ = ["NOT_BILLED", "Prices", "format_usage", "usage_command", "usage_report"]
 
 _MILLION = 1_000_000
 
@@ -36,12 +41,12 @@ class Prices:
     file) to the current ones.
     """
 
-    audio_in: float = 32.00
-    audio_in_cached: float = 0.40
-    text_in: float = 4.00
-    text_in_cached: float = 0.40
-    audio_out: float = 64.00
-    text_out: float = 16.00
+    audio_in: float = default("price_audio_in")
+    audio_in_cached: float = default("price_audio_in_cached")
+    text_in: float = default("price_text_in")
+    text_in_cached: float = default("price_text_in_cached")
+    audio_out: float = default("price_audio_out")
+    text_out: float = default("price_text_out")
 
     @classmethod
     def from_settings(cls, settings: Any) -> Prices:
@@ -98,28 +103,49 @@ def usage_command(db_path: str | os.PathLike[str], *, out: TextIO | None = None,
 
 _TOKEN_FIELDS = ("responses", "input_text", "input_audio", "input_cached", "output_text",
                  "output_audio")
+#: What a row priced at 0 because it ran on the local backend says in the text table.
+NOT_BILLED = "local backend: not billed"
+
+AnyUsageRow = Any  # a UsageSummaryRow, or its fleet twin (``device_id`` first)
 
 
-def _usage_dict(row: UsageSummaryRow, prices: Prices) -> dict[str, Any]:
-    d: dict[str, Any] = {f: getattr(row, f) for f in _TOKEN_FIELDS}
-    d["cost_usd"] = round(prices.cost(row), 9)  # drop float noise; prices have few digits
-    return d
+def _grouped(rows: Sequence[AnyUsageRow], key: str, prices: Prices,
+             fleet: bool) -> list[dict[str, Any]]:
+    """One dict per group (``key`` names it, after ``device_id`` on a fleet), in order: the
+    billed and local-backend rows of a group added up; local responses cost 0."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        device = row.device_id if fleet else ""
+        d = out.get((device, row.key))
+        if d is None:
+            d = out[(device, row.key)] = {"device_id": device} if fleet else {}
+            d |= {key: row.key, **dict.fromkeys(_TOKEN_FIELDS, 0), "cost_usd": 0.0,
+                  "local_responses": 0}
+        tokens = [getattr(row, f) for f in _TOKEN_FIELDS]
+        if row.local:
+            _add(d, tokens, 0.0, row.responses)
+        else:
+            _add(d, tokens, prices.cost(row), 0)
+    return [_rounded(d) for d in out.values()]
 
 
-def _keyed(row: Any, key: str, prices: Prices, fleet: bool) -> dict[str, Any]:
-    """One day or session row: ``key`` names the group (after ``device_id`` on a fleet)."""
-    d: dict[str, Any] = {"device_id": row.device_id} if fleet else {}
-    d[key] = row.key
-    return d | _usage_dict(row, prices)
+def _add(d: dict[str, Any], tokens: Sequence[int], cost: float, local: int) -> None:
+    for f, n in zip(_TOKEN_FIELDS, tokens, strict=True):
+        d[f] += n
+    d["cost_usd"] += cost
+    d["local_responses"] += local
 
 
-def _sum_rows(rows: Sequence[UsageSummaryRow]) -> UsageSummaryRow:
-    return UsageSummaryRow(
-        "total",
-        *(sum(getattr(r, f) for r in rows) for f in _TOKEN_FIELDS),
-        sum(r.cached_text_est for r in rows),
-        sum(r.cached_audio_est for r in rows),
-    )
+def _rounded(d: dict[str, Any]) -> dict[str, Any]:
+    return d | {"cost_usd": round(d["cost_usd"], 9)}  # drop float noise; prices have few digits
+
+
+def _total(days: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {**dict.fromkeys(_TOKEN_FIELDS, 0), "cost_usd": 0.0,
+                             "local_responses": 0}
+    for d in days:
+        _add(total, [d[f] for f in _TOKEN_FIELDS], d["cost_usd"], d["local_responses"])
+    return _rounded(total)
 
 
 def usage_report(read: Queries | FleetReader, prices: Prices, *,
@@ -129,16 +155,19 @@ def usage_report(read: Queries | FleetReader, prices: Prices, *,
 
     Rows are the responses created in [``since``, ``until``) of ``sessions`` (all if empty);
     ``read`` is a database's queries or a fleet server's (rows per robot, ``device_id``).
+    Responses of sessions on the local backend keep their tokens but cost 0 (no service
+    bills them): ``local_responses`` counts them in each row.
     """
     fleet = isinstance(read, FleetReader)
     window = {"sessions": sessions, "since": since, "until": until}
-    days = read.usage_summary("day", **window)
-    per_session = read.usage_summary("session", **window)
+    days = _grouped(read.usage_summary("day", **window), "day", prices, fleet)
+    per_session = _grouped(read.usage_summary("session", **window), "session_id", prices,
+                           fleet)
     return {
         "prices_usd_per_million": asdict(prices),
-        "days": [_keyed(r, "day", prices, fleet) for r in days],
-        "sessions": [_keyed(r, "session_id", prices, fleet) for r in per_session],
-        "total": _usage_dict(_sum_rows(days), prices),  # type: ignore[arg-type]
+        "days": days,
+        "sessions": per_session,
+        "total": _total(days),
     }
 
 
@@ -149,28 +178,39 @@ def _cells(d: dict[str, Any]) -> list[str]:
     return [*(str(d[f]) for f in _TOKEN_FIELDS), f"{d['cost_usd']:.4f}"]
 
 
+def _note(d: dict[str, Any]) -> str:
+    local = d["local_responses"]
+    if not local:
+        return ""
+    return NOT_BILLED if local == d["responses"] else f"{local} of them {NOT_BILLED}"
+
+
 def _price(x: float) -> str:
     return f"{x:.2f}" if round(x, 2) == x else f"{x:g}"
 
 
 def format_usage(report: dict[str, Any]) -> str:
-    """The usage report as text: a table per day and per session, each with a total line."""
+    """The usage report as text: a table per day and per session, each with a total line;
+    a NOTE column marks rows priced at 0 because they ran on the local backend."""
     if not report["days"]:
         return "no responses recorded in the selection\n"
     fleet = "device_id" in report["days"][0]
     lead = ("DEVICE",) if fleet else ()
+    notes = report["total"]["local_responses"] > 0
+    header = (*_HEADER, "NOTE") if notes else _HEADER
+    left = [*range(len(lead) + 1), len(lead) + len(header)] if notes else range(len(lead) + 1)
+
+    def line(first: list[str], d: dict[str, Any]) -> list[str]:
+        return [*first, *_cells(d), *([_note(d)] if notes else [])]
 
     def rows(group: list[dict[str, Any]], key: str) -> list[list[str]]:
-        total = ["TOTAL", *[""] * len(lead), *_cells(report["total"])]
-        return [[*([d["device_id"]] if fleet else []), d[key], *_cells(d)]
-                for d in group] + [total]
+        total = line(["TOTAL", *[""] * len(lead)], report["total"])
+        return [line([*([d["device_id"]] if fleet else []), d[key]], d) for d in group] + [total]
 
     out = ["Token usage by day (UTC)"]
-    out += table((*lead, "DAY", *_HEADER), rows(report["days"], "day"),
-                 left=range(len(lead) + 1))
+    out += table((*lead, "DAY", *header), rows(report["days"], "day"), left=left)
     out += ["", "Token usage by session"]
-    out += table((*lead, "SESSION", *_HEADER), rows(report["sessions"], "session_id"),
-                 left=range(len(lead) + 1))
+    out += table((*lead, "SESSION", *header), rows(report["sessions"], "session_id"), left=left)
     p = report["prices_usd_per_million"]
     out += [
         "",
@@ -181,4 +221,7 @@ def format_usage(report: dict[str, Any]) -> str:
         "Costs are estimates: IN CACHED is part of IN TEXT + IN AUDIO; the database keeps only",
         "its total, so it is priced as text and audio in proportion to each response's input.",
     ]
+    if notes:
+        out.append("Responses of sessions on the local backend are counted but cost 0: no "
+                   "service bills them.")
     return "\n".join(out) + "\n"

@@ -51,9 +51,12 @@ class Store:
         return self._conn
 
     def close(self) -> None:
-        """Close the connection (idempotent); an open transaction is rolled back."""
+        """Close the connection (idempotent): first the cursors of streams a reader left
+        open (so no finalizer later touches a closed database), then an open transaction is
+        rolled back."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            self.read.close_streams()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             conn.close()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import heapq
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,14 +22,17 @@ from r2d2voice.storage.timestamps import format_ts
 
 __all__ = [
     "EXPORT_ROLES",
+    "WAKE_KEYS",
     "ErrorRow",
     "MessageRow",
     "Queries",
     "SessionRow",
     "SessionStatsRow",
+    "TokenTotals",
     "ToolRow",
     "UsageRow",
     "UsageSummaryRow",
+    "wake_facts",
 ]
 
 _FETCH = 1000  # rows per fetchmany() when streaming
@@ -99,15 +104,11 @@ class SessionRow:
     service_session_id: str | None
 
 
-@dataclass(frozen=True)
-class UsageRow:
-    """Token usage summed over one session's responses."""
+class TokenTotals:
+    """``input_total`` and ``output_total`` of a usage row (local or fleet)."""
 
-    session_id: str
-    responses: int
     input_text: int
     input_audio: int
-    input_cached: int
     output_text: int
     output_audio: int
 
@@ -121,12 +122,28 @@ class UsageRow:
 
 
 @dataclass(frozen=True)
+class UsageRow(TokenTotals):
+    """Token usage summed over one session's responses."""
+
+    session_id: str
+    responses: int
+    input_text: int
+    input_audio: int
+    input_cached: int
+    output_text: int
+    output_audio: int
+
+
+@dataclass(frozen=True)
 class UsageSummaryRow:
     """Token usage summed over the responses of one group (a UTC day, or a session).
 
     ``input_cached`` is part of ``input_text + input_audio``. The store keeps only the cached
     total, so ``cached_text_est`` / ``cached_audio_est`` split it per response in proportion to
     that response's text and audio input (an estimate, used for pricing).
+
+    ``local``: the responses of sessions on the local backend (``sessions.backend`` "local"),
+    which no service bills; a group with both kinds comes as two rows, the billed one first.
     """
 
     key: str
@@ -138,6 +155,7 @@ class UsageSummaryRow:
     output_audio: int
     cached_text_est: float
     cached_audio_est: float
+    local: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,20 @@ class SessionStatsRow:
     started_at: str
     previous_session_id: str | None
     stats: dict[str, Any] | None
+    wake: dict[str, Any] | None = None  # the wake-mode keys, when ``listen`` is "wake"
+
+
+#: Keys the wake-word mode writes in a session's metadata (read by ``stats``).
+WAKE_KEYS = ("wake_source", "wake_word", "wake_score", "wake_at_s", "wake_ready_ms",
+             "conversation_s", "conversation_end")
+
+
+def wake_facts(meta: Any) -> dict[str, Any] | None:
+    """A session's wake-mode facts from its metadata object: the :data:`WAKE_KEYS` present,
+    or None when the session was not started by a wake (``listen`` is not "wake")."""
+    if not isinstance(meta, dict) or meta.get("listen") != "wake":
+        return None
+    return {k: meta[k] for k in WAKE_KEYS if k in meta}
 
 
 @dataclass(frozen=True)
@@ -233,6 +265,19 @@ def _where(session_col: str, time_col: str, sessions: Sequence[str],
     return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
+#: A streamed row with its conversation-order key (session seq, seq, kind, rowid).
+_Keyed = tuple[tuple[int, int, int, int], Any]
+
+
+def _keyed_message(r: tuple[Any, ...]) -> _Keyed:
+    return (r[0], r[3], 0, r[1]), MessageRow(r[2], r[3], r[4], r[5], r[6], r[7], r[8],
+                                             bool(r[9]), r[10], bool(r[11]))
+
+
+def _keyed_tool(r: tuple[Any, ...]) -> _Keyed:
+    return (r[0], r[3], 1, r[1]), ToolRow(*r[2:14], bool(r[14]))
+
+
 # ---------------------------------------------------------------------------- queries
 
 
@@ -241,29 +286,33 @@ class Queries:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._streams: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
 
     # -- messages ---------------------------------------------------------------------
 
     def iter_messages(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
                       until: datetime | None = None,
-                      role: str | None = None) -> Iterator[MessageRow]:
+                      role: str | None = None) -> Generator[MessageRow, None, None]:
         """Stream messages in conversation order (sessions by seq, then messages by seq).
 
         ``since`` is inclusive and ``until`` exclusive (on ``created_at``); ``sessions`` empty
-        means all.
+        means all. Close the iterator (or the store) when stopping early: its cursor closes.
         """
-        for _, row in self._messages(sessions, since, until, role):
-            yield row
+        with closing(self._messages(sessions, since, until, role)) as keyed:
+            for _, row in keyed:
+                yield row
 
     def iter_tools(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
-                   until: datetime | None = None) -> Iterator[ToolRow]:
+                   until: datetime | None = None) -> Generator[ToolRow, None, None]:
         """Stream tool executions in conversation order (filters on ``started_at``)."""
-        for _, row in self._tools(sessions, since, until):
-            yield row
+        with closing(self._tools(sessions, since, until)) as keyed:
+            for _, row in keyed:
+                yield row
 
     def iter_conversation(self, *, sessions: Sequence[str] = (),
                           since: datetime | None = None, until: datetime | None = None,
-                          role: str | None = None) -> Iterator[MessageRow | ToolRow]:
+                          role: str | None = None,
+                          ) -> Generator[MessageRow | ToolRow, None, None]:
         """Messages and tool executions merged in conversation order (at an equal seq, the
         message first), streamed: two ordered cursors, no sort. ``role`` is a message role
         or ``"tool"``."""
@@ -272,50 +321,59 @@ class Queries:
         if role == "tool":
             yield from self.iter_tools(sessions=sessions, since=since, until=until)
             return
-        messages = self._messages(sessions, since, until, role)
-        if role is not None or not self._has_tools():
-            for _, row in messages:
-                yield row
-            return
-        merged = heapq.merge(messages, self._tools(sessions, since, until),
-                             key=lambda keyed: keyed[0])
-        for _, row in merged:
-            yield row
+        with closing(self._messages(sessions, since, until, role)) as messages:
+            if role is not None or not self._has_tools():
+                for _, row in messages:
+                    yield row
+                return
+            with closing(self._tools(sessions, since, until)) as tools:
+                for _, row in heapq.merge(messages, tools, key=lambda keyed: keyed[0]):
+                    yield row
+
+    def close_streams(self) -> None:
+        """Close the cursors of every stream still open (a caller that stopped iterating
+        early). The store calls it before closing the connection."""
+        for stream in list(self._streams):
+            stream.close()
 
     def _has_tools(self) -> bool:
         return self.conn.execute("SELECT EXISTS (SELECT 1 FROM tool_executions)").fetchone()[0]
 
+    def _stream(self, sql: str, args: Sequence[Any],
+                make: Callable[[tuple[Any, ...]], _Keyed]) -> Generator[_Keyed, None, None]:
+        """``make(row)`` for each row of ``sql``, fetched in batches; the cursor is closed
+        when the stream ends, is closed, or the store closes (:meth:`close_streams`)."""
+        stream = self._fetch(sql, args, make)
+        self._streams.add(stream)
+        return stream
+
+    def _fetch(self, sql: str, args: Sequence[Any],
+               make: Callable[[tuple[Any, ...]], _Keyed]) -> Generator[_Keyed, None, None]:
+        cur = self.conn.execute(sql, args)
+        try:
+            while rows := cur.fetchmany(_FETCH):
+                for r in rows:
+                    yield make(r)
+        finally:
+            cur.close()
+
     def _messages(self, sessions: Sequence[str], since: datetime | None,
                   until: datetime | None,
-                  role: str | None) -> Iterator[tuple[tuple[int, int, int, int], MessageRow]]:
+                  role: str | None) -> Generator[_Keyed, None, None]:
         where, args = _where("s.id", "m.created_at", sessions, since, until)
         if role is not None:
             if role not in ROLES:
                 raise ValueError(f"role must be one of {ROLES}, not {role!r}")
             where += (" AND" if where else " WHERE") + " m.role = ?"
             args.append(role)
-        cur = self.conn.execute(f"SELECT s.seq, m.id, {_MESSAGE_COLUMNS} FROM {_ORDERED_JOIN}"
-                                f"{where} ORDER BY s.seq, m.seq, m.id", args)
-        try:
-            while rows := cur.fetchmany(_FETCH):
-                for r in rows:
-                    yield (r[0], r[3], 0, r[1]), MessageRow(
-                        r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10],
-                        bool(r[11]))
-        finally:
-            cur.close()
+        return self._stream(f"SELECT s.seq, m.id, {_MESSAGE_COLUMNS} FROM {_ORDERED_JOIN}"
+                            f"{where} ORDER BY s.seq, m.seq, m.id", args, _keyed_message)
 
-    def _tools(self, sessions: Sequence[str], since: datetime | None, until: datetime | None,
-               ) -> Iterator[tuple[tuple[int, int, int, int], ToolRow]]:
+    def _tools(self, sessions: Sequence[str], since: datetime | None,
+               until: datetime | None) -> Generator[_Keyed, None, None]:
         where, args = _where("s.id", "t.started_at", sessions, since, until)
-        cur = self.conn.execute(f"SELECT s.seq, t.id, {_TOOL_COLUMNS} FROM {_ORDERED_TOOLS}"
-                                f"{where} ORDER BY s.seq, t.seq, t.id", args)
-        try:
-            while rows := cur.fetchmany(_FETCH):
-                for r in rows:
-                    yield (r[0], r[3], 1, r[1]), ToolRow(*r[2:14], bool(r[14]))
-        finally:
-            cur.close()
+        return self._stream(f"SELECT s.seq, t.id, {_TOOL_COLUMNS} FROM {_ORDERED_TOOLS}"
+                            f"{where} ORDER BY s.seq, t.seq, t.id", args, _keyed_tool)
 
     def tool_counts(self, *, sessions: Sequence[str] = (), since: datetime | None = None,
                     until: datetime | None = None) -> dict[str, dict[str, int]]:
@@ -366,7 +424,7 @@ class Queries:
     def session_stats(self, sessions: Sequence[str] = (), since: datetime | None = None,
                       until: datetime | None = None) -> list[SessionStatsRow]:
         """Sessions started in [``since``, ``until``), in order, with their
-        ``metadata["stats"]`` object (None when absent or unreadable)."""
+        ``metadata["stats"]`` object (None when absent or unreadable) and wake facts."""
         where, args = _where("id", "started_at", sessions, since, until)
         rows = self.conn.execute(
             f"SELECT id, started_at, previous_session_id, metadata FROM sessions{where}"
@@ -380,7 +438,7 @@ class Queries:
             stats = None
             if isinstance(loaded, dict) and isinstance(loaded.get("stats"), dict):
                 stats = loaded["stats"]
-            out.append(SessionStatsRow(sid, started, previous, stats))
+            out.append(SessionStatsRow(sid, started, previous, stats, wake_facts(loaded)))
         return out
 
     # -- responses --------------------------------------------------------------------
@@ -402,20 +460,21 @@ class Queries:
                       until: datetime | None = None) -> list[UsageSummaryRow]:
         """Token usage of the responses created in [``since``, ``until``), grouped ``by``
         ``"day"`` (UTC date label of ``responses.created_at``) or ``"session"`` (sessions in
-        order). Groups without responses are left out."""
+        order), each group split by ``local`` (billed first). Groups without responses are
+        left out."""
         if by == "day":
-            key, join, order = "substr(r.created_at, 1, 10)", "", "1"
+            key, order = "substr(r.created_at, 1, 10)", "1"
         elif by == "session":
-            key, join = "r.session_id", " JOIN sessions AS s ON s.id = r.session_id"
-            order = "min(s.seq)"
+            key, order = "r.session_id", "min(s.seq)"
         else:
             raise ValueError(f"by must be 'day' or 'session', not {by!r}")
         where, args = _where("r.session_id", "r.created_at", sessions, since, until)
         rows = self.conn.execute(
             f"SELECT {key}, count(*), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot), sum(r.oa),"
-            f" sum(r.ct), sum(r.ca) FROM ({_USAGE_PER_RESPONSE}) AS r{join}{where}"
-            f" GROUP BY {key} ORDER BY {order}", args).fetchall()
-        return [UsageSummaryRow(*r) for r in rows]
+            f" sum(r.ct), sum(r.ca), s.backend IS 'local' AS local"
+            f" FROM ({_USAGE_PER_RESPONSE}) AS r JOIN sessions AS s ON s.id = r.session_id"
+            f"{where} GROUP BY {key}, local ORDER BY {order}, local", args).fetchall()
+        return [UsageSummaryRow(*r[:9], bool(r[9])) for r in rows]
 
     def response_latencies(self, *, sessions: Sequence[str] = (),
                            since: datetime | None = None,

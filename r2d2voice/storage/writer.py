@@ -211,21 +211,7 @@ class Writer(ToolWrites):
         """
         if not isinstance(stats, dict):
             raise TypeError(f"stats must be a dict, not {type(stats).__name__}")
-        encoded = json.dumps(stats, ensure_ascii=False)  # fails before the transaction
-        with self._transaction() as conn:
-            row = conn.execute("SELECT metadata FROM sessions WHERE id = ?",
-                               (session_id,)).fetchone()
-            if row is None:
-                return
-            try:
-                meta = json.loads(row[0]) if row[0] else {}
-            except ValueError:
-                meta = {}
-            if not isinstance(meta, dict):
-                meta = {}
-            meta["stats"] = json.loads(encoded)
-            conn.execute("UPDATE sessions SET metadata = ? WHERE id = ?",
-                         (json.dumps(meta, ensure_ascii=False), session_id))
+        self._merge_metadata(session_id, {"stats": stats})
 
     def update_session_metadata(self, session_id: str, values: dict[str, Any]) -> None:
         """Set top-level keys of the session's metadata (facts known only when a session is
@@ -234,6 +220,11 @@ class Writer(ToolWrites):
         id changes nothing."""
         if "stats" in values:
             raise ValueError("metadata['stats'] is set by set_session_stats")
+        self._merge_metadata(session_id, values)
+
+    def _merge_metadata(self, session_id: str, values: dict[str, Any]) -> None:
+        """Set top-level metadata keys in one read-modify-write transaction; metadata that is
+        not a JSON object is replaced by a new one; an unknown session changes nothing."""
         encoded = json.dumps(values, ensure_ascii=False)  # fails before the transaction
         with self._transaction() as conn:
             row = conn.execute("SELECT metadata FROM sessions WHERE id = ?",

@@ -27,12 +27,16 @@ from r2d2voice.errors import ConfigError, UsageError
 if TYPE_CHECKING:
     from r2d2voice.storage.shipping.forever import ShipStatus
 
-__all__ = ["FINAL_DEADLINE", "ShipPlan", "Shipping", "plan_shipping", "ship_alongside"]
+__all__ = ["FINAL_DEADLINE", "RUN_BATCH", "ShipPlan", "Shipping", "plan_shipping",
+           "ship_alongside"]
 
 log = logging.getLogger("r2d2voice.storage.shipping")
 
 #: Seconds the last ship at the end of a replay may take; the rest ships next time.
 FINAL_DEADLINE = 5.0
+#: Rows per batch next to a conversation: smaller than ``ship``'s, so that the worker thread
+#: hands the GIL back sooner (bench/README.md: event-loop lag while shipping).
+RUN_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,6 @@ class ShipPlan:
     db_path: str
     url: str
     device_id: str
-    server: str  # host:port/db, fit to show
 
 
 def plan_shipping(db_path: str | os.PathLike[str], url: str | None, device_id: str | None,
@@ -58,10 +61,10 @@ def plan_shipping(db_path: str | os.PathLike[str], url: str | None, device_id: s
     if not is_fleet_url(url):
         raise ConfigError(f"{what} must be a postgresql:// URL")
     try:
-        target = parse_fleet_url(url)
+        parse_fleet_url(url)
     except UsageError as exc:
         raise ConfigError(f"{what}: {exc}") from None
-    return ShipPlan(os.fspath(db_path), url, resolve_device_id(device_id), target.display)
+    return ShipPlan(os.fspath(db_path), url, resolve_device_id(device_id))
 
 
 class Shipping:
@@ -101,9 +104,9 @@ class Shipping:
         if not self._done.is_set():
             log.warning("fleet: the last ship took over %g s; the rest ships next time",
                         deadline)
-        elif status is not None and status.state == "ok":
+        elif status is not None and status.state == "ok" and status.last is not None:
             log.info("fleet: up to date on %s as device '%s' (%d rows shipped)",
-                     self.plan.server, self.plan.device_id, status.shipped)
+                     status.last.server, status.last.device_id, status.shipped)
         elif status is not None and status.state == "waiting":  # the reason is logged
             log.warning("fleet: not shipped this time; the next run or `r2d2voice ship` "
                         "sends it")
@@ -121,6 +124,7 @@ async def ship_alongside(plan: ShipPlan | None, *,
         yield None
         return
     shipping = Shipping(plan, status)
+    options.setdefault("batch", RUN_BATCH)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: shipping.run(**options), name="ship_forever")
         try:

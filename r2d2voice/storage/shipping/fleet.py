@@ -11,17 +11,17 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from r2d2voice.errors import R2Error
+from r2d2voice.errors import R2Error, UsageError
 from r2d2voice.storage.shipping.errors import FleetUnavailable, fleet_error
 from r2d2voice.storage.shipping.queries import FleetQueries
-from r2d2voice.storage.shipping.server_schema import fleet_id, migrate
+from r2d2voice.storage.shipping.server_schema import fleet_id, migrate, server_version
 from r2d2voice.storage.shipping.uploader import upsert_rows, upsert_values
 from r2d2voice.storage.shipping.url import FleetTarget, parse_fleet_url
 
@@ -119,7 +119,8 @@ class FleetStore(FleetQueries):
         with self._mapped("reading the fleet") as conn:
             return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
 
-    def _stream(self, query: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+    def _stream(self, query: str,
+                params: Sequence[Any] = ()) -> Generator[tuple[Any, ...], None, None]:
         # A server-side cursor: constant memory however many rows match.
         with (
             self._mapped("reading the fleet") as conn,
@@ -131,14 +132,21 @@ class FleetStore(FleetQueries):
             yield from cur
 
 
-def open_fleet(url: str | FleetTarget) -> FleetStore:
+def open_fleet(url: str | FleetTarget, *, create_schema: bool = True) -> FleetStore:
     """Connect to the fleet server at ``url``, create or migrate its schema, and return the
     store (a context manager). Raises a one-line :class:`~r2d2voice.errors.R2Error`:
     :class:`~r2d2voice.errors.UsageError` for a malformed URL, ``FleetUnavailable`` /
-    ``FleetRejected`` (exit 1), ``FleetSchemaTooNew`` (exit 3)."""
+    ``FleetRejected`` (exit 1), ``FleetSchemaTooNew`` (exit 3).
+
+    ``create_schema=False`` (the reports, which only read): a server without the r2d2voice
+    schema is left as it is, a :class:`~r2d2voice.errors.UsageError` ("no r2d2voice data on
+    …", exit 2), and "ready" is logged at DEBUG. An older r2d2voice schema is still migrated
+    forward, as the next robot shipping to it would do."""
     target = url if isinstance(url, FleetTarget) else parse_fleet_url(url)
     conn = _connect(target)
     try:
+        if not create_schema and server_version(conn) == 0:
+            raise UsageError(f"no r2d2voice data on {target}")
         version = migrate(conn, target)
         server_id = fleet_id(conn)
     except R2Error:
@@ -147,5 +155,6 @@ def open_fleet(url: str | FleetTarget) -> FleetStore:
     except psycopg.Error as exc:
         conn.close()
         raise fleet_error(exc, target, "preparing the schema") from None
-    log.info("fleet server %s ready (schema v%d)", target, version)
+    log.log(logging.INFO if create_schema else logging.DEBUG, "fleet server %s ready (schema v%d)",
+            target, version)
     return FleetStore(conn, target, version, server_id)

@@ -9,10 +9,12 @@ server yet are left out of the ordered views (messages, sessions).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
+from contextlib import closing
 from datetime import datetime, timezone
 from typing import Any
 
+from r2d2voice.storage.queries import wake_facts
 from r2d2voice.storage.shipping.rows import (
     FleetErrorRow,
     FleetMessageRow,
@@ -123,7 +125,8 @@ class FleetQueries:
     def _query(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError
 
-    def _stream(self, query: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+    def _stream(self, query: str,
+                params: Sequence[Any] = ()) -> Generator[tuple[Any, ...], None, None]:
         raise NotImplementedError
 
     def list_devices(self) -> list[str]:
@@ -142,7 +145,7 @@ class FleetQueries:
         until: datetime | None = None,
         role: str | None = None,
         tools: bool = False,
-    ) -> Iterator[FleetMessageRow | FleetToolRow]:
+    ) -> Generator[FleetMessageRow | FleetToolRow, None, None]:
         """Stream messages (with ``tools``, tool executions too) in conversation order.
 
         ``role`` "user"/"assistant"/"tool" keeps that kind only; time filters apply to
@@ -166,13 +169,16 @@ class FleetQueries:
             params += where.params
         if not parts:
             return
-        for r in self._stream(" UNION ALL ".join(parts) + _CONVERSATION_ORDER, params):
-            if r[0] == 0:
-                yield FleetMessageRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                                      r[20])
-            else:
-                yield FleetToolRow(r[1], r[2], r[3], r[6], r[7], r[8], r[11], r[12], r[13], r[14],
-                                   r[15], r[16], r[17], r[20])
+        # closed with this generator: the server-side cursor goes before the connection
+        with closing(self._stream(" UNION ALL ".join(parts) + _CONVERSATION_ORDER,
+                                  params)) as rows:
+            for r in rows:
+                if r[0] == 0:
+                    yield FleetMessageRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                                          r[10], r[20])
+                else:
+                    yield FleetToolRow(r[1], r[2], r[3], r[6], r[7], r[8], r[11], r[12], r[13],
+                                       r[14], r[15], r[16], r[17], r[20])
 
     def list_sessions(
         self, *, devices: Sequence[str] = (), sessions: Sequence[str] = ()
@@ -209,34 +215,34 @@ class FleetQueries:
         until: datetime | None = None,
     ) -> list[FleetUsageSummaryRow]:
         """Token usage of the responses created in [``since``, ``until``) per device, grouped
-        ``by`` "day" (UTC date) or "session" (in session order); empty groups left out."""
+        ``by`` "day" (UTC date) or "session" (in session order), each group split by ``local``
+        (local-backend sessions, billed first); empty groups left out. By day, a response
+        whose session has not arrived yet counts as billed."""
+        sessions_join = "JOIN sessions AS s ON s.device_id = r.device_id AND s.id = r.session_id"
         if by == "day":
             key = "to_char(r.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-            join, group, order = "", key, f"r.device_id, {key}"
+            join, group, order = f" LEFT {sessions_join}", key, f"r.device_id, {key}"
         elif by == "session":
             key = "r.session_id"
-            join = " JOIN sessions AS s ON s.device_id = r.device_id AND s.id = r.session_id"
+            join = f" {sessions_join}"
             group, order = "r.session_id, s.seq", "r.device_id, s.seq, r.session_id"
         else:
             raise ValueError(f"by must be 'day' or 'session', not {by!r}")
         where = _filters("r.device_id", "r.session_id", "r.created_at", devices, sessions,
                          since, until)
+        local = "COALESCE(s.backend = 'local', false)"
         rows = self._query(
             f"SELECT r.device_id, {key}, count(*), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot),"
-            f" sum(r.oa), sum(r.ct), sum(r.ca) FROM ({_USAGE_PER_RESPONSE}) AS r{join}{where}"
-            f" GROUP BY r.device_id, {group} ORDER BY {order}",
+            f" sum(r.oa), sum(r.ct), sum(r.ca), {local}"
+            f" FROM ({_USAGE_PER_RESPONSE}) AS r{join}{where}"
+            f" GROUP BY r.device_id, {group}, {local} ORDER BY {order}, {local}",
             where.params,
         )
         return [FleetUsageSummaryRow(*r) for r in rows]
 
-    def response_latencies(
-        self,
-        *,
-        devices: Sequence[str] = (),
-        sessions: Sequence[str] = (),
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> tuple[list[int], list[int]]:
+    def response_latencies(self, *, devices: Sequence[str] = (), sessions: Sequence[str] = (),
+                           since: datetime | None = None, until: datetime | None = None,
+                           ) -> tuple[list[int], list[int]]:
         """Sorted ``first_audio_ms`` and ``first_played_ms`` values (NULLs left out)."""
         out: list[list[int]] = []
         for col in ("first_audio_ms", "first_played_ms"):
@@ -246,14 +252,9 @@ class FleetQueries:
             out.append([int(r[0]) for r in rows])
         return out[0], out[1]
 
-    def response_status_counts(
-        self,
-        *,
-        devices: Sequence[str] = (),
-        sessions: Sequence[str] = (),
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> dict[str, int]:
+    def response_status_counts(self, *, devices: Sequence[str] = (), sessions: Sequence[str] = (),
+                               since: datetime | None = None, until: datetime | None = None,
+                               ) -> dict[str, int]:
         """Responses created in [``since``, ``until``) counted by status."""
         where = _filters("device_id", "session_id", "created_at", devices, sessions, since, until)
         rows = self._query(
@@ -262,27 +263,17 @@ class FleetQueries:
         )
         return {status: int(n) for status, n in rows}
 
-    def count_interrupted(
-        self,
-        *,
-        devices: Sequence[str] = (),
-        sessions: Sequence[str] = (),
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> int:
+    def count_interrupted(self, *, devices: Sequence[str] = (), sessions: Sequence[str] = (),
+                          since: datetime | None = None, until: datetime | None = None,
+                          ) -> int:
         """Messages created in [``since``, ``until``) marked interrupted."""
         where = _filters("device_id", "session_id", "created_at", devices, sessions, since,
                          until).add("interrupted")
         return int(self._query(f"SELECT count(*) FROM messages{where}", where.params)[0][0])
 
-    def count_errors(
-        self,
-        *,
-        devices: Sequence[str] = (),
-        sessions: Sequence[str] = (),
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> dict[str, int]:
+    def count_errors(self, *, devices: Sequence[str] = (), sessions: Sequence[str] = (),
+                     since: datetime | None = None, until: datetime | None = None,
+                     ) -> dict[str, int]:
         """Errors in [``since``, ``until``) by source; with ``sessions``, errors not tied to a
         session are left out."""
         where = _filters("device_id", "session_id", "at", devices, sessions, since, until)
@@ -293,14 +284,9 @@ class FleetQueries:
         counts.update({source: int(n) for source, n in rows})
         return counts
 
-    def tool_call_counts(
-        self,
-        *,
-        devices: Sequence[str] = (),
-        sessions: Sequence[str] = (),
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> dict[tuple[str, str], int]:
+    def tool_call_counts(self, *, devices: Sequence[str] = (), sessions: Sequence[str] = (),
+                         since: datetime | None = None, until: datetime | None = None,
+                         ) -> dict[tuple[str, str], int]:
         """Tool executions started in [``since``, ``until``) counted by (name, status)."""
         where = _filters("device_id", "session_id", "started_at", devices, sessions, since,
                          until)
@@ -311,14 +297,9 @@ class FleetQueries:
         )
         return {(name, status): int(n) for name, status, n in rows}
 
-    def session_stats(
-        self,
-        *,
-        devices: Sequence[str] = (),
-        sessions: Sequence[str] = (),
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[FleetSessionStatsRow]:
+    def session_stats(self, *, devices: Sequence[str] = (), sessions: Sequence[str] = (),
+                      since: datetime | None = None, until: datetime | None = None,
+                      ) -> list[FleetSessionStatsRow]:
         """Sessions started in [``since``, ``until``) with their ``metadata["stats"]``
         object (None when absent), in session order."""
         where = _filters("device_id", "id", "started_at", devices, sessions, since, until)
@@ -331,7 +312,8 @@ class FleetQueries:
         for device, sid, started, previous, meta in rows:
             stats = meta.get("stats") if isinstance(meta, dict) else None
             out.append(FleetSessionStatsRow(device, sid, started, previous,
-                                            stats if isinstance(stats, dict) else None))
+                                            stats if isinstance(stats, dict) else None,
+                                            wake_facts(meta)))
         return out
 
     def list_errors(

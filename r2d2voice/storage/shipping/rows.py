@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from r2d2voice.storage.queries import TokenTotals
+
 __all__ = [
     "FleetErrorRow",
     "FleetMessageRow",
@@ -79,7 +81,7 @@ class FleetSessionRow:
 
 
 @dataclass(frozen=True)
-class FleetUsageRow:
+class FleetUsageRow(TokenTotals):
     """Token usage summed over one session's responses."""
 
     device_id: str
@@ -91,19 +93,12 @@ class FleetUsageRow:
     output_text: int
     output_audio: int
 
-    @property
-    def input_total(self) -> int:
-        return self.input_text + self.input_audio
-
-    @property
-    def output_total(self) -> int:
-        return self.output_text + self.output_audio
-
 
 @dataclass(frozen=True)
 class FleetUsageSummaryRow:
     """Token usage of one device's responses in one group (a UTC day, or a session);
-    ``cached_*_est`` split the cached total as the local report does."""
+    ``cached_*_est`` split the cached total as the local report does; ``local``: responses
+    of local-backend sessions (not billed), as the local row."""
 
     device_id: str
     key: str
@@ -115,6 +110,7 @@ class FleetUsageSummaryRow:
     output_audio: int
     cached_text_est: float
     cached_audio_est: float
+    local: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +122,7 @@ class FleetSessionStatsRow:
     started_at: str
     previous_session_id: str | None
     stats: dict[str, Any] | None
+    wake: dict[str, Any] | None = None  # as the local row's
 
 
 @dataclass(frozen=True)
