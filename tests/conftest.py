@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import trio.testing
 from pg import PgServer, open_pg_server
 from pulse import PulseRig, open_pulse_rig
 from support import SCRUBBED_PREFIXES
@@ -73,3 +74,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("pulse"))
         elif "pg_server" in names:
             item.add_marker(pytest.mark.xdist_group("postgresql"))
+
+
+@pytest.fixture
+def thread_clock() -> trio.testing.MockClock:
+    """A MockClock for code that works in threads (the shipper): time jumps only after 100 ms of
+    real idleness, so a worker thread that is still busy is not skipped past, as it can be with
+    ``autojump_clock`` (threshold 0) on a loaded machine."""
+    return trio.testing.MockClock(autojump_threshold=0.1)

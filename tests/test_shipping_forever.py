@@ -51,7 +51,7 @@ TOO_NEW = FleetSchemaTooNew("fleet server fleet.example/fleet has schema version
 
 
 async def test_retries_back_off_while_the_server_is_down_and_stop_on_a_newer_schema(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    thread_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     down = FleetUnavailable("fleet server fleet.example/fleet unavailable while connecting:"
                             " Connection refused")
@@ -75,7 +75,7 @@ async def test_retries_back_off_while_the_server_is_down_and_stop_on_a_newer_sch
 
 
 async def test_an_unexpected_failure_is_logged_once_and_retried(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    thread_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     states: list[str] = []
     bug = ValueError("a bug")
@@ -89,7 +89,7 @@ async def test_an_unexpected_failure_is_logged_once_and_retried(
 
 
 async def test_settings_no_retry_can_fix_stop_shipping_without_ending_the_run(
-    autojump_clock: trio.testing.MockClock,
+    thread_clock: trio.testing.MockClock,
 ) -> None:
     states: list[str] = []
     bad_url = await ship_forever("r2.db", "postgresql://h/db?foo=bar", "r2",
@@ -102,7 +102,7 @@ async def test_settings_no_retry_can_fix_stop_shipping_without_ending_the_run(
 
 
 async def test_cancellation_is_prompt_and_the_loop_never_waits_for_the_thread(
-    autojump_clock: trio.testing.MockClock,
+    thread_clock: trio.testing.MockClock,
 ) -> None:
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
     stop_seen: list[bool] = []

@@ -135,7 +135,7 @@ def test_bad_fleet_settings_are_exit_3_before_anything_starts(tmp_path: Path) ->
 
 async def test_status_shows_the_shipper_while_it_is_not_up_to_date(
         notify_socket: tuple[str, socket.socket],
-        autojump_clock: trio.testing.MockClock) -> None:
+        thread_clock: trio.testing.MockClock) -> None:
     address, sock = notify_socket
     console = ServiceConsole(Notifier(address))
     console.status("listening")
@@ -160,7 +160,7 @@ async def test_status_shows_the_shipper_while_it_is_not_up_to_date(
 
 
 async def test_finish_ships_at_once_what_was_written_last(
-        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+        thread_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
     calls: list[float] = []
     ship = scripted(shipped(5), shipped(3), calls=calls)
     watch = Watch()
@@ -177,7 +177,7 @@ async def test_finish_ships_at_once_what_was_written_last(
 
 
 async def test_finish_with_the_server_down_tries_once_and_lets_the_run_end(
-        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+        thread_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
     calls: list[float] = []
     ship = scripted(DOWN, DOWN, DOWN, calls=calls)
     watch = Watch()
@@ -197,7 +197,7 @@ async def test_finish_with_the_server_down_tries_once_and_lets_the_run_end(
 
 
 async def test_finish_waits_at_most_its_deadline_for_a_ship_that_hangs(
-        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+        thread_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
     release = threading.Event()
 
     def hangs(stop: threading.Event) -> ShipReport:
@@ -218,7 +218,7 @@ async def test_finish_waits_at_most_its_deadline_for_a_ship_that_hangs(
 
 
 async def test_a_real_shipper_stuck_on_a_silent_server_closes_within_its_deadline(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+        tmp_path: Path, thread_clock: trio.testing.MockClock) -> None:
     silent = socket.socket()  # accepts connections (the kernel does) and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen()
@@ -239,7 +239,7 @@ async def test_a_real_shipper_stuck_on_a_silent_server_closes_within_its_deadlin
 
 
 async def test_leaving_without_finish_ships_nothing_more(
-        autojump_clock: trio.testing.MockClock) -> None:
+        thread_clock: trio.testing.MockClock) -> None:
     calls: list[float] = []
     watch = Watch()
     async with ship_alongside(PLAN, status=watch.seen, ship=scripted(shipped(1), calls=calls),
