@@ -293,7 +293,7 @@ class MemorySessions:
 
     def messages(self) -> list[tuple[str, Any]]:
         """Stored messages in conversation order (session, then seq), partial ones too."""
-        from r2d2voice.realtime.actions import StoreMessage
+        from r2d2voice.protocol.actions import StoreMessage
 
         msgs = {(sid, a.item_id): (sid, a) for sid, a in self.records
                 if isinstance(a, StoreMessage)}

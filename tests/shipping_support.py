@@ -12,7 +12,7 @@ from typing import Any
 
 from pg import PgServer
 
-from r2d2voice.realtime.actions import (
+from r2d2voice.protocol.actions import (
     StoreError,
     StoreInterrupted,
     StoreLatency,
@@ -20,7 +20,7 @@ from r2d2voice.realtime.actions import (
     StoreResponse,
     StoreSession,
 )
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.recorder import record_calls
 from r2d2voice.storage.shipping.local import SHIPPED_TABLES

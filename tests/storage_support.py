@@ -9,8 +9,8 @@ from typing import Any
 
 import trio
 
-from r2d2voice.realtime.actions import StoreInterrupted, StoreMessage, StoreResponse
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
+from r2d2voice.protocol.actions import StoreInterrupted, StoreMessage, StoreResponse
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.pending import StoreStatus
 from r2d2voice.storage.recorder import AsyncStore

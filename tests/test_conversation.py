@@ -9,7 +9,7 @@ import json
 import pytest
 from test_protocol import CLIENT, ev
 
-from r2d2voice.realtime import actions as a
+from r2d2voice.protocol import actions as a
 from r2d2voice.realtime import client_events as c
 from r2d2voice.realtime.conversation import Conversation, Phase, Turn
 from r2d2voice.realtime.server_events import ServiceError, SpeechStarted, parse_event

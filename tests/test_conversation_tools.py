@@ -11,11 +11,11 @@ import json
 from test_conversation import feed, turn_events
 from test_protocol import CLIENT, ev
 
-from r2d2voice.realtime import actions as a
+from r2d2voice.protocol import actions as a
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.realtime import client_events as c
 from r2d2voice.realtime.conversation import Conversation, Turn
 from r2d2voice.realtime.server_events import parse_event
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
 
 ARGS = '{\n  "degrees": -90\n}'
 

@@ -27,7 +27,7 @@ from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.errors import ConfigError
 from r2d2voice.link.state import LinkPolicy
 from r2d2voice.localbackend.faults import Faults
-from r2d2voice.realtime.actions import StoreError, StoreInterrupted, StoreMessage, StoreResponse
+from r2d2voice.protocol.actions import StoreError, StoreInterrupted, StoreMessage, StoreResponse
 
 FATAL = [("invalid_api_key", 3000), ("insufficient_quota", 1013), ("model_not_found", 4000)]
 

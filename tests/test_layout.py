@@ -77,14 +77,17 @@ def test_the_rules_see_imports_inside_functions() -> None:
     assert any(imp.target == "sounddevice" for imp in _from_room("audio.portaudio"))
 
 
-def test_realtime_imports_only_itself_and_the_standard_library() -> None:
+@pytest.mark.parametrize("room", ["realtime", "live", "protocol"])
+def test_protocol_cores_import_only_themselves_protocol_and_the_standard_library(
+        room: str) -> None:
     def allowed(target: str) -> bool:
         top = target.partition(".")[0]
         if any(_within(target, m) for m in FORBIDDEN_IN_REALTIME):
             return False
-        return _within(target, "r2d2voice.realtime") or top in sys.stdlib_module_names
+        return (_within(target, f"r2d2voice.{room}") or _within(target, "r2d2voice.protocol")
+                or top in sys.stdlib_module_names)
 
-    bad = [imp for imp in _from_room("realtime") if not allowed(imp.target)]
+    bad = [imp for imp in _from_room(room) if not allowed(imp.target)]
     assert not bad, _report(bad)
 
 
@@ -95,8 +98,9 @@ def test_audio_and_storage_import_neither_link_nor_appliance(room: str) -> None:
     assert not bad, _report(bad)
 
 
-def test_localbackend_imports_only_audio_and_realtime_of_the_package() -> None:
-    allowed = ("r2d2voice.localbackend", "r2d2voice.audio", "r2d2voice.realtime")
+def test_localbackend_imports_only_audio_and_the_protocol_rooms() -> None:
+    allowed = ("r2d2voice.localbackend", "r2d2voice.audio", "r2d2voice.realtime",
+               "r2d2voice.live", "r2d2voice.protocol")
     bad = [imp for imp in _from_room("localbackend")
            if _within(imp.target, "r2d2voice") and not any(_within(imp.target, a) for a in allowed)]
     assert not bad, _report(bad)

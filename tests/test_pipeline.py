@@ -25,7 +25,7 @@ from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 from r2d2voice.link.state import LinkPolicy
 from r2d2voice.link.transport import Endpoint, LinkClosed, open_realtime
-from r2d2voice.realtime.actions import StoreError, StoreLatency, StoreResponse
+from r2d2voice.protocol.actions import StoreError, StoreLatency, StoreResponse
 from r2d2voice.realtime.client_events import SessionConfig
 
 CFG = SessionConfig(instructions="x")

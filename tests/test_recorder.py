@@ -11,7 +11,7 @@ import pytest
 import trio
 from storage_support import T0, SteppedClock
 
-from r2d2voice.realtime.actions import (
+from r2d2voice.protocol.actions import (
     BargeIn,
     Play,
     StoreError,
@@ -21,7 +21,7 @@ from r2d2voice.realtime.actions import (
     StoreResponse,
     StoreSession,
 )
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.reports.export import export_command
 from r2d2voice.reports.sessions import sessions_command
 from r2d2voice.reports.stats import stats_command

@@ -25,7 +25,7 @@ from r2d2voice.audio.files import load_audio
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.link.transport import Endpoint
 from r2d2voice.localbackend.server import Faults
-from r2d2voice.realtime.actions import StoreLatency, StoreResponse
+from r2d2voice.protocol.actions import StoreLatency, StoreResponse
 from r2d2voice.realtime.client_events import SessionConfig
 
 TWO_TURNS = SAMPLES / "two_turns.wav"

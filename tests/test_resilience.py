@@ -28,7 +28,7 @@ from r2d2voice.audio.pcm import FRAME_BYTES
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.link.state import LinkPolicy
 from r2d2voice.link.transport import Endpoint
-from r2d2voice.realtime.actions import StoreError, StoreInterrupted, StoreMessage
+from r2d2voice.protocol.actions import StoreError, StoreInterrupted, StoreMessage
 from r2d2voice.realtime.client_events import SessionConfig
 
 CFG = SessionConfig(instructions="x")

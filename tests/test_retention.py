@@ -14,8 +14,8 @@ import trio
 from storage_support import T0, SteppedClock
 
 from r2d2voice.errors import UsageError
-from r2d2voice.realtime.actions import StoreMessage
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
+from r2d2voice.protocol.actions import StoreMessage
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.recorder import open_store
 from r2d2voice.storage.retention import PruneResult, parse_age, prune, prune_command

@@ -17,7 +17,7 @@ from storage_support import cap_pages, free_space, settled
 from support import statuses
 
 from r2d2voice.appliance.service import ServiceConsole
-from r2d2voice.realtime.actions import StoreMessage
+from r2d2voice.protocol.actions import StoreMessage
 from r2d2voice.reports.export import run_export
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.recorder import open_store, store_options

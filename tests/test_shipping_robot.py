@@ -23,8 +23,8 @@ from storage_support import T0, SteppedClock
 from support import ROOT, clean_env
 
 from r2d2voice.errors import ConfigError, RuntimeFailure, UsageError
-from r2d2voice.realtime.actions import StoreMessage, StoreResponse
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
+from r2d2voice.protocol.actions import StoreMessage, StoreResponse
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.retention import prune
 from r2d2voice.storage.shipping.command import ship_command

@@ -23,7 +23,7 @@ import trio
 from storage_support import SteppedClock, cap_pages, free_space, settled
 from support import SAMPLES, cli
 
-from r2d2voice.realtime.actions import StoreMessage, StoreResponse
+from r2d2voice.protocol.actions import StoreMessage, StoreResponse
 from r2d2voice.reports.export import run_export
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.health import StoreUnavailable, describe, is_transient

@@ -19,7 +19,7 @@ from r2d2voice.errors import ConfigError, RuntimeFailure
 from r2d2voice.link.state import LinkPolicy
 from r2d2voice.link.supervisor import Backoff
 from r2d2voice.link.transport import Endpoint, Transport
-from r2d2voice.realtime.actions import StoreError
+from r2d2voice.protocol.actions import StoreError
 from r2d2voice.realtime.client_events import SessionConfig
 
 CFG = SessionConfig(instructions="x")

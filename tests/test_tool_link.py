@@ -28,8 +28,8 @@ from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.link.state import LinkPolicy
 from r2d2voice.localbackend.faults import Faults
 from r2d2voice.localbackend.script import Script, ScriptTurn
-from r2d2voice.realtime.actions import StoreError, StoreInterrupted
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
+from r2d2voice.protocol.actions import StoreError, StoreInterrupted
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 
 BUILTINS = ("get_time", "set_volume", "end_conversation")
 

@@ -44,10 +44,10 @@ from r2d2voice.link.state import LinkPolicy, Quiet
 from r2d2voice.link.supervisor import Supervisor
 from r2d2voice.link.tools import ToolCaller
 from r2d2voice.link.transport import Connector, Endpoint, open_realtime
-from r2d2voice.realtime.actions import CallTool, Record
+from r2d2voice.protocol.actions import CallTool, Record
+from r2d2voice.protocol.tool_records import StoreToolResult
 from r2d2voice.realtime.client_events import SessionConfig
 from r2d2voice.realtime.conversation import Conversation
-from r2d2voice.realtime.tool_records import StoreToolResult
 
 log = logging.getLogger("r2d2voice.appliance.pipeline")
 

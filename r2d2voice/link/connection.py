@@ -27,7 +27,7 @@ from r2d2voice.link.effects import Effects
 from r2d2voice.link.state import Console, LinkPolicy, LinkState
 from r2d2voice.link.tools import ToolDone, ToolJob
 from r2d2voice.link.transport import LinkClosed, Transport
-from r2d2voice.realtime.actions import Record, StoreError
+from r2d2voice.protocol.actions import Record, StoreError
 from r2d2voice.realtime.client_events import (
     AudioAppend,
     ClientEvent,

@@ -18,7 +18,7 @@ import trio
 from r2d2voice.audio.playout import AudioChunk
 from r2d2voice.link.state import Console, LinkState
 from r2d2voice.link.tools import ToolJob
-from r2d2voice.realtime.actions import (
+from r2d2voice.protocol.actions import (
     Action,
     BargeIn,
     CallTool,

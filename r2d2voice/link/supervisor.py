@@ -31,7 +31,7 @@ from r2d2voice.link.tools import (
     no_tools,
 )
 from r2d2voice.link.transport import Connector, Endpoint
-from r2d2voice.realtime.actions import Record
+from r2d2voice.protocol.actions import Record
 from r2d2voice.realtime.client_events import SessionConfig
 from r2d2voice.realtime.conversation import Conversation
 

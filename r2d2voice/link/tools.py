@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import trio
 
-from r2d2voice.realtime.actions import CallTool, Record
-from r2d2voice.realtime.tool_records import StoreToolResult
+from r2d2voice.protocol.actions import CallTool, Record
+from r2d2voice.protocol.tool_records import StoreToolResult
 
 log = logging.getLogger("r2d2voice.link.tools")
 

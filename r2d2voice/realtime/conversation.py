@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from r2d2voice.realtime.actions import (
+from r2d2voice.protocol.actions import (
     Action,
     BargeIn,
     Play,
@@ -30,6 +30,7 @@ from r2d2voice.realtime.actions import (
     StoreResponse,
     StoreSession,
 )
+from r2d2voice.protocol.tool_records import StoreToolResult
 from r2d2voice.realtime.client_events import (
     RATE,
     ClientEvent,
@@ -61,7 +62,6 @@ from r2d2voice.realtime.server_events import (
     UserTranscriptFailed,
 )
 from r2d2voice.realtime.tool_calls import ToolCalls
-from r2d2voice.realtime.tool_records import StoreToolResult
 from r2d2voice.realtime.tracking import MAX_TRACKED, remember
 
 

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from r2d2voice.realtime.actions import StoreMessage
+from r2d2voice.protocol.actions import StoreMessage
 from r2d2voice.realtime.tracking import remember
 
 

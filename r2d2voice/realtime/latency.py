@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from r2d2voice.realtime.actions import Action, StoreLatency
+from r2d2voice.protocol.actions import Action, StoreLatency
 from r2d2voice.realtime.tracking import remember
 
 

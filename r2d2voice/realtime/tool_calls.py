@@ -21,10 +21,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from r2d2voice.realtime.actions import Action, CallTool, HangUp, Send
+from r2d2voice.protocol.actions import Action, CallTool, HangUp, Send
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.realtime.client_events import ItemCreateFunctionOutput, ResponseCreate
 from r2d2voice.realtime.server_events import CallArgumentsDelta, CallArgumentsDone
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.realtime.tracking import remember
 
 

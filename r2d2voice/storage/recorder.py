@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from r2d2voice.realtime.actions import (
+from r2d2voice.protocol.actions import (
     StoreError,
     StoreInterrupted,
     StoreLatency,
@@ -36,7 +36,7 @@ from r2d2voice.realtime.actions import (
     StoreResponse,
     StoreSession,
 )
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.health import describe, is_transient
 from r2d2voice.storage.pending import (

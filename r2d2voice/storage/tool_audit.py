@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from r2d2voice.realtime.tool_records import TOOL_STATUSES
+from r2d2voice.protocol.tool_records import TOOL_STATUSES
 
 __all__ = ["ToolWrites"]
 

@@ -1,4 +1,5 @@
-"""What the shell must do about a server event: play, stop, send, store.
+"""What the shell must do about a server event: play, stop, send, store — the vocabulary every
+protocol core (``realtime/``, ``live/``) answers in.
 
 None carries wall-clock time: the storage writer stamps wall-time labels when it writes.
 ``seq`` is the conversation order within one service session (one Conversation), from 1.
@@ -7,10 +8,15 @@ None carries wall-clock time: the storage writer stamps wall-time labels when it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
-from r2d2voice.realtime.client_events import ClientEvent
-from r2d2voice.realtime.tool_records import StoreToolCall, StoreToolResult
+from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
+
+
+class ClientEvent(Protocol):
+    """A typed client event of some protocol core; the core that made it serialises it."""
+
+    TYPE: ClassVar[str]
 
 
 @dataclass(frozen=True, slots=True)

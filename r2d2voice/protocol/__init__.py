@@ -1,0 +1,1 @@
+"""What every protocol core shares with the shell: the actions vocabulary and the core's seam."""
