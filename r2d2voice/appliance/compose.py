@@ -27,6 +27,7 @@ from r2d2voice.storage.recorder import (
     store_options,
 )
 from r2d2voice.storage.shipping.alongside import plan_shipping, ship_alongside
+from r2d2voice.system import events
 from r2d2voice.system.config import Settings
 
 if TYPE_CHECKING:
@@ -94,11 +95,14 @@ class StoreSessions:
         self.metadata = metadata
 
     async def begin(self, previous: str | None) -> str:
-        return await self.store.start_session(
+        session_id = await self.store.start_session(
             backend=self.backend, model=self.model, voice=self.voice,
             previous_session_id=previous, metadata=self.metadata)
+        events.set_session(session_id)
+        return session_id
 
     async def end(self, session_id: str, stats: dict[str, int]) -> None:
+        events.set_session(None)
         await self.store.end_session(session_id, stats)
 
     async def context(self, chain: list[str], limit: int) -> list[tuple[str, str]]:

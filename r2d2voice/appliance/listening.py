@@ -65,6 +65,7 @@ from r2d2voice.audio.wake import Wake, WakeWordDetector
 from r2d2voice.link.state import Quiet
 from r2d2voice.realtime.conversation import Conversation
 from r2d2voice.storage.recorder import AsyncStore
+from r2d2voice.system import events
 from r2d2voice.system.config import Settings
 
 if TYPE_CHECKING:
@@ -329,6 +330,7 @@ class _Listener:
         else:
             wake = Heard(EXTERNAL, None, round(at_s, 2), now)
             log.info("woken from outside (r2d2voice wake) at %.2f s", at_s)
+        events.emit("wake", source=wake.source, score=wake.score)
         episode = self.episode = _Episode(wake, FrameQueue(PREROLL_FRAMES))
         self._pace_from = (index, now + FRAME_S)  # the next frame comes 20 ms after this one
         self._gate = self.half_duplex.echo_gate() if self.half_duplex else None
@@ -387,6 +389,7 @@ class _Listener:
                     "wake_word": self.wake_word, "wake_score": heard.score,
                     "wake_at_s": heard.at_s}
         self.console.status("in conversation (connecting)")
+        events.emit("conversation_started")
         self.source.set_urgent(True)  # barge-in and turn ends at once, not in 100 ms batches
         try:
             outcome = await converse(
@@ -401,6 +404,7 @@ class _Listener:
         done = WakeWordConversation(
             heard, outcome, round((ready[0] - heard.time) * 1000, 1) if ready else None,
             round(trio.current_time() - heard.time, 2), feed.reason or STOPPED)
+        events.emit("conversation_ended", reason=done.ended)
         log.info("conversation over (%s) after %.1f s; the service was ready %s after the wake",
                  done.ended, done.seconds,
                  "never" if done.ready_ms is None else f"{done.ready_ms:.0f} ms")

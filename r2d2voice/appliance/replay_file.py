@@ -93,6 +93,13 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     The default timeout, 60 s + 3x the file's length, holds in both modes: woken
     conversations never overlap, the file is paced in real time while one is open (its idle
     time is the file's audio), and the end of the file closes the last one."""
+    from r2d2voice.appliance.body import (
+        EventConsole,
+        MeteredSink,
+        RunCommands,
+        open_body,
+        run_toolbox,
+    )
     from r2d2voice.appliance.compose import check_listening, converse
     from r2d2voice.appliance.sinks import WavSink
     from r2d2voice.appliance.sources import FileSource, VadParams
@@ -102,6 +109,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     out = out or default_out_path(file)
     check_out_path(out, file)
     check_listening(settings)
+    toolbox = run_toolbox(settings)  # the volume: set_volume and MQTT (appliance/body.py)
     audio = AudioReader(file)  # checks the file now; decodes block by block while replaying
     console = TextConsole()
     realtime = speed == "realtime"
@@ -123,13 +131,17 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
                     stopper.stop("timeout")
 
                 nursery.start_soon(deadline)
-                if wake:
-                    outcome = await listen(settings, source, sink, url=url, console=console,
-                                           stopper=stopper, metadata=metadata)
-                else:
-                    outcome = await converse(settings, source, sink, url=url,
-                                             console=console, stopper=stopper,
-                                             metadata=metadata)
+                commands = RunCommands(toolbox.volume, _file_only, settings)
+                async with open_body(settings, commands) as hub:
+                    heard, said = MeteredSink(sink, hub), EventConsole(console, hub)
+                    if wake:
+                        outcome = await listen(settings, source, heard, url=url, console=said,
+                                               stopper=stopper, metadata=metadata,
+                                               toolbox=toolbox)
+                    else:
+                        outcome = await converse(settings, source, heard, url=url,
+                                                 console=said, stopper=stopper,
+                                                 metadata=metadata, toolbox=toolbox)
                 nursery.cancel_scope.cancel()
             return outcome
 
@@ -167,6 +179,10 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     if signum is not None:
         raise Interrupted(f"interrupted by {signum.name} before the end of {file}; what was said "
                           "is stored", signum)
+
+
+def _file_only() -> None:
+    log.info("wake: a replay hears only its file (ignored)")
 
 
 def _woken_summary(listening: Listening, reply: str) -> str:

@@ -79,6 +79,13 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     wake``) opens a conversation (appliance/listening.py); ``STATUS=`` says "waiting for 'hey
     mycroft'", then "in conversation (…)".
     """
+    from r2d2voice.appliance.body import (
+        EventConsole,
+        MeteredSink,
+        RunCommands,
+        open_body,
+        run_toolbox,
+    )
     from r2d2voice.appliance.compose import check_listening, converse
     from r2d2voice.appliance.listening import WakeTrigger
     from r2d2voice.appliance.sinks import DeviceSink
@@ -89,6 +96,7 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     from r2d2voice.system.notify import run_watchdog, watchdog_interval
 
     check_listening(settings)
+    toolbox = run_toolbox(settings)  # the volume: set_volume and MQTT (appliance/body.py)
     mic = device_at_start(settings.input_device, "input")
     speaker = device_at_start(settings.output_device, "output")
     mic_name = mic.name if mic else label(settings.input_device, "input")
@@ -117,10 +125,13 @@ def run_command(settings: Settings, *, url: str | None) -> None:
         await nursery.start(serve_control, _already_listening)
         nursery.start_soon(announce_ready, configured, "listening")
         console.status("connecting")
-        return await converse(settings, source, sink, url=url, console=console,
-                              stopper=stopper, on_configured=configured.set,
-                              on_store_status=console.store_status,
-                              on_ship_status=console.ship_status, metadata=metadata)
+        commands = RunCommands(toolbox.volume, _already_listening, settings)
+        async with open_body(settings, commands) as hub:
+            return await converse(settings, source, MeteredSink(sink, hub), url=url,
+                                  console=EventConsole(console, hub), stopper=stopper,
+                                  on_configured=configured.set, toolbox=toolbox,
+                                  on_store_status=console.store_status,
+                                  on_ship_status=console.ship_status, metadata=metadata)
 
     async def wake(nursery: trio.Nursery) -> Any:
         trigger = WakeTrigger()
@@ -128,10 +139,13 @@ def run_command(settings: Settings, *, url: str | None) -> None:
         # no session while waiting: ready once the microphone runs (or is waited for)
         waiting = f"waiting for the wake word ({settings.wake_word})"
         nursery.start_soon(announce_ready, None, waiting)
-        return await listen(settings, source, sink, url=url, console=console, stopper=stopper,
-                            metadata=metadata, trigger=trigger,
-                            on_store_status=console.store_status,
-                            on_ship_status=console.ship_status)
+        async with open_body(settings, RunCommands(toolbox.volume, trigger.wake,
+                                                   settings)) as hub:
+            return await listen(settings, source, MeteredSink(sink, hub), url=url,
+                                console=EventConsole(console, hub), stopper=stopper,
+                                metadata=metadata, trigger=trigger,
+                                on_store_status=console.store_status,
+                                on_ship_status=console.ship_status, toolbox=toolbox)
 
     async def main() -> Any:
         async def body() -> Any:

@@ -23,6 +23,7 @@ from r2d2voice.storage.shipping.alongside import plan_shipping, ship_alongside
 from r2d2voice.system.config import Settings
 
 if TYPE_CHECKING:
+    from r2d2voice.appliance.tools import Toolbox
     from r2d2voice.storage.recorder import StoreStatus
     from r2d2voice.storage.shipping.forever import ShipStatus
 
@@ -33,14 +34,15 @@ async def listen(settings: Settings, source: Source, sink: Sink, *, url: str | N
                  console: Console, stopper: Stopper, metadata: dict[str, Any],
                  trigger: WakeTrigger | None = None,
                  on_store_status: Callable[[StoreStatus], None] | None = None,
-                 on_ship_status: Callable[[ShipStatus], None] | None = None) -> Listening:
+                 on_ship_status: Callable[[ShipStatus], None] | None = None,
+                 toolbox: Toolbox | None = None) -> Listening:
     """:func:`listen_for_wake` on ``source`` until it ends or ``stopper`` fires. A missing key,
     a bad tools file, bad fleet settings or a database that is not ours fail now, not at the
     first wake (one toolbox serves every conversation). With ``R2D2_SHIP_URL``, one shipper
     runs for the whole run (``on_ship_status`` after each attempt) and ships once more at the
     end unless a signal stopped the run (the next run sends the rest)."""
     plan_service(settings, url)
-    toolbox = open_toolbox(settings)
+    toolbox = toolbox or open_toolbox(settings)
     plan = plan_shipping(settings.db, settings.ship_url, settings.device_id)
     # the database exists before the first wake (an unusable one fails now, as in always
     # mode), so the shipper has something to read while the robot waits

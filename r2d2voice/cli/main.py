@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from r2d2voice import __version__
-from r2d2voice.cli import conversation, devices, fleet, records, tools
+from r2d2voice.cli import conversation, devices, events, fleet, records, tools
 from r2d2voice.errors import EXIT_RUNTIME, R2Error
 
 if TYPE_CHECKING:
@@ -119,5 +119,5 @@ def main(ctx: click.Context, env_file: str | None, log_level: str | None) -> Non
 
 
 for _command in (*conversation.COMMANDS, *records.COMMANDS, *fleet.COMMANDS, *tools.COMMANDS,
-                 *devices.COMMANDS):
+                 *devices.COMMANDS, *events.COMMANDS):
     main.add_command(_command)
