@@ -1,5 +1,5 @@
-"""Shared fixtures: one PulseAudio rig and one PostgreSQL cluster per test session, the local
-backend, scrubbed settings."""
+"""Shared fixtures: one PulseAudio rig and one PostgreSQL cluster per test session, a mosquitto
+broker per test, the local backend, scrubbed settings."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 import trio.testing
+from broker import Broker, find_mosquitto
+from broker import skip_or_fail as skip_or_fail_broker
 from pg import PgServer, open_pg_server
 from pulse import PulseRig, open_pulse_rig
 from support import SCRUBBED_PREFIXES
@@ -27,6 +29,18 @@ def pg_server() -> Iterator[PgServer]:
     """The one throw-away PostgreSQL cluster of this run (each test makes its own database)."""
     with open_pg_server() as server:
         yield server
+
+
+@pytest.fixture
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A mosquitto broker of this test's own on a free loopback port (user ``r2d2``)."""
+    binary = find_mosquitto()
+    if binary is None:
+        skip_or_fail_broker("mosquitto not found (apt install mosquitto)")
+    server = Broker(binary, tmp_path_factory.mktemp("broker"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
