@@ -38,7 +38,7 @@ from r2d2voice.system.events import LEVEL, Events
 
 log = logging.getLogger("r2d2voice.appliance.body")
 
-__all__ = ["LEVEL_WINDOW", "EventConsole", "MeteredSink", "RunCommands", "open_body",
+__all__ = ["LEVEL_WINDOW", "Body", "EventConsole", "MeteredSink", "RunCommands", "open_body",
            "run_toolbox"]
 
 #: one ``level`` event per this many samples played (50 ms: 20 a second)
@@ -94,9 +94,31 @@ def _cost_today(settings: Settings) -> float | None:
     return float(report["total"]["cost_usd"])
 
 
+@dataclass(eq=False)
+class Body:
+    """What :func:`open_body` gives the run: the hub, and the adapters that feed it."""
+
+    hub: Events
+    _meter: _Metered | None = None
+
+    def sink(self, sink: Sink) -> MeteredSink:
+        """``sink``, reporting what reaches the speaker (one sink per run)."""
+        metered = MeteredSink(sink, self.hub)
+        self._meter = metered.meter
+        return metered
+
+    def console(self, console: Console) -> EventConsole:
+        """``console``, reporting the conversation's status and transcripts."""
+        return EventConsole(console, self.hub, self._state_changed)
+
+    def _state_changed(self) -> None:
+        if self._meter is not None:
+            self._meter.over()
+
+
 @asynccontextmanager
 async def open_body(settings: Settings, control: RunCommands, *,
-                    hub: Events | None = None) -> AsyncIterator[Events]:
+                    hub: Events | None = None) -> AsyncIterator[Body]:
     """The run's hub, followed by the events socket, the hooks of ``R2D2_TOOLS`` and, with
     ``R2D2_MQTT_URL``, the MQTT bridge; installed for :func:`events.emit` inside the block. On
     the way out the hub closes and the followers get :data:`BODY_DRAIN_S` to finish (MQTT
@@ -116,7 +138,7 @@ async def open_body(settings: Settings, control: RunCommands, *,
             await nursery.start(bridge.run)
         try:
             with events.use(hub):
-                yield hub
+                yield Body(hub)
         finally:
             hub.close()
             nursery.cancel_scope.deadline = trio.current_time() + BODY_DRAIN_S
@@ -140,9 +162,11 @@ class EventConsole:
         "listening (you are speaking)": "user_speaking", "thinking": "thinking",
         "listening": "listening"}
 
-    def __init__(self, console: Console, hub: Events) -> None:
+    def __init__(self, console: Console, hub: Events,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.console = console
         self.hub = hub
+        self.on_change = on_change
         self.last: str | None = None
 
     def __getattr__(self, name: str) -> Any:  # the wrapped console's other methods
@@ -161,6 +185,8 @@ class EventConsole:
                 else self._STATUSES.get(inner, inner))
         if name == self.last:
             return
+        if self.on_change is not None and name != "speaking":
+            self.on_change()  # a reply no longer playing is spoken (MeteredSink)
         if self.last == "user_speaking":
             self.hub.emit("user_stopped")
         self.last = name
@@ -171,27 +197,30 @@ class EventConsole:
 class MeteredSink:
     """A sink that reports what reaches the speaker: ``speaking {item_id}`` at an item's first
     sample, ``level {rms}`` per :data:`LEVEL_WINDOW` samples while followers want it, and
-    ``spoken {item_id, interrupted, played_ms}`` when the item stops (its audio ran out, another
-    began, or it was cut short). Earcons count for ``level`` only."""
+    ``spoken {item_id, interrupted, played_ms}`` when it is over: another item begins, or the
+    conversation is no longer speaking (:meth:`_Metered.over`, from :class:`EventConsole`),
+    which covers a reply cut short too. Earcons count for ``level`` only."""
 
     def __init__(self, sink: Sink, hub: Events) -> None:
         self.sink = sink
         self.hub = hub
+        self.meter = _Metered(hub)
 
     def __getattr__(self, name: str) -> Any:  # samples_written, stats, …
         return getattr(self.sink, name)
 
     async def run(self, receive: trio.MemoryReceiveChannel[AudioChunk],
                   buffer: PlayoutBuffer) -> None:
-        await self.sink.run(receive, _Metered(buffer, self.hub))  # type: ignore[arg-type]
+        self.meter.buffer = buffer
+        await self.sink.run(receive, self.meter)  # type: ignore[arg-type]
 
 
 class _Metered:
     """The playout buffer as the speaker sees it, measured as it is read (on the speaker's
     thread: the moments reach the run's loop through the hub)."""
 
-    def __init__(self, buffer: PlayoutBuffer, hub: Events) -> None:
-        self._buffer = buffer
+    def __init__(self, hub: Events) -> None:
+        self.buffer: PlayoutBuffer | None = None
         self._hub = hub
         self._lock = threading.Lock()
         self._item: str | None = None
@@ -199,13 +228,21 @@ class _Metered:
         self._count = 0
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._buffer, name)
+        if name == "buffer":
+            raise AttributeError(name)
+        return getattr(self.buffer, name)
 
     def read_into(self, out: np.ndarray) -> int:
-        head = self._buffer.playing_item()
-        written = self._buffer.read_into(out)
+        assert self.buffer is not None
+        head = self.buffer.playing_item()
+        written = self.buffer.read_into(out)
         self._measured(out[:written], head)
         return written
+
+    def over(self) -> None:
+        """The conversation stopped speaking: the item playing last is spoken."""
+        with self._lock:
+            self._ended()
 
     def read(self, n: int) -> np.ndarray:
         out = np.empty(max(0, n), dtype=np.int16)
@@ -213,26 +250,21 @@ class _Metered:
 
     def _measured(self, pcm: np.ndarray, head: str | None) -> None:
         with self._lock:
-            hub, buffer = self._hub, self._buffer
-            if head is not None and head != self._item and len(pcm):
+            hub = self._hub
+            if head is not None and head != self._item and len(pcm) and not is_earcon(head):
                 self._ended()
-                if not is_earcon(head):
-                    self._item = head
-                    hub.emit("speaking", item_id=head)
-            elif self._item is not None and not len(pcm):
-                self._ended()
+                self._item = head
+                hub.emit("speaking", item_id=head)
             if hub.wants(LEVEL) and len(pcm):
                 self._levels(pcm.astype(np.float64) / 32768.0)
-            if self._item is not None and buffer.queued_samples() == 0:
-                self._ended()
 
     def _ended(self) -> None:
         item, self._item = self._item, None
-        if item is None:
+        if item is None or self.buffer is None:
             return
-        played = self._buffer.played_samples(item)
+        played = self.buffer.played_samples(item)
         self._hub.emit("spoken", item_id=item,
-                       interrupted=played < self._buffer.received_samples(item),
+                       interrupted=played < self.buffer.received_samples(item),
                        played_ms=round(played * 1000 / RATE))
 
     def _levels(self, samples: np.ndarray) -> None:

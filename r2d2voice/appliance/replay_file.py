@@ -93,13 +93,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     The default timeout, 60 s + 3x the file's length, holds in both modes: woken
     conversations never overlap, the file is paced in real time while one is open (its idle
     time is the file's audio), and the end of the file closes the last one."""
-    from r2d2voice.appliance.body import (
-        EventConsole,
-        MeteredSink,
-        RunCommands,
-        open_body,
-        run_toolbox,
-    )
+    from r2d2voice.appliance.body import RunCommands, open_body, run_toolbox
     from r2d2voice.appliance.compose import check_listening, converse
     from r2d2voice.appliance.sinks import WavSink
     from r2d2voice.appliance.sources import FileSource, VadParams
@@ -132,8 +126,8 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
 
                 nursery.start_soon(deadline)
                 commands = RunCommands(toolbox.volume, _file_only, settings)
-                async with open_body(settings, commands) as hub:
-                    heard, said = MeteredSink(sink, hub), EventConsole(console, hub)
+                async with open_body(settings, commands) as moments:
+                    heard, said = moments.sink(sink), moments.console(console)
                     if wake:
                         outcome = await listen(settings, source, heard, url=url, console=said,
                                                stopper=stopper, metadata=metadata,

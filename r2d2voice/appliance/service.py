@@ -79,13 +79,7 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     wake``) opens a conversation (appliance/listening.py); ``STATUS=`` says "waiting for 'hey
     mycroft'", then "in conversation (…)".
     """
-    from r2d2voice.appliance.body import (
-        EventConsole,
-        MeteredSink,
-        RunCommands,
-        open_body,
-        run_toolbox,
-    )
+    from r2d2voice.appliance.body import RunCommands, open_body, run_toolbox
     from r2d2voice.appliance.compose import check_listening, converse
     from r2d2voice.appliance.listening import WakeTrigger
     from r2d2voice.appliance.sinks import DeviceSink
@@ -126,9 +120,9 @@ def run_command(settings: Settings, *, url: str | None) -> None:
         nursery.start_soon(announce_ready, configured, "listening")
         console.status("connecting")
         commands = RunCommands(toolbox.volume, _already_listening, settings)
-        async with open_body(settings, commands) as hub:
-            return await converse(settings, source, MeteredSink(sink, hub), url=url,
-                                  console=EventConsole(console, hub), stopper=stopper,
+        async with open_body(settings, commands) as moments:
+            return await converse(settings, source, moments.sink(sink), url=url,
+                                  console=moments.console(console), stopper=stopper,
                                   on_configured=configured.set, toolbox=toolbox,
                                   on_store_status=console.store_status,
                                   on_ship_status=console.ship_status, metadata=metadata)
@@ -140,9 +134,9 @@ def run_command(settings: Settings, *, url: str | None) -> None:
         waiting = f"waiting for the wake word ({settings.wake_word})"
         nursery.start_soon(announce_ready, None, waiting)
         async with open_body(settings, RunCommands(toolbox.volume, trigger.wake,
-                                                   settings)) as hub:
-            return await listen(settings, source, MeteredSink(sink, hub), url=url,
-                                console=EventConsole(console, hub), stopper=stopper,
+                                                   settings)) as moments:
+            return await listen(settings, source, moments.sink(sink), url=url,
+                                console=moments.console(console), stopper=stopper,
                                 metadata=metadata, trigger=trigger,
                                 on_store_status=console.store_status,
                                 on_ship_status=console.ship_status, toolbox=toolbox)
