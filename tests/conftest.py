@@ -4,9 +4,12 @@ broker per test, the local backend, scrubbed settings."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio.testing
@@ -32,15 +35,20 @@ def pg_server() -> Iterator[PgServer]:
 
 
 @pytest.fixture
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def broker() -> Iterator[Broker]:
     """A mosquitto broker of this test's own on a free loopback port (user ``r2d2``)."""
     binary = find_mosquitto()
     if binary is None:
         skip_or_fail_broker("mosquitto not found (apt install mosquitto)")
-    server = Broker(binary, tmp_path_factory.mktemp("broker"))
-    server.start()
-    yield server
-    server.stop()
+    # its own directory: pytest's are 0700, and as root mosquitto reads as user mosquitto
+    root = Path(tempfile.mkdtemp(prefix="r2d2voice-broker-"))
+    server = Broker(binary, root)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -130,12 +130,12 @@ async def open_body(settings: Settings, control: RunCommands, *,
     device_id = _device_id(settings) if target else ""
     hub = hub or Events(privacy=not settings.store_text)
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_events, hub)
+        await nursery.start(_guarded, "the events socket", serve_events, hub)
         if hooks:
-            await nursery.start(run_hooks, hooks, hub)
+            await nursery.start(_guarded, "the hooks", run_hooks, hooks, hub)
         if target is not None:
             bridge = MqttBridge(target, device_id, hub, control, prefix=settings.mqtt_prefix)
-            await nursery.start(bridge.run)
+            await nursery.start(_guarded, "MQTT", bridge.run)
         try:
             with events.use(hub):
                 yield Body(hub)
@@ -143,6 +143,16 @@ async def open_body(settings: Settings, control: RunCommands, *,
             hub.close()
             nursery.cancel_scope.deadline = trio.current_time() + BODY_DRAIN_S
             nursery.cancel_scope.shield = True
+
+
+async def _guarded(what: str, follower: Callable[..., Any], *args: Any,
+                   task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """A follower that fails is logged; the conversation goes on (its queue is just left)."""
+    try:
+        await follower(*args, task_status=task_status)
+    except Exception as exc:
+        log.error("%s stopped on an unexpected %s: %s (the conversation goes on)", what,
+                  type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
 
 
 def _device_id(settings: Settings) -> str:

@@ -147,7 +147,11 @@ class Link:
 
     async def _read(self, sock: Any) -> None:
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:  # paho closed it (a DISCONNECT written, an error)
+                self._ended(paho.MQTT_ERR_CONN_LOST)
+                return
             rc = self.client.loop_read()
             # TLS may hold whole records already decrypted: the socket is not readable for them
             while not rc and getattr(sock, "pending", lambda: 0)() > 0:
@@ -160,7 +164,11 @@ class Link:
             await self._want_write.wait()
             self._want_write = trio.Event()
             while self.client.want_write():
-                await trio.lowlevel.wait_writable(sock)
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except trio.ClosedResourceError:
+                    self._ended(paho.MQTT_ERR_CONN_LOST)
+                    return
                 if self._ended(self.client.loop_write()):
                     return
 
