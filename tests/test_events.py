@@ -82,6 +82,14 @@ async def test_a_bad_event_is_logged_once_and_never_raises(
     assert "speaking needs fields ['item_id']" in problems[0]
 
 
+async def test_fields_may_be_called_name() -> None:
+    hub = Events()
+    with hub.following() as sub:
+        hub.emit("tool_finished", name="turn_head", status="ok")
+        events.emit("device_lost", kind="input", name="QuadCast")  # no hub installed
+        assert sub.receive.receive_nowait().data["name"] == "turn_head"
+
+
 async def test_another_thread_may_emit_and_the_run_delivers_in_order() -> None:
     hub = Events()
     with hub.following(level=True) as sub:

@@ -14,7 +14,7 @@ from support import SAMPLES, run_cli
 from r2d2voice.appliance.tools.config import read_tools_file
 from r2d2voice.appliance.tools.hooks import HOOK_QUEUE, HookRunner, HookSpec, read_hooks
 from r2d2voice.errors import ConfigError
-from r2d2voice.system.events import Events
+from r2d2voice.system.events import NAMES, Events
 
 
 def script(tmp_path: Path, body: str, name: str = "hook") -> str:
@@ -54,8 +54,19 @@ def test_a_bad_hook_is_one_line_naming_file_and_hook(tmp_path: Path, entry: str,
     with pytest.raises(ConfigError) as caught:
         read_hooks(path)
     assert str(caught.value).startswith(f"{path}: ") and problem in str(caught.value)
-    done = run_cli("tools", "--tools", str(path), cwd=tmp_path)
-    assert done.returncode in (0, 3)  # `tools` checks the tools; `run`/`replay` the hooks too
+
+
+def test_tools_check_and_a_replay_refuse_a_bad_hook_in_one_line(tmp_path: Path) -> None:
+    path = tools_file(tmp_path, '[[hook]]\non = ["dancing"]\ncommand = ["/bin/cat"]\n')
+    for args in (("tools", "--check"), ("replay", str(SAMPLES / "two_turns.wav"), "--backend",
+                                        "local", "--db", str(tmp_path / "c.db"))):
+        done = run_cli(*args, "--tools", str(path), cwd=tmp_path)
+        assert done.returncode == 3, done.stderr
+        assert done.stderr == (f"r2d2voice: error: {path}: hook #1: unknown event 'dancing' "
+                               f"(known: {', '.join(NAMES)})\n")
+    good = tools_file(tmp_path, '[[hook]]\non = ["spoken"]\ncommand = ["/bin/cat"]\n')
+    assert run_cli("tools", "--check", "--tools", str(good), cwd=tmp_path).stdout == \
+        "ok: 0 tools, 1 hook\n"
 
 
 async def _run(hub: Events, runner: HookRunner, emit: list[tuple[str, dict]]) -> None:

@@ -175,7 +175,7 @@ class Events:
         """The service session the next moments belong to (None: between sessions)."""
         self.session_id = session_id
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: str, /, **fields: Any) -> None:
         """Hand ``name`` with ``fields`` to its followers; never blocks, never raises. From a
         thread other than the run's, the moment is stamped here and delivered by the run's
         loop."""
@@ -258,7 +258,7 @@ def current() -> Events | None:
     return _current.get()
 
 
-def emit(name: str, **fields: Any) -> None:
+def emit(name: str, /, **fields: Any) -> None:
     """:meth:`Events.emit` on the run's hub; nothing when none is installed."""
     hub = _current.get()
     if hub is not None:

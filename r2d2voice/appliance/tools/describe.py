@@ -7,6 +7,7 @@ import os
 from typing import Any, TextIO
 
 from r2d2voice.appliance.tools.config import CommandSpec
+from r2d2voice.appliance.tools.hooks import read_hooks
 from r2d2voice.appliance.tools.runner import load_tools
 
 _SHOWN = {"type", "description"}
@@ -15,12 +16,17 @@ _SHOWN = {"type", "description"}
 def tools_command(path: str | os.PathLike[str], check: bool, out: TextIO) -> None:
     """Validate ``path`` (ConfigError on a problem); print "ok: N tools" or the listing."""
     box = load_tools(path)
+    hooks = read_hooks(path)  # [[hook]] entries are checked too (tools/hooks.py)
+    counted = f", {len(hooks)} hook{'s' if len(hooks) != 1 else ''}" if hooks else ""
     if check:
-        out.write(f"ok: {len(box)} tools\n")
+        out.write(f"ok: {len(box)} tools{counted}\n")
         return
-    out.write(f"{len(box)} tools in {path}\n")
+    out.write(f"{len(box)} tools{counted} in {path}\n")
     for entry in box.session_tools():
         out.write("\n" + "\n".join(describe(entry, box.command_of(entry["name"]))) + "\n")
+    for hook in hooks:
+        out.write(f"\nhook #{hook.index}  {' '.join(hook.command)}  (timeout "
+                  f"{hook.timeout_s:g} s)\n  on: {', '.join(hook.on)}\n")
 
 
 def describe(entry: dict[str, Any], command: CommandSpec | None) -> list[str]:
