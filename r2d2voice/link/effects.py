@@ -123,8 +123,6 @@ class Effects:
 
     def _play(self, action: Play) -> None:
         state = self.state
-        if state.gate is not None:
-            state.gate.playing(trio.current_time())
         try:
             self.audio.send_nowait(AudioChunk(action.item_id,
                                               np.frombuffer(action.pcm, dtype="<i2")))

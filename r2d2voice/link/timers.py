@@ -10,21 +10,22 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from r2d2voice.link.state import Console, LinkPolicy, LinkState
+from r2d2voice.link.state import LinkPolicy, LinkState
 from r2d2voice.link.transport import LinkClosed, Transport
+from r2d2voice.protocol.core import End, EndReason
 from r2d2voice.realtime.conversation import Turn
 
 if TYPE_CHECKING:
-    from r2d2voice.link.connection import Ending
     from r2d2voice.link.effects import Effects
+    from r2d2voice.link.parts import LinkParts
 
-log = logging.getLogger("r2d2voice.link.connection")
+log = logging.getLogger("r2d2voice.link.timers")
 
-Close = Callable[[], Awaitable[None]]
+#: ends the connection for a reason (Connection.finish)
+Finish = Callable[[EndReason], Awaitable[None]]
 
 
-async def keepalive(transport: Transport, policy: LinkPolicy, ending: Ending,
-                    close: Close) -> None:
+async def keepalive(transport: Transport, policy: LinkPolicy, finish: Finish) -> None:
     """A ping the service does not answer in time means the link is dead."""
     while True:
         await trio.sleep(policy.ping_interval)
@@ -34,12 +35,11 @@ async def keepalive(transport: Transport, policy: LinkPolicy, ending: Ending,
             except LinkClosed:
                 return
         if waited.cancelled_caught:
-            ending.lost = "ping timeout"
-            await close()
+            await finish(EndReason(End.LOST, "ping timeout"))
             return
 
 
-async def recycle(state: LinkState, policy: LinkPolicy, ending: Ending, close: Close) -> None:
+async def recycle(state: LinkState, policy: LinkPolicy, finish: Finish) -> None:
     """Before the service's session limit, start a fresh session at a quiet moment: nothing
     open and no reply audio queued, for ``quiet_seconds`` in a row."""
     await trio.sleep(policy.session_max_seconds)
@@ -48,9 +48,8 @@ async def recycle(state: LinkState, policy: LinkPolicy, ending: Ending, close: C
     def quiet() -> bool:
         return state.conversation.settled and state.buffer.queued_samples() == 0
 
-    await _hold(state, quiet, policy.quiet_seconds)
-    ending.recycle = True
-    await close()
+    await state.hold(quiet, policy.quiet_seconds)
+    await finish(EndReason(End.RECYCLE))
 
 
 async def give_up_transcripts(state: LinkState, policy: LinkPolicy) -> None:
@@ -68,21 +67,25 @@ async def give_up_transcripts(state: LinkState, policy: LinkPolicy) -> None:
             state.watch.changed()
 
 
-async def hang_up(effects: Effects, ending: Ending, close: Close) -> None:
+async def hang_up(effects: Effects, finish: Finish) -> None:
     """After the goodbye (:class:`HangUp`), once the speaker has played it, close the session."""
     await effects.hang_up.wait()
     await effects.state.watch.wait_for(effects.speaker_drained)
     log.info("conversation ended by the robot (end_conversation): hanging up")
-    ending.hangup = True
-    await close()
+    await finish(EndReason(End.HANGUP))
 
 
-async def status(state: LinkState, console: Console) -> None:
-    """Keep STATUS= true; the watch changes on every event and when the speaker starts or
-    drains (repeats are skipped by the console)."""
-    while True:
-        console.status(status_text(state))
-        await state.watch.next_change()
+async def status(state: LinkState, parts: LinkParts) -> None:
+    """Keep STATUS= true, and tell the run whether a turn is open or a reply plays (the
+    microphone hands audio over frame by frame then); the watch changes on every event and
+    when the speaker starts or drains (repeats are skipped by the console)."""
+    try:
+        while True:
+            parts.console.status(status_text(state))
+            parts.busy(not state.conversation.idle or state.buffer.queued_samples() > 0)
+            await state.watch.next_change()
+    finally:
+        parts.busy(False)
 
 
 def status_text(state: LinkState) -> str:
@@ -99,13 +102,3 @@ def status_text(state: LinkState) -> str:
     if conv.turn is Turn.RESPONDING:
         return "thinking"
     return "listening"
-
-
-async def _hold(state: LinkState, predicate: Callable[[], bool], seconds: float) -> None:
-    """Until ``predicate`` has held for ``seconds`` in a row."""
-    while True:
-        await state.watch.wait_for(predicate)
-        with trio.move_on_after(seconds) as still:
-            await state.watch.wait_for(lambda: not predicate())
-        if still.cancelled_caught:
-            return

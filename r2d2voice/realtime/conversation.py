@@ -30,6 +30,7 @@ from r2d2voice.protocol.actions import (
     StoreResponse,
     StoreSession,
 )
+from r2d2voice.protocol.core import End, EndReason
 from r2d2voice.protocol.tool_records import StoreToolResult
 from r2d2voice.realtime.client_events import (
     RATE,
@@ -100,6 +101,14 @@ TRANSITIONS: dict[type, dict[Turn, Turn]] = {
 }
 
 
+#: close codes after which no retry can help (exit 3), and what they mean
+FATAL_CLOSE_CODES = {
+    3000: "the API key was refused",
+    1013: "no quota left (check the plan and billing)",
+    4000: "the request was refused (check the model name)",
+}
+
+
 class LocalProtocolError(RuntimeError):
     """The shell asked for something the state forbids (sending on a closed connection)."""
 
@@ -123,6 +132,8 @@ class Conversation:
         self.responses_done = 0
         self.active_response: str | None = None
         self.last_error: ServiceError | None = None
+        #: how the session ended (set once: the first to notice decides)
+        self.end: EndReason | None = None
         self.usage_totals: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
         #: committed user items whose transcript is still to come -> their seq
         self.pending_user: OrderedDict[str, int] = OrderedDict()
@@ -212,10 +223,30 @@ class Conversation:
         event = ItemTruncate(item_id, played_ms) if played_ms > 0 else ItemDelete(item_id)
         return [Send(event), StoreInterrupted(item_id, reply.seq, played_ms)]
 
-    def connection_lost(self) -> list[Action]:
-        """The transport is gone: store transcripts that never got their ``.done``; no more
-        sending. Calling it again returns nothing."""
-        out: list[Action] = list(self.items.unfinished())
+    def finish(self, reason: EndReason) -> None:
+        """The session ends for ``reason`` (ignored once an end is known)."""
+        if self.end is None:
+            self.end = reason
+
+    def connection_lost(self, code: int | None = None, reason: str = "closed"
+                        ) -> list[Action]:
+        """The transport is gone (with close ``code``, if any): decide how the session ended,
+        store transcripts that never got their ``.done``; no more sending. Calling it again
+        returns nothing more."""
+        out: list[Action] = []
+        ours = self.end is not None and self.end.ours
+        if code in FATAL_CLOSE_CODES and not ours and (
+                self.end is None or self.end.kind is not End.FATAL):
+            said = f": {self.last_error.message}" if self.last_error is not None else ""
+            self.end = EndReason(End.FATAL, (
+                f"the Realtime service closed the connection with code {code} "
+                f"({FATAL_CLOSE_CODES[code]}){said}"))
+            out.append(StoreError("connection_closed", str(code), self.end.detail, True))
+        elif self.phase is not Phase.CLOSED and not ours and (
+                self.end is None or self.end.kind in (End.LOST, End.EXPIRED)):
+            self.finish(EndReason(End.LOST, reason))
+            out.append(StoreError("connection_lost", None, self.end.detail, False))
+        out += self.items.unfinished()
         self.phase = Phase.CLOSED
         self.turn = Turn.IDLE
         self.active_response = None
@@ -348,6 +379,11 @@ class Conversation:
                 self.tools.busy()
             return []
         self.last_error = ev
+        if ev.fatal:
+            self.finish(EndReason(End.FATAL, f"the Realtime service refused: {ev.message}"
+                                  + (f" ({ev.code})" if ev.code else "")))
+        elif ev.ends_session:
+            self.finish(EndReason(End.EXPIRED, f"session ended by the service ({ev.code})"))
         message = ev.message
         if ev.event_id in self.sent:
             message += f" (in reply to our {self.sent[ev.event_id]})"
