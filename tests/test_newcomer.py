@@ -308,3 +308,29 @@ def test_a_stop_clears_the_progress_bar_before_the_log_line() -> None:
     console.progress(0.6)  # a late frame draws no new bar under the log lines
     assert err.getvalue().endswith("\r" + " " * 40 + "\r")
     assert stopped_by_signal(stopper) == signal.SIGINT
+
+
+# -- the second round (issue 17) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["same", "symlink", "hardlink"])
+def test_export_never_writes_over_its_database(tmp_path: Path, name: str) -> None:
+    """``export --db a.db --output a.db`` (or a link to it) is refused; the database is intact."""
+    db = tmp_path / "a.db"
+    make_db(db, 3)
+    before = db.read_bytes()
+    target = {"same": db, "symlink": tmp_path / "link.jsonl",
+              "hardlink": tmp_path / "hard.jsonl"}[name]
+    if name == "symlink":
+        target.symlink_to(db)
+    elif name == "hardlink":
+        target.hardlink_to(db)
+    r = run_cli("export", "--db", "a.db", "--output", target.name, cwd=tmp_path)
+    assert r.returncode == 2
+    assert one_line(r.stderr) == (f"r2d2voice: error: --output {target.name} is the database "
+                                  "(a.db): exporting would overwrite it; write the export to "
+                                  "another file")
+    assert db.read_bytes() == before
+    (tmp_path / "a.jsonl").write_text("an older export\n")  # another file is replaced
+    r = run_cli("export", "--db", "a.db", "--output", "a.jsonl", cwd=tmp_path)
+    assert r.returncode == 0 and len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
