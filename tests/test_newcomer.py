@@ -334,3 +334,29 @@ def test_export_never_writes_over_its_database(tmp_path: Path, name: str) -> Non
     (tmp_path / "a.jsonl").write_text("an older export\n")  # another file is replaced
     r = run_cli("export", "--db", "a.db", "--output", "a.jsonl", cwd=tmp_path)
     assert r.returncode == 0 and len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
+
+
+async def test_a_local_backend_at_a_url_is_recorded_as_local_and_never_priced(
+    tmp_path: Path
+) -> None:
+    """``replay --url ws://…`` at ``serve-local`` (backend openai by default): the session
+    records what the service says it is, and ``usage`` bills nothing."""
+    db = tmp_path / "c.db"
+    async with local_backend(realtime_factor=20) as url:
+        r = await cli("replay", str(SAMPLES / "two_turns.wav"), "--url", url, "--db", str(db),
+                      cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    r = await cli("sessions", "--db", str(db), cwd=tmp_path)
+    [row] = r.stdout.decode().splitlines()[1:]
+    assert row.split()[-2:] == ["local", "local"]  # BACKEND, MODEL: what the service said
+    r = await cli("usage", "--db", str(db), "--format", "json", cwd=tmp_path)
+    import json
+
+    report = json.loads(r.stdout)
+    assert report["total"]["responses"] == 2 and report["total"]["cost_usd"] == 0
+    r = await cli("usage", "--db", str(db), cwd=tmp_path)
+    assert "local backend: not billed" in r.stdout.decode()
+    from r2d2voice.localbackend.session_config import LOCAL_MODEL
+    from r2d2voice.storage.writer import LOCAL
+
+    assert LOCAL_MODEL == LOCAL  # what the backend says is what the store recognises
