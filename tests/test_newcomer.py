@@ -360,3 +360,71 @@ async def test_a_local_backend_at_a_url_is_recorded_as_local_and_never_priced(
     from r2d2voice.storage.writer import LOCAL
 
     assert LOCAL_MODEL == LOCAL  # what the backend says is what the store recognises
+
+
+FLEET = "postgresql://r2:s3cret-pw@127.0.0.1:1/fleet"
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_replay_and_prune_refuse_a_fleet_server_as_their_database(tmp_path: Path,
+                                                                  how: str) -> None:
+    """Nothing is made under a name like ``postgresql:/…``: exit 2, saying what --db takes."""
+    args, env = (["--db", FLEET], {}) if how == "flag" else ([], {"R2D2_DB": FLEET})
+    named = "--db" if how == "flag" else "R2D2_DB in the environment"
+    r = run_cli("replay", str(HELLO), "--backend", "local", *args, cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    assert one_line(r.stderr) == (
+        f"r2d2voice: error: {named} names a fleet server; --db takes a SQLite path: replay "
+        "writes this robot's database; the fleet is written by `r2d2voice ship --to URL` (and "
+        "by run, with R2D2_SHIP_URL)")
+    assert r.stdout == ""  # no conversation was held
+    r = run_cli("prune", "--older-than", "30d", *args, cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    assert one_line(r.stderr) == (f"r2d2voice: error: {named} names a fleet server; prune "
+                                  "works on the robot's SQLite file: --db takes its path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no postgresql: folder, no WAV
+
+
+def _without_write_access(argv: list[str], folder: Path) -> list[str]:
+    """``argv`` run by someone who may not write in ``folder`` (root: without the capability)."""
+    if os.geteuid() == 0:
+        shutil.chown(folder, "nobody")
+        for child in folder.iterdir():
+            shutil.chown(child, "nobody")
+        return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", *argv]
+    return argv
+
+
+@pytest.mark.parametrize("where", ["existing", "new", "proc", "empty"])
+def test_a_database_that_cannot_be_written_is_refused_before_the_conversation(
+    tmp_path: Path, where: str
+) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    make_db(theirs / "c.db", 1)
+    db = {"existing": theirs / "c.db", "new": theirs / "new" / "c.db",
+          "proc": Path("/proc/c.db"), "empty": ""}[where]
+    argv = [sys.executable, "-m", "r2d2voice", "replay", str(HELLO), "--backend", "local",
+            "--db", str(db)]
+    argv = _without_write_access(argv, theirs)
+    (theirs / "c.db").chmod(0o444)
+    theirs.chmod(0o555)
+    try:
+        r = subprocess.run(argv, cwd=tmp_path, env=clean_env(HOME=str(tmp_path)),
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        theirs.chmod(0o755)
+    assert r.returncode == 2
+    assert r.stdout == ""  # refused before anything was said: nothing to lose
+    expected = {
+        "existing": f"cannot write database {db}: permission denied",
+        "new": f"cannot write database {db}: cannot create files in {theirs} "
+               "(permission denied)",
+        "proc": f"cannot write database {db}: cannot create files in /proc (the file system "
+                "there takes no new files)",
+        "empty": "--db '': an empty path; name the database file (or leave the option out for "
+                 "the default)",
+    }[where]
+    assert one_line(r.stderr) == f"r2d2voice: error: {expected}"
+    assert sorted(p.name for p in theirs.iterdir()) == ["c.db"]
+    assert not (tmp_path / "hello.reply.wav").exists()

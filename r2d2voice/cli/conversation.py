@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from r2d2voice.cli.checks import robot_db
 from r2d2voice.cli.options import (
     backend_option,
     db_option,
@@ -47,6 +48,7 @@ def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
            tools: str | None, listen: str | None) -> None:
     """Hold a conversation with FILE (any WAV) as the microphone; write the replies to --out."""
     settings = invocation.settings(db=db, backend=backend, tools=tools, listen=listen)
+    robot_db(settings, "replay")
     from r2d2voice.appliance.replay_file import replay_command
 
     replay_command(settings, file, out=out, speed=speed, timeout=timeout, url=url)
@@ -67,6 +69,7 @@ def run(invocation: Invocation, input_device: str | None, output_device: str | N
     settings = invocation.settings(db=db, backend=backend, input_device=input_device,
                                    output_device=output_device, output_latency=output_latency,
                                    duplex=duplex, tools=tools, listen=listen)
+    robot_db(settings, "run")
     from r2d2voice.appliance.service import run_command
 
     run_command(settings, url=url)

@@ -108,7 +108,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="r2d2voice")
-@click.option("--env-file", type=click.Path(dir_okay=False, readable=False), default=None,
+@click.option("--env-file", metavar="FILE", default=None,
               help="Env file to read (default: ./.env, else ~/.r2d2/.env).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
               case_sensitive=False), default=None, help="Overrides R2D2_LOG_LEVEL.")

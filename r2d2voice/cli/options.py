@@ -18,7 +18,15 @@ def _websocket_url(ctx: click.Context, param: click.Parameter, value: str | None
     return value
 
 
-db_option = click.option("--db", type=click.Path(dir_okay=False), default=None,
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--db ""`` names no database: a bad invocation (exit 2), not the default one."""
+    if value is not None and not value.strip():
+        raise UsageError(f"--{param.name} {value!r}: an empty path; name the database file "
+                         "(or leave the option out for the default)")
+    return value
+
+
+db_option = click.option("--db", default=None, callback=_not_empty,
                          help="Transcript database (default: R2D2_DB, then the state dir).")
 backend_option = click.option("--backend", type=click.Choice(["openai", "local", "azure"]),
                               default=None,
@@ -38,7 +46,7 @@ until_option = click.option("--until", default=None,
 session_option = click.option("--session", "sessions", multiple=True,
                               help="Only this session (repeatable).")
 fleet_db_option = click.option(
-    "--db", default=None,
+    "--db", default=None, callback=_not_empty,
     help="Transcript database, or a fleet server (postgresql://…; default: R2D2_DB).")
 device_option = click.option("--device", "devices", multiple=True,
                              help="Only this robot of a fleet database (repeatable).")
