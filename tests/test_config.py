@@ -93,7 +93,7 @@ def test_missing_explicit_env_file_is_a_bad_invocation(dirs: tuple[Path, Path]) 
         ("R2D2_EARCONS", "loud", "on or off"),
         ("R2D2_STORE_TEXT", "maybe", "'true' or 'false'"),
         ("R2D2_CONVERSATION_IDLE_S", "0", "between 1 and 3600"),
-        ("R2D2_RETENTION_DAYS", "-3", "'off' or a number of days"),
+        ("R2D2_RETENTION_DAYS", "0", "'off' (keep everything) or a number of days, at least 0.01"),
         ("AZURE_OPENAI_ENDPOINT", "NAME.openai.azure.com", "https:// (or wss://) URL"),
         ("R2D2_LOG_LEVEL", "loud", "one of DEBUG"),
         ("REALTIME_URL", "https://api.openai.com", "ws:// or wss://"),

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -56,7 +57,7 @@ def test_export_into_a_pipe_closed_early_exits_quietly(tmp_path: Path) -> None:
     assert proc.stdout.readline().startswith(b'{"session_id": ')
     proc.stdout.close()  # what `head -1` does after its line
     err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 1
+    assert proc.wait(timeout=60) == 0  # a normal end (issue 17.4)
     assert err == b""
 
 
@@ -428,3 +429,161 @@ def test_a_database_that_cannot_be_written_is_refused_before_the_conversation(
     assert one_line(r.stderr) == f"r2d2voice: error: {expected}"
     assert sorted(p.name for p in theirs.iterdir()) == ["c.db"]
     assert not (tmp_path / "hello.reply.wav").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "markdown"])
+@pytest.mark.parametrize("reader", ["head -1", "true"])
+def test_a_reader_that_stops_early_is_a_normal_end(tmp_path: Path, fmt: str,
+                                                   reader: str) -> None:
+    """``set -o pipefail; r2d2voice export | head -1`` succeeds: exit 0, nothing on stderr,
+    whether the reader leaves after a line or before the first (``| true``)."""
+    db = tmp_path / "c.db"
+    make_db(db, 200, size=4000)
+    command = (f"set -o pipefail; {shlex.quote(sys.executable)} -m r2d2voice export --db c.db "
+               f"--format {fmt} | {reader} >/dev/null")
+    for _ in range(3):  # where the pipe closes varies from run to run
+        r = subprocess.run(["bash", "-c", command], cwd=tmp_path,
+                           env=clean_env(HOME=str(tmp_path)), capture_output=True, text=True,
+                           timeout=60)
+        assert (r.returncode, r.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("command", [["export", "--db", "c.db"], ["sessions", "--db", "c.db"],
+                                     ["usage", "--db", "c.db", "--format", "json"], ["--help"]])
+def test_output_to_a_full_disk_is_one_line_exit_1(tmp_path: Path, command: list[str]) -> None:
+    make_db(tmp_path / "c.db", 3)
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "r2d2voice", *command], cwd=tmp_path,
+                           env=clean_env(HOME=str(tmp_path)), stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 1
+    assert one_line(r.stderr) == ("r2d2voice: error: cannot write standard output: no space "
+                                  "left on device")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_timeout_that_is_no_duration_is_a_bad_invocation(tmp_path: Path, value: str) -> None:
+    r = run_cli("replay", str(HELLO), "--backend", "local", "--timeout", value,
+                "--db", str(tmp_path / "c.db"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert re.fullmatch(rf"r2d2voice: error: Invalid value for '--timeout': '{value}' is not "
+                        r"a number of seconds \(see .*r2d2voice replay --help\)",
+                        one_line(r.stderr)), r.stderr
+    assert not (tmp_path / "c.db").exists()
+
+
+# -- one rule per case (issue 17.10) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["export", "replay"])
+def test_a_directory_as_database_is_exit_2_on_the_command_line_and_3_in_a_setting(
+    tmp_path: Path, command: str
+) -> None:
+    args = [str(HELLO), "--backend", "local"] if command == "replay" else []
+    r = run_cli(command, *args, "--db", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2
+    assert one_line(r.stderr) == (f"r2d2voice: error: R2D2_DB (--db) on the command line must "
+                                  f"be a file path (not a directory), got '{tmp_path}'")
+    r = run_cli(command, *args, cwd=tmp_path, env={"R2D2_DB": str(tmp_path)})
+    assert r.returncode == 3
+    assert one_line(r.stderr) == (f"r2d2voice: error: R2D2_DB in the environment must be a "
+                                  f"file path (not a directory), got '{tmp_path}'")
+
+
+def test_env_file_is_any_readable_file_and_a_bad_one_is_exit_2(tmp_path: Path) -> None:
+    make_db(tmp_path / "c.db", 1)
+    (tmp_path / "folder").mkdir()
+    for name, message in (("nosuch", "--env-file nosuch: no such file"),
+                          ("folder", "--env-file folder: is a directory, not an env file")):
+        r = run_cli("--env-file", name, "sessions", "--db", "c.db", cwd=tmp_path)
+        assert r.returncode == 2
+        assert one_line(r.stderr) == f"r2d2voice: error: {message}"
+    r = run_cli("--env-file", "/dev/null", "sessions", "--db", "c.db", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == ""  # an empty env file
+    assert len(r.stdout.splitlines()) == 2
+
+
+def test_a_bare_r2d2voice_prints_the_help_on_stdout(tmp_path: Path) -> None:
+    r = run_cli(cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith("Usage: ") and "Commands:" in r.stdout
+
+
+def test_only_a_misspelt_option_or_command_gets_clicks_usage_block(tmp_path: Path) -> None:
+    r = run_cli("replay", str(HELLO), "--dbb", "x.db", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.startswith("Usage: ") and "Did you mean '--db'?" in r.stderr
+    r = run_cli("exprot", cwd=tmp_path)
+    assert r.returncode == 2 and "Did you mean 'export'?" in r.stderr
+    for args in (["export", "--format", "xml"], ["replay"], ["--log-level", "loud", "wake"]):
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 2
+        assert one_line(r.stderr).startswith("r2d2voice: error: ")
+
+
+# -- misleading messages (issue 17.11) ----------------------------------------------------------
+
+
+def test_global_options_work_after_the_command(tmp_path: Path) -> None:
+    make_db(tmp_path / "c.db", 1)
+    r = run_cli("sessions", "--db", "c.db", "--log-level", "debug", cwd=tmp_path)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+    (tmp_path / "fleet.env").write_text("R2D2_DB=c.db\n")
+    r = run_cli("sessions", "--env-file", "fleet.env", cwd=tmp_path)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+    r = run_cli("--env-file", "nosuch", "sessions", "--env-file", "fleet.env", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # the one after the command wins
+
+
+def test_an_age_and_a_retention_say_their_least(tmp_path: Path) -> None:
+    make_db(tmp_path / "c.db", 1)
+    r = run_cli("prune", "--older-than", "0d", "--db", "c.db", cwd=tmp_path)
+    assert r.returncode == 2
+    assert one_line(r.stderr) == ("r2d2voice: error: --older-than: '0d' is too young: an age "
+                                  "is at least 1 minute (1m), like 30d, 2w, 12h or 90m")
+    r = run_cli("prune", "--db", "c.db", cwd=tmp_path, env={"R2D2_RETENTION_DAYS": "0"})
+    assert r.returncode == 3
+    assert one_line(r.stderr) == ("r2d2voice: error: R2D2_RETENTION_DAYS in the environment "
+                                  "must be 'off' (keep everything) or a number of days, at "
+                                  "least 0.01 (about 15 minutes), got '0'")
+
+
+def test_a_ship_url_without_a_password_is_shown(tmp_path: Path) -> None:
+    make_db(tmp_path / "c.db", 1)
+    r = run_cli("ship", "--to", "notaurl", "--db", "c.db", cwd=tmp_path)
+    assert r.returncode == 2
+    assert one_line(r.stderr) == ("r2d2voice: error: R2D2_SHIP_URL (--to) on the command line "
+                                  "must be a postgresql:// URL, got 'notaurl'")
+    r = run_cli("ship", "--to", "postgrse://r2:s3cret@h/db", "--db", "c.db", cwd=tmp_path)
+    assert "'postgrse://r2:***@h/db'" in one_line(r.stderr) and "s3cret" not in r.stderr
+
+
+def test_env_file_lines_that_are_no_setting_are_named(tmp_path: Path) -> None:
+    make_db(tmp_path / "c.db", 1)
+    (tmp_path / ".env").write_bytes(b"R2D2_LOG_LEVEL=INFO\nREALTIME_VOICE=\xff\xfeash\n")
+    r = run_cli("sessions", "--db", "c.db", cwd=tmp_path)
+    assert r.returncode == 3
+    assert one_line(r.stderr) == ("r2d2voice: error: cannot read env file "
+                                  f"{tmp_path / '.env'}: line 2, byte 16 (0xff) is not UTF-8 "
+                                  "text")
+    (tmp_path / ".env").write_text("[r2d2]\nR2D2_LOG_LEVEL=INFO\nR2D2_STORE_TEXT\njunk line\n")
+    r = run_cli("sessions", "--db", "c.db", cwd=tmp_path)
+    assert r.returncode == 0
+    env = tmp_path / ".env"
+    assert [line.split(" ", 2)[2] for line in r.stderr.splitlines()] == [
+        f"r2d2voice.system.config: {env} line 1: [r2d2] is a section header, and env files "
+        "have none (KEY=value lines only); the line is ignored",
+        f"r2d2voice.system.config: {env} line 3: R2D2_STORE_TEXT has no value (expected "
+        "R2D2_STORE_TEXT=value); the line is ignored",
+        f"r2d2voice.system.config: {env} line 4: cannot parse it (expected KEY=value); the "
+        "line is ignored",
+    ]
+
+
+def test_a_wav_cut_short_is_warned_about(tmp_path: Path) -> None:
+    data = (SAMPLES / "two_turns.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 3])  # its header says 6 s
+    r = run_cli("replay", "cut.wav", "--backend", "local", "--db", "c.db", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("cut.wav is truncated or corrupt after 2.0 s: "
+                                                 "what could be read was played")

@@ -148,7 +148,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
         print(f"{turns} turn{'s' if turns != 1 else ''} answered, {reply}, "
               f"{outcome.wall_seconds:.1f} s wall time (session {outcome.session_id})")
     if source.truncated:
-        print(f"{file} is truncated or corrupt after {source.frames_read * 0.02:.1f} s: "
+        print(f"{file} is truncated or corrupt after {audio.seconds_decoded:.1f} s: "
               "what could be read was played", file=sys.stderr)
     elif wake and not outcome.conversations and stopper.reason is None:
         print(f"no wake word heard in {file} (R2D2_WAKE_WORD={settings.wake_word}): nothing "

@@ -91,7 +91,8 @@ class AudioReader:
 
     Opening checks the file (one-line :class:`UsageError` naming it, as :func:`load_audio`);
     :meth:`blocks` decodes, downmixes and resamples one libsndfile block at a time. A file that
-    turns out truncated mid-way ends early with what could be decoded (``truncated`` is set).
+    turns out truncated mid-way ends early with what could be decoded (``truncated`` is set),
+    and so does one cut short (less audio than its header says: ``truncated`` from the start).
     """
 
     def __init__(self, path: str | os.PathLike[str], block_frames: int = _READ_BLOCK_FRAMES
@@ -110,6 +111,8 @@ class AudioReader:
                     raise UsageError(f"cannot read audio file {self.shown}: invalid sample rate")
                 self.samplerate = snd.samplerate
                 self.frames = snd.frames
+                self.truncated = _cut_short(snd)
+        self.frames_decoded = 0  # source frames decoded so far
         if self.frames == 0:
             raise UsageError(f"cannot read audio file {self.shown}: it contains no audio "
                              "(0 frames)")
@@ -119,9 +122,15 @@ class AudioReader:
         """The file's length as its header says."""
         return self.frames / self.samplerate
 
+    @property
+    def seconds_decoded(self) -> float:
+        """The audio decoded so far (all of it once :meth:`blocks` is done)."""
+        return self.frames_decoded / self.samplerate
+
     def blocks(self) -> Iterator[np.ndarray]:
         """24 kHz mono int16 blocks of the whole file, then the resampler's tail."""
         resampler = Resampler(self.samplerate, RATE, channels=1)
+        decoded = 0
         with _read_errors(self.shown), sf.SoundFile(self.path) as snd:
             while True:
                 try:
@@ -130,7 +139,11 @@ class AudioReader:
                     self.truncated = True
                     break
                 if not len(block):
+                    if decoded < self.frames:  # the stream ended before its header said
+                        self.truncated = True
                     break
+                decoded += len(block)
+                self.frames_decoded = decoded
                 # Float files may hold NaN/inf or values far out of range: keep the filter finite.
                 np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
                 np.clip(block, -1.0, 1.0, out=block)
@@ -140,6 +153,14 @@ class AudioReader:
         tail = float_to_pcm16(resampler.process(np.zeros(0, np.float32), last=True))
         if len(tail):
             yield tail
+
+
+def _cut_short(snd: sf.SoundFile) -> bool:
+    """The file holds less audio than its header says. libsndfile then reads what is there
+    and says so only in its log: ``data : 192000 (should be 63946)`` (WAV), ``SSND : …``
+    (AIFF)."""
+    return any(line.strip().startswith(("data ", "SSND ")) and "(should be" in line
+               for line in snd.extra_info.splitlines())
 
 
 def load_audio(path: str | os.PathLike[str]) -> np.ndarray:

@@ -3,6 +3,7 @@ conversation."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -11,6 +12,7 @@ import click
 
 from r2d2voice.cli.checks import robot_db
 from r2d2voice.cli.options import (
+    Seconds,
     backend_option,
     db_option,
     listen_option,
@@ -40,7 +42,7 @@ def conversation_options(command: F) -> F:
                    "hello.wav -> hello.reply.wav).")
 @click.option("--speed", type=click.Choice(["fast", "realtime"]), default="fast", show_default=True,
               help="fast: as fast as the conversation allows; realtime: paced like a person.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=None,
+@click.option("--timeout", type=Seconds(min=1), default=None,
               help="Give up after this many seconds (default: 60 s + 3x the file's length).")
 @conversation_options
 def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
@@ -110,7 +112,7 @@ def wake(invocation: Invocation) -> None:
     invocation.settings()
     from r2d2voice.system.control import send_wake
 
-    click.echo(send_wake())
+    click.echo(send_wake(), file=sys.stdout)  # the guarded stdout (cli.output)
 
 
 COMMANDS = (replay, run, serve_local, wake)

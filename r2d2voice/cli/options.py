@@ -1,13 +1,27 @@
-"""Options shared by several commands."""
+"""Options shared by several commands, and the option types they need."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from r2d2voice.errors import UsageError
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds of at least ``min`` (``nan`` and ``inf`` are no duration)."""
+
+    name = "seconds"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return number
 
 
 def _websocket_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -208,7 +208,8 @@ KEYS: tuple[Key, ...] = (
     Key("R2D2_CONTEXT_TOKEN_LIMIT", "context_token_limit", 16000, _int(0, 1_000_000),
         "a whole number of tokens (0 = the model's limit)", "context that triggers truncation"),
     Key("R2D2_RETENTION_DAYS", "retention_days", None, _off_or_number(0.01, 36_500.0),
-        "'off' or a number of days", "delete conversations older than this (shipped first)"),
+        "'off' (keep everything) or a number of days, at least 0.01 (about 15 minutes)",
+        "delete conversations older than this (shipped first)"),
     Key("R2D2_STORE_TEXT", "store_text", True, _flag, "'true' or 'false'",
         "false: privacy mode, no transcript text, raw events nor tool arguments/output"),
     *(
