@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import pytest
 import trio
-from support import ROOT, SAMPLES, clean_env, cli, local_backend, require_tool, run_cli
+from support import ROOT, SAMPLES, clean_env, cli, local_backend, require_tool, run_cli, silence
 
 from r2d2voice.cli.main import main
 from r2d2voice.errors import RuntimeFailure
@@ -587,3 +587,25 @@ def test_a_wav_cut_short_is_warned_about(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("cut.wav is truncated or corrupt after 2.0 s: "
                                                  "what could be read was played")
+
+
+@pytest.mark.parametrize("listen", ["wake", "always"])
+def test_a_replay_without_reply_audio_leaves_an_existing_out_alone(tmp_path: Path,
+                                                                   listen: str) -> None:
+    """No wake word (or no speech) in the file: the reply WAV of an earlier replay stays."""
+    import soundfile
+
+    quiet = tmp_path / "quiet.wav"
+    soundfile.write(quiet, silence(2.0), 24000, subtype="PCM_16")
+    source = SAMPLES / "two_turns.wav" if listen == "wake" else quiet  # no "hey mycroft"
+    r = run_cli("replay", str(SAMPLES / "hello.wav"), "--backend", "local", "--db", "c.db",
+                "--out", "reply.wav", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    before = (tmp_path / "reply.wav").read_bytes()
+    assert len(before) > 10_000
+    r = run_cli("replay", str(source), "--backend", "local", "--db", "c.db", "--out",
+                "reply.wav", "--listen", listen, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "no reply audio (reply.wav left as it was)" in r.stdout
+    assert (tmp_path / "reply.wav").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.db", "quiet.wav", "reply.wav"]

@@ -138,6 +138,8 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     outcome = trio.run(main)
     console.finish()
     reply = f"{sink.samples_written / RATE:.1f} s of reply audio in {out}"
+    if sink.kept_existing:
+        reply = f"no reply audio ({out} left as it was)"
     if wake:
         stores = [c.outcome.store for c in outcome.conversations]
         print(_woken_summary(outcome, reply))

@@ -7,9 +7,11 @@ resampling uses soxr. Unusable files raise :class:`UsageError` with one line nam
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -179,27 +181,54 @@ class WavWriter:
     """Writes 24 kHz mono PCM16 WAV incrementally; a valid file after close, even if empty.
 
     ``write`` takes int16 samples (or little-endian PCM16 bytes). Usable as a context manager.
+    A regular (or new) ``path`` is written under a temporary name beside it (mode 0600, like
+    the database: a reply is as private as its transcript) and renamed over it at
+    :meth:`close`, so a reader never sees half a file; with ``keep_existing`` an existing
+    file is left as it was when nothing was written (``kept_existing``). A device or FIFO
+    (``/dev/null``) is written in place.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, keep_existing: bool = False) -> None:
         self.path = path
         self._shown = _show(path)
         self.frames_written = 0
+        self.keep_existing = keep_existing
+        self.kept_existing = False
         if os.path.isdir(path):
             raise UsageError(f"cannot write WAV file {self._shown}: is a directory")
+        target = os.path.realpath(path)  # a symlink stays one: its file is replaced
+        in_place = os.path.exists(target) and not os.path.isfile(target)
+        self._target = target
+        self._temp: str | None = None
         try:
-            # Opening it here gives a precise reason; soundfile then opens the path itself (its
-            # file-object mode prints tracebacks from cffi callbacks when a write fails).
-            # O_NONBLOCK: a FIFO without a reader fails instead of hanging. 0600 like the
-            # database: a reply is as private as its transcript.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o600))
+            if in_place:
+                # O_NONBLOCK: a FIFO without a reader fails instead of hanging.
+                os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+                where = target
+            else:
+                if os.path.exists(target):  # a file we may not write is not replaced either
+                    os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+                fd, where = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
+                                             suffix=".part", dir=os.path.dirname(target))
+                os.close(fd)
+                self._temp = where
+            # soundfile opens the path itself: its file-object mode prints tracebacks from
+            # cffi callbacks when a write fails.
             self._snd: sf.SoundFile | None = sf.SoundFile(
-                path, "w", samplerate=RATE, channels=1, format="WAV", subtype="PCM_16"
+                where, "w", samplerate=RATE, channels=1, format="WAV", subtype="PCM_16"
             )
         except OSError as exc:
+            self._discard()
             raise UsageError(f"cannot write WAV file {self._shown}: {_os_reason(exc)}") from None
         except _DECODE_ERRORS as exc:
+            self._discard()
             raise UsageError(f"cannot write WAV file {self._shown}: {_one_line(exc)}") from None
+
+    def _discard(self) -> None:
+        temp, self._temp = self._temp, None
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
     @property
     def closed(self) -> bool:
@@ -223,13 +252,23 @@ class WavWriter:
         self.frames_written += len(pcm)
 
     def close(self) -> None:
-        """Finish the header and close the file (idempotent)."""
+        """Finish the header, close the file and put it in place (idempotent); with
+        ``keep_existing`` and nothing written, an existing file is left alone."""
         snd, self._snd = self._snd, None
         if snd is None:
             return
         try:
             snd.close()
+            if self._temp is not None:
+                if (self.keep_existing and not self.frames_written
+                        and os.path.exists(self._target)):
+                    self.kept_existing = True
+                    self._discard()
+                else:
+                    os.replace(self._temp, self._target)
+                    self._temp = None
         except (*_DECODE_ERRORS, OSError) as exc:
+            self._discard()
             raise RuntimeFailure(f"cannot write WAV file {self._shown}: {_one_line(exc)}") from None
 
     def __enter__(self) -> WavWriter:
