@@ -609,3 +609,38 @@ def test_a_replay_without_reply_audio_leaves_an_existing_out_alone(tmp_path: Pat
     assert "no reply audio (reply.wav left as it was)" in r.stdout
     assert (tmp_path / "reply.wav").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.db", "quiet.wav", "reply.wav"]
+
+
+# -- the documents say what the code does (issue 17.12) ----------------------------------------
+
+
+def _readme_export_paragraph() -> str:
+    text = (ROOT / "README.md").read_text()
+    return " ".join(text.split("### `r2d2voice export`", 1)[1].split("###", 1)[0].split())
+
+
+def test_the_readme_names_every_export_column_and_role() -> None:
+    from r2d2voice.reports.export import COLUMNS
+
+    paragraph = _readme_export_paragraph()
+    listed = re.search(r"Rows stream in conversation order with `([^`]+)`", paragraph)
+    assert listed and tuple(listed.group(1).split(", ")) == COLUMNS
+    roles = next(p for p in main.commands["export"].params if p.name == "role")
+    assert f"`--role {'|'.join(roles.type.choices)}`" in paragraph  # type: ignore[attr-defined]
+
+
+def test_the_readme_tool_row_is_what_markdown_export_writes(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    db = tmp_path / "c.db"
+    at = datetime(2026, 11, 21, 9, 30, 5, tzinfo=timezone.utc)
+    with Store.open(db, now=lambda: at) as store:
+        sid = store.write.start_session(backend="local", model="local", voice=None)
+        store.write.record_tool_call(sid, call_id="c1", item_id="fc1", response_id="r1", seq=1,
+                                     name="turn_head", arguments='{\n  "degrees": -90\n}')
+        store.write.record_tool_result(sid, call_id="c1", status="ok", output="turned to -90",
+                                       exit_code=0, duration_ms=41)
+    r = run_cli("export", "--db", "c.db", "--format", "markdown", cwd=tmp_path)
+    [row] = [line for line in r.stdout.splitlines() if line.startswith("🔧")]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"`{row}`" in readme
