@@ -40,7 +40,7 @@ def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
-db_option = click.option("--db", default=None, callback=_not_empty,
+db_option = click.option("--db", metavar="PATH", default=None, callback=_not_empty,
                          help="Transcript database (default: R2D2_DB, then the state dir).")
 backend_option = click.option("--backend", type=click.Choice(["openai", "local", "azure"]),
                               default=None,
@@ -60,7 +60,7 @@ until_option = click.option("--until", default=None,
 session_option = click.option("--session", "sessions", multiple=True,
                               help="Only this session (repeatable).")
 fleet_db_option = click.option(
-    "--db", default=None, callback=_not_empty,
+    "--db", metavar="PATH|URL", default=None, callback=_not_empty,
     help="Transcript database, or a fleet server (postgresql://…; default: R2D2_DB).")
 device_option = click.option("--device", "devices", multiple=True,
                              help="Only this robot of a fleet database (repeatable).")
