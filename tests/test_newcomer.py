@@ -448,6 +448,22 @@ def test_a_reader_that_stops_early_is_a_normal_end(tmp_path: Path, fmt: str,
         assert (r.returncode, r.stderr) == (0, "")
 
 
+def test_a_replay_whose_reader_leaves_still_holds_and_stores_every_turn(
+    tmp_path: Path
+) -> None:
+    """``replay two_turns.wav | head -1``: the second turn is still answered and stored."""
+    command = (f"set -o pipefail; {shlex.quote(sys.executable)} -m r2d2voice replay "
+               f"{shlex.quote(str(SAMPLES / 'two_turns.wav'))} --backend local --db c.db "
+               "| head -1")
+    r = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=clean_env(HOME=str(tmp_path)),
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "you: (speech, 1.8 s)\n", "")
+    con = sqlite3.connect(tmp_path / "c.db")
+    assert con.execute("SELECT role FROM messages ORDER BY seq").fetchall() == [
+        ("user",), ("assistant",), ("user",), ("assistant",)]
+    con.close()
+
+
 @pytest.mark.parametrize("command", [["export", "--db", "c.db"], ["sessions", "--db", "c.db"],
                                      ["usage", "--db", "c.db", "--format", "json"], ["--help"]])
 def test_output_to_a_full_disk_is_one_line_exit_1(tmp_path: Path, command: list[str]) -> None:

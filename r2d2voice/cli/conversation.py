@@ -19,6 +19,7 @@ from r2d2voice.cli.options import (
     tools_option,
     url_option,
 )
+from r2d2voice.cli.output import keep_going_when_closed
 
 if TYPE_CHECKING:
     from r2d2voice.cli.main import Invocation
@@ -51,6 +52,7 @@ def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
     """Hold a conversation with FILE (any WAV) as the microphone; write the replies to --out."""
     settings = invocation.settings(db=db, backend=backend, tools=tools, listen=listen)
     robot_db(settings, "replay")
+    keep_going_when_closed()  # `replay x.wav | head -1`: every turn is still held and stored
     from r2d2voice.appliance.replay_file import replay_command
 
     replay_command(settings, file, out=out, speed=speed, timeout=timeout, url=url)
@@ -72,6 +74,7 @@ def run(invocation: Invocation, input_device: str | None, output_device: str | N
                                    output_device=output_device, output_latency=output_latency,
                                    duplex=duplex, tools=tools, listen=listen)
     robot_db(settings, "run")
+    keep_going_when_closed()
     from r2d2voice.appliance.service import run_command
 
     run_command(settings, url=url)

@@ -3,8 +3,10 @@ one-line error.
 
 :func:`guard_stdout` puts :class:`GuardedStdout` in ``sys.stdout`` for the command: a write or
 flush that fails for any reason but a closed pipe (``/dev/full``, an I/O error) raises
-:class:`OutputFailed` (exit 1) naming the reason; a closed pipe (``| head -1``) still raises
-``BrokenPipeError``, which :func:`quiet_stdout` turns into silence (exit 0).
+:class:`OutputFailed` (exit 1) naming the reason. A closed pipe (``| head -1``) raises
+``BrokenPipeError``, which the CLI turns into silence and exit 0: a report stops there. A
+command that holds a conversation calls :func:`keep_going_when_closed` first: its output then
+goes to /dev/null and the conversation goes on to its end, every turn stored.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 from r2d2voice.errors import RuntimeFailure
 
-__all__ = ["GuardedStdout", "OutputFailed", "guard_stdout", "quiet_stdout"]
+__all__ = ["GuardedStdout", "OutputFailed", "guard_stdout", "keep_going_when_closed",
+           "quiet_stdout"]
 
 
 class OutputFailed(RuntimeFailure):
@@ -23,28 +26,31 @@ class OutputFailed(RuntimeFailure):
 
 
 class GuardedStdout:
-    """``stream`` with its failed writes and flushes as :class:`OutputFailed`."""
+    """``stream`` with its failed writes and flushes as :class:`OutputFailed`; with
+    ``keep_going`` a closed pipe is written to /dev/null instead."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.keep_going = False
 
     def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise _failed(exc) from None
+        return self._guarded(self.stream.write, text)
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
             self.write(line)
 
     def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def _guarded(self, call: Any, *args: Any) -> Any:
         try:
-            self.stream.flush()
+            return call(*args)
         except BrokenPipeError:
-            raise
+            if not self.keep_going:
+                raise
+            quiet_stdout()  # the reader went away: the rest goes nowhere
+            return call(*args)
         except OSError as exc:
             raise _failed(exc) from None
 
@@ -55,6 +61,12 @@ class GuardedStdout:
 def _failed(exc: OSError) -> OutputFailed:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return OutputFailed(f"cannot write standard output: {reason[:1].lower()}{reason[1:]}")
+
+
+def keep_going_when_closed() -> None:
+    """A closed pipe on standard output no longer ends the command (a conversation goes on)."""
+    if isinstance(sys.stdout, GuardedStdout):
+        sys.stdout.keep_going = True
 
 
 def guard_stdout() -> None:
