@@ -132,6 +132,8 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     outcome = trio.run(main)
     console.finish()
     reply = f"{sink.samples_written / RATE:.1f} s of reply audio in {out}"
+    if sink.kept_existing:
+        reply = f"no reply audio ({out} left as it was)"
     if wake:
         print(_woken_summary(outcome, reply))
     else:
@@ -139,7 +141,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
         print(f"{turns} turn{'s' if turns != 1 else ''} answered, {reply}, "
               f"{outcome.wall_seconds:.1f} s wall time (session {outcome.session_id})")
     if source.truncated:
-        print(f"{file} is truncated or corrupt after {source.frames_read * 0.02:.1f} s: "
+        print(f"{file} is truncated or corrupt after {audio.seconds_decoded:.1f} s: "
               "what could be read was played", file=sys.stderr)
     elif wake and not outcome.conversations and stopper.reason is None:
         print(f"no wake word heard in {file} (R2D2_WAKE_WORD={settings.wake_word}): nothing "
