@@ -16,6 +16,7 @@ retried with backoff.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -30,19 +31,9 @@ from r2d2voice.link.transport import LinkClosed, Transport
 from r2d2voice.protocol.actions import Record
 from r2d2voice.protocol.core import End, EndReason
 from r2d2voice.realtime.client_events import (
-    AudioAppend,
     ClientEvent,
-    ItemCreateText,
-    SessionUpdate,
 )
 from r2d2voice.realtime.conversation import LocalProtocolError
-from r2d2voice.realtime.server_events import (
-    Ignored,
-    ProtocolError,
-    ServiceError,
-    SessionUpdated,
-    parse_event,
-)
 
 log = logging.getLogger("r2d2voice.link.connection")
 
@@ -92,7 +83,7 @@ class Connection:
     """Runs the tasks of one connection until it ends; see :meth:`run`."""
 
     def __init__(self, transport: Transport, state: LinkState, parts: LinkParts,
-                 session_id: str, *, context: list[tuple[str, str]], tools: ToolPorts) -> None:
+                 session_id: str, *, tools: ToolPorts) -> None:
         self.transport = transport
         self.state = state
         self.conv = state.conversation
@@ -100,7 +91,6 @@ class Connection:
         self.parts = parts
         self.policy = parts.policy
         self.session_id = session_id
-        self.context = context
         self.tools = tools
 
     async def run(self, feed: FrameFeed, audio: trio.MemorySendChannel[AudioChunk],
@@ -120,6 +110,7 @@ class Connection:
             nursery.start_soon(timers.give_up_transcripts, state, policy)
             nursery.start_soon(timers.hang_up, effects, self.finish)
             nursery.start_soon(timers.status, state, self.parts)
+            nursery.start_soon(timers.tick, state, effects)
         return self.conv.end or EndReason(End.DONE)
 
     async def finish(self, reason: EndReason) -> None:
@@ -128,22 +119,26 @@ class Connection:
         await self._close()
 
     async def _send(self, event: ClientEvent) -> None:
+        await self._wire(lambda: self.conv.send(event))
+
+    async def _wire(self, message: Callable[[], str]) -> None:
+        """Send what the core made of something; LinkClosed if the core says it is closed."""
         try:
-            message = self.conv.send(event)
+            text = message()
         except LocalProtocolError:
             raise LinkClosed("closed") from None
-        await self.transport.send(message)
+        await self.transport.send(text)
 
     # -- uplink ------------------------------------------------------------------------------
     async def _uplink(self, feed: FrameFeed,
                       control: trio.MemoryReceiveChannel[ClientEvent]) -> None:
         async with control, trio.open_nursery() as nursery:
             try:
-                await self._send(SessionUpdate(self.parts.config))
-                for role, text in self.context:
-                    await self._send(ItemCreateText(role, text))
-                if self.context:
-                    log.info("re-sent %d turns of context to the new session", len(self.context))
+                opening = self.conv.opening()
+                for message in opening:
+                    await self.transport.send(message)
+                if len(opening) > 1:
+                    log.info("re-sent %d turns of context to the new session", len(opening) - 1)
                 nursery.start_soon(self._forward, control)
                 await self._frames(feed)
                 if not self.state.stopping:
@@ -154,6 +149,9 @@ class Connection:
             nursery.cancel_scope.cancel()
         await self.finish(EndReason(End.DONE, "stopping" if self.state.stopping
                                     else "input ended"))
+
+    async def _audio(self, pcm: bytes) -> None:
+        await self._wire(lambda: self.conv.audio(pcm))
 
     async def _forward(self, control: trio.MemoryReceiveChannel[ClientEvent]) -> None:
         try:
@@ -168,10 +166,10 @@ class Connection:
         state = self.state
         if feed.preroll:
             preroll, feed.preroll = feed.preroll, []
-            await self._send(AudioAppend(b"".join(preroll)))
+            await self._audio(b"".join(preroll))
             state.stats.frames_sent += len(preroll)
         if feed.carry is not None:
-            await self._send(AudioAppend(feed.carry))
+            await self._audio(feed.carry)
             feed.carry = None
         while not feed.done:
             try:
@@ -193,7 +191,7 @@ class Connection:
             chunk = b"".join(out)
             sent = False
             try:
-                await self._send(AudioAppend(chunk))
+                await self._audio(chunk)
                 sent = True
             finally:  # the link died (or this connection was cancelled) with the chunk in hand
                 if sent:
@@ -257,25 +255,12 @@ class Connection:
             log.log(level, "connection to the Realtime service lost: %s", end.detail)
 
     async def _event(self, message: str | bytes, effects: Effects) -> None:
-        state, conv = self.state, self.conv
-        try:
-            event = parse_event(message)
-        except ProtocolError as exc:
-            state.stats.junk_messages += 1
-            log.debug("ignored: %s", exc)
-            return
-        if isinstance(event, Ignored):
-            log.debug("ignored event %s", event.type)
-            return
-        leftovers = conv.leftover_deltas
-        await effects.apply(conv.receive(event, trio.current_time()))
+        conv = self.conv
+        configured = conv.configured
+        await effects.apply(conv.receive(message, trio.current_time()))
         await effects.apply(effects.played_latencies())
-        state.stats.leftover_deltas += conv.leftover_deltas - leftovers
-        if isinstance(event, SessionUpdated) and self.parts.on_configured:
+        if conv.configured and not configured and self.parts.on_configured:
             self.parts.on_configured()
-        if isinstance(event, ServiceError) and event.benign:
-            state.stats.benign_errors += 1
-            log.info("service: %s (%s), going on", event.message, event.code)
 
     # -- tool results --------------------------------------------------------------------------
     async def _tool_results(self, effects: Effects) -> None:

@@ -23,6 +23,7 @@ from r2d2voice.protocol.actions import (
     BargeIn,
     CallTool,
     HangUp,
+    Notice,
     Play,
     Record,
     Send,
@@ -67,6 +68,8 @@ class Effects:
                 await self._call(action)
             elif isinstance(action, HangUp):
                 self.hang_up.set()
+            elif isinstance(action, Notice):
+                log.info("%s", action.text)
             else:
                 self._count(action)
                 await self.store(action)

@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from r2d2voice.link.state import Console, FrameSource, LinkPolicy, Quiet, SessionGate, Sessions
 from r2d2voice.link.tools import ToolCaller
 from r2d2voice.link.transport import Connector, Endpoint, open_realtime
+from r2d2voice.protocol.core import ProtocolCore
 from r2d2voice.realtime.client_events import SessionConfig
+from r2d2voice.realtime.conversation import Conversation
+
+#: makes the protocol core of one session: (the session's configuration, turns of context)
+CoreFactory = Callable[[SessionConfig, tuple[tuple[str, str], ...]], ProtocolCore]
 
 
 def _nothing(_busy: bool) -> None:
@@ -46,3 +51,8 @@ class LinkParts:
     #: the other parts' counters (capture drops, gated frames, underruns), as they are now;
     #: each session row stores its share
     counters: Callable[[], dict[str, int]] = _no_counters
+    #: the wire protocol (default: the GA Realtime core)
+    protocol: CoreFactory = Conversation
+
+    def new_core(self, context: list[tuple[str, str]]) -> ProtocolCore:
+        return self.protocol(self.config, tuple(context))

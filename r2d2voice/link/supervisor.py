@@ -30,7 +30,6 @@ from r2d2voice.link.tools import (
 )
 from r2d2voice.protocol.actions import Record
 from r2d2voice.protocol.core import End, EndReason
-from r2d2voice.realtime.conversation import Conversation
 
 log = logging.getLogger("r2d2voice.link.supervisor")
 
@@ -193,8 +192,7 @@ class Supervisor:
                     state.session_ids[self.chain_start:], self.policy.context_turns)
             session_id = await self.parts.sessions.begin(previous, ports.opening.metadata)
             state.session_ids.append(session_id)
-            state.conversation = Conversation(
-                interrupt_response=self.parts.config.interrupt_response)
+            state.conversation = core = self.parts.new_core(context)
             state.epoch += 1
             state.connected = True
             state.watch.changed()
@@ -212,14 +210,16 @@ class Supervisor:
                     state.stats.frames_dropped += dropped
                     log.info("dropped %d stale microphone frames after reconnecting", dropped)
             feed.preroll = preroll or []
-            connection = self._current = Connection(
-                transport, state, self.parts, session_id, context=context, tools=ports.tools)
+            connection = self._current = Connection(transport, state, self.parts, session_id,
+                                                    tools=ports.tools)
             try:
                 end = await connection.run(feed, ports.audio, ports.records)
             finally:
                 self._current = None
                 state.connected = False
                 state.watch.changed()
+                for key, value in core.statistics().items():  # the session's own counts
+                    setattr(state.stats, key, getattr(state.stats, key) + value)
                 self._counted = self._counters()
                 stats = _delta(self._counted, before)
                 with trio.move_on_after(END_DEADLINE) as scope:

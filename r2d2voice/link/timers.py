@@ -13,7 +13,6 @@ import trio
 from r2d2voice.link.state import LinkPolicy, LinkState
 from r2d2voice.link.transport import LinkClosed, Transport
 from r2d2voice.protocol.core import End, EndReason
-from r2d2voice.realtime.conversation import Turn
 
 if TYPE_CHECKING:
     from r2d2voice.link.effects import Effects
@@ -57,9 +56,9 @@ async def give_up_transcripts(state: LinkState, policy: LinkPolicy) -> None:
     done never comes: stop waiting for it (it must not hold up a replay's end or recycling)."""
     conv = state.conversation
     while True:
-        await state.watch.wait_for(lambda: conv.turn is Turn.TRANSCRIBING)
+        await state.watch.wait_for(lambda: conv.waiting_for_transcript)
         with trio.move_on_after(policy.transcript_wait) as waited:
-            await state.watch.wait_for(lambda: conv.turn is not Turn.TRANSCRIBING)
+            await state.watch.wait_for(lambda: not conv.waiting_for_transcript)
         if waited.cancelled_caught:
             items = conv.give_up_transcripts()
             log.warning("no transcript of %s within %.0f s: no longer waiting for it",
@@ -88,17 +87,16 @@ async def status(state: LinkState, parts: LinkParts) -> None:
         parts.busy(False)
 
 
+async def tick(state: LinkState, effects: Effects) -> None:
+    """Time passing, for a core that needs it (one whose pauses close utterances)."""
+    core = state.conversation
+    if core.tick_interval is None:
+        return
+    while True:
+        await trio.sleep(core.tick_interval)
+        await effects.apply(core.tick(trio.current_time()))
+
+
 def status_text(state: LinkState) -> str:
     """What the robot is doing, for ``systemctl status``."""
-    conv, queued = state.conversation, state.buffer.queued_samples() > 0
-    if conv.user_speaking:
-        return "listening (you are speaking)"
-    if conv.active_response and not queued:
-        return "thinking"
-    if queued or conv.active_response:
-        return "speaking"
-    if conv.turn is Turn.ACTING:
-        return "acting (" + ", ".join(conv.tools.running) + ")"
-    if conv.turn is Turn.RESPONDING:
-        return "thinking"
-    return "listening"
+    return state.conversation.status(state.buffer.queued_samples() > 0)
