@@ -23,9 +23,11 @@ from broker import PASSWORD, Broker, Subscriber
 from support import SAMPLES, clean_env
 
 from r2d2voice.appliance.body import RunCommands
-from r2d2voice.appliance.listening import WakeTrigger
+from r2d2voice.appliance.gate import AlwaysGate, WakeTrigger
+from r2d2voice.appliance.switch import ListeningSwitch
 from r2d2voice.appliance.tools.builtins import Volume
 from r2d2voice.errors import ConfigError
+from r2d2voice.link.state import Quiet
 from r2d2voice.system.events import Events
 from r2d2voice.system.mqtt import MqttBridge, discovery_configs, paho_client, parse_mqtt_url
 
@@ -86,7 +88,7 @@ def test_a_replay_in_the_home_discovery_states_utterances_and_a_clean_stop(
         out.splitlines()[:4]
     states = watcher.on(f"{BASE}/state")
     assert states[0] in ("starting", "listening")
-    turn = ["user_speaking", "listening", "thinking", "speaking", "listening"]
+    turn = ["user_speaking", "thinking", "speaking", "listening"]
     assert _contains_in_order(states, turn * 2), states
     assert all(a != b for a, b in itertools.pairwise(states))  # only changes
     watcher.close()
@@ -150,7 +152,8 @@ async def seen(watcher: Subscriber, predicate: Any, timeout: float = 20) -> None
 
 def control_in(tmp_path: Path) -> tuple[RunCommands, WakeTrigger]:
     trigger = WakeTrigger()
-    return RunCommands(Volume(tmp_path / "tool_state.json"), trigger.wake), trigger
+    switch = ListeningSwitch(AlwaysGate(live=True, vad=(0.5, 300, 500), console=Quiet()))
+    return RunCommands(Volume(tmp_path / "tool_state.json"), trigger.wake, switch), trigger
 
 
 async def test_states_and_utterances_go_out_in_order_and_exactly(tmp_path: Path,
@@ -178,14 +181,21 @@ async def test_commands_on_the_set_topics_are_applied(tmp_path: Path, broker: Br
     async with bridged(broker, Events(), control):
         await seen(watcher, lambda m: len(m) == 2)  # volume 100, listening ON
         for topic, payload in (("volume/set", "loud"), ("volume/set", "25.0"),
-                               ("listening/set", "OFF"), ("wake/set", "PRESS")):
+                               ("wake/set", "PRESS")):
             await trio.to_thread.run_sync(watcher.publish, f"{BASE}/{topic}", payload)
-        await seen(watcher, lambda m: len(m) == 4)
         await until(lambda: trigger.pending)
-    assert watcher.on(f"{BASE}/volume") == ["100", "25"]
+        assert trigger.take()
+        # switched off, a wake does nothing (commands are applied in order: the volume after
+        # it says it was)
+        for topic, payload in (("listening/set", "OFF"), ("wake/set", "PRESS"),
+                               ("volume/set", "30")):
+            await trio.to_thread.run_sync(watcher.publish, f"{BASE}/{topic}", payload)
+        await seen(watcher, lambda m: len(m) == 5)
+        assert not trigger.pending
+    assert watcher.on(f"{BASE}/volume") == ["100", "25", "30"]
     assert watcher.on(f"{BASE}/listening") == ["ON", "OFF"]
-    assert control.volume == 25 and not control.listening
-    assert json.loads((tmp_path / "tool_state.json").read_text()) == {"volume_percent": 25}
+    assert control.volume == 30 and not control.listening
+    assert json.loads((tmp_path / "tool_state.json").read_text()) == {"volume_percent": 30}
     watcher.close()
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
+from r2d2voice.link.moments import Moments
 from r2d2voice.protocol.actions import CallTool, Record
 from r2d2voice.protocol.tool_records import StoreToolResult
 
@@ -62,9 +63,12 @@ class ToolRunner:
     """Starts a task per call; ``records`` (borrowed) takes the results nobody can deliver."""
 
     def __init__(self, caller: ToolCaller,
-                 records: trio.MemorySendChannel[tuple[str, Record]]) -> None:
+                 records: trio.MemorySendChannel[tuple[str, Record]],
+                 moments: Moments | None = None) -> None:
         self.caller = caller
         self.records = records
+        #: ``tool_started`` / ``tool_finished {name, status}`` go to the event stream
+        self.moments = moments or Moments()
 
     async def run(self, calls: trio.MemoryReceiveChannel[ToolJob],
                   results: trio.MemorySendChannel[ToolDone]) -> None:
@@ -81,7 +85,9 @@ class ToolRunner:
             result: StoreToolResult | None = None
             delivered = False
             try:
+                self.moments.emit("tool_started", name=job.call.name)
                 result = await self.caller(job.call, end_conversation)
+                self.moments.emit("tool_finished", name=job.call.name, status=result.status)
                 await results.send(ToolDone(job, result))
                 delivered = True
             except trio.BrokenResourceError:  # the link is gone

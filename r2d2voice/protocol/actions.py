@@ -30,9 +30,25 @@ class Play:
 @dataclass(frozen=True, slots=True)
 class BargeIn:
     """The user started speaking: stop the speaker now and report what was played with
-    :meth:`Conversation.interrupted`."""
+    :meth:`Conversation.interrupted` (the ``user_speaking`` moment, too)."""
 
     user_item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserStopped:
+    """The service heard the person stop speaking (``user_stopped``); their turn is to be
+    answered."""
+
+    user_item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AudioDone:
+    """No more audio of reply ``item_id`` will come: its response is over (completed, cut or
+    failed) or the connection is gone. What is queued of it still plays."""
+
+    item_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +73,14 @@ class CallTool:
 class HangUp:
     """The robot said goodbye (``end_conversation``): close this session once the speaker has
     played it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something worth a line in the log that is neither stored nor an error (the service's
+    ordinary races)."""
+
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,4 +139,4 @@ Record = (
     StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreLatency | StoreError
     | StoreToolCall | StoreToolResult
 )
-Action = Play | BargeIn | Send | CallTool | HangUp | Record
+Action = Play | BargeIn | UserStopped | AudioDone | Send | CallTool | HangUp | Notice | Record

@@ -179,6 +179,11 @@ class Events:
         """Hand ``name`` with ``fields`` to its followers; never blocks, never raises. From a
         thread other than the run's, the moment is stamped here and delivered by the run's
         loop."""
+        self.emit_for(self.session_id, name, **fields)
+
+    def emit_for(self, session_id: str | None, name: str, /, **fields: Any) -> None:
+        """:meth:`emit`, of service session ``session_id`` (a reply that plays on after its
+        session ended is still its session's)."""
         try:
             if self.closed or (name == LEVEL and not self._levels) or not self._subscribers:
                 return
@@ -187,7 +192,7 @@ class Events:
             if not self._valid(name, fields):
                 return
             data = {"event": name, "t": self.wall(), "mono": round(self.clock(), 3),
-                    "session_id": self.session_id, **fields}
+                    "session_id": session_id, **fields}
             if self._thread is None or threading.get_ident() == self._thread:
                 self._deliver(data)
             elif self._token is not None:

@@ -1,14 +1,16 @@
 """The robot in the home: its events on MQTT, with Home Assistant discovery, and commands back.
 
 ``R2D2_MQTT_URL=mqtt://[user:pass@]host[:port]`` (``mqtts://`` for TLS, checked against the
-system's certificate authorities; ports 1883 / 8883 by default). The password is never logged.
+system's certificate authorities or those of ``R2D2_MQTT_CA``; ports 1883 / 8883 by default).
+The password is never logged.
 For ``R2D2_DEVICE_ID`` (default: the hostname), under ``r2d2voice/<device_id>/``:
 
 ==========================  =======================================================  ======
 topic                       what                                                     retain
 ==========================  =======================================================  ======
 ``availability``            ``online``; ``offline`` at a clean stop and as the will  yes
-``state``                   listening, waiting_for_wake, user_speaking, thinking, …  yes
+``state``                   listening, waiting_for_wake, user_speaking, thinking,    yes
+                            speaking; ``off`` while the listening switch is off
 ``transcript``              each utterance, ``{"role": …, "text": …}`` (not in        no
                             privacy mode)
 ``volume``, ``listening``   the volume (0..100) and the listening switch (ON/OFF)     yes
@@ -31,6 +33,7 @@ not published except as the state it leaves.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -60,6 +63,8 @@ EVENTS_BOUND = 64
 COMMANDS_BOUND = 16
 #: at a clean stop, ``offline`` and the DISCONNECT have this long
 CLOSE_S = 1.0
+#: the state while the listening switch is off
+OFF = "off"
 #: Home Assistant shows at most 255 characters as a sensor's state
 _HA_STATE_MAX = 255
 _FOLLOWED = (*STATES, "transcript", "spoken", "budget", "conversation_ended")
@@ -174,12 +179,13 @@ class MqttBridge:
 
     def __init__(self, target: MqttTarget, device_id: str, hub: Events, control: RunControl,
                  *, prefix: str = "homeassistant", rng: random.Random | None = None,
-                 make_client: Callable[[MqttTarget, str], Any] | None = None) -> None:
+                 make_client: Callable[[MqttTarget, str], Any] | None = None,
+                 ca_certs: str | None = None) -> None:
         self.target, self.device_id, self.hub, self.control = target, device_id, hub, control
         self.prefix = prefix
         self.base = f"r2d2voice/{device_id}"
         self.rng = rng or random.Random()
-        self.make_client = make_client or paho_client
+        self.make_client = make_client or functools.partial(paho_client, ca_certs=ca_certs)
         self.state = "starting"
         self.cost: float | None = None
         self.connections = 0
@@ -345,14 +351,19 @@ class MqttBridge:
             log.info("MQTT: listening %s", value.upper())
             self._publish(f"{self.base}/listening", "ON" if control.listening else "OFF",
                           retain=True)
+            if not control.listening and self.state != OFF:
+                self.state = OFF  # until the gate lets a conversation happen again
+                self._publish(f"{self.base}/state", OFF, retain=True)
         elif what == "cost":
             self._set_cost(await control.cost_today())
         else:
             log.debug("MQTT: unknown command topic %s/%s/set", self.base, what)
 
 
-def paho_client(target: MqttTarget, device_id: str) -> Any:
-    """paho's client for ``target``: MQTT 3.1.1, the will set (``offline``, retained)."""
+def paho_client(target: MqttTarget, device_id: str, *, ca_certs: str | None = None) -> Any:
+    """paho's client for ``target``: MQTT 3.1.1, the will set (``offline``, retained); with
+    TLS the broker's certificate and name are checked against ``ca_certs`` (None: the
+    system's certificate authorities)."""
     from paho.mqtt import client as paho
 
     client = paho.Client(paho.CallbackAPIVersion.VERSION2,
@@ -360,6 +371,6 @@ def paho_client(target: MqttTarget, device_id: str) -> Any:
     if target.username is not None:
         client.username_pw_set(target.username, target.password)
     if target.tls:
-        client.tls_set()
+        client.tls_set(ca_certs=ca_certs)
     client.will_set(f"r2d2voice/{device_id}/availability", "offline", qos=1, retain=True)
     return client

@@ -83,6 +83,8 @@ class Link:
             if left is not None:  # this client is done with: close what paho still holds
                 trio.lowlevel.notify_closing(left)
                 left.close()
+            # paho closes its socket again when the client is collected, outside trio
+            client.on_socket_close = None
         return self.why or "connection closed"
 
     def publish(self, topic: str, payload: str | bytes, *, retain: bool = False,

@@ -17,7 +17,6 @@ from r2d2voice.appliance.tools import arguments
 from r2d2voice.appliance.tools.builtins import BUILTINS, END_OUTPUT, Volume, time_report
 from r2d2voice.appliance.tools.config import CommandSpec, read_tools_file
 from r2d2voice.appliance.tools.process import OUTPUT_CAP, run_command
-from r2d2voice.system import events
 
 log = logging.getLogger("r2d2voice.appliance.tools")
 
@@ -94,9 +93,7 @@ class Toolbox:
         ``rejected`` (nothing ran), a failing one ``error``, a slow one ``timeout``. Only this
         call's own timeout ends it; cancelling the caller still ends its process group."""
         start = trio.current_time()
-        events.emit("tool_started", name=name)
         result = await self._call(name, arguments_json, context)
-        events.emit("tool_finished", name=name, status=result.status)
         result = ToolResult(result.status, result.output, result.exit_code,
                             round((trio.current_time() - start) * 1000))
         level = logging.INFO if result.status == "ok" else logging.WARNING

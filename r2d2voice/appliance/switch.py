@@ -1,0 +1,104 @@
+"""The listening switch (MQTT's ``…/listening/set``, Home Assistant's switch): a session gate
+policy wrapped around the run's gate (``gate.py``).
+
+Off: no session, and the microphone goes nowhere — not to the service, not even to the wake
+word detector or the dormant VAD (their frames are dropped at the gate). A conversation in
+progress when it is switched off ends at once (``conversation_ended {reason: "listening
+off"}``). On again: the inner gate decides as before (always listening opens a session at
+once; the wake gate waits for the word). It starts on; the run does not keep it across
+restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import trio
+
+from r2d2voice.appliance.chain import Router
+from r2d2voice.link.state import Opening, SessionGate
+from r2d2voice.protocol.core import EndReason
+
+log = logging.getLogger("r2d2voice.appliance.switch")
+
+#: why a conversation ended when the switch went off
+LISTENING_OFF = "listening off"
+
+
+class Gate(SessionGate, Router, Protocol):
+    """A session gate as the supervisor and the microphone chain see it."""
+
+
+class ListeningSwitch:
+    """``inner`` while on; nothing while off (see the module docstring). ``set(on)`` from the
+    run's thread."""
+
+    def __init__(self, inner: Gate, *, on: bool = True) -> None:
+        self.inner = inner
+        self.on = on
+        self._changed = trio.Event()
+        self._input_ended = False
+
+    def set(self, on: bool) -> None:
+        if on != self.on:
+            self.on = on
+            log.info("listening switched %s", "on" if on else "off: no session, the "
+                     "microphone goes nowhere")
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def _until(self, on: bool) -> None:
+        while self.on != on and not self._input_ended:
+            await self._changed.wait()
+
+    # -- the chain ---------------------------------------------------------------------------
+    @property
+    def conversing(self) -> bool:
+        return self.inner.conversing
+
+    def route(self, frame: bytes, passed: list[bytes], index: int) -> list[bytes]:
+        if not self.on:
+            return []
+        return self.inner.route(frame, passed, index)
+
+    def input_ended(self) -> None:
+        self._input_ended = True
+        self._changed.set()
+        self.inner.input_ended()
+
+    # -- the supervisor ----------------------------------------------------------------------
+    async def wait_open(self) -> Opening | None:
+        await self._until(True)
+        if self._input_ended and not self.on:
+            return None
+        return await self.inner.wait_open()
+
+    def take_preroll(self) -> list[bytes] | None:
+        return self.inner.take_preroll()
+
+    async def wait_close(self) -> str:
+        """The inner gate's reason, or :data:`LISTENING_OFF` if the switch goes off first."""
+        closed: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def inner() -> None:
+                closed.append(await self.inner.wait_close())
+                nursery.cancel_scope.cancel()
+
+            async def switched_off() -> None:
+                await self._until(False)
+                if not self.on:
+                    closed.append(LISTENING_OFF)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(inner)
+            nursery.start_soon(switched_off)
+        return closed[0]
+
+    def ended(self, reason: EndReason) -> bool:
+        goes_on = self.inner.ended(reason)
+        return goes_on and self.on
+
+    async def over(self, session_ids: list[str]) -> None:
+        await self.inner.over(session_ids)
