@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
-from support import espeak_pcm, local_backend, silence
+from support import espeak_pcm, load_audio, local_backend, silence, speech_frames
 
 from r2d2voice.appliance.compose import Outcome, RunOptions, hold
 from r2d2voice.appliance.context import Stopper
@@ -29,9 +29,7 @@ from r2d2voice.appliance.sinks import WavSink
 from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.appliance.tools import Toolbox
 from r2d2voice.audio import earcons
-from r2d2voice.audio.files import load_audio
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
-from r2d2voice.audio.wake import speech_frames
 from r2d2voice.link.transport import Endpoint, Transport, open_realtime
 from r2d2voice.localbackend.script import Script, ScriptTurn
 from r2d2voice.system.config import Settings

@@ -36,7 +36,7 @@ from r2d2voice.storage.timestamps import format_ts, utc_now
 
 __all__ = ["DEFAULT_BATCH", "ShipReport", "Shipper", "ship_once"]
 
-log = logging.getLogger("r2d2voice.storage.shipping")
+log = logging.getLogger("r2d2voice.storage.shipping.shipper")
 
 #: Rows per batch (one server transaction, one watermark step).
 DEFAULT_BATCH = 5000
