@@ -31,11 +31,11 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
 from r2d2voice.storage.memory_schema import FACT_SOURCES, MAX_FACT_CHARS
-from r2d2voice.storage.timestamps import format_ts, parse_ts
+from r2d2voice.storage.timestamps import format_ts, local_date, parse_ts
 
 __all__ = [
     "CANDIDATES",
@@ -48,11 +48,15 @@ __all__ = [
     "Passage",
     "Recollection",
     "TooBroad",
+    "facts_json",
     "forget",
     "iter_facts",
     "last_talked",
+    "passages_json",
     "query_terms",
+    "query_words",
     "recall",
+    "recency",
     "remember",
 ]
 
@@ -118,13 +122,17 @@ class TooBroad(ValueError):
     """A ``forget`` that would take out more than it may; nothing was forgotten."""
 
 
-def query_terms(query: str) -> list[str]:
-    """The words of ``query`` (``\\w+``, first :data:`MAX_TERMS` distinct ones), each quoted
-    as an FTS5 string."""
+def query_words(query: str) -> list[str]:
+    """The words of ``query`` (``\\w+``, the first :data:`MAX_TERMS` distinct ones)."""
     seen: dict[str, str] = {}
     for word in _WORD.findall(unicodedata.normalize("NFC", query)):
-        seen.setdefault(word.casefold(), f'"{word}"')
+        seen.setdefault(word.casefold(), word)
     return list(seen.values())[:MAX_TERMS]
+
+
+def query_terms(query: str) -> list[str]:
+    """:func:`query_words`, each quoted as an FTS5 string (``\\w+`` holds no quote)."""
+    return [f'"{word}"' for word in query_words(query)]
 
 
 def _any_of(terms: Sequence[str]) -> str:
@@ -145,6 +153,19 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def facts_json(facts: list[Fact], tz: tzinfo | None) -> list[dict[str, Any]]:
+    """Facts as the memory tools and ``memory search --format json`` show them (``tz``: the
+    zone of their days; None: the local one)."""
+    return [{"id": f.id, "day": local_date(f.created_at, tz).isoformat(), "fact": f.text}
+            for f in facts]
+
+
+def passages_json(passages: list[Passage], tz: tzinfo | None) -> list[dict[str, Any]]:
+    """Passages of past conversations as the tools show them."""
+    return [{"day": local_date(p.created_at, tz).isoformat(), "who": p.role, "words": p.words}
+            for p in passages]
 
 
 # -- remember ---------------------------------------------------------------------------------
