@@ -28,7 +28,7 @@ import sqlite3
 from collections.abc import Callable
 
 from r2d2voice.errors import UsageError
-from r2d2voice.storage.health import StoreUnavailable, is_transient
+from r2d2voice.storage.health import StoreUnavailable, is_not_a_database, is_transient
 from r2d2voice.storage.memory_schema import MEMORY_TABLES, migrate_memory
 from r2d2voice.storage.shipping.local import migrate_record_ship_log, migrate_ship_log
 
@@ -258,6 +258,8 @@ def prepare(conn: sqlite3.Connection, path: str, *, readonly: bool) -> None:
             return
         _create_or_migrate(conn)
     except sqlite3.DatabaseError as exc:
+        if is_not_a_database(exc):  # SQLite read the header: not an SQLite file at all
+            raise foreign from None
         if not readonly and is_transient(exc):
             raise StoreUnavailable(f"cannot open database {path}: {exc}") from exc
         raise UsageError(f"{path} is not a usable r2d2voice database: {exc}") from exc
