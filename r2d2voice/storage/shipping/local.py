@@ -134,6 +134,9 @@ def migrate_ship_log(conn: sqlite3.Connection,
             conn.execute(f"SELECT {key} FROM {table} LIMIT 0")
     for stmt in _statements(SHIP_STATE_SCHEMA + "".join(_log_ddl(t) for t in tables)):
         conn.execute(stmt)
+    # a robot that ships already: the new tables' watermarks start at 0 (arming sets them all)
+    conn.executemany("INSERT OR IGNORE INTO ship_state (table_name, shipped_seq)"
+                     " SELECT ?, 0 FROM ship_target", [(t,) for t in tables])
 
 
 def migrate_record_ship_log(conn: sqlite3.Connection) -> None:
