@@ -277,11 +277,13 @@ def test_results_are_bounded_and_long_messages_come_as_a_snippet(
 def test_words_too_common_to_rank_leave_the_rare_ones_or_the_newest(
         store: Store, clock: SteppedClock, monkeypatch: pytest.MonkeyPatch) -> None:
     """bm25 visits every match: words with more matches than the bound are left out of the
-    ranking; if all are that common, the newest messages holding them all come back."""
+    ranking; if all are that common, the newest messages holding any of them are ranked by the
+    share of the words they hold, and recency."""
     monkeypatch.setattr(memory, "RANKED_DOCS", 10)
     for i in range(30):
         talk(store, clock, f"what a day {i}", days_ago=60 - i)
     talk(store, clock, "what a day for the zeppelin", days_ago=45)
+    talk(store, clock, "what now", days_ago=0.5)  # the newest, with one of the two words
     assert words(recall(store.conn, "what day zeppelin", now=NOW)) == [
         "what a day for the zeppelin"]
     newest = words(recall(store.conn, "what day", now=NOW))

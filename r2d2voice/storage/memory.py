@@ -14,10 +14,12 @@ clearly better old one still wins. Facts and passages are ranked apart and retur
 **Bounded work.** bm25 costs a visit to every matching message, so a recall over a million
 messages ranks at most :data:`RANKED_DOCS` of them: each word's matches are counted up to that
 bound first and the rarest words are kept while their matches fit (a word said in most
-conversations — "the", "what" — tells nothing anyway). When every word is that common, the
-newest messages with all of them are the candidates, by recency alone. Candidates are the
-:data:`CANDIDATES` best by bm25 and the :data:`CANDIDATES` newest; results are bounded in count
-and length (long messages come as a snippet around the match).
+conversations — "the", "what" — tells nothing anyway). The candidates are then the
+:data:`CANDIDATES` best by bm25 and the :data:`CANDIDATES` newest. When every word is that
+common, they are the :data:`COMMON_CANDIDATES` newest messages holding any of them, each as
+relevant as the share of the words it holds (an intersection of common words can cost a scan of
+the whole index: not done). Results are bounded in count and length (long messages come as a
+snippet around the match).
 
 Order comes from row ids (insertion order), never from the wall clock; wall-clock labels only
 give a match its day and its age.
@@ -66,6 +68,8 @@ MAX_TERMS = 8
 RANKED_DOCS = 8000
 #: candidates of each kind: this many best by bm25, and this many newest
 CANDIDATES = 32
+#: candidates when every word is too common to rank: the newest holding any of them
+COMMON_CANDIDATES = 128
 #: days after which a match's recency bonus has halved
 HALF_LIFE_DAYS = 30.0
 #: a match from now counts (1 + this) times one from long ago
@@ -292,16 +296,23 @@ def _passage_candidates(conn: sqlite3.Connection, terms: Sequence[str]) -> list[
         for sql in (_BEST, _NEWEST.format(relevance="-bm25(messages_fts)")):
             for rowid, rel, snippet in conn.execute(sql, (_SNIPPET_TOKENS, match, CANDIDATES)):
                 found[rowid] = (rel, snippet)
-    else:  # every word is common: the newest messages with all of them (else any), by recency
+    elif any(counts.values()):  # every word is common: the newest messages with any of them
         present = [t for t in terms if counts[t]]
-        newest = _NEWEST.format(relevance="1.0")
-        for match in (_all_of(present), _any_of(present)) if present else ():
-            for rowid, rel, snippet in conn.execute(newest, (_SNIPPET_TOKENS, match,
-                                                             CANDIDATES)):
-                found[rowid] = (rel, snippet)
-            if found:
-                break
+        wanted = {w for t in present for w in _folded(t)}
+        for rowid, _, snippet in conn.execute(_NEWEST.format(relevance="0"), (
+                _SNIPPET_TOKENS, _any_of(present), COMMON_CANDIDATES)):
+            found[rowid] = (0.0, snippet)
+        # relevance: the share of the words each holds (as the index folds them)
+        return [(i, len(wanted & _folded(p.words)) / len(wanted), at, p)
+                for i, _, at, p in _passages(conn, found)]
     return _passages(conn, found)
+
+
+def _folded(text: str) -> set[str]:
+    """The words of ``text`` as the index sees them: case and diacritics removed."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text)
+                    if not unicodedata.combining(c))
+    return {w.casefold() for w in _WORD.findall(plain)}
 
 
 def _matches(conn: sqlite3.Connection, term: str, bound: int) -> int:
