@@ -16,7 +16,14 @@ from shipping_support import local_rows, server_rows
 from r2d2voice.cli.main import main
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.memory import remember
+from r2d2voice.storage.shipping.server_schema import (
+    MIGRATIONS,
+    SERVER_SCHEMA_VERSION,
+    migrate,
+    server_version,
+)
 from r2d2voice.storage.shipping.shipper import ship_once
+from r2d2voice.storage.shipping.url import parse_fleet_url
 
 NOW = datetime.now(timezone.utc)
 
@@ -170,3 +177,30 @@ def test_facts_and_forgetting_ship_and_the_fleet_is_searched_per_robot(
     result = cli(tmp_path, "memory", "list", "--db", url, "--device", "attic")
     assert result.exit_code == 2
     assert error(result).startswith("--device: no robot 'attic' on ")
+
+
+def test_a_v2_fleet_server_gains_the_memory_and_finds_what_it_held(
+        pg_server: PgServer, db: str, url: str, tmp_path: Path) -> None:
+    with pg_server.connect(db) as conn:
+        assert migrate(conn, parse_fleet_url(url),
+                       migrations={0: MIGRATIONS[0], 1: MIGRATIONS[1]}) == 2
+        conn.execute("INSERT INTO sessions (device_id, id, seq, started_at, backend, model)"
+                     " VALUES ('hall', 'S1', 1, now(), 'openai', 'gpt')")
+        conn.execute("INSERT INTO messages (device_id, session_id, seq, role, text, created_at,"
+                     " item_id) VALUES ('hall', 'S1', 1, 'user', 'the piano needs tuning',"
+                     " now(), 'u1')")
+        conn.commit()
+    # reading migrates it forward (v3: facts, recall exclusions, the text search index)
+    found = json.loads(ok(tmp_path, "memory", "search", "piano", "--db", url,
+                          "--format", "json"))
+    assert [c["words"] for c in found["conversations"]] == ["the piano needs tuning"]
+    with pg_server.connect(db) as conn:
+        assert server_version(conn) == SERVER_SCHEMA_VERSION == 3
+        assert conn.execute("SELECT to_regclass('messages_text_search')::text").fetchone() == (
+            "messages_text_search",)
+    kitchen = tmp_path / "kitchen.db"
+    robot(kitchen, "hello")
+    with Store.open(kitchen) as s:
+        remember(s.conn, "The piano is in the hall.", source="owner", now=NOW)
+    assert ship_once(kitchen, url, "kitchen").rows["facts"] == 1
+    assert "The piano is in the hall." in ok(tmp_path, "memory", "list", "--db", url)
