@@ -171,9 +171,10 @@ def test_facts_and_forgetting_ship_and_the_fleet_is_searched_per_robot(
     assert (report.rows["facts"], report.rows["recall_exclusions"]) == (1, 2)
     assert server_rows(pg_server, db, "kitchen") == local_rows(kitchen)
     after = ok(tmp_path, "memory", "search", "kettle", "--db", url).splitlines()
-    assert after == ["facts:", f"  hall  #1  {day}  The hall has a kettle.", "conversations:",
-                     f"  hall  {day}  user       The kettle in the hall is new",
-                     f"  hall  {day}  assistant  Lovely kettle"]
+    assert after[:3] == ["facts:", f"  hall  #1  {day}  The hall has a kettle.",
+                         "conversations:"]
+    assert sorted(after[3:]) == [f"  hall  {day}  assistant  Lovely kettle",  # equally good
+                                 f"  hall  {day}  user       The kettle in the hall is new"]
     result = cli(tmp_path, "memory", "list", "--db", url, "--device", "attic")
     assert result.exit_code == 2
     assert error(result).startswith("--device: no robot 'attic' on ")
