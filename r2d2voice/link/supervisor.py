@@ -200,7 +200,7 @@ class Supervisor:
                     state.session_ids[self.chain_start:], self.policy.context_turns)
             session_id = await self.parts.sessions.begin(previous, ports.opening.metadata)
             state.session_ids.append(session_id)
-            state.conversation = core = self.parts.new_core(context)
+            state.conversation = core = await self.parts.new_core(context)
             state.epoch += 1
             state.connected = True
             state.watch.changed()
