@@ -183,7 +183,7 @@ async def hold(settings: Settings, source: Source, sink: Sink,
     hub = options.events or Events(privacy=not settings.store_text)
     gate = _gate(settings, source, options, hub)
     # a remote may switch listening off: the gate's own policy
-    switch = ListeningSwitch(gate) if body.remote else None
+    switch = ListeningSwitch(gate, trigger=options.trigger) if body.remote else None
     commands = RunCommands(toolbox.volume if toolbox else Volume(None),
                            _on_wake(options), switch, settings)
     result: RunResult | None = None

@@ -50,7 +50,7 @@ from r2d2voice.appliance.sources import FileSource
 from r2d2voice.appliance.tools import Toolbox, ToolContext
 from r2d2voice.audio.earcons import earcon_chunk
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
-from r2d2voice.link.moments import Moments, follow_level
+from r2d2voice.link.moments import Moments
 from r2d2voice.link.parts import LinkParts
 from r2d2voice.link.state import LinkState, Statistics
 from r2d2voice.link.supervisor import Supervisor
@@ -154,7 +154,7 @@ async def run_pipeline(run: Run) -> RunResult:
     turns = None if wake is not None else TurnGate(state)
     link = Supervisor(parts, state)
     stop_playout = state.follow_playout()
-    stop_level = follow_level(buffer, parts.events)
+    stop_level = state.moments.follow_level(buffer)
     try:
         async with trio.open_nursery() as outer:
             recorder = _Recorder(run.record)

@@ -5,8 +5,8 @@ Off: no session, and the microphone goes nowhere — not to the service, not eve
 word detector or the dormant VAD (their frames are dropped at the gate). A conversation in
 progress when it is switched off ends at once (``conversation_ended {reason: "listening
 off"}``). On again: the inner gate decides as before (always listening opens a session at
-once; the wake gate waits for the word). It starts on; the run does not keep it across
-restarts.
+once; the wake gate waits for the word; a wake from outside while off is dropped). It starts
+on; the run does not keep it across restarts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Protocol
 import trio
 
 from r2d2voice.appliance.chain import Router
+from r2d2voice.appliance.gate import WakeTrigger
 from r2d2voice.link.state import Opening, SessionGate
 from r2d2voice.protocol.core import EndReason
 
@@ -34,9 +35,12 @@ class ListeningSwitch:
     """``inner`` while on; nothing while off (see the module docstring). ``set(on)`` from the
     run's thread."""
 
-    def __init__(self, inner: Gate, *, on: bool = True) -> None:
+    def __init__(self, inner: Gate, *, on: bool = True,
+                 trigger: WakeTrigger | None = None) -> None:
         self.inner = inner
         self.on = on
+        #: external wakes (``r2d2voice wake``) while off are dropped, not kept for later
+        self.trigger = trigger
         self._changed = trio.Event()
         self._input_ended = False
 
@@ -59,6 +63,8 @@ class ListeningSwitch:
 
     def route(self, frame: bytes, passed: list[bytes], index: int) -> list[bytes]:
         if not self.on:
+            if self.trigger is not None and self.trigger.take():
+                log.info("wake: ignored, listening is switched off")
             return []
         return self.inner.route(frame, passed, index)
 

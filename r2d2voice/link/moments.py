@@ -8,7 +8,7 @@ configured and whenever the robot is done answering (nothing open, nothing left 
 
 The speaker's come from the playout buffer, which wakes the link's watch when an item's first
 sample is handed out and when it drains: ``speaking {item_id}`` at a reply's first sample,
-``level {rms}`` about 20 times a second while audio is handed out (:func:`follow_level`),
+``level {rms}`` about 20 times a second while audio is handed out (:meth:`Moments.follow_level`),
 ``spoken {item_id, interrupted, played_ms}`` once no more of it comes (:class:`AudioDone`, a
 barge-in, the connection's end) and none of it is left to play. A reply that never reached the
 speaker (cut before it played, or the speaker missing) is neither. ``interrupted``: the
@@ -20,10 +20,14 @@ connection (the last reply may still be playing when it closes).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import trio
 
 from r2d2voice.audio.level import LevelMeter
 from r2d2voice.audio.pcm import RATE
@@ -66,8 +70,18 @@ class Moments:
 
     # -- the turn ----------------------------------------------------------------------------
     def _turn(self, name: str) -> None:
-        self.last = name
-        self.emit(name)
+        if name != self.last:  # the same state again says nothing new
+            self.last = name
+            self.emit(name)
+
+    def conversation_started(self) -> None:
+        self.last = ""  # the gate may have said something meanwhile (waiting_for_wake)
+        self.emit("conversation_started")
+
+    def conversation_ended(self, reason: str) -> None:
+        self.last = ""
+        self.emit("conversation_ended", reason=reason)
+        self.session(None)
 
     def configured(self) -> None:
         """The service accepted the session: it hears the person now."""
@@ -114,12 +128,9 @@ class Moments:
     def check(self, buffer: PlayoutBuffer, core: ProtocolCore | None) -> None:
         """Say what the speaker did since the last look (``speaking``, ``spoken``), and
         ``listening`` / ``thinking`` once the robot has stopped speaking."""
+        self._started(buffer)
         spoke = False
         for item_id, reply in list(self._replies.items()):
-            if not reply.started and buffer.first_played_at(item_id) is not None:
-                reply.started = True
-                self.last = "speaking"
-                self.events.emit_for(reply.session_id, "speaking", item_id=item_id)
             # over, all of it in the buffer's hands (it counts what it received, even what it
             # dropped), and none of it queued: the speaker is done with it
             if (reply.over and buffer.received_samples(item_id) >= reply.sent
@@ -141,6 +152,36 @@ class Moments:
         elif spoke and not self._replies and not core.user_speaking:
             self._turn("thinking")  # a reply (or a tool) is still being made
 
+    def _started(self, buffer: PlayoutBuffer) -> None:
+        """``speaking`` for each reply whose first sample is out by now."""
+        for item_id, reply in self._replies.items():
+            if not reply.started and buffer.first_played_at(item_id) is not None:
+                reply.started = True
+                self.last = "speaking"
+                self.events.emit_for(reply.session_id, "speaking", item_id=item_id)
+
+    def follow_level(self, buffer: PlayoutBuffer) -> Callable[[], None]:
+        """``level`` events of what ``buffer`` hands the speaker, measured only while someone
+        follows them (from the run's thread: a reply's ``speaking`` always comes before its
+        first level); returns what stops it."""
+        token = trio.lowlevel.current_trio_token()
+        run_thread = threading.get_ident()
+
+        def level(rms: float) -> None:
+            self._started(buffer)
+            self.emit(LEVEL, rms=rms)
+
+        def measured(rms: float) -> None:  # on the speaker's thread
+            if threading.get_ident() == run_thread:
+                level(rms)
+            else:
+                with suppress(trio.RunFinishedError):
+                    token.run_sync_soon(level, rms)
+
+        meter = LevelMeter(measured, lambda: self.events.wants(LEVEL))
+        buffer.set_tap(meter.feed)
+        return lambda: buffer.set_tap(None)
+
     def _sounding(self) -> bool:
         """A reply plays (or waits to, its first sample not yet out)."""
         return bool(self._replies)
@@ -158,10 +199,3 @@ class Moments:
         self.connection_over()
         self.check(state.buffer, state.conversation)
 
-
-def follow_level(buffer: PlayoutBuffer, events: Events) -> Callable[[], None]:
-    """``level`` events of what ``buffer`` hands the speaker, measured only while someone
-    follows them; returns what stops it."""
-    meter = LevelMeter(lambda rms: events.emit(LEVEL, rms=rms), lambda: events.wants(LEVEL))
-    buffer.set_tap(meter.feed)
-    return lambda: buffer.set_tap(None)

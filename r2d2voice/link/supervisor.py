@@ -127,7 +127,7 @@ class Supervisor:
                 previous = None
                 self.chain_start = len(self.state.session_ids)
                 self.backoff.reset()
-                moments.emit("conversation_started")
+                moments.conversation_started()
             ports = _Ports(feed, audio, records, tools, opening)
             first = len(self.state.session_ids)
             failure: ConfigError | RuntimeFailure | None = None
@@ -139,10 +139,9 @@ class Supervisor:
                 except (ConfigError, RuntimeFailure) as exc:  # raised as it is, not in a group
                     failure = exc
                 nursery.cancel_scope.cancel()
+            moments.conversation_ended(
+                ended_as(self._closed, self._end, failed=failure is not None))
             await self.gate.over(self.state.session_ids[first:])
-            moments.emit("conversation_ended",
-                         reason=ended_as(self._closed, self._end, failed=failure is not None))
-            moments.session(None)
             if failure is not None:
                 raise failure
 

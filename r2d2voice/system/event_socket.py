@@ -117,6 +117,8 @@ async def _follow(stream: trio.SocketStream, hub: Events, followers: list[int]) 
             await _say(stream, f"error: already {MAX_FOLLOWERS} followers\n")
             return
         followers[0] += 1
+        log.info("events: a follower joined (%s%s)", ", ".join(names) if names else "all",
+                 " and level" if level else "")
         try:
             with (hub.following(names, level=level, bound=FOLLOWER_BOUND) as sub,
                   contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError)):

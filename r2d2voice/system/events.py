@@ -13,8 +13,9 @@ delays the conversation). ``level`` (about 20 a second while a reply plays) goes
 subscribers that ask for it, and nothing is even built while nobody listens. In privacy mode
 (``R2D2_STORE_TEXT=false``) ``transcript`` is never emitted.
 
-Where a run has no hub at hand, :func:`emit` reaches the one installed for it with
-:func:`use` (a context variable that the run's tasks inherit).
+The link and the session gates are given the run's hub (``LinkParts.events``); where a part
+has none at hand (the sound devices' availability), :func:`emit` reaches the one installed for
+the run with :func:`use` (a context variable that the run's tasks inherit).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from r2d2voice.storage.timestamps import format_ts, utc_now
 log = logging.getLogger("r2d2voice.system.events")
 
 __all__ = ["FIELDS", "LEVEL", "NAMES", "STATES", "Events", "Moment", "Subscription", "current",
-           "emit", "set_session", "use"]
+           "emit", "use"]
 
 #: Every event and its fields, in the order the issue's table names them.
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -269,9 +270,3 @@ def emit(name: str, /, **fields: Any) -> None:
     if hub is not None:
         hub.emit(name, **fields)
 
-
-def set_session(session_id: str | None) -> None:
-    """:meth:`Events.set_session` on the run's hub; nothing when none is installed."""
-    hub = _current.get()
-    if hub is not None:
-        hub.set_session(session_id)
