@@ -42,15 +42,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_certificates(root: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate it signed for ``localhost`` / 127.0.0.1
+    (openssl); (CA certificate, server certificate, server key)."""
+    ca_key, ca, key, csr, cert = (root / n for n in (
+        "ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    sans = root / "san.cnf"
+    sans.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
+            str(ca), "-days", "2", "-subj", "/CN=r2d2voice test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", "/CN=localhost")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(sans))
+    for path in (ca, cert, key):
+        path.chmod(0o644)  # as root, mosquitto reads them as the mosquitto user
+    return ca, cert, key
+
+
 class Broker:
-    """A running mosquitto; :meth:`stop` and :meth:`start` again keep the port."""
+    """A running mosquitto; :meth:`stop` and :meth:`start` again keep the port. With ``tls``
+    a second listener, ``tls_port``, speaks TLS with a certificate of :attr:`ca`'s."""
 
     host = "127.0.0.1"
 
-    def __init__(self, binary: str, root: Path) -> None:
+    def __init__(self, binary: str, root: Path, *, tls: bool = False) -> None:
         self.binary = binary
         self.root = root
         self.port = _free_port()
+        self.tls_port = _free_port() if tls else None
+        self.ca: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         root.chmod(0o755)  # as root, mosquitto reads its files as the mosquitto user
         passwords = root / "passwords"
@@ -59,14 +84,23 @@ class Broker:
                         str(passwords), USER, PASSWORD], check=True, capture_output=True)
         passwords.chmod(0o644)
         self.config = root / "mosquitto.conf"
+        listeners = f"listener {self.port} 127.0.0.1\n"
+        if self.tls_port is not None:
+            self.ca, cert, key = make_certificates(root)
+            listeners += (f"listener {self.tls_port} 127.0.0.1\ncertfile {cert}\n"
+                          f"keyfile {key}\n")
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            f"password_file {passwords}\nallow_anonymous false\n"
+            f"{listeners}password_file {passwords}\nallow_anonymous false\n"
             "persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n")
         self.config.chmod(0o644)
 
     def url(self, *, password: str = PASSWORD) -> str:
         return f"mqtt://{USER}:{password}@{self.host}:{self.port}"
+
+    def tls_url(self, *, host: str = "localhost") -> str:
+        """``mqtts://`` on the TLS listener, by the name its certificate has."""
+        assert self.tls_port is not None
+        return f"mqtts://{USER}:{PASSWORD}@{host}:{self.tls_port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, "-c", str(self.config)],

@@ -139,8 +139,7 @@ def test_a_replay_runs_the_hooks_offline(tmp_path: Path) -> None:
     path = tools_file(tmp_path, f'[[hook]]\non = ["spoken", "transcript"]\n'
                                 f'command = ["{hook}"]\n')
     done = run_cli("replay", str(SAMPLES / "two_turns.wav"), "--backend", "local",
-                   "--tools", str(path), "--db", str(tmp_path / "c.db"), cwd=tmp_path,
-                   env={"XDG_RUNTIME_DIR": str(tmp_path)})
+                   "--tools", str(path), "--db", str(tmp_path / "c.db"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["event"] for g in got].count("spoken") == 2

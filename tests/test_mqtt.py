@@ -65,9 +65,10 @@ def test_the_discovery_configs_make_one_device_of_six_entities() -> None:
         "ha/sensor/r2d2voice_r2_kitchen/last_utterance/config"] is None
 
 
-def _replay(tmp_path: Path, broker: Broker, *extra: str) -> subprocess.Popen[str]:
-    env = clean_env(HOME=str(tmp_path), XDG_RUNTIME_DIR=str(tmp_path),
-                    R2D2_MQTT_URL=broker.url(), R2D2_DEVICE_ID=DEVICE)
+def _replay(tmp_path: Path, broker: Broker, *extra: str, **settings: str
+            ) -> subprocess.Popen[str]:
+    env = clean_env(HOME=str(tmp_path),  # the test's own runtime directory (conftest.py)
+                    **{"R2D2_MQTT_URL": broker.url(), "R2D2_DEVICE_ID": DEVICE, **settings})
     return subprocess.Popen(
         [sys.executable, "-m", "r2d2voice", "--log-level", "DEBUG", "replay",
          str(SAMPLES / "two_turns.wav"), "--backend", "local", "--db",
@@ -268,3 +269,38 @@ async def test_the_reconnect_backoff_doubles_to_a_minute(thread_clock: trio.test
         assert 0.8 * base <= wait <= 1.2 * base + 0.6, (k, waits)
     assert bridge.connections == 0
 
+
+
+@pytest.mark.parametrize("broker", ["tls"], indirect=True)
+def test_mqtts_checks_the_brokers_certificate_against_r2d2_mqtt_ca(
+        tmp_path: Path, broker: Broker) -> None:
+    """A broker with a certificate of a CA of one's own (openssl, throw-away): with
+    ``R2D2_MQTT_CA`` the replay is in the home over TLS; without it the certificate is refused
+    (the system's CAs never signed it), said once, and the conversation goes on all the same;
+    a CA file that is not one is a configuration error before anything starts."""
+    watcher = Subscriber(broker, f"{BASE}/availability", f"{BASE}/state")  # the plain listener
+    env = {"R2D2_MQTT_URL": broker.tls_url(), "R2D2_MQTT_CA": str(broker.ca)}
+    trusted = _replay(tmp_path, broker, **env)
+    out, err = trusted.communicate(timeout=90)
+    assert trusted.returncode == 0, err
+    watcher.wait_for(lambda m: [x.payload for x in m if x.topic.endswith("availability")]
+                     == ["online", "offline"])
+    assert "listening" in watcher.on(f"{BASE}/state")
+    assert f"MQTT connected to mqtts://r2d2@localhost:{broker.tls_port}" in err
+    watcher.close()
+
+    untrusted = _replay(tmp_path, broker, R2D2_MQTT_URL=broker.tls_url())
+    out, err = untrusted.communicate(timeout=90)
+    assert untrusted.returncode == 0, err
+    assert "turns answered" in out or "turn answered" in out
+    refused = [line for line in err.splitlines() if "certificate verify failed" in line]
+    assert refused and "(the conversation goes on)" in refused[0]
+    assert "MQTT connected" not in err and PASSWORD not in out + err
+
+    (tmp_path / "not-a-ca.pem").write_text("hello\n")
+    bad = _replay(tmp_path, broker, **{**env, "R2D2_MQTT_CA": str(tmp_path / "not-a-ca.pem")})
+    out, err = bad.communicate(timeout=60)
+    assert bad.returncode == 3
+    assert err.startswith(f"r2d2voice: error: R2D2_MQTT_CA {tmp_path / 'not-a-ca.pem'}: not a "
+                          "readable PEM file of CA certificates")
+    assert len(err.splitlines()) == 1
