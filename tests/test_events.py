@@ -222,3 +222,30 @@ def test_events_follows_a_replay_with_its_level_and_exits_0_when_it_stops(
         assert state in names
     assert names.index("user_stopped") < names.index("thinking") < names.index("speaking")
 
+
+
+async def test_a_device_that_goes_away_and_comes_back_says_so_once_each(autojump_clock) -> None:
+    """The simulated room of test_device_waiting.py: a microphone whose stream dies after
+    10 s, twice; the second time it is waited for (device_lost), then back (device_back)."""
+    from test_device_waiting import MIC, Room
+
+    from r2d2voice.audio.availability import DeviceStates, keep_device
+
+    room = Room()
+    room.present, room.fail_after = True, 10.0
+    hub = Events(clock=trio.current_time)
+    with hub.following() as sub, events.use(hub):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: keep_device("input", "QuadCast", room.session,
+                                                   states=DeviceStates(), first=MIC,
+                                                   find=room.find))
+            await trio.sleep(25)
+            nursery.cancel_scope.cancel()
+        got = []
+        while True:
+            try:
+                got.append(sub.receive.receive_nowait().data)
+            except trio.WouldBlock:
+                break
+    assert [(m["event"], m["kind"], m["name"], m["mono"]) for m in got] == [
+        ("device_lost", "input", "QuadCast", 20.0), ("device_back", "input", "QuadCast", 22.0)]
