@@ -38,14 +38,13 @@ from contextlib import contextmanager, suppress
 import trio
 
 from r2d2voice.appliance.context import Console, Context, Sessions, Sink, Source, Stopper
-from r2d2voice.appliance.tools import Toolbox, ToolContext
+from r2d2voice.appliance.tools import Toolbox
+from r2d2voice.appliance.tools.port import ToolboxPort
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 from r2d2voice.link.state import LinkPolicy, Quiet
 from r2d2voice.link.supervisor import Supervisor
-from r2d2voice.link.tools import ToolCaller
 from r2d2voice.link.transport import Connector, Endpoint, open_realtime
-from r2d2voice.protocol.actions import CallTool, Record
-from r2d2voice.protocol.tool_records import StoreToolResult
+from r2d2voice.protocol.actions import Record
 from r2d2voice.realtime.client_events import SessionConfig
 from r2d2voice.realtime.conversation import Conversation
 
@@ -113,7 +112,7 @@ async def run_conversation(
     records_send, records_recv = trio.open_memory_channel[tuple[str, Record]](RECORDS_BOUND)
     link = Supervisor(endpoint, connect, session_config, source, sessions, ctx, policy, console,
                       settle_seconds=settle_seconds, on_configured=on_configured, rng=rng,
-                      tools=caller)
+                      tools=caller, offer=caller)
     try:
         async with trio.open_nursery() as outer:
             recorder = _Recorder(record)
@@ -155,16 +154,10 @@ async def run_conversation(
     return ctx
 
 
-def tool_caller(toolbox: Toolbox) -> ToolCaller:
-    """The link's view of a Toolbox: one call in, its audit result out."""
-
-    async def call(request: CallTool, end_conversation: Callable[[], None]) -> StoreToolResult:
-        result = await toolbox.call(request.name, request.arguments,
-                                    context=ToolContext(request.call_id, end_conversation))
-        return StoreToolResult(request.call_id, result.status, result.output,
-                               result.exit_code, result.duration_ms)
-
-    return call
+def tool_caller(toolbox: Toolbox) -> ToolboxPort:
+    """The link's view of a Toolbox: one call in, its audit result out (``ToolCaller``), and
+    the tools offered now, the person's words, remote MCP items (``ToolOffer``)."""
+    return ToolboxPort(toolbox)
 
 
 def _wake_on_playout(ctx: Context) -> None:

@@ -14,9 +14,10 @@ link, retried with backoff.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -25,7 +26,7 @@ from r2d2voice.errors import ConfigError
 from r2d2voice.link import timers
 from r2d2voice.link.effects import Effects
 from r2d2voice.link.state import Console, LinkPolicy, LinkState
-from r2d2voice.link.tools import ToolDone, ToolJob
+from r2d2voice.link.tools import ToolDone, ToolJob, ToolOffer, ToolPrompt
 from r2d2voice.link.transport import LinkClosed, Transport
 from r2d2voice.protocol.actions import Record, StoreError
 from r2d2voice.realtime.client_events import (
@@ -34,6 +35,7 @@ from r2d2voice.realtime.client_events import (
     ItemCreateText,
     SessionConfig,
     SessionUpdate,
+    ToolsUpdate,
 )
 from r2d2voice.realtime.conversation import LocalProtocolError
 from r2d2voice.realtime.server_events import (
@@ -104,7 +106,9 @@ class ToolPorts:
     """The run's tool runner as a connection sees it (both ends borrowed)."""
 
     calls: trio.MemorySendChannel[ToolJob]
-    results: trio.MemoryReceiveChannel[ToolDone]
+    results: trio.MemoryReceiveChannel[ToolDone | ToolPrompt]
+    #: the tools offered now, and more (None: those of the session config, fixed)
+    offer: ToolOffer | None = None
 
 
 class Connection:
@@ -131,10 +135,16 @@ class Connection:
                   records: trio.MemorySendChannel[tuple[str, Record]]) -> Ending:
         """All tasks of this connection; returns once it is closed. Owns the control channel."""
         control_send, control_recv = trio.open_memory_channel[ClientEvent](CONTROL_BOUND)
+        offer = self.tools.offer
         effects = Effects(self.state, self.ending.session_id, self.console, audio, records,
-                          control_send, self.tools.calls, self.epoch)
+                          control_send, self.tools.calls, self.epoch,
+                          heard=offer.heard if offer is not None else None)
         state, policy, ending = self.state, self.policy, self.ending
         async with trio.open_nursery() as nursery:
+            if offer is not None:  # the tools as they are now; a change is sent as it comes
+                version = offer.version
+                self.config = replace(self.config, tools=offer.session_tools())
+                nursery.start_soon(self._offer_tools, offer, version, control_send.clone())
             nursery.start_soon(self._uplink, feed, control_recv)
             nursery.start_soon(self._downlink, effects, nursery.cancel_scope)
             nursery.start_soon(self._tool_results, effects)
@@ -144,6 +154,19 @@ class Connection:
             nursery.start_soon(timers.hang_up, effects, ending, self._close)
             nursery.start_soon(timers.status, state, self.console)
         return self.ending
+
+    async def _offer_tools(self, offer: ToolOffer, version: int,
+                           control: trio.MemorySendChannel[ClientEvent]) -> None:
+        """A ``session.update`` of the tools whenever they change (an MCP server came, went
+        or changed its list)."""
+        async with control:
+            while True:
+                await offer.changed(version)
+                version = offer.version
+                try:
+                    await control.send(ToolsUpdate(offer.session_tools()))
+                except trio.BrokenResourceError:
+                    return
 
     async def _send(self, event: ClientEvent) -> None:
         try:
@@ -307,6 +330,10 @@ class Connection:
             return
         leftovers = conv.leftover_deltas
         await effects.apply(conv.receive(event, trio.current_time()))
+        offer = self.tools.offer
+        if offer is not None and isinstance(message, str) and '"mcp' in message:
+            # the service's own MCP items (remote servers): audit records, approval requests
+            await effects.apply(offer.service_event(json.loads(message), conv.items.seq))
         await effects.apply(effects.played_latencies())
         state.stats.leftover_deltas += conv.leftover_deltas - leftovers
         if isinstance(event, SessionUpdated) and self.on_configured:
@@ -328,9 +355,19 @@ class Connection:
         for an ended session is only recorded."""
         while True:
             done = await self.tools.results.receive()
+            if isinstance(done, ToolPrompt):  # a waiting call has the model ask the person
+                if done.job.epoch == self.epoch:
+                    await effects.apply(self.conv.add_item(ItemCreateText("system", done.text)))
+                continue
+            offer = self.tools.offer
             with trio.move_on_after(FLUSH_DEADLINE) as deliver:
                 deliver.shield = True  # a received result is never lost to a cancel
-                if done.job.epoch == self.epoch:
+                approval = offer.answer(done.result) if offer is not None else None
+                if approval is not None and done.job.epoch == self.epoch:
+                    event, record = approval  # the service's MCP approval request answered
+                    await effects.apply([*([record] if record else []),
+                                         *self.conv.add_item(event)])
+                elif done.job.epoch == self.epoch:
                     await effects.apply(self.conv.tool_finished(done.result,
                                                                 hang_up=done.job.hang_up))
                 else:

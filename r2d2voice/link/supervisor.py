@@ -27,6 +27,8 @@ from r2d2voice.link.tools import (
     ToolCaller,
     ToolDone,
     ToolJob,
+    ToolOffer,
+    ToolPrompt,
     ToolRunner,
     no_tools,
 )
@@ -73,7 +75,8 @@ class Supervisor:
                  source: FrameSource, sessions: Sessions, state: LinkState,
                  policy: LinkPolicy, console: Console, *, settle_seconds: float = 1.0,
                  on_configured: Callable[[], None] | None = None,
-                 rng: random.Random | None = None, tools: ToolCaller | None = None) -> None:
+                 rng: random.Random | None = None, tools: ToolCaller | None = None,
+                 offer: ToolOffer | None = None) -> None:
         self.endpoint = endpoint
         self.connect = connect
         self.config = config
@@ -86,6 +89,7 @@ class Supervisor:
         self.on_configured = on_configured
         self.backoff = Backoff(policy, rng or random.Random())
         self.tools = tools or no_tools
+        self.offer = offer
         self.reconnecting = False  # the next session replaces a lost one
         #: where this conversation's sessions start in ``state.session_ids`` (a hang-up
         #: starts a new conversation: no context from before it)
@@ -104,7 +108,8 @@ class Supervisor:
             feed = FrameFeed(frames, drop_stale=self.source.live or self.source.resends,
                              live=self.source.live)
             calls_send, calls_recv = trio.open_memory_channel[ToolJob](CALLS_BOUND)
-            results_send, results_recv = trio.open_memory_channel[ToolDone](RESULTS_BOUND)
+            results_send, results_recv = trio.open_memory_channel[ToolDone | ToolPrompt](
+                RESULTS_BOUND)
             async with results_recv:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(ToolRunner(self.tools, records).run, calls_recv,
@@ -112,7 +117,7 @@ class Supervisor:
                     async with calls_send:
                         try:
                             await self._loop(feed, audio, records,
-                                             ToolPorts(calls_send, results_recv))
+                                             ToolPorts(calls_send, results_recv, self.offer))
                         except (ConfigError, RuntimeFailure) as exc:
                             self.failure = exc
                     nursery.cancel_scope.cancel()  # tools still running are stopped
@@ -224,7 +229,7 @@ class Supervisor:
                               END_DEADLINE)
 
 
-async def _store_undelivered(results: trio.MemoryReceiveChannel[ToolDone],
+async def _store_undelivered(results: trio.MemoryReceiveChannel[ToolDone | ToolPrompt],
                              records: trio.MemorySendChannel[tuple[str, Record]]) -> None:
     """Results that finished after the last connection: recorded, not delivered."""
     while True:
@@ -232,6 +237,8 @@ async def _store_undelivered(results: trio.MemoryReceiveChannel[ToolDone],
             done = results.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return
+        if isinstance(done, ToolPrompt):
+            continue
         log.warning("tool %s (call %s) finished after the conversation ended: output not "
                     "delivered", done.job.call.name, done.job.call.call_id)
         with trio.move_on_after(END_DEADLINE) as scope:

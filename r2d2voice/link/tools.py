@@ -15,26 +15,54 @@ tools run at once); runner → link ``RESULTS_BOUND`` results, a finished call w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import trio
 
-from r2d2voice.protocol.actions import CallTool, Record
+from r2d2voice.protocol.actions import Action, CallTool, Record
 from r2d2voice.protocol.tool_records import StoreToolResult
+from r2d2voice.realtime.client_events import ClientEvent
 
 log = logging.getLogger("r2d2voice.link.tools")
 
 CALLS_BOUND = 8
 RESULTS_BOUND = 16
 
-#: Runs one call: (the call, "end the conversation after the goodbye") -> its result. It must
-#: not raise for the tool's own faults (the Toolbox never does).
-ToolCaller = Callable[[CallTool, Callable[[], None]], Awaitable[StoreToolResult]]
+@dataclass(frozen=True)
+class CallHooks:
+    """What a running call may do besides returning its result: end the conversation after the
+    goodbye, or tell the model something while it runs (``ask``: a call waiting for the
+    person's yes has the model ask for it)."""
+
+    end_conversation: Callable[[], None]
+    ask: Callable[[str], Awaitable[None]]
 
 
-async def no_tools(call: CallTool, end_conversation: Callable[[], None]) -> StoreToolResult:
+#: Runs one call: (the call, its hooks) -> its result. It must not raise for the tool's own
+#: faults (the Toolbox never does).
+ToolCaller = Callable[[CallTool, CallHooks], Awaitable[StoreToolResult]]
+
+
+class ToolOffer(Protocol):
+    """The run's tools beyond single calls (``appliance/tools/port.py``): what is offered now
+    and when that changes, the person's words, the service's own (remote MCP) tool items."""
+
+    @property
+    def version(self) -> int: ...
+    def session_tools(self) -> tuple[dict[str, Any], ...]: ...
+    async def changed(self, since: int) -> None: ...
+    def heard(self, text: str, seq: int | None) -> None: ...
+    def service_event(self, event: dict[str, Any],
+                      seq: Callable[[str], int]) -> list[Action]: ...
+    def answer(self, result: StoreToolResult
+               ) -> tuple[ClientEvent, StoreToolResult | None] | None: ...
+
+
+async def no_tools(call: CallTool, hooks: CallHooks) -> StoreToolResult:
     """The caller when no tools are configured: every call is rejected, nothing runs."""
     await trio.lowlevel.checkpoint()
     return StoreToolResult(call.call_id, "rejected",
@@ -58,6 +86,14 @@ class ToolDone:
     result: StoreToolResult
 
 
+@dataclass(frozen=True)
+class ToolPrompt:
+    """A running call has something to tell the model (``CallHooks.ask``)."""
+
+    job: ToolJob
+    text: str
+
+
 class ToolRunner:
     """Starts a task per call; ``records`` (borrowed) takes the results nobody can deliver."""
 
@@ -67,21 +103,26 @@ class ToolRunner:
         self.records = records
 
     async def run(self, calls: trio.MemoryReceiveChannel[ToolJob],
-                  results: trio.MemorySendChannel[ToolDone]) -> None:
+                  results: trio.MemorySendChannel[ToolDone | ToolPrompt]) -> None:
         """Until ``calls`` closes and every call has finished (or this is cancelled)."""
         async with calls, results, trio.open_nursery() as nursery:
             async for job in calls:
                 nursery.start_soon(self._call, job, results.clone())
 
-    async def _call(self, job: ToolJob, results: trio.MemorySendChannel[ToolDone]) -> None:
+    async def _call(self, job: ToolJob,
+                    results: trio.MemorySendChannel[ToolDone | ToolPrompt]) -> None:
         def end_conversation() -> None:
             job.hang_up = True
+
+        async def ask(text: str) -> None:
+            with contextlib.suppress(trio.BrokenResourceError):  # the link is gone: no one asks
+                await results.send(ToolPrompt(job, text))
 
         async with results:
             result: StoreToolResult | None = None
             delivered = False
             try:
-                result = await self.caller(job.call, end_conversation)
+                result = await self.caller(job.call, CallHooks(end_conversation, ask))
                 await results.send(ToolDone(job, result))
                 delivered = True
             except trio.BrokenResourceError:  # the link is gone

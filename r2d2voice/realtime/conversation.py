@@ -233,6 +233,16 @@ class Conversation:
         self._settle()
         return out
 
+    def add_item(self, event: ClientEvent) -> list[Action]:
+        """Send an item the model should answer (an appliance's note while a tool waits, the
+        answer to an MCP approval request) and ask for a reply once no response is active."""
+        if self.phase is Phase.CLOSED:
+            return []
+        self.tools.due = True
+        out: list[Action] = [Send(event), *self._request_response()]
+        self._settle()
+        return out
+
     def give_up_transcripts(self) -> list[str]:
         """Stop waiting for user transcripts that never came; returns their item ids. One that
         comes later anyway is stored in its place as usual."""

@@ -135,7 +135,8 @@ class ToolCalls:
                 continue
             if status == "completed" and call.state is CallState.READY:
                 call.state = CallState.RUNNING
-                out.append(CallTool(call.call_id, call.name, call.arguments or "", response_id))
+                out.append(CallTool(call.call_id, call.name, call.arguments or "", response_id,
+                                    call.seq))
                 continue
             if call.state is CallState.STREAMING:  # cut before its arguments were final
                 out.append(StoreToolCall(call.call_id, call.item_id, response_id, call.seq,
