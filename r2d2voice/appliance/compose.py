@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -58,7 +59,10 @@ def open_toolbox(settings: Settings) -> Toolbox | None:
     next to the database. None without a tools file."""
     if not settings.tools:
         return None
-    return load_tools(settings.tools, state_path=Path(settings.db).parent / TOOL_STATE_FILE)
+    from r2d2voice.appliance.tools.mcp.config import variables
+
+    return load_tools(settings.tools, state_path=Path(settings.db).parent / TOOL_STATE_FILE,
+                      variables=variables(settings.env_file))
 
 
 def session_config(settings: Settings, toolbox: Toolbox | None = None) -> SessionConfig:
@@ -169,7 +173,8 @@ async def converse(
         sessions = StoreSessions(store, backend=service.backend, model=service.model,
                                  voice=settings.voice, metadata=metadata or {})
         try:
-            async with open_endpoint(service) as endpoint:
+            async with (open_endpoint(service) as endpoint,
+                        toolbox.running() if toolbox is not None else nullcontext()):
                 ctx = await run_conversation(
                     endpoint, session_config(settings, toolbox), source, sink, sessions,
                     store.record, console=console, stopper=stopper,

@@ -11,6 +11,7 @@ shipper runs from start to stop, and the conversations are composed without one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from r2d2voice.appliance.compose import open_toolbox
@@ -46,7 +47,9 @@ async def listen(settings: Settings, source: Source, sink: Sink, *, url: str | N
     # mode), so the shipper has something to read while the robot waits
     store = await AsyncStore.open(settings.db, store_text=settings.store_text)
     await store.aclose()
-    async with ship_alongside(plan, status=on_ship_status) as shipping:
+    # MCP servers run for the whole run (one process each), not one per conversation
+    async with (ship_alongside(plan, status=on_ship_status) as shipping,
+                toolbox.running() if toolbox is not None else nullcontext()):
         outcome = await listen_for_wake(
             settings, source, sink, url=url, console=console, stopper=stopper,
             trigger=trigger, metadata=metadata, toolbox=toolbox,

@@ -7,6 +7,7 @@ variable is never part of a message.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -161,6 +162,20 @@ def expand(template: str, variables: Mapping[str, str], fail: Fail) -> str:
 
     parts = template.split("$${")
     return "${".join(_VAR.sub(one, part) for part in parts)
+
+
+def variables(env_file: Path | None) -> dict[str, str]:
+    """What ``${VAR}`` may name: the env file's keys, overridden by the process environment
+    (the same order as the settings)."""
+    values: dict[str, str] = {}
+    if env_file is not None:
+        from dotenv import dotenv_values
+
+        try:
+            values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        except (OSError, UnicodeDecodeError):
+            values = {}  # the settings already reported an unreadable env file
+    return {**values, **os.environ}
 
 
 def split_name(offered: str) -> tuple[str, str] | None:

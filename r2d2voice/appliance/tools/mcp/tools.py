@@ -25,6 +25,8 @@ class McpTools:
         self.version = 0
         self._event = trio.Event()
         self.running = False
+        #: what each server offered when last listed for ``r2d2voice tools``
+        self.frozen: dict[str, tuple[str, str | None, dict[str, McpTool]]] = {}
 
     def _changed(self) -> None:
         self.version += 1
@@ -39,7 +41,11 @@ class McpTools:
     @asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
         """The local servers, each supervised in a task of its own, for as long as this is
-        entered; on the way out their processes are stopped (none outlives it)."""
+        entered; on the way out their processes are stopped (none outlives it). Entered again
+        while running (a conversation of a run that runs them already): nothing more."""
+        if self.running:
+            yield
+            return
         async with trio.open_nursery() as nursery:
             for server in self.servers.values():
                 nursery.start_soon(server.run)
