@@ -4,6 +4,8 @@ A JSON file (a list of turns, or ``{"turns": [...]}``) or a TOML file (``[[turn]
 A turn is a table with any of:
 
 - ``say``: the reply's transcript (the audio is still beeps);
+- ``hear``: what the user "said" in this turn — the transcript of the turn-th user utterance
+  (default ``(speech, N s)``: the backend understands no words);
 - ``call``: the name of a function tool to call, with ``arguments`` — a table (sent as
   indented JSON, whitespace and newlines included) or a string sent verbatim (e.g. invalid
   JSON); ``say`` with ``call`` is a spoken preamble before the call.
@@ -27,7 +29,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["Script", "ScriptError", "ScriptTurn", "load_script", "parse_script"]
 
-_KEYS = {"say", "call", "arguments"}
+_KEYS = {"say", "call", "arguments", "hear"}
 
 
 class ScriptError(ValueError):
@@ -41,6 +43,8 @@ class ScriptTurn:
     say: str | None = None
     call: str | None = None
     arguments: str = "{}"
+    #: the transcript of the user's utterance number ``turn`` (None: ``(speech, N s)``)
+    hear: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,13 @@ def _turn(raw: Any, where: str) -> ScriptTurn:
     unknown = set(raw) - _KEYS
     if unknown:
         raise ScriptError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: arguments, "
-                          "call, say)")
+                          "call, hear, say)")
     say, call, arguments = raw.get("say"), raw.get("call"), raw.get("arguments")
     if say is not None and not isinstance(say, str):
         raise ScriptError(f"{where}: 'say' must be a string")
+    hear = raw.get("hear")
+    if hear is not None and not isinstance(hear, str):
+        raise ScriptError(f"{where}: 'hear' must be a string")
     if call is not None and (not isinstance(call, str) or not call):
         raise ScriptError(f"{where}: 'call' must be a tool name")
     if arguments is not None and call is None:
@@ -105,4 +112,4 @@ def _turn(raw: Any, where: str) -> ScriptTurn:
         text = json.dumps(arguments, indent=2)
     else:
         raise ScriptError(f"{where}: 'arguments' must be a table/object or a string")
-    return ScriptTurn(say, call, text)
+    return ScriptTurn(say, call, text, hear)

@@ -91,6 +91,7 @@ class LocalSession:
         self.reply_seconds = reply_seconds
         self.faults = faults or Faults()
         self.planner = Planner(script)
+        self.commits = 0  # user turns committed; script turn N's ``hear`` is the Nth one's words
         self.observer = observer
         minutes = self.faults.session_minutes
         lifetime = round(minutes * 60) if minutes is not None else SESSION_LIFETIME_S
@@ -206,8 +207,10 @@ class LocalSession:
         item = user_audio_item(item_id or self.event.new_id("item"), audio)
         previous = self.conversation.insert(item)
         transcribe = self.session["audio"]["input"]["transcription"] is not None
+        self.commits += 1
         now, later = commit_events(self.event, self.conversation, item, previous, speech_ms,
-                                   transcribe, self.faults)
+                                   transcribe, self.faults,
+                                   self.planner.script.turn(self.commits).hear)
         out: list[Output] = list(now)
         if later is not None and isinstance(later.when, str):
             self._deferred.append(later)

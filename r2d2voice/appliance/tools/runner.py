@@ -178,6 +178,10 @@ class Toolbox:
 
     async def _mcp(self, found: Any, arguments_json: str, context: ToolContext) -> ToolResult:
         server, tool = found
+        if tool is None and server.state == "ready":
+            offers = ", ".join(t.name for t in server.tools.values()) or "none"
+            return ToolResult("rejected", f"the {server.spec.name} server has no such tool "
+                                          f"(it offers: {offers})")
         if tool is None:
             return ToolResult("error", server.unavailable())
         try:
