@@ -69,3 +69,17 @@ def group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Pids of live processes whose environment holds ``entry`` (``NAME=value``)."""
+    found = []
+    for pid in (e for e in os.listdir("/proc") if e.isdigit()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        if entry.encode() in environ and state[state.rfind(b")") + 2:][:1] != b"Z":
+            found.append(int(pid))
+    return found
