@@ -7,10 +7,15 @@ is recorded for the audit trail but not delivered (its ``call_id`` means nothing
 session). Calls still running when the conversation ends (or the run stops) are cancelled: the
 tool runner ends their process groups, and they are recorded as stopped.
 
+The results channel carries, besides finished calls (:class:`ToolDone`), what a running call
+has the model told (:class:`ToolPrompt`: a call waiting for the person's yes has the model ask)
+and the tools on offer whenever they change (:class:`ToolsOffered`: an MCP server came, went
+or changed its list; the runner watches the run's :class:`ToolOffer`).
+
 Channel policies: downlink → runner ``CALLS_BOUND`` calls, the downlink waits when full (the
 runner starts every call at once, so it never is; the Toolbox itself limits how many command
-tools run at once); runner → link ``RESULTS_BOUND`` results, a finished call waits for the link
-(never the downlink).
+tools run at once); runner → link ``RESULTS_BOUND`` results, a finished call (a prompt, an
+offer) waits for the link (never the downlink).
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from typing import Any, Protocol
 
 import trio
 
-from r2d2voice.protocol.actions import Action, CallTool, Record
+from r2d2voice.protocol.actions import CallTool, Record
 from r2d2voice.protocol.tool_records import StoreToolResult
-from r2d2voice.realtime.client_events import ClientEvent
 
 log = logging.getLogger("r2d2voice.link.tools")
 
 CALLS_BOUND = 8
 RESULTS_BOUND = 16
+
 
 @dataclass(frozen=True)
 class CallHooks:
@@ -49,17 +54,21 @@ ToolCaller = Callable[[CallTool, CallHooks], Awaitable[StoreToolResult]]
 
 class ToolOffer(Protocol):
     """The run's tools beyond single calls (``appliance/tools/port.py``): what is offered now
-    and when that changes, the person's words, the service's own (remote MCP) tool items."""
+    and when that changes (MCP servers come and go), and the person's words (a call waiting
+    for a yes is answered by them)."""
 
     @property
-    def version(self) -> int: ...
-    def session_tools(self) -> tuple[dict[str, Any], ...]: ...
-    async def changed(self, since: int) -> None: ...
-    def heard(self, text: str, seq: int | None) -> None: ...
-    def service_event(self, event: dict[str, Any],
-                      seq: Callable[[str], int]) -> list[Action]: ...
-    def answer(self, result: StoreToolResult
-               ) -> tuple[ClientEvent, StoreToolResult | None] | None: ...
+    def version(self) -> int:
+        """Changes whenever :meth:`session_tools` would."""
+
+    def session_tools(self) -> tuple[dict[str, Any], ...]:
+        """The tools of a session starting now."""
+
+    async def changed(self, since: int) -> None:
+        """Until :attr:`version` differs from ``since``."""
+
+    def heard(self, text: str, seq: int | None) -> None:
+        """The person said ``text`` (a final transcript, item ``seq`` of the session)."""
 
 
 async def no_tools(call: CallTool, hooks: CallHooks) -> StoreToolResult:
@@ -94,23 +103,55 @@ class ToolPrompt:
     text: str
 
 
+@dataclass(frozen=True)
+class ToolsOffered:
+    """The tools on offer changed: these are offered from now on."""
+
+    tools: tuple[dict[str, Any], ...]
+
+
+#: what the runner hands the link
+ToolNews = ToolDone | ToolPrompt | ToolsOffered
+
+
 class ToolRunner:
     """Starts a task per call; ``records`` (borrowed) takes the results nobody can deliver."""
 
     def __init__(self, caller: ToolCaller,
-                 records: trio.MemorySendChannel[tuple[str, Record]]) -> None:
+                 records: trio.MemorySendChannel[tuple[str, Record]],
+                 offer: ToolOffer | None = None) -> None:
         self.caller = caller
         self.records = records
+        self.offer = offer
 
     async def run(self, calls: trio.MemoryReceiveChannel[ToolJob],
-                  results: trio.MemorySendChannel[ToolDone | ToolPrompt]) -> None:
-        """Until ``calls`` closes and every call has finished (or this is cancelled)."""
+                  results: trio.MemorySendChannel[ToolNews]) -> None:
+        """Until ``calls`` closes and every call has finished (or this is cancelled); the
+        offer is watched meanwhile."""
         async with calls, results, trio.open_nursery() as nursery:
+            watching = trio.CancelScope()
+            if self.offer is not None:
+                nursery.start_soon(self._watch, self.offer, results.clone(), watching)
             async for job in calls:
                 nursery.start_soon(self._call, job, results.clone())
+            watching.cancel()
 
-    async def _call(self, job: ToolJob,
-                    results: trio.MemorySendChannel[ToolDone | ToolPrompt]) -> None:
+    @staticmethod
+    async def _watch(offer: ToolOffer, results: trio.MemorySendChannel[ToolNews],
+                     scope: trio.CancelScope) -> None:
+        """A :class:`ToolsOffered` each time the offer changes."""
+        async with results:
+            with scope:
+                version = offer.version
+                while True:
+                    await offer.changed(version)
+                    version = offer.version
+                    try:
+                        await results.send(ToolsOffered(offer.session_tools()))
+                    except trio.BrokenResourceError:  # the link is gone
+                        return
+
+    async def _call(self, job: ToolJob, results: trio.MemorySendChannel[ToolNews]) -> None:
         def end_conversation() -> None:
             job.hang_up = True
 

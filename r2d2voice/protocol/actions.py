@@ -62,6 +62,14 @@ class HangUp:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """Something worth a line in the log that is neither stored nor an error (the service's
+    ordinary races)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoreSession:
     service_session_id: str
     model: str | None
@@ -117,4 +125,4 @@ Record = (
     StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreLatency | StoreError
     | StoreToolCall | StoreToolResult
 )
-Action = Play | BargeIn | Send | CallTool | HangUp | Record
+Action = Play | BargeIn | Send | CallTool | HangUp | Notice | Record

@@ -8,7 +8,8 @@ never reads a clock, so every latency is a difference of two such times.
 The service's habits are handled here: late user transcripts keep their place (and can be given
 up on), the idle-timeout nudge's empty user item is no utterance, audio of a reply the user
 talked over is never played, benign errors are not errors, and function calls run only from a
-completed response (:mod:`.tool_calls`).
+completed response (:mod:`.tool_calls`); the service's own calls of remote MCP servers are
+audited and its approval requests decided like function calls (:mod:`.remote_mcp`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import enum
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from r2d2voice.protocol.actions import (
     Action,
     BargeIn,
+    Notice,
     Play,
     Send,
     StoreError,
@@ -30,13 +33,19 @@ from r2d2voice.protocol.actions import (
     StoreResponse,
     StoreSession,
 )
+from r2d2voice.protocol.core import End, EndReason
 from r2d2voice.protocol.tool_records import StoreToolResult
 from r2d2voice.realtime.client_events import (
     RATE,
+    AudioAppend,
     ClientEvent,
+    ItemCreateText,
     ItemDelete,
     ItemTruncate,
     ResponseCreate,
+    SessionConfig,
+    SessionUpdate,
+    ToolsUpdate,
     encode,
 )
 from r2d2voice.realtime.items import Items
@@ -45,8 +54,15 @@ from r2d2voice.realtime.server_events import (
     AudioDelta,
     CallArgumentsDelta,
     CallArgumentsDone,
+    Ignored,
     InputCommitted,
+    McpApprovalRequest,
+    McpCall,
+    McpEvent,
+    McpListTools,
+    McpListToolsFailed,
     OutputItemAdded,
+    ProtocolError,
     ResponseCreated,
     ResponseDone,
     ServerEvent,
@@ -60,6 +76,7 @@ from r2d2voice.realtime.server_events import (
     TranscriptDone,
     UserTranscript,
     UserTranscriptFailed,
+    parse_event,
 )
 from r2d2voice.realtime.tool_calls import ToolCalls
 from r2d2voice.realtime.tracking import MAX_TRACKED, remember
@@ -100,6 +117,14 @@ TRANSITIONS: dict[type, dict[Turn, Turn]] = {
 }
 
 
+#: close codes after which no retry can help (exit 3), and what they mean
+FATAL_CLOSE_CODES = {
+    3000: "the API key was refused",
+    1013: "no quota left (check the plan and billing)",
+    4000: "the request was refused (check the model name)",
+}
+
+
 class LocalProtocolError(RuntimeError):
     """The shell asked for something the state forbids (sending on a closed connection)."""
 
@@ -113,8 +138,18 @@ class Conversation:
 
     MAX_TRACKED_ITEMS = MAX_TRACKED
 
-    def __init__(self, *, interrupt_response: bool = True) -> None:
-        self.interrupt_response = interrupt_response
+    #: the shell calls :meth:`tick` this often (None: never; everything here is event-driven)
+    tick_interval: float | None = None
+
+    def __init__(self, config: SessionConfig | None = None,
+                 context: tuple[tuple[str, str], ...] = ()) -> None:
+        self.config = config or SessionConfig(instructions="")
+        #: turns of earlier sessions re-sent as text items after the configuration
+        self.context = context
+        self.interrupt_response = self.config.interrupt_response
+        #: server messages that were not JSON events / ordinary races the service calls errors
+        self.junk_messages = 0
+        self.benign_errors = 0
         self.phase = Phase.CONNECTING
         self.turn = Turn.IDLE
         self.session_id: str | None = None
@@ -123,6 +158,8 @@ class Conversation:
         self.responses_done = 0
         self.active_response: str | None = None
         self.last_error: ServiceError | None = None
+        #: how the session ended (set once: the first to notice decides)
+        self.end: EndReason | None = None
         self.usage_totals: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
         #: committed user items whose transcript is still to come -> their seq
         self.pending_user: OrderedDict[str, int] = OrderedDict()
@@ -140,6 +177,30 @@ class Conversation:
         self._cut: OrderedDict[str, bool] = OrderedDict()
 
     # -- queries ---------------------------------------------------------------------------
+    @property
+    def waiting_for_transcript(self) -> bool:
+        """Everything is done but a user transcript that is still to come."""
+        return self.turn is Turn.TRANSCRIBING
+
+    def statistics(self) -> dict[str, int]:
+        """This session's counts the shell adds to the run's (and the session row's)."""
+        return {"junk_messages": self.junk_messages, "benign_errors": self.benign_errors,
+                "leftover_deltas": self.leftover_deltas}
+
+    def status(self, playing: bool) -> str:
+        """What the robot is doing, for ``systemctl status`` (``playing``: audio is queued)."""
+        if self.user_speaking:
+            return "listening (you are speaking)"
+        if self.active_response and not playing:
+            return "thinking"
+        if playing or self.active_response:
+            return "speaking"
+        if self.turn is Turn.ACTING:
+            return "acting (" + ", ".join(self.tools.running) + ")"
+        if self.turn is Turn.RESPONDING:
+            return "thinking"
+        return "listening"
+
     @property
     def idle(self) -> bool:
         """No user speech, no reply being generated or asked for, no tool running."""
@@ -171,6 +232,14 @@ class Conversation:
         return self.items.seq_of(item_id)
 
     # -- outbound --------------------------------------------------------------------------
+    def opening(self) -> list[str]:
+        """The session's configuration, then the context of earlier sessions."""
+        return [self.send(SessionUpdate(self.config)),
+                *(self.send(ItemCreateText(role, text)) for role, text in self.context)]
+
+    def audio(self, pcm: bytes) -> str:
+        return self.send(AudioAppend(pcm))
+
     def send(self, event: ClientEvent) -> str:
         """The wire JSON of ``event`` with this instance's next event id; remembers it."""
         if self.phase is Phase.CLOSED:
@@ -180,8 +249,18 @@ class Conversation:
         return encode(event, event_id)
 
     # -- inbound ---------------------------------------------------------------------------
-    def receive(self, event: ServerEvent, now: float) -> list[Action]:
-        """Apply one server event received at ``now``; return what the shell should do."""
+    def receive(self, event: ServerEvent | str | bytes, now: float) -> list[Action]:
+        """Apply one server message (or an event already parsed) received at ``now``; return
+        what the shell should do. Junk (not a JSON event) and events we do not use are
+        counted or skipped, never raised."""
+        if isinstance(event, (str, bytes)):
+            try:
+                event = parse_event(event)
+            except ProtocolError:
+                self.junk_messages += 1
+                return []
+        if isinstance(event, Ignored):
+            return []
         handler = self._HANDLERS.get(type(event))
         out = handler(self, event, now) if handler else []
         moves = TRANSITIONS.get(type(event))
@@ -212,10 +291,31 @@ class Conversation:
         event = ItemTruncate(item_id, played_ms) if played_ms > 0 else ItemDelete(item_id)
         return [Send(event), StoreInterrupted(item_id, reply.seq, played_ms)]
 
-    def connection_lost(self) -> list[Action]:
-        """The transport is gone: store transcripts that never got their ``.done``; no more
-        sending. Calling it again returns nothing."""
-        out: list[Action] = list(self.items.unfinished())
+    def finish(self, reason: EndReason) -> None:
+        """The session ends for ``reason`` (ignored once an end is known)."""
+        if self.end is None:
+            self.end = reason
+
+    def connection_lost(self, code: int | None = None, reason: str = "closed"
+                        ) -> list[Action]:
+        """The transport is gone (with close ``code``, if any): decide how the session ended,
+        store transcripts that never got their ``.done``; no more sending. Calling it again
+        returns nothing more."""
+        out: list[Action] = []
+        ours = self.end is not None and self.end.ours
+        if code in FATAL_CLOSE_CODES and not ours and (
+                self.end is None or self.end.kind is not End.FATAL):
+            said = f": {self.last_error.message}" if self.last_error is not None else ""
+            self.end = EndReason(End.FATAL, (
+                f"the Realtime service closed the connection with code {code} "
+                f"({FATAL_CLOSE_CODES[code]}){said}"))
+            out.append(StoreError("connection_closed", str(code), self.end.detail, True))
+        elif self.phase is not Phase.CLOSED and not ours and (
+                self.end is None or self.end.kind in (End.LOST, End.EXPIRED)):
+            self.finish(EndReason(End.LOST, reason))
+            out.append(StoreError("connection_lost", None, self.end.detail, False))
+        out += self.items.unfinished()
+        out += self.tools.remote.unanswered()
         self.phase = Phase.CLOSED
         self.turn = Turn.IDLE
         self.active_response = None
@@ -227,21 +327,28 @@ class Conversation:
         output, and once every call of the asking response is answered ask for a reply (when
         no other response is active). ``hang_up``: it was ``end_conversation``, so that reply
         is the goodbye, after which :class:`HangUp` comes."""
-        out: list[Action] = [result]
-        out += self.tools.answered(result, hang_up=hang_up, send=self.phase is not Phase.CLOSED)
+        sent = self.tools.answered(result, hang_up=hang_up, send=self.phase is not Phase.CLOSED)
+        # an approved MCP request's row waits for the result of the call the service makes
+        out: list[Action] = [] if self.tools.remote.waits_for_call(result.call_id) else [result]
+        out += sent
         out += self._request_response()
         self._settle()
         return out
 
-    def add_item(self, event: ClientEvent) -> list[Action]:
-        """Send an item the model should answer (an appliance's note while a tool waits, the
-        answer to an MCP approval request) and ask for a reply once no response is active."""
+    def tool_says(self, text: str) -> list[Action]:
+        """A running call has the model told ``text`` (a system item; a call waiting for the
+        person's yes has it ask) and a reply asked for once no response is active."""
         if self.phase is Phase.CLOSED:
             return []
         self.tools.due = True
-        out: list[Action] = [Send(event), *self._request_response()]
+        out: list[Action] = [Send(ItemCreateText("system", text)), *self._request_response()]
         self._settle()
         return out
+
+    def tools_offered(self, tools: tuple[dict[str, Any], ...]) -> list[Action]:
+        """The tools on offer changed: the session's are replaced (``session.update``)."""
+        self.config = replace(self.config, tools=tuple(tools))
+        return [] if self.phase is Phase.CLOSED else [Send(ToolsUpdate(tuple(tools)))]
 
     def give_up_transcripts(self) -> list[str]:
         """Stop waiting for user transcripts that never came; returns their item ids. One that
@@ -307,7 +414,12 @@ class Conversation:
                              ev.name or "?", self.items.seq(ev.item_id))
         elif ev.kind == "message":
             self.items.reply(ev.item_id, ev.response_id)
+        else:  # an MCP item, …: its place is where it starts
+            self.items.seq(ev.item_id)
         return []
+
+    def _on_mcp(self, ev: McpEvent, now: float) -> list[Action]:
+        return self.tools.mcp(ev, self.items.seq, self.active_response)
 
     def _on_call_delta(self, ev: CallArgumentsDelta, now: float) -> list[Action]:
         self.tools.delta(ev)
@@ -351,13 +463,22 @@ class Conversation:
         out += self.tools.response_done(ev.response_id, ev.status, ev.status_details)
         return out + self._request_response()
 
+    def tick(self, now: float) -> list[Action]:
+        return []
+
     def _on_error(self, ev: ServiceError, now: float) -> list[Action]:
         if ev.benign:  # an ordinary race: the shell logs it, nothing is stored
+            self.benign_errors += 1
             ours = self.sent.get(ev.event_id or "") == ResponseCreate.TYPE
             if ev.code == "conversation_already_has_active_response" and ours:
                 self.tools.busy()
-            return []
+            return [Notice(f"service: {ev.message} ({ev.code}), going on")]
         self.last_error = ev
+        if ev.fatal:
+            self.finish(EndReason(End.FATAL, f"the Realtime service refused: {ev.message}"
+                                  + (f" ({ev.code})" if ev.code else "")))
+        elif ev.ends_session:
+            self.finish(EndReason(End.EXPIRED, f"session ended by the service ({ev.code})"))
         message = ev.message
         if ev.event_id in self.sent:
             message += f" (in reply to our {self.sent[ev.event_id]})"
@@ -381,6 +502,10 @@ class Conversation:
         CallArgumentsDone: _on_call_done,
         ResponseDone: _on_response_done,
         ServiceError: _on_error,
+        McpApprovalRequest: _on_mcp,
+        McpCall: _on_mcp,
+        McpListTools: _on_mcp,
+        McpListToolsFailed: _on_mcp,
     }
 
     # -- helpers ---------------------------------------------------------------------------

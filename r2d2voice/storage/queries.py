@@ -142,8 +142,9 @@ class UsageSummaryRow:
     total, so ``cached_text_est`` / ``cached_audio_est`` split it per response in proportion to
     that response's text and audio input (an estimate, used for pricing).
 
-    ``local``: the responses of sessions on the local backend (``sessions.backend`` "local"),
-    which no service bills; a group with both kinds comes as two rows, the billed one first.
+    ``local``: the responses of sessions on the local backend (``sessions.backend`` or
+    ``sessions.model`` "local": the local backend names that model, whichever URL reached
+    it), which no service bills; a group with both kinds comes as two rows, the billed one first.
     """
 
     key: str
@@ -229,6 +230,8 @@ FROM sessions AS s
 
 # Per response: token columns with NULL as 0, and the cached total split between text and
 # audio in proportion to the response's own text/audio input (capped at that input).
+#: A session no service bills: on the local backend, or at a service that says it is one.
+_IS_LOCAL = "(s.backend IS 'local' OR s.model IS 'local')"
 _USAGE_PER_RESPONSE = """
 SELECT r.session_id, r.created_at, it, ia, ic, ot, oa,
        CASE WHEN it + ia > 0 THEN min(ic, it + ia) * 1.0 * it / (it + ia) ELSE 0.0 END AS ct,
@@ -471,7 +474,7 @@ class Queries:
         where, args = _where("r.session_id", "r.created_at", sessions, since, until)
         rows = self.conn.execute(
             f"SELECT {key}, count(*), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot), sum(r.oa),"
-            f" sum(r.ct), sum(r.ca), s.backend IS 'local' AS local"
+            f" sum(r.ct), sum(r.ca), {_IS_LOCAL} AS local"
             f" FROM ({_USAGE_PER_RESPONSE}) AS r JOIN sessions AS s ON s.id = r.session_id"
             f"{where} GROUP BY {key}, local ORDER BY {order}, local", args).fetchall()
         return [UsageSummaryRow(*r[:9], bool(r[9])) for r in rows]

@@ -1,20 +1,18 @@
-"""The Toolbox as the link sees it: one call in, its audit result out (``__call__``), and what a
-connection needs beyond single calls (``link.tools.ToolOffer``): the tools offered now and a
-signal when they change, the person's utterances (for confirmation), the service's remote
-MCP items, and the answers to its approval requests."""
+"""The Toolbox as the link sees it: one call in, its audit result out (``__call__``, a
+``link.tools.ToolCaller``), and what the run offers beyond single calls (``link.tools.ToolOffer``):
+the tools on offer now and a signal when they change, and the person's utterances (a call
+waiting for a yes is answered by them)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from r2d2voice.appliance.tools.runner import Toolbox, ToolContext
-from r2d2voice.protocol.actions import Action, CallTool
+from r2d2voice.protocol.actions import CallTool
 from r2d2voice.protocol.tool_records import StoreToolResult
 
 if TYPE_CHECKING:
     from r2d2voice.link.tools import CallHooks
-    from r2d2voice.realtime.client_events import ClientEvent
 
 
 class ToolboxPort:
@@ -26,8 +24,8 @@ class ToolboxPort:
     async def __call__(self, request: CallTool, hooks: CallHooks) -> StoreToolResult:
         result = await self.toolbox.call(
             request.name, request.arguments,
-            context=ToolContext(request.call_id, hooks.end_conversation,
-                                seq=getattr(request, "seq", None), ask=hooks.ask))
+            context=ToolContext(request.call_id, hooks.end_conversation, seq=request.seq,
+                                ask=hooks.ask))
         return StoreToolResult(request.call_id, result.status, result.output,
                                result.exit_code, result.duration_ms)
 
@@ -43,16 +41,3 @@ class ToolboxPort:
 
     def heard(self, text: str, seq: int | None) -> None:
         self.toolbox.heard(text, seq)
-
-    def service_event(self, event: dict[str, Any], seq: Callable[[str], int]) -> list[Action]:
-        mcp = self.toolbox.mcp
-        return [] if mcp is None or not mcp.remote.specs else mcp.remote.receive(event, seq)
-
-    def answer(self, result: StoreToolResult
-               ) -> tuple[ClientEvent, StoreToolResult | None] | None:
-        """The ``mcp_approval_response`` for a verdict on the service's approval request (and
-        the record to store now), or None for an ordinary call's result."""
-        mcp = self.toolbox.mcp
-        if mcp is None or not mcp.remote.pending(result.call_id):
-            return None
-        return mcp.remote.answer(result)

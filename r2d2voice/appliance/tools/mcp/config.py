@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from r2d2voice.errors import ConfigError
+from r2d2voice.realtime.remote_mcp import SEPARATOR  # between server and tool in a name
 
 #: a server's name: lower case words joined by single underscores (``home``, ``living_room``),
 #: so ``<name>__<tool>`` splits back unambiguously at the first double underscore
@@ -23,8 +24,6 @@ _SERVER_NAME = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KEYS = ("name", "command", "url", "headers", "tools", "confirm", "timeout_s", "env", "remote")
-#: what separates the server's name from its tool's in the name the model sees
-SEPARATOR = "__"
 
 Fail = Callable[[str], ConfigError]
 
