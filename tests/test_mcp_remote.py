@@ -184,7 +184,7 @@ def test_listing_is_a_log_line_and_its_failure_a_service_error() -> None:
     assert conv.junk_messages == 0
 
 
-def test_a_running_calls_note_and_the_offer_wait_while_the_session_is_closed() -> None:
+def test_a_running_calls_note_and_the_offer_go_nowhere_once_the_session_is_closed() -> None:
     conv = Conversation()
     conv.connection_lost(1000, "bye")
     assert conv.tool_says("ask") == [] and conv.tools_offered(()) == []
