@@ -77,7 +77,7 @@ def test_a_call_runs_once_its_response_completed_and_its_output_goes_back() -> N
         StoreToolCall("call_1", "fc_1", "r1", 2, "turn_head", ARGS)]
     assert not ran(out) and conv.turn is Turn.RESPONDING
     out = feed(conv, msgs[-1:])
-    assert ran(out) == [a.CallTool("call_1", "turn_head", ARGS, "r1")]
+    assert ran(out) == [a.CallTool("call_1", "turn_head", ARGS, "r1", 2)]
     assert conv.turn is Turn.ACTING and not conv.idle and not conv.settled
     assert conv.tools.running == ["turn_head"]
 

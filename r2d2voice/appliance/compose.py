@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,8 +62,12 @@ def check_listening(settings: Settings) -> None:
 
 def open_toolbox(settings: Settings) -> Toolbox | None:
     """The tools of ``R2D2_TOOLS`` (ConfigError, exit 3, for a bad file; the volume is kept
-    next to the database) and the memory's (``R2D2_MEMORY``). None with neither."""
-    return offered_tools(settings, state_path=Path(settings.db).parent / TOOL_STATE_FILE)
+    next to the database; ``${VAR}`` of MCP entries filled from the environment or env file)
+    and the memory's (``R2D2_MEMORY``). None with neither."""
+    from r2d2voice.appliance.tools.mcp.config import variables
+
+    return offered_tools(settings, state_path=Path(settings.db).parent / TOOL_STATE_FILE,
+                         variables=variables(settings.env_file))
 
 
 def session_config(settings: Settings, toolbox: Toolbox | None = None) -> SessionConfig:
@@ -173,10 +178,12 @@ async def hold(settings: Settings, source: Source, sink: Sink,
     try:
         # the store retries while the disk is full, and prunes with R2D2_RETENTION_DAYS; the
         # shipper runs in threads of its own (never waited for); both are closed on the way
-        # out, shielded, with a deadline
+        # out, shielded, with a deadline. The MCP servers run for the whole run (one process
+        # each, however it listens), their tools offered as each becomes ready
         async with (open_store(settings.db, on_status=options.on_store_status,
                                **store_options(settings)) as store,
-                    ship_alongside(ship_plan, status=options.on_ship_status) as shipping):
+                    ship_alongside(ship_plan, status=options.on_ship_status) as shipping,
+                    toolbox.running() if toolbox is not None else nullcontext()):
             sessions = StoreSessions(store, backend=service.backend, model=service.model,
                                      voice=settings.voice, metadata=options.metadata)
             if isinstance(gate, WakeGate):

@@ -47,16 +47,15 @@ from r2d2voice.appliance.chain import FilePacer, MicChain
 from r2d2voice.appliance.context import Sink, Source, Stopper
 from r2d2voice.appliance.gate import WakeGate, WakeWordConversation
 from r2d2voice.appliance.sources import FileSource
-from r2d2voice.appliance.tools import Toolbox, ToolContext
+from r2d2voice.appliance.tools import Toolbox
+from r2d2voice.appliance.tools.port import ToolboxPort
 from r2d2voice.audio.earcons import earcon_chunk
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 from r2d2voice.link.parts import LinkParts
 from r2d2voice.link.state import LinkState, Statistics
 from r2d2voice.link.supervisor import Supervisor
-from r2d2voice.link.tools import ToolCaller
 from r2d2voice.link.turns import LinkView, TurnGate
-from r2d2voice.protocol.actions import CallTool, Record
-from r2d2voice.protocol.tool_records import StoreToolResult
+from r2d2voice.protocol.actions import Record
 from r2d2voice.realtime.conversation import Conversation
 
 log = logging.getLogger("r2d2voice.appliance.pipeline")
@@ -121,7 +120,7 @@ async def run_pipeline(run: Run) -> RunResult:
     if run.toolbox is not None:
         buffer.set_gain(run.toolbox.volume.gain)
         run.toolbox.volume.subscribe(buffer.set_gain)
-        parts.tools = tool_caller(run.toolbox)
+        parts.tools = parts.offer = tool_caller(run.toolbox)
 
     # a live microphone's frames wait for the chain at most 1 s (it drains them at once); a
     # file's are handed over one by one, so the only queue is the uplink's (stale frames of a
@@ -196,16 +195,10 @@ async def run_pipeline(run: Run) -> RunResult:
                      gate.conversations if isinstance(gate, WakeGate) else [], state.stopping)
 
 
-def tool_caller(toolbox: Toolbox) -> ToolCaller:
-    """The link's view of a Toolbox: one call in, its audit result out."""
-
-    async def call(request: CallTool, end_conversation: Callable[[], None]) -> StoreToolResult:
-        result = await toolbox.call(request.name, request.arguments,
-                                    context=ToolContext(request.call_id, end_conversation))
-        return StoreToolResult(request.call_id, result.status, result.output,
-                               result.exit_code, result.duration_ms)
-
-    return call
+def tool_caller(toolbox: Toolbox) -> ToolboxPort:
+    """The link's view of a Toolbox: one call in, its audit result out (``ToolCaller``), and
+    the tools on offer as they change, the person's words (``ToolOffer``)."""
+    return ToolboxPort(toolbox)
 
 
 def _both(first: Callable[[], None], second: Callable[[], None] | None) -> Callable[[], None]:

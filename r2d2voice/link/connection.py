@@ -26,13 +26,11 @@ from r2d2voice.link import timers
 from r2d2voice.link.effects import Effects
 from r2d2voice.link.parts import LinkParts
 from r2d2voice.link.state import LinkState
-from r2d2voice.link.tools import ToolDone, ToolJob
+from r2d2voice.link.tools import ToolJob, ToolNews, ToolPrompt, ToolsOffered
 from r2d2voice.link.transport import LinkClosed, Transport
 from r2d2voice.protocol.actions import Record
 from r2d2voice.protocol.core import End, EndReason
-from r2d2voice.realtime.client_events import (
-    ClientEvent,
-)
+from r2d2voice.realtime.client_events import ClientEvent
 from r2d2voice.realtime.conversation import LocalProtocolError
 
 log = logging.getLogger("r2d2voice.link.connection")
@@ -76,7 +74,7 @@ class ToolPorts:
     """The run's tool runner as a connection sees it (both ends borrowed)."""
 
     calls: trio.MemorySendChannel[ToolJob]
-    results: trio.MemoryReceiveChannel[ToolDone]
+    results: trio.MemoryReceiveChannel[ToolNews]
 
 
 class Connection:
@@ -98,8 +96,10 @@ class Connection:
         """All tasks of this connection; returns how it ended once it is closed. Owns the
         control channel."""
         control_send, control_recv = trio.open_memory_channel[ClientEvent](CONTROL_BOUND)
+        offer = self.parts.offer
         effects = Effects(self.state, self.session_id, self.parts.console, audio, records,
-                          control_send, self.tools.calls, self.epoch)
+                          control_send, self.tools.calls, self.epoch,
+                          heard=offer.heard if offer is not None else None)
         state, policy = self.state, self.policy
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._uplink, feed, control_recv)
@@ -265,9 +265,17 @@ class Connection:
     # -- tool results --------------------------------------------------------------------------
     async def _tool_results(self, effects: Effects) -> None:
         """Outputs of finished tools go to the session that asked, if it is this one; a result
-        for an ended session is only recorded."""
+        for an ended session is only recorded. A running call's prompt goes to its session;
+        a change of the tools on offer to the session there is."""
         while True:
             done = await self.tools.results.receive()
+            if isinstance(done, ToolsOffered):
+                await effects.apply(self.conv.tools_offered(done.tools))
+                continue
+            if isinstance(done, ToolPrompt):
+                if done.job.epoch == self.epoch:
+                    await effects.apply(self.conv.tool_says(done.text))
+                continue
             with trio.move_on_after(FLUSH_DEADLINE) as deliver:
                 deliver.shield = True  # a received result is never lost to a cancel
                 if done.job.epoch == self.epoch:

@@ -10,6 +10,7 @@ waited; control events and tool calls wait (they are few and small).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,8 @@ class Effects:
                  audio: trio.MemorySendChannel[AudioChunk],
                  records: trio.MemorySendChannel[tuple[str, Record]],
                  control: trio.MemorySendChannel[ClientEvent],
-                 calls: trio.MemorySendChannel[ToolJob] | None = None, epoch: int = 0) -> None:
+                 calls: trio.MemorySendChannel[ToolJob] | None = None, epoch: int = 0, *,
+                 heard: Callable[[str, int | None], None] | None = None) -> None:
         self.state = state
         self.session_id = session_id
         self.console = console
@@ -52,6 +54,8 @@ class Effects:
         self.control = control
         self.calls = calls
         self.epoch = epoch
+        #: told each final user transcript (a call waiting for the person's yes)
+        self.heard = heard
         #: set by :class:`HangUp`: the connection closes once the goodbye has played
         self.hang_up = trio.Event()
 
@@ -149,6 +153,8 @@ class Effects:
         if isinstance(record, StoreMessage) and not record.partial:
             if record.role == "user":
                 stats.user_turns += 1
+                if self.heard is not None:
+                    self.heard(record.text, record.seq)
             else:
                 stats.assistant_turns += 1
             self.console.transcript(record.role, record.text)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from r2d2voice.link.state import Console, FrameSource, LinkPolicy, Quiet, SessionGate, Sessions
-from r2d2voice.link.tools import ToolCaller
+from r2d2voice.link.tools import ToolCaller, ToolOffer
 from r2d2voice.link.transport import Connector, Endpoint, open_realtime
 from r2d2voice.protocol.core import ProtocolCore
 from r2d2voice.realtime.client_events import SessionConfig
@@ -46,6 +46,9 @@ class LinkParts:
     rng: random.Random | None = None
     #: runs the model's function calls (None: every call is rejected)
     tools: ToolCaller | None = None
+    #: the tools on offer as they change, and who hears the person's words (None: the
+    #: config's tools, fixed)
+    offer: ToolOffer | None = None
     #: a turn is open or a reply plays (True), or not: the microphone's hand-over follows it
     busy: Callable[[bool], None] = _nothing
     #: the other parts' counters (capture drops, gated frames, underruns), as they are now;
@@ -58,5 +61,9 @@ class LinkParts:
     configure: Callable[[SessionConfig], Awaitable[SessionConfig]] | None = None
 
     async def new_core(self, context: list[tuple[str, str]]) -> ProtocolCore:
+        """A session's core: its configuration made now (the memory it has by now), offering
+        the tools on offer now."""
         config = self.config if self.configure is None else await self.configure(self.config)
+        if self.offer is not None:
+            config = replace(config, tools=self.offer.session_tools())
         return self.protocol(config, tuple(context))

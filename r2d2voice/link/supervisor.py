@@ -25,6 +25,7 @@ from r2d2voice.link.tools import (
     RESULTS_BOUND,
     ToolDone,
     ToolJob,
+    ToolNews,
     ToolRunner,
     no_tools,
 )
@@ -96,11 +97,11 @@ class Supervisor:
             source = self.parts.source
             feed = FrameFeed(frames, drop_stale=source.live or source.resends, live=source.live)
             calls_send, calls_recv = trio.open_memory_channel[ToolJob](CALLS_BOUND)
-            results_send, results_recv = trio.open_memory_channel[ToolDone](RESULTS_BOUND)
+            results_send, results_recv = trio.open_memory_channel[ToolNews](RESULTS_BOUND)
             async with results_recv:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(ToolRunner(self.tools, records).run, calls_recv,
-                                       results_send)
+                    runner = ToolRunner(self.tools, records, self.parts.offer)
+                    nursery.start_soon(runner.run, calls_recv, results_send)
                     async with calls_send:
                         try:
                             await self._conversations(feed, audio, records,
@@ -272,14 +273,17 @@ def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {key: value - before.get(key, 0) for key, value in now.items()}
 
 
-async def _store_undelivered(results: trio.MemoryReceiveChannel[ToolDone],
+async def _store_undelivered(results: trio.MemoryReceiveChannel[ToolNews],
                              records: trio.MemorySendChannel[tuple[str, Record]]) -> None:
-    """Results that finished after the last connection: recorded, not delivered."""
+    """Results that finished after the last connection: recorded, not delivered (prompts and
+    offers mean nothing without a session)."""
     while True:
         try:
             done = results.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return
+        if not isinstance(done, ToolDone):
+            continue
         log.warning("tool %s (call %s) finished after the conversation ended: output not "
                     "delivered", done.job.call.name, done.job.call.call_id)
         with trio.move_on_after(END_DEADLINE) as scope:

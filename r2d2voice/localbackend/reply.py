@@ -7,7 +7,8 @@ the end, or once cancelled, :meth:`Reply.closing` closes whatever was opened, fr
 actually sent, then ``response.done`` and what is due after it.
 
 A reply is an audio message (beeps, with a scripted or default transcript), a function call,
-or both (a spoken preamble, then the call).
+or both (a spoken preamble, then the call); a remote MCP call the service made comes before
+the message about it, an approval request after a preamble.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from r2d2voice.localbackend.outputs import (
     AudioMessage,
     ChunkMs,
     FunctionCall,
+    McpOutput,
     Tick,
     chunk_bounds,
 )
+from r2d2voice.localbackend.planner import ReplyPlan
 from r2d2voice.localbackend.wire import RATE, EventMaker, Json, ms
 
 __all__ = ["Beeps", "Reply", "Tick", "leftover_audio", "synthesize"]
@@ -71,8 +74,8 @@ def leftover_audio(steps: Iterator[Json | Tick], n: int) -> list[Json]:
 class Reply:
     """One response, from ``response.created`` to ``response.done``.
 
-    ``say``: the transcript (None: the beeps' own); ``call``: (tool name, arguments) to call
-    after it; ``fault``: how it is made to end (:attr:`Faults.fail_responses`); ``extra``:
+    ``plan``: what it says and calls (:class:`ReplyPlan`); ``fault``: how it is made to end
+    (:attr:`Faults.fail_responses`); ``extra``:
     the fields of :attr:`Faults.extra_fields`; ``cached``: (audio, text) input tokens the
     previous response already had (reported as cached with ``extra``).
     """
@@ -88,8 +91,7 @@ class Reply:
         seed: bytes,
         seconds: float,
         metadata: Any = None,
-        say: str | None = None,
-        call: tuple[str, str] | None = None,
+        plan: ReplyPlan | None = None,
         fault: ResponseFault | None = None,
         extra: bool = False,
         rate_limits: bool = False,
@@ -104,6 +106,8 @@ class Reply:
         self.seed = seed
         self.seconds = seconds
         self.metadata = metadata
+        plan = plan or ReplyPlan()
+        say, call, mcp = plan.say, plan.call, plan.mcp
         self.say = say
         self.fault = fault
         self.extra = extra
@@ -118,15 +122,22 @@ class Reply:
         common = (event, conversation, self.id)
         self.message: AudioMessage | None = None
         self.call: FunctionCall | None = None
-        self.outputs: list[AudioMessage | FunctionCall] = []
-        if call is None or say is not None:
-            phase = "commentary" if call is not None else "final_answer"
-            self.message = AudioMessage(*common, 0, extra=extra, phase=phase)
+        self.outputs: list[AudioMessage | FunctionCall | McpOutput] = []
+        asks = mcp is not None and mcp.ask
+        if mcp is not None and not asks:  # the call the service made, then the words on it
+            self.outputs.append(McpOutput(*common, 0, extra=extra, plan=mcp.plan, ask=False,
+                                          approval_request_id=mcp.approval_request_id))
+        if say is not None or (call is None and not asks):
+            phase = "commentary" if call is not None or asks else "final_answer"
+            self.message = AudioMessage(*common, len(self.outputs), extra=extra, phase=phase)
             self.outputs.append(self.message)
         if call is not None:
             self.call = FunctionCall(*common, len(self.outputs), extra=extra, name=call[0],
                                      arguments=call[1])
             self.outputs.append(self.call)
+        if mcp is not None and asks:
+            self.outputs.append(McpOutput(*common, len(self.outputs), extra=extra,
+                                          plan=mcp.plan, ask=True))
 
     @property
     def speaks(self) -> bool:
@@ -184,9 +195,11 @@ class Reply:
                     yield step
                 if not cut and k < len(self.outputs) - 1:
                     yield Tick(ms(len(audio) // 2))  # what follows is due after the audio
-            else:
+            elif isinstance(out, FunctionCall):
                 n = math.ceil(len(out.arguments) / ARGUMENT_PIECE)
                 yield from itertools.islice(out.deltas(), n // 2 if cut else None)
+            elif not cut:
+                yield from out.steps()
             if cut:
                 return
             if k < len(self.outputs) - 1:

@@ -51,6 +51,8 @@ class CallTool:
     name: str
     arguments: str = field(repr=False)
     response_id: str | None = None
+    #: the call item's place in the conversation (a confirmation must come after it)
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from r2d2voice.protocol.actions import Action, ClientEvent
 from r2d2voice.protocol.tool_records import StoreToolResult
@@ -84,6 +84,13 @@ class ProtocolCore(Protocol):
 
     def tool_finished(self, result: StoreToolResult, *, hang_up: bool) -> list[Action]:
         """A tool call the core asked for (:class:`~.actions.CallTool`) finished."""
+
+    def tool_says(self, text: str) -> list[Action]:
+        """A running call has the model told ``text`` (and answer it: a call waiting for the
+        person's yes has the model ask)."""
+
+    def tools_offered(self, tools: tuple[dict[str, Any], ...]) -> list[Action]:
+        """The tools on offer changed mid-session (an MCP server came, went, changed)."""
 
     def tick(self, now: float) -> list[Action]:
         """Time passed (every :attr:`tick_interval` s): close what a pause closes."""

@@ -91,6 +91,28 @@ class ItemCreateFunctionOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemCreateMcpApproval:
+    """``conversation.item.create`` of an ``mcp_approval_response``: the answer to the service's
+    request to call a remote MCP tool."""
+
+    TYPE: ClassVar[str] = "conversation.item.create"
+
+    item_id: str
+    approval_request_id: str
+    approve: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolsUpdate:
+    """``session.update`` of the ``tools`` alone (their list changed mid-session)."""
+
+    TYPE: ClassVar[str] = "session.update"
+
+    tools: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ItemTruncate:
     """``conversation.item.truncate``: the service keeps only what the user heard."""
 
@@ -129,6 +151,7 @@ class ResponseCancel:
 ClientEvent = (
     SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreateText
     | ItemCreateFunctionOutput | ItemTruncate | ItemDelete | ResponseCreate | ResponseCancel
+    | ItemCreateMcpApproval | ToolsUpdate
 )
 
 
@@ -184,6 +207,14 @@ def to_dict(event: ClientEvent, event_id: str) -> dict[str, Any]:
         case ItemCreateFunctionOutput(call_id=call_id, output=output):
             body = {"item": {"type": "function_call_output", "call_id": call_id,
                              "output": output}}
+        case ItemCreateMcpApproval(item_id=item_id, approval_request_id=request, approve=yes,
+                                   reason=reason):
+            item = {"type": "mcp_approval_response", "id": item_id,
+                    "approval_request_id": request, "approve": yes}
+            body = {"item": item if reason is None else {**item, "reason": reason}}
+        case ToolsUpdate(tools=tools):
+            body = {"session": {"type": "realtime", "tools": [dict(t) for t in tools],
+                                "tool_choice": "auto"}}
         case ItemTruncate(item_id=item_id, audio_end_ms=end, content_index=index):
             body = {"item_id": item_id, "content_index": index, "audio_end_ms": end}
         case ItemDelete(item_id=item_id):

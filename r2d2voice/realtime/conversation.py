@@ -8,7 +8,8 @@ never reads a clock, so every latency is a difference of two such times.
 The service's habits are handled here: late user transcripts keep their place (and can be given
 up on), the idle-timeout nudge's empty user item is no utterance, audio of a reply the user
 talked over is never played, benign errors are not errors, and function calls run only from a
-completed response (:mod:`.tool_calls`).
+completed response (:mod:`.tool_calls`); the service's own calls of remote MCP servers are
+audited and its approval requests decided like function calls (:mod:`.remote_mcp`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import enum
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from r2d2voice.protocol.actions import (
@@ -43,6 +45,7 @@ from r2d2voice.realtime.client_events import (
     ResponseCreate,
     SessionConfig,
     SessionUpdate,
+    ToolsUpdate,
     encode,
 )
 from r2d2voice.realtime.items import Items
@@ -53,6 +56,11 @@ from r2d2voice.realtime.server_events import (
     CallArgumentsDone,
     Ignored,
     InputCommitted,
+    McpApprovalRequest,
+    McpCall,
+    McpEvent,
+    McpListTools,
+    McpListToolsFailed,
     OutputItemAdded,
     ProtocolError,
     ResponseCreated,
@@ -307,6 +315,7 @@ class Conversation:
             self.finish(EndReason(End.LOST, reason))
             out.append(StoreError("connection_lost", None, self.end.detail, False))
         out += self.items.unfinished()
+        out += self.tools.remote.unanswered()
         self.phase = Phase.CLOSED
         self.turn = Turn.IDLE
         self.active_response = None
@@ -318,11 +327,28 @@ class Conversation:
         output, and once every call of the asking response is answered ask for a reply (when
         no other response is active). ``hang_up``: it was ``end_conversation``, so that reply
         is the goodbye, after which :class:`HangUp` comes."""
-        out: list[Action] = [result]
-        out += self.tools.answered(result, hang_up=hang_up, send=self.phase is not Phase.CLOSED)
+        sent = self.tools.answered(result, hang_up=hang_up, send=self.phase is not Phase.CLOSED)
+        # an approved MCP request's row waits for the result of the call the service makes
+        out: list[Action] = [] if self.tools.remote.waits_for_call(result.call_id) else [result]
+        out += sent
         out += self._request_response()
         self._settle()
         return out
+
+    def tool_says(self, text: str) -> list[Action]:
+        """A running call has the model told ``text`` (a system item; a call waiting for the
+        person's yes has it ask) and a reply asked for once no response is active."""
+        if self.phase is Phase.CLOSED:
+            return []
+        self.tools.due = True
+        out: list[Action] = [Send(ItemCreateText("system", text)), *self._request_response()]
+        self._settle()
+        return out
+
+    def tools_offered(self, tools: tuple[dict[str, Any], ...]) -> list[Action]:
+        """The tools on offer changed: the session's are replaced (``session.update``)."""
+        self.config = replace(self.config, tools=tuple(tools))
+        return [] if self.phase is Phase.CLOSED else [Send(ToolsUpdate(tuple(tools)))]
 
     def give_up_transcripts(self) -> list[str]:
         """Stop waiting for user transcripts that never came; returns their item ids. One that
@@ -388,7 +414,12 @@ class Conversation:
                              ev.name or "?", self.items.seq(ev.item_id))
         elif ev.kind == "message":
             self.items.reply(ev.item_id, ev.response_id)
+        else:  # an MCP item, …: its place is where it starts
+            self.items.seq(ev.item_id)
         return []
+
+    def _on_mcp(self, ev: McpEvent, now: float) -> list[Action]:
+        return self.tools.mcp(ev, self.items.seq, self.active_response)
 
     def _on_call_delta(self, ev: CallArgumentsDelta, now: float) -> list[Action]:
         self.tools.delta(ev)
@@ -471,6 +502,10 @@ class Conversation:
         CallArgumentsDone: _on_call_done,
         ResponseDone: _on_response_done,
         ServiceError: _on_error,
+        McpApprovalRequest: _on_mcp,
+        McpCall: _on_mcp,
+        McpListTools: _on_mcp,
+        McpListToolsFailed: _on_mcp,
     }
 
     # -- helpers ---------------------------------------------------------------------------
