@@ -21,6 +21,9 @@ from typing import Protocol
 from r2d2voice.protocol.actions import Action, ClientEvent
 from r2d2voice.protocol.tool_records import StoreToolResult
 
+#: How often the shell calls :meth:`ProtocolCore.tick` (seconds of its monotonic clock).
+TICK_S = 0.1
+
 
 class End(enum.Enum):
     """Why a connection ended, and so what comes next."""
@@ -66,6 +69,11 @@ class ProtocolCore(Protocol):
 
     def connection_lost(self, code: int | None, reason: str) -> list[Action]:
         """The transport is gone (close code and reason, if any): flush what is partial."""
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed without a message (the shell calls it every :data:`TICK_S` or so):
+        what a pause has closed (GPT-Live commits an utterance once its speaker paused; the
+        Realtime core needs no clock and returns nothing)."""
 
     def finish(self, reason: EndReason) -> None:
         """The shell ends the session for ``reason`` (ignored if it has already ended)."""
