@@ -151,8 +151,8 @@ class LiveConversation:
         return max(self.utterances.timeline_ms, since)
 
     def recent(self) -> list[tuple[str, str]]:
-        """(role, text) of the newest utterances, oldest first."""
-        return list(self.utterances.recent)
+        """(role, text) of the newest utterances, in the order they were said."""
+        return self.utterances.recent()
 
     def next_config(self) -> LiveConfig:
         """The configuration of the session that follows this one: the same, starting from

@@ -85,7 +85,8 @@ class Utterances:
     def __init__(self, pause_ms: int = PAUSE_MS) -> None:
         self.pause_ms = pause_ms
         self.open: dict[str, Stretch] = {}
-        self.recent: deque[tuple[str, str]] = deque(maxlen=RECENT)
+        #: (seq, role, text) of the newest committed utterances
+        self._recent: deque[tuple[int, str, str]] = deque(maxlen=RECENT)
         #: the latest timeline position any fragment reached
         self.timeline_ms = 0
         self.committed = 0
@@ -161,6 +162,10 @@ class Utterances:
         return [*out, StoreInterrupted(item_id, stretch.seq, played * 1000 // RATE)]
 
     # -- queries -----------------------------------------------------------------------------
+    def recent(self) -> list[tuple[str, str]]:
+        """(role, text) of the newest committed utterances, in the order they were said."""
+        return [(role, text) for _, role, text in sorted(self._recent, key=lambda r: r[0])]
+
     def speaking(self, now: float) -> bool:
         """Someone said (or the robot sent audio) something within the pause."""
         return any((now - s.last_at) * 1000 < self.pause_ms for s in self.open.values())
@@ -202,6 +207,6 @@ class Utterances:
             raw = "[" + ",".join(stretch.raw) + "]"
         stretch.raw = []
         self.committed += 1
-        self.recent.append((stretch.role, text))
+        self._recent.append((stretch.seq, stretch.role, text))
         return [StoreMessage(stretch.role, stretch.item_id, stretch.seq, text, raw=raw,
                              partial=partial)]
