@@ -126,7 +126,11 @@ REPEATED: list[tuple[str, str, str, str, object]] = [
     ("r2d2voice.link.state", "LinkPolicy", "barge_in_dbfs", "barge_in_dbfs", None),
     *(("r2d2voice.reports.usage", "Prices", name, f"price_{name}", None)
       for name in ("audio_in", "audio_in_cached", "text_in", "text_in_cached", "audio_out",
-                   "text_out")),
+                   "text_out", "live_minute")),
+    ("r2d2voice.live.client_events", "LiveConfig", "model", "live_model", None),
+    ("r2d2voice.live.client_events", "LiveConfig", "voice", "live_voice", None),
+    ("r2d2voice.live.client_events", "LiveConfig", "delegate_model", "live_delegate_model",
+     None),
 ]
 
 
@@ -153,5 +157,5 @@ def test_a_default_repeated_elsewhere_agrees_with_keys(module, obj, name, attr, 
 def test_the_wire_rate_is_one_number() -> None:
     rates = {m: importlib.import_module(m).RATE
              for m in ("r2d2voice.audio.pcm", "r2d2voice.realtime.client_events",
-                       "r2d2voice.localbackend.wire")}
+                       "r2d2voice.live.client_events", "r2d2voice.localbackend.wire")}
     assert set(rates.values()) == {24000}, rates
