@@ -488,3 +488,26 @@ def test_a_long_session_keeps_bounded_state() -> None:
     assert conv.utterances.committed == 1999
     assert len(conv.recent()) == 64 and len(conv.utterances._robot) <= 8
     assert len(conv.sent) <= 64 and len(conv.utterances.open) <= 2
+
+
+def test_the_live_core_has_every_member_of_the_protocol_seam() -> None:
+    """What the link calls (``protocol.core.ProtocolCore``), with the same parameters."""
+    import inspect
+
+    from r2d2voice.protocol.core import ProtocolCore
+
+    members = {name: value for name, value in vars(ProtocolCore).items()
+               if not name.startswith("_")}
+    assert {"opening", "audio", "send", "receive", "tick", "connection_lost", "finish",
+            "interrupted", "first_played", "tool_finished", "configured", "idle", "settled",
+            "awaiting_play"} <= set(members)
+    conv = live()
+    assert conv.end is None  # the annotated attribute
+    for name, value in members.items():
+        ours = getattr(LiveConversation, name)
+        if isinstance(value, property):
+            assert isinstance(ours, property), name
+            continue
+        if callable(value):
+            assert list(inspect.signature(ours).parameters) == list(
+                inspect.signature(value).parameters), name
