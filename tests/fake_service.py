@@ -276,7 +276,7 @@ class MemorySessions:
         self.rows: dict[str, dict[str, Any]] = {}
         self.records: list[tuple[str, Any]] = []
 
-    async def begin(self, previous: str | None) -> str:
+    async def begin(self, previous: str | None, metadata: dict[str, Any] | None = None) -> str:
         sid = f"s{len(self.rows)}"
         self.rows[sid] = {"previous": previous}
         return sid

@@ -20,7 +20,10 @@ import trio.testing
 import trio_websocket
 from fake_service import MemorySessions, NullSink
 
-from r2d2voice.appliance.pipeline import run_conversation
+from r2d2voice.appliance.gate import AlwaysGate
+from r2d2voice.appliance.pipeline import Run, RunResult, run_pipeline
+from r2d2voice.link.parts import LinkParts
+from r2d2voice.link.state import Quiet
 from r2d2voice.link.transport import MAX_MESSAGE_SIZE, Endpoint, Transport, WebSocketTransport
 from r2d2voice.localbackend import streaming
 from r2d2voice.localbackend.config import BackendConfig
@@ -87,6 +90,21 @@ class LocalLink:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
+
+
+async def run_conversation(endpoint: Endpoint, config: SessionConfig, source: Any, sink: Any,
+                           sessions: Any, record: Any, *, stopper: Any = None,
+                           buffer: Any = None, toolbox: Any = None, gate: Any = None,
+                           **link: Any) -> RunResult:
+    """One always-listening run through the real pipeline (what ``compose.hold`` builds from
+    settings, here from parts); ``link`` are :class:`LinkParts` fields."""
+    from r2d2voice.appliance.context import Stopper
+    from r2d2voice.audio.playout import PlayoutBuffer
+
+    gate = gate or AlwaysGate(live=source.live, vad=(0.5, 300, 500), console=Quiet())
+    parts = LinkParts(endpoint, config, source, sessions, gate, **link)
+    return await run_pipeline(Run(parts, source, sink, record, stopper=stopper or Stopper(),
+                                  buffer=buffer or PlayoutBuffer(), toolbox=toolbox))
 
 
 async def talk(link: LocalLink, source: Any, *, config: SessionConfig = CFG, sink: Any = None,

@@ -13,7 +13,7 @@ import pytest
 from support import run_cli
 
 from r2d2voice.appliance.compose import check_listening
-from r2d2voice.errors import ConfigError
+from r2d2voice.errors import ConfigError, UsageError
 from r2d2voice.system.config import DEFAULT_MODEL, Settings, default_db_path, load_settings
 
 
@@ -75,8 +75,8 @@ def test_env_file_lookup_order(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     assert s.voice == "explicit" and s.env_file == explicit
 
 
-def test_missing_explicit_env_file_is_a_config_error(dirs: tuple[Path, Path]) -> None:
-    with pytest.raises(ConfigError, match=r"nope\.env does not exist"):
+def test_missing_explicit_env_file_is_a_bad_invocation(dirs: tuple[Path, Path]) -> None:
+    with pytest.raises(UsageError, match=r"^--env-file nope\.env: no such file$"):
         load(dirs, env_file="nope.env")
 
 
@@ -93,7 +93,7 @@ def test_missing_explicit_env_file_is_a_config_error(dirs: tuple[Path, Path]) ->
         ("R2D2_EARCONS", "loud", "on or off"),
         ("R2D2_STORE_TEXT", "maybe", "'true' or 'false'"),
         ("R2D2_CONVERSATION_IDLE_S", "0", "between 1 and 3600"),
-        ("R2D2_RETENTION_DAYS", "-3", "'off' or a number of days"),
+        ("R2D2_RETENTION_DAYS", "0", "'off' (keep everything) or a number of days, at least 0.01"),
         ("AZURE_OPENAI_ENDPOINT", "NAME.openai.azure.com", "https:// (or wss://) URL"),
         ("R2D2_LOG_LEVEL", "loud", "one of DEBUG"),
         ("REALTIME_URL", "https://api.openai.com", "ws:// or wss://"),
@@ -113,7 +113,7 @@ def test_every_validation_error_names_key_source_and_value(
     assert repr(value) in msg and "\n" not in msg
     with pytest.raises(ConfigError, match=f"{key} in the environment must be"):
         load(dirs, {key: value})
-    with pytest.raises(ConfigError, match="on the command line"):
+    with pytest.raises(UsageError, match="on the command line"):  # a bad invocation: exit 2
         load(dirs, flags={key: (value, "--x")})
 
 
@@ -167,8 +167,9 @@ def test_cli_config_error_is_one_line_exit_3(tmp_path: Path) -> None:
     assert r.returncode == 3
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "R2D2_VAD_THRESHOLD in" in r.stderr and "'high'" in r.stderr
-    r = run_cli("--env-file", "missing.env", "sessions", cwd=tmp_path)
-    assert r.returncode == 3 and "missing.env does not exist" in r.stderr
+    r = run_cli("--env-file", "missing.env", "sessions", cwd=tmp_path)  # the command line
+    assert r.returncode == 2
+    assert r.stderr == "r2d2voice: error: --env-file missing.env: no such file\n"
 
 
 def test_new_settings_parse(dirs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -207,7 +208,10 @@ def test_secrets_are_masked_everywhere(dirs: tuple[Path, Path]) -> None:
     # a bad value of a secret key is not echoed in the error either
     with pytest.raises(ConfigError) as err:
         load(dirs, {"R2D2_SHIP_URL": "postgrse://u:hunter22@h/db"})
-    assert "hunter22" not in str(err.value) and "'***'" in str(err.value)
+    assert "hunter22" not in str(err.value) and "'postgrse://u:***@h/db'" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # no password: nothing to hide
+        load(dirs, {"R2D2_SHIP_URL": "notaurl"})
+    assert str(err.value).endswith("must be a postgresql:// URL, got 'notaurl'")
 
 
 def test_the_ship_url_password_never_reaches_the_log(tmp_path: Path) -> None:
@@ -244,16 +248,19 @@ def test_env_file_parse_warnings_name_the_file(tmp_path: Path) -> None:
     assert "python-dotenv" not in r.stderr
 
 
-def test_an_unreadable_env_file_is_one_line_exit_3(tmp_path: Path) -> None:
-    env_file = tmp_path / "secret.env"
+@pytest.mark.parametrize("named", [True, False])
+def test_an_unreadable_env_file_is_one_line(tmp_path: Path, named: bool) -> None:
+    """Exit 2 when --env-file names it (the command line), 3 when found as ./.env."""
+    env_file = tmp_path / ("secret.env" if named else ".env")
     env_file.write_text("REALTIME_VOICE=ash\n")
     env_file.chmod(0)
-    argv = [sys.executable, "-m", "r2d2voice", "--env-file", str(env_file), "sessions"]
+    argv = [sys.executable, "-m", "r2d2voice",
+            *(["--env-file", str(env_file)] if named else []), "sessions"]
     if os.geteuid() == 0:  # root reads anything: drop the capabilities that let it
         argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
     r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "HOME": str(tmp_path)})
-    assert r.returncode == 3, r.stderr
+    assert r.returncode == (2 if named else 3), r.stderr
     assert r.stderr == f"r2d2voice: error: cannot read env file {env_file}: Permission denied\n"
 
 

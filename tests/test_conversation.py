@@ -10,6 +10,7 @@ import pytest
 from test_protocol import CLIENT, ev
 
 from r2d2voice.protocol import actions as a
+from r2d2voice.protocol.core import End, EndReason
 from r2d2voice.realtime import client_events as c
 from r2d2voice.realtime.conversation import Conversation, Phase, Turn
 from r2d2voice.realtime.server_events import ServiceError, SpeechStarted, parse_event
@@ -187,10 +188,34 @@ def test_cut_off_reply_keeps_its_partial_transcript() -> None:
 def test_connection_lost_stores_unfinished_transcripts_and_closes() -> None:
     conv = Conversation()
     feed(conv, turn_events("u1", "r1", "a1", "Half a sent", b"")[:7])
-    flushed = conv.connection_lost()
+    lost, *flushed = conv.connection_lost(1011, "close code 1011")
+    assert lost == a.StoreError("connection_lost", None, "close code 1011", False)
+    assert conv.end == EndReason(End.LOST, "close code 1011")
     assert [(x.role, x.text, x.partial) for x in flushed] == [("assistant", "Half ", True)]
     assert conv.phase is Phase.CLOSED and conv.settled
     assert conv.connection_lost() == []
+
+
+def test_how_a_session_ended_is_decided_once() -> None:
+    # we closed it: the close code that follows means nothing, nothing is stored as lost
+    conv = Conversation()
+    conv.finish(EndReason(End.RECYCLE))
+    assert conv.connection_lost(3000, "close code 3000") == []
+    assert conv.end == EndReason(End.RECYCLE)
+    # a fatal close code names the last error; it is stored as fatal
+    conv = Conversation()
+    feed(conv, [ev("error", error={"type": "invalid_request_error", "code": "x",
+                                   "message": "bad thing"})])
+    (stored,) = conv.connection_lost(4000, "close code 4000")
+    assert conv.end is not None and conv.end.kind is End.FATAL
+    assert stored.fatal and "4000" in conv.end.detail and "bad thing" in conv.end.detail
+    # session_expired: a new session at once; the lost link after it is stored, not fatal
+    conv = Conversation()
+    feed(conv, [ev("error", error={"type": "invalid_request_error", "code": "session_expired",
+                                   "message": "expired"})])
+    assert conv.end is not None and conv.end.kind is End.EXPIRED
+    (stored,) = conv.connection_lost(1001, "close code 1001")
+    assert conv.end.kind is End.EXPIRED and stored.type == "connection_lost"
 
 
 def test_errors_are_stored_fatal_ones_flagged_and_our_event_named() -> None:

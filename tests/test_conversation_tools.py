@@ -146,7 +146,7 @@ def test_already_active_response_waits_for_it_and_retries_once() -> None:
                               "message": "Conversation already has an active response",
                               "event_id": first_id})
     out = feed(conv, [busy])
-    assert out == []  # benign: not stored as an error
+    assert [type(x) for x in out] == [a.Notice]  # benign: logged, not stored as an error
     out = feed(conv, reply_events("r2", "a2")[1:])
     assert sends(out) == [c.ResponseCreate()]  # retried when the active one was done
     retry_id = json.loads(conv.send(c.ResponseCreate()))["event_id"]
@@ -223,7 +223,7 @@ def test_audio_of_a_cancelled_reply_is_never_played() -> None:
     feed(conv, [ev("input_audio_buffer.speech_started", item_id="u2", audio_start_ms=1)])
     assert not [x for x in feed(conv, msgs[5:6]) if isinstance(x, a.Play)]
     # but with interrupt_response off the service keeps replying: it is played
-    conv = Conversation(interrupt_response=False)
+    conv = Conversation(c.SessionConfig("x", interrupt_response=False))
     feed(conv, msgs[:5])
     feed(conv, [ev("input_audio_buffer.speech_started", item_id="u2", audio_start_ms=1)])
     assert [x for x in feed(conv, msgs[5:6]) if isinstance(x, a.Play)]
@@ -240,7 +240,9 @@ def test_benign_errors_are_not_errors() -> None:
     for code, message in benign:
         out = feed(conv, [ev("error", error={"type": "invalid_request_error", "code": code,
                                               "message": message})])
-        assert out == [] and conv.last_error is None, code
+        # said in the log, never stored, not the last error
+        assert out == [a.Notice(f"service: {message} ({code}), going on")], code
+        assert conv.last_error is None and conv.benign_errors == benign.index((code, message)) + 1
     out = feed(conv, [ev("error", error={"type": "server_error", "code": None,
                                           "message": "boom"})])
     assert out == [a.StoreError("server_error", None, "boom", False)]

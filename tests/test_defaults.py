@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_SHOWN_DEFAULT = {"OPENAI_API_KEY", "R2D2_DB", "R2D2_INPUT_DEVICE", "R2D2_OUTPUT_DEVICE",
                     "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_DEPLOYMENT", "AZURE_OPENAI_API_KEY",
                     "R2D2_TOOLS", "R2D2_SHIP_URL", "R2D2_DEVICE_ID"}
-NOT_KEYS = {"env_file", "sources"}
+NOT_KEYS = {"env_file", "fleet_db", "sources"}
 
 
 def _parsed(env: str, raw: str) -> object:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from fake_service import FakeService, MemorySessions, NullSink, speech
+from local_link import run_conversation
 
-from r2d2voice.appliance.pipeline import run_conversation
 from r2d2voice.appliance.sources import FileSource, VadParams, _Frames
 from r2d2voice.audio.files import AudioReader
 from r2d2voice.audio.vad import find_turns

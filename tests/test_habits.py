@@ -18,10 +18,9 @@ import pytest
 import soundfile as sf
 import trio
 from fake_service import FakeService, MemorySessions, NullSink, Script, fast, realtime
-from local_link import CFG, ENDPOINT, LocalLink, inline_threads, talk
+from local_link import CFG, ENDPOINT, LocalLink, inline_threads, run_conversation, talk
 from support import SAMPLES, cli, local_backend
 
-from r2d2voice.appliance.pipeline import run_conversation
 from r2d2voice.appliance.sinks import WavSink
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.errors import ConfigError

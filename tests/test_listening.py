@@ -12,6 +12,7 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,13 @@ import pytest
 import trio
 from support import espeak_pcm, local_backend, silence
 
+from r2d2voice.appliance.compose import Outcome, RunOptions, hold
 from r2d2voice.appliance.context import Stopper
-from r2d2voice.appliance.listening import WakeTrigger, listen_for_wake
+from r2d2voice.appliance.gate import PREROLL_FRAMES, WakeGate, WakeTrigger
 from r2d2voice.appliance.pipeline import STOP_GRACE
 from r2d2voice.appliance.sinks import WavSink
 from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.appliance.tools import Toolbox
-from r2d2voice.appliance.wake_feed import FrameQueue
 from r2d2voice.audio import earcons
 from r2d2voice.audio.files import load_audio
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
@@ -162,7 +163,7 @@ class Microphone:
         mixed[:len(sounding)] += sounding // 10
         return mixed.astype("<i2").tobytes()
 
-    async def run(self, send: trio.MemorySendChannel[bytes], ctx: Any) -> None:
+    async def run(self, send: trio.MemorySendChannel[bytes], turns: Any) -> None:
         async with send:
             start = trio.current_time()
             for i, frame in enumerate(self.frames):
@@ -171,6 +172,15 @@ class Microphone:
                     send.send_nowait(self.hear(frame))
                 except trio.WouldBlock:
                     self.frames_dropped += 1
+
+
+async def listen_for_wake(settings: Settings, source: Any, sink: Any, *, url: str,
+                          idle_s: float | None = None, **options: Any) -> Outcome:
+    """A run that listens for the wake word (``compose.hold`` with ``R2D2_LISTEN=wake``)."""
+    settings = replace(settings, listen="wake")
+    if idle_s is not None:
+        settings = replace(settings, conversation_idle_s=idle_s)
+    return await hold(settings, source, sink, RunOptions(url=url, **options))
 
 
 def slow_connect(delay: float) -> Any:
@@ -234,7 +244,7 @@ async def test_ordinary_speech_opens_no_connection(autojump_clock, tmp_path: Pat
                                        console=console)
     assert source.frames_read >= len(pcm) // 480  # the detector heard all of it
     assert backend.events == [] and result.conversations == []
-    assert not (tmp_path / "r2.db").exists()  # nothing to store either
+    assert stored(tmp_path) == []  # no session either
     assert console.statuses == ["waiting for 'hey mycroft'"]
 
 
@@ -405,7 +415,7 @@ async def test_a_stop_in_a_conversation_ends_the_run_promptly_keeping_what_was_s
 ) -> None:
     said = espeak_pcm(REQUEST, tmp_path)
     microphone = Microphone(np.concatenate([silence(0.5), said, silence(120.0)]))
-    stopper, speaker, ready = Stopper(), Speaker(), []
+    stopper, speaker = Stopper(), Speaker()
     async with local_backend(reply_seconds=REPLY_S, realtime_factor=5) as url, \
             trio.open_nursery() as nursery:
 
@@ -415,9 +425,8 @@ async def test_a_stop_in_a_conversation_ends_the_run_promptly_keeping_what_was_s
 
         nursery.start_soon(sigterm)
         result = await listen_for_wake(settings(tmp_path), microphone, speaker, url=url,
-                                       stopper=stopper, on_ready=lambda: ready.append(1))
+                                       stopper=stopper)
         stopped_after = trio.current_time()
-    assert ready == [1]
     assert stopped_after - 8.0 <= STOP_GRACE + 0.5
     (conversation,) = result.conversations
     assert conversation.ended == "stopped"
@@ -427,15 +436,29 @@ async def test_a_stop_in_a_conversation_ends_the_run_promptly_keeping_what_was_s
     assert [earcons.is_earcon(item) for item, _ in speaker.items] == [True, False]  # no whistle
 
 
-def test_the_pre_roll_queue_drops_its_oldest_frames() -> None:
-    queue = FrameQueue(max_frames=3)
-    for i in range(5):
-        queue.put(bytes([i]))
-    assert queue.dropped == 2 and len(queue) == 3
-    queue.close()
-    queue.put(b"late")
+class Deaf:
+    """A detector that hears nothing (the wake comes from the trigger)."""
 
-    async def drain() -> list[bytes | None]:
-        return [await queue.get() for _ in range(4)]
+    wake_word = "hey test"
 
-    assert trio.run(drain) == [b"\x02", b"\x03", b"\x04", None]
+    def process(self, frame: bytes) -> None:
+        return None
+
+
+def test_the_pre_roll_held_while_connecting_drops_its_oldest_frames() -> None:
+    async def main() -> tuple[list[bytes] | None, int]:
+        trigger = WakeTrigger()
+        gate = WakeGate(Deaf(), idle_s=1.0, wake_word="x", console=Console(),  # type: ignore[arg-type]
+                        trigger=trigger)
+        trigger.wake()
+        gate.route(b"wake", [b"wake"], 0)  # the wake: this frame is the detector's
+        for i in range(PREROLL_FRAMES + 2):
+            assert gate.route(b"", [i.to_bytes(2, "big")], i + 1) == []  # held, not sent
+        preroll = gate.take_preroll()
+        assert gate.route(b"", [b"live"], PREROLL_FRAMES + 3) == [b"live"]  # connected now
+        return preroll, gate.dropped
+
+    preroll, dropped = trio.run(main)
+    assert dropped == 2 and preroll is not None and len(preroll) == PREROLL_FRAMES
+    assert preroll[0] == (2).to_bytes(2, "big") and preroll[-1] == (
+        PREROLL_FRAMES + 1).to_bytes(2, "big")

@@ -43,7 +43,7 @@ def test_a_whole_turn_event_by_event():
     created = p.events[0]
     assert created["event_id"] == "event_1"
     session = created["session"]
-    assert session["id"] == "sess_1" and session["model"] == "gpt-realtime-2.1"
+    assert session["id"] == "sess_1" and session["model"] == "local"  # it says what it is
     assert session["expires_at"] == int(NOW) + 3600  # from the injected clock
     assert session["audio"]["input"]["turn_detection"]["type"] == "server_vad"
     updated = p.send("session.update", session={

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 import trio
 from fake_service import FakeService, MemorySessions, NullSink, Script, speech
+from local_link import run_conversation
 from support import local_backend
 
 from r2d2voice.appliance import pipeline
 from r2d2voice.appliance.context import Stopper
-from r2d2voice.appliance.pipeline import RECORD_DRAIN, STOP_GRACE, run_conversation
+from r2d2voice.appliance.pipeline import RECORD_DRAIN, STOP_GRACE
 from r2d2voice.appliance.sinks import WavSink
 from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
@@ -144,7 +145,7 @@ async def test_sigterm_racing_a_slow_recorder_loses_nothing(autojump_clock) -> N
                                      connect=service.connect, stopper=stopper)
         returned = trio.current_time()
     stopped = nursery.stop_at  # type: ignore[attr-defined]
-    assert ctx.stopping
+    assert ctx.stopped
     # the link and the session row were done within the grace, the recorder after it
     assert sessions.ended_at - stopped <= STOP_GRACE
     assert returned - stopped <= STOP_GRACE + RECORD_DRAIN

@@ -50,7 +50,8 @@ def test_each_record_maps_to_its_writer_call() -> None:
         (Writer.record_error, {"source": "service", "type": "server_error", "code": None,
                                "message": "boom"})]
     assert record_calls(StoreSession("sess_1", "gpt-realtime")) == [
-        (Writer.set_service_session_id, {"service_session_id": "sess_1"})]
+        (Writer.set_service_session_id, {"service_session_id": "sess_1",
+                                         "model": "gpt-realtime"})]
     assert record_calls(StoreToolCall("call_1", "fc_1", "r1", 3, "turn_head", "{}")) == [
         (Writer.record_tool_call, {"call_id": "call_1", "item_id": "fc_1", "response_id": "r1",
                                    "seq": 3, "name": "turn_head", "arguments": "{}"})]

@@ -16,9 +16,9 @@ import pytest
 import soundfile as sf
 import trio
 from fake_service import FakeService, MemorySessions, Script
+from local_link import run_conversation
 from support import SAMPLES, clean_env, cli, local_backend, silence, tone
 
-from r2d2voice.appliance.pipeline import run_conversation
 from r2d2voice.appliance.sinks import WavSink
 from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.audio.files import load_audio

@@ -127,9 +127,14 @@ def test_parse_age() -> None:
     assert parse_age("12h") == timedelta(hours=12)
     assert parse_age("90m") == timedelta(minutes=90)
     assert parse_age("1.5d") == timedelta(hours=36)
-    for bad in ("0d", "-3d", "30 days", "d", "", "1y"):
+    assert parse_age("1m") == timedelta(minutes=1)
+    for bad in ("-3d", "30 days", "d", "", "1y"):
         with pytest.raises(UsageError, match=r"--older-than: .* is not an age like 30d"):
             parse_age(bad)
+    for young in ("0d", "0", "0.5m"):  # says what the least is
+        with pytest.raises(UsageError, match=r"--older-than: .* is too young: an age is at "
+                                             r"least 1 minute \(1m\)"):
+            parse_age(young)
 
 
 def test_prune_command(history, tmp_path: Path) -> None:
@@ -255,7 +260,7 @@ def test_prune_from_the_command_line(history, tmp_path: Path) -> None:
     def r2(*args: str, **env: str):
         return CliRunner().invoke(main, ["--env-file", str(env_file), *args], env=env)
 
-    for args, message in ((["--older-than", "0d"], "--older-than: '0d' is not an age"),
+    for args, message in ((["--older-than", "0d"], "--older-than: '0d' is too young"),
                           ([], "--older-than AGE (e.g. 30d) or R2D2_RETENTION_DAYS")):
         result = r2("prune", "--db", str(db), *args)
         assert result.exit_code == 2 and message in result.stderr

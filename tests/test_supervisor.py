@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 from fake_service import FakeService, MemorySessions, NullSink, Script, speech
+from local_link import run_conversation
 
-from r2d2voice.appliance.pipeline import run_conversation
 from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.errors import ConfigError, RuntimeFailure
 from r2d2voice.link.state import LinkPolicy

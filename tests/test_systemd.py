@@ -72,3 +72,13 @@ def test_the_user_unit_runs_what_the_readme_installs_and_shares_the_default_data
     # where export, sessions, usage and stats look by default
     assert not re.search(r"^StateDirectory=", (UNITS / "r2d2voice-user.service").read_text(),
                          re.M)
+
+
+@pytest.mark.parametrize("unit", ["r2d2voice.service", "r2d2voice-user.service"])
+def test_unit_comments_say_what_run_does(unit: str) -> None:
+    """A missing device is waited for, not exit 3; READY does not wait for audio."""
+    comments = " ".join(line.lstrip("# ") for line in (UNITS / unit).read_text().splitlines()
+                        if line.startswith("#"))
+    assert "A missing device is no exit: it is waited for." in comments
+    assert "missing device or PortAudio" not in comments
+    assert "delivers audio" not in comments and "frames keep arriving" not in comments

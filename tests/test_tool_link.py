@@ -81,8 +81,9 @@ async def test_set_volume_runs_once_its_output_reaches_the_model_and_quiets_the_
     toolbox = Toolbox(BUILTINS)
     link = LocalLink(script=Script((turn(say="hi"), turn("set_volume", "Quieter.", percent=50))))
     sink = WavSink(str(tmp_path / "reply.wav"), realtime=False)
+    buffer = PlayoutBuffer()
     ctx, sessions = await talk(link, fast(1.0, 1.5, 1.0, 1.5), config=offering(toolbox),
-                               toolbox=toolbox, sink=sink)
+                               toolbox=toolbox, sink=sink, buffer=buffer)
     [call] = sessions.of_type(StoreToolCall)
     assert (call.name, json.loads(call.arguments)) == ("set_volume", {"percent": 50})
     assert [(r.call_id, r.status, r.output) for r in sessions.of_type(StoreToolResult)] == [
@@ -100,7 +101,7 @@ async def test_set_volume_runs_once_its_output_reaches_the_model_and_quiets_the_
     assert update["session"]["tool_choice"] == "auto"
     assert [t["name"] for t in update["session"]["tools"]] == list(BUILTINS)
     # replies after the call play at (50 %)² of the amplitude
-    assert ctx.buffer.gain == pytest.approx(0.25) and ctx.stats.tool_calls == 1
+    assert buffer.gain == pytest.approx(0.25) and ctx.stats.tool_calls == 1
     audio = sf.read(tmp_path / "reply.wav", dtype="int16")[0].astype(float)
     second = len(audio) // 3  # three replies of one second each, back to back
     loud, quiet = np.abs(audio[:second]).max(), np.abs(audio[2 * second:]).max()
@@ -225,6 +226,9 @@ class LiveTurns:
     def __init__(self, *parts: float) -> None:
         self.data = speech(*parts).astype("<i2").tobytes()
         self.frames_dropped = 0
+
+    def set_urgent(self, urgent: bool) -> None:
+        pass
 
     async def run(self, send: trio.MemorySendChannel[bytes], ctx: Any) -> None:
         async with send:

@@ -349,3 +349,21 @@ def test_writer_unusable_path(tmp_path: Path, where: str) -> None:
     message = str(info.value)
     assert str(path) in message and "\n" not in message
     assert info.value.__cause__ is None
+
+
+def test_writer_puts_the_file_in_place_at_close(tmp_path: Path) -> None:
+    path = tmp_path / "reply.wav"
+    path.write_bytes(b"an older reply")
+    writer = WavWriter(path)
+    writer.write(np.ones(480, np.int16))
+    assert path.read_bytes() == b"an older reply"  # a reader never sees half a file
+    writer.close()
+    assert read_wav(path)[1].tolist() == [1] * 480
+    assert path.stat().st_mode & 0o777 == 0o600
+    kept = WavWriter(path, keep_existing=True)  # nothing written: the file stays
+    kept.close()
+    assert kept.kept_existing and read_wav(path)[1].tolist() == [1] * 480
+    new = WavWriter(tmp_path / "new.wav", keep_existing=True)  # nothing there: an empty WAV
+    new.close()
+    assert not new.kept_existing and len(read_wav(tmp_path / "new.wav")[1]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.wav", "reply.wav"]

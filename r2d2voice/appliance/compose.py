@@ -1,22 +1,26 @@
-"""Composes a run: service endpoint (see endpoints.py), store, pipeline."""
+"""Composes a run from the settings: service endpoint (see endpoints.py), store and shipper,
+tools, session gate, the link's parts — built once, then :func:`run_pipeline`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from r2d2voice.appliance.context import Console, Context, LinkPolicy, Sink, Source, Stopper
+from r2d2voice.appliance.context import Console, LinkPolicy, Sink, Source, Stopper
 from r2d2voice.appliance.endpoints import open_endpoint, plan_service
-from r2d2voice.appliance.pipeline import run_conversation
+from r2d2voice.appliance.gate import AlwaysGate, WakeGate, WakeTrigger, WakeWordConversation
+from r2d2voice.appliance.pipeline import Run, RunResult, run_pipeline
 from r2d2voice.appliance.signals import SIGNAL_REASONS
 from r2d2voice.appliance.tools import Toolbox, load_tools
-from r2d2voice.audio.playout import PlayoutBuffer
+from r2d2voice.audio.wake import WakeWordDetector
 from r2d2voice.errors import ConfigError, UsageError
+from r2d2voice.link.parts import LinkParts
+from r2d2voice.link.state import Quiet
 from r2d2voice.link.transport import Connector, open_realtime
 from r2d2voice.realtime.client_events import SessionConfig
 from r2d2voice.storage.recorder import (
@@ -78,10 +82,22 @@ def session_config(settings: Settings, toolbox: Toolbox | None = None) -> Sessio
 @dataclass
 class Outcome:
     session_id: str
-    ctx: Context | None
+    result: RunResult | None
     wall_seconds: float
     #: the recorder's last state (closed): ``lost`` records were never written
     store: StoreStatus | None = None
+
+    @property
+    def conversations(self) -> list[WakeWordConversation]:
+        return self.result.conversations if self.result else []
+
+    @property
+    def session_ids(self) -> list[str]:
+        return list(self.result.session_ids) if self.result else []
+
+    @property
+    def assistant_turns(self) -> int:
+        return self.result.stats.assistant_turns if self.result else 0
 
 
 class StoreSessions:
@@ -93,10 +109,10 @@ class StoreSessions:
         self.backend, self.model, self.voice = backend, model, voice
         self.metadata = metadata
 
-    async def begin(self, previous: str | None) -> str:
+    async def begin(self, previous: str | None, metadata: dict[str, Any]) -> str:
         return await self.store.start_session(
             backend=self.backend, model=self.model, voice=self.voice,
-            previous_session_id=previous, metadata=self.metadata)
+            previous_session_id=previous, metadata={**self.metadata, **metadata})
 
     async def end(self, session_id: str, stats: dict[str, int]) -> None:
         await self.store.end_session(session_id, stats)
@@ -105,16 +121,28 @@ class StoreSessions:
         return await self.store.recent_turns(chain, limit)
 
 
-class LinkOptions(TypedDict, total=False):
-    """What :func:`converse` takes about the service, the link and the store, for a caller that
-    holds conversations of its own and passes these on as they are (wake-word listening)."""
+@dataclass
+class RunOptions:
+    """What a command adds to the settings for one run (all optional)."""
 
-    url: str | None
-    policy: LinkPolicy | None
-    toolbox: Toolbox | None
-    connect: Connector
-    on_store_status: Callable[[StoreStatus], None] | None
-    ship: bool
+    url: str | None = None
+    console: Console = field(default_factory=Quiet)
+    stopper: Stopper = field(default_factory=Stopper)
+    #: keys every session row carries (the command, the file or devices)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: the service accepted the first session's configuration
+    on_configured: Callable[[], None] | None = None
+    #: external wakes (``r2d2voice wake``), with ``R2D2_LISTEN=wake``
+    trigger: WakeTrigger | None = None
+    #: the model's tools (default: those of ``settings.tools``, if any)
+    toolbox: Toolbox | None = None
+    policy: LinkPolicy | None = None
+    #: opens the transport (a websocket; tests may slow it down or keep it in memory)
+    connect: Connector = open_realtime
+    #: the recorder's state as it changes (a full disk, records waiting)
+    on_store_status: Callable[[StoreStatus], None] | None = None
+    #: the fleet shipper's, after each attempt (``R2D2_SHIP_URL``)
+    on_ship_status: Callable[[ShipStatus], None] | None = None
 
 
 def link_policy(settings: Settings) -> LinkPolicy:
@@ -127,68 +155,90 @@ def link_policy(settings: Settings) -> LinkPolicy:
     )
 
 
-async def converse(
-    settings: Settings,
-    source: Source,
-    sink: Sink,
-    *,
-    url: str | None = None,
-    console: Console | None = None,
-    stopper: Stopper | None = None,
-    on_configured: Callable[[], None] | None = None,
-    metadata: dict[str, Any] | None = None,
-    policy: LinkPolicy | None = None,
-    toolbox: Toolbox | None = None,
-    buffer: PlayoutBuffer | None = None,
-    connect: Connector = open_realtime,
-    on_store_status: Callable[[StoreStatus], None] | None = None,
-    on_ship_status: Callable[[ShipStatus], None] | None = None,
-    ship: bool = True,
-) -> Outcome:
-    """One conversation from ``source`` to ``sink``, every transcript stored as it arrives.
-    ``toolbox``: the model's tools (default: those of ``settings.tools``, if any).
-    ``buffer``: the playout buffer (wake-word listening keeps one for the whole run);
-    ``connect``: opens the transport (a websocket; tests may slow it down);
-    ``on_store_status``: the recorder's state as it changes (a full disk, records waiting);
-    ``on_ship_status``: the fleet shipper's, after each attempt (``R2D2_SHIP_URL``);
-    ``ship=False``: no shipper here, the caller runs one (wake-word listening: one for the
-    whole run)."""
+async def hold(settings: Settings, source: Source, sink: Sink,
+               options: RunOptions | None = None) -> Outcome:
+    """A whole run from ``source`` to ``sink``, however it listens (``R2D2_LISTEN``): every
+    transcript stored as it arrives, shipped alongside with ``R2D2_SHIP_URL`` (one shipper for
+    the run, which ships once more at the end unless a signal stopped it: the next run sends
+    the rest). A missing key, a bad tools file, bad fleet settings, an unknown wake word or a
+    database that is not ours fail before anything starts."""
+    options = options or RunOptions()
     started = trio.current_time()
-    service = plan_service(settings, url)  # a missing key fails here, before the database
-    ship_plan = (plan_shipping(settings.db, settings.ship_url, settings.device_id)  # idem
-                 if ship else None)
-    toolbox = toolbox if toolbox is not None else open_toolbox(settings)
-    ctx: Context | None = None
-    # retries while the disk is full, and prunes with R2D2_RETENTION_DAYS; closed on the
-    # way out (shielded, with a deadline)
-    # with R2D2_SHIP_URL, shipping runs as a task of its own next to the conversation (its
-    # own threads: never waited for), cancelled and closed with a deadline on the way out
-    async with (open_store(settings.db, on_status=on_store_status,
-                           **store_options(settings)) as store,
-                ship_alongside(ship_plan, status=on_ship_status) as shipping):
-        sessions = StoreSessions(store, backend=service.backend, model=service.model,
-                                 voice=settings.voice, metadata=metadata or {})
-        try:
-            async with open_endpoint(service) as endpoint:
-                ctx = await run_conversation(
-                    endpoint, session_config(settings, toolbox), source, sink, sessions,
-                    store.record, console=console, stopper=stopper,
-                    on_configured=on_configured, policy=policy or link_policy(settings),
-                    toolbox=toolbox, buffer=buffer, connect=connect,
-                )
-        except BaseException as exc:
-            # a cancelled run (a signal, a timeout) is no error, and a setting the service
-            # refused (a rejected key) is the configuration's, not the session's
-            if not _cancelled(exc) and not _of_type(exc, (ConfigError, UsageError)):
-                with trio.move_on_after(CLOSE_DEADLINE) as scope:
-                    scope.shield = True
-                    await store.record_error(None, source="local", type=type(exc).__name__,
-                                             code=None, message=str(exc)[:500])
-            raise
-        if shipping is not None and (stopper is None or stopper.reason not in SIGNAL_REASONS):
-            await shipping.finish()  # what the conversation wrote last; bounded
-    return Outcome(ctx.session_ids[0] if ctx and ctx.session_ids else "-", ctx,
+    service = plan_service(settings, options.url)  # a missing key fails here, first
+    ship_plan = plan_shipping(settings.db, settings.ship_url, settings.device_id)  # idem
+    toolbox = options.toolbox if options.toolbox is not None else open_toolbox(settings)
+    gate = _gate(settings, source, options)
+    result: RunResult | None = None
+    stopper = options.stopper
+    try:
+        # the store retries while the disk is full, and prunes with R2D2_RETENTION_DAYS; the
+        # shipper runs in threads of its own (never waited for); both are closed on the way
+        # out, shielded, with a deadline
+        async with (open_store(settings.db, on_status=options.on_store_status,
+                               **store_options(settings)) as store,
+                    ship_alongside(ship_plan, status=options.on_ship_status) as shipping):
+            sessions = StoreSessions(store, backend=service.backend, model=service.model,
+                                     voice=settings.voice, metadata=options.metadata)
+            if isinstance(gate, WakeGate):
+                gate.annotate = store.update_session_metadata
+            try:
+                async with open_endpoint(service) as endpoint:
+                    parts = LinkParts(
+                        endpoint, session_config(settings, toolbox), source, sessions, gate,
+                        connect=options.connect,
+                        policy=options.policy or link_policy(settings),
+                        console=_console(gate, options.console),
+                        on_configured=options.on_configured)
+                    result = await run_pipeline(Run(parts, source, sink, store.record,
+                                                    stopper=stopper, toolbox=toolbox))
+            except BaseException as exc:
+                # a cancelled run (a signal, a timeout) is no error, and a setting the service
+                # refused (a rejected key) is the configuration's, not the session's
+                if not _cancelled(exc) and not _of_type(exc, (ConfigError, UsageError)):
+                    with trio.move_on_after(CLOSE_DEADLINE) as scope:
+                        scope.shield = True
+                        await store.record_error(None, source="local",
+                                                 type=type(exc).__name__, code=None,
+                                                 message=str(exc)[:500])
+                raise
+            if shipping is not None and stopper.reason not in SIGNAL_REASONS:
+                await shipping.finish()  # what the run wrote last; bounded
+    finally:
+        if isinstance(gate, WakeGate):
+            gate.detector.close()
+    return Outcome(result.session_id if result else "-", result,
                    trio.current_time() - started, store.status)
+
+
+def _gate(settings: Settings, source: Source, options: RunOptions) -> AlwaysGate | WakeGate:
+    if settings.listen != "wake":
+        return AlwaysGate(live=source.live, console=options.console,
+                          vad=(settings.vad_threshold, settings.vad_prefix_ms,
+                               settings.vad_silence_ms))
+    check_listening(settings)
+    detector = WakeWordDetector(settings.wake_word)
+    log.info("listening for %r on the board: nothing is sent until it is heard",
+             detector.wake_word)
+    gate = WakeGate(detector, idle_s=settings.conversation_idle_s, wake_word=settings.wake_word,
+                    console=options.console, trigger=options.trigger,
+                    earcons=settings.earcons)
+    options.console.status(gate.waiting_status)
+    return gate
+
+
+def _console(gate: AlwaysGate | WakeGate, console: Console) -> Console:
+    """The link's console: during a woken conversation its statuses say so."""
+    if not isinstance(gate, WakeGate):
+        return console
+
+    class InConversation:
+        def transcript(self, role: str, text: str) -> None:
+            console.transcript(role, text)
+
+        def status(self, text: str) -> None:
+            console.status(f"in conversation ({text})")
+
+    return InConversation()
 
 
 def _of_type(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:

@@ -1,6 +1,5 @@
-"""The shapes of a run's parts: what its tasks share (:data:`Context`), where microphone audio
-comes from (:class:`Source`), where reply audio goes (:class:`Sink`), how it is stopped early
-(:class:`Stopper`)."""
+"""The shapes of a run's parts: where microphone audio comes from (:class:`Source`), where
+reply audio goes (:class:`Sink`), how it is stopped early (:class:`Stopper`)."""
 
 from __future__ import annotations
 
@@ -10,24 +9,24 @@ from typing import Protocol
 import trio
 
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
-from r2d2voice.link.state import Console, FrameSource, LinkPolicy, LinkState, Sessions
+from r2d2voice.link.state import Console, FrameSource, LinkPolicy, Sessions
+from r2d2voice.link.turns import TurnGate
 
-__all__ = ["Console", "Context", "LinkPolicy", "Sessions", "Sink", "Source", "Stopper"]
-
-#: What the tasks of one run share: the current session's conversation, the playout buffer,
-#: counters, the connection epoch. The link keeps it up to date; sources watch it.
-Context = LinkState
+__all__ = ["Console", "LinkPolicy", "Sessions", "Sink", "Source", "Stopper"]
 
 
 class Source(FrameSource, Protocol):
     """Where microphone audio comes from: 960-byte frames of 24 kHz mono PCM16."""
 
-    async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
-        """Send frames until the end of the input; owns ``send`` and closes it."""
+    async def run(self, send: trio.MemorySendChannel[bytes], turns: TurnGate | None) -> None:
+        """Send frames until the end of the input; owns ``send`` and closes it. ``turns``: the
+        link's turn-taking, for a source that must not talk over the robot (None: the wake
+        gate listens, the chain paces)."""
 
     def set_urgent(self, urgent: bool) -> None:
-        """A conversation is open (True): deliver frames as they come, not batched to save CPU
-        while idle. The wake-word listener says it; sources that never batch ignore it."""
+        """A turn is open, a reply plays or a woken conversation is on (True): deliver frames
+        as they come, not batched to save CPU while idle; sources that never batch ignore
+        it."""
 
 
 class Sink(Protocol):

@@ -1,24 +1,29 @@
-"""The one nursery: source → uplink → [service] → downlink → playback / recorder.
+"""The one nursery of every run: source → microphone chain (echo gate, session gate) →
+uplink → [service] → downlink → playback / recorder.
 
 Channels and their policies (the only places that can fill up):
 
 ====================  ==========  ==========================================================
 channel               bound       when full
 ====================  ==========  ==========================================================
-source → uplink       50 frames   live capture: drop the newest frame and count it (capture
-                      (1 s)       never blocks); file source: wait (a replay loses nothing)
+source → chain        50 frames   live capture: drop the newest frame and count it (capture
+                      (1 s)       never blocks); a file: 0, hands each frame over (waits)
+chain → uplink        50 frames   live: drop the newest frame and count it (stale frames left
+                      (1 s)       at a reconnect are dropped and counted); a file: wait
 downlink → playback   256 chunks  drop the chunk and count it (the downlink never waits on the
                                   speaker); the playout buffer behind it holds ≤ 60 s and
-                                  drops its oldest audio beyond that
+                                  drops its oldest audio beyond that; the session gate's
+                                  earcons share it, dropped (and logged) when it is full
 downlink → recorder   256 records wait, and log that it waited (transcripts are never dropped)
 downlink → uplink     16 events   wait (control events are few and small; link/connection.py)
 downlink → tools      8 calls     wait (the runner starts each at once; link/tools.py)
 tools → link          16 results  the finished call waits (never the downlink)
 ====================  ==========  ==========================================================
 
-Source, playback and recorder live for the whole run; the link supervisor
-(``link/supervisor.py``) runs one connection (one service session) after another, and the
-model's tool calls in tasks of its own (a tool outlives a reconnect; see ``link/tools.py``).
+Source, chain, playback and recorder live for the whole run, whatever the way of listening; the
+session gate (``gate.py``) says when a conversation exists, and the link supervisor
+(``link/supervisor.py``) runs its connections (one service session each), and the model's tool
+calls in tasks of its own (a tool outlives a reconnect; see ``link/tools.py``).
 
 Shutdown order. End of stream flows by closing channels: the source closes its channel → the
 uplink waits for the open turns to be answered and closes the websocket → the supervisor closes
@@ -31,22 +36,27 @@ own ``RECORD_DRAIN`` deadline (systemd's TimeoutStopSec is 15 s).
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import trio
 
-from r2d2voice.appliance.context import Console, Context, Sessions, Sink, Source, Stopper
+from r2d2voice.appliance.chain import FilePacer, MicChain
+from r2d2voice.appliance.context import Sink, Source, Stopper
+from r2d2voice.appliance.gate import WakeGate, WakeWordConversation
+from r2d2voice.appliance.sources import FileSource
 from r2d2voice.appliance.tools import Toolbox, ToolContext
+from r2d2voice.audio.earcons import earcon_chunk
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
-from r2d2voice.link.state import LinkPolicy, Quiet
+from r2d2voice.link.parts import LinkParts
+from r2d2voice.link.state import LinkState, Statistics
 from r2d2voice.link.supervisor import Supervisor
 from r2d2voice.link.tools import ToolCaller
-from r2d2voice.link.transport import Connector, Endpoint, open_realtime
+from r2d2voice.link.turns import LinkView, TurnGate
 from r2d2voice.protocol.actions import CallTool, Record
 from r2d2voice.protocol.tool_records import StoreToolResult
-from r2d2voice.realtime.client_events import SessionConfig
 from r2d2voice.realtime.conversation import Conversation
 
 log = logging.getLogger("r2d2voice.appliance.pipeline")
@@ -64,72 +74,100 @@ RECORD_BATCH = 64
 Recorder = Callable[[str, list[Record]], Awaitable[None]]
 
 
-async def run_conversation(
-    endpoint: Endpoint,
-    session_config: SessionConfig,
-    source: Source,
-    sink: Sink,
-    sessions: Sessions,
-    record: Recorder,
-    *,
-    console: Console | None = None,
-    stopper: Stopper | None = None,
-    policy: LinkPolicy | None = None,
-    settle_seconds: float = 1.0,
-    on_configured: Callable[[], None] | None = None,
-    connect: Connector = open_realtime,
-    buffer: PlayoutBuffer | None = None,
-    rng: random.Random | None = None,
-    toolbox: Toolbox | None = None,
-) -> Context:
-    """Run a conversation from source to sink until the source ends and every turn is
-    answered, or until ``stopper`` fires. ``record(session_id, batch)`` receives batches of
-    Store* records (the recorder task calls it; it must not drop them).
+@dataclass
+class Run:
+    """One run's settings and collaborators, built once at composition (``compose.py``)."""
 
-    ``connect`` opens a transport (a websocket by default), ``buffer`` is the playout buffer
-    (its clock must be callable from the sink's audio thread), ``rng`` jitters the backoff.
-    ``toolbox`` runs the model's function calls (offer its ``session_tools()`` in
-    ``session_config``) and sets the playback volume; without it every call is rejected.
+    link: LinkParts
+    source: Source
+    sink: Sink
+    #: ``record(session_id, batch)`` receives batches of Store* records; it must not drop them
+    record: Recorder
+    stopper: Stopper = field(default_factory=Stopper)
+    #: its clock must be callable from the sink's audio thread
+    buffer: PlayoutBuffer = field(default_factory=PlayoutBuffer)
+    #: runs the model's function calls and sets the playback volume (None: calls rejected)
+    toolbox: Toolbox | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run did: its sessions, the link's counters, its woken conversations."""
+
+    session_ids: list[str]
+    stats: Statistics
+    conversations: list[WakeWordConversation]
+    stopped: bool
+
+    @property
+    def session_id(self) -> str:
+        """The first session's id ("-": none)."""
+        return self.session_ids[0] if self.session_ids else "-"
+
+
+async def run_pipeline(run: Run) -> RunResult:
+    """Run from source to sink until the source ends and every turn is answered, or until the
+    stopper fires (see the module docstring for the shutdown order).
 
     Raises ConfigError for a rejected key or a fatal service error, RuntimeFailure when the
-    connection is lost and ``policy.reconnect`` is off — in every case after everything received
-    has been recorded.
+    connection is lost and the policy does not reconnect — in every case after everything
+    received has been recorded.
     """
-    console = console or Quiet()
-    stopper = stopper or Stopper()
-    policy = policy or LinkPolicy()
-    ctx = Context(Conversation(), buffer or PlayoutBuffer())
-    if source.live and policy.duplex == "half":
-        ctx.gate = policy.echo_gate()
-    _wake_on_playout(ctx)
-    caller = None
-    if toolbox is not None:
-        ctx.buffer.set_gain(toolbox.volume.gain)
-        toolbox.volume.subscribe(ctx.buffer.set_gain)
-        caller = tool_caller(toolbox)
+    parts, source, buffer = run.link, run.source, run.buffer
+    state = LinkState(Conversation(), buffer)
+    gate = parts.gate
+    if isinstance(gate, WakeGate):
+        gate.link = LinkView(state)
+    if run.toolbox is not None:
+        buffer.set_gain(run.toolbox.volume.gain)
+        run.toolbox.volume.subscribe(buffer.set_gain)
+        parts.tools = tool_caller(run.toolbox)
 
-    frames_send, frames_recv = trio.open_memory_channel[bytes](FRAMES_BOUND)
+    # a live microphone's frames wait for the chain at most 1 s (it drains them at once); a
+    # file's are handed over one by one, so the only queue is the uplink's (stale frames of a
+    # dead link are dropped there, and a replay's turn-taking sees what the link has)
+    frames_send, frames_recv = trio.open_memory_channel[bytes](FRAMES_BOUND if source.live
+                                                                else 0)
+    uplink_send, uplink_recv = trio.open_memory_channel[bytes](FRAMES_BOUND)
     audio_send, audio_recv = trio.open_memory_channel[AudioChunk](AUDIO_BOUND)
     records_send, records_recv = trio.open_memory_channel[tuple[str, Record]](RECORDS_BOUND)
-    link = Supervisor(endpoint, connect, session_config, source, sessions, ctx, policy, console,
-                      settle_seconds=settle_seconds, on_configured=on_configured, rng=rng,
-                      tools=caller)
+    earcons = _Earcons(audio_send.clone())
+    if isinstance(gate, WakeGate) and gate.earcons:
+        gate.earcon = earcons.play
+    echo = parts.policy.echo_gate() if source.live and parts.policy.duplex == "half" else None
+    file_pacer = (FilePacer(gate) if isinstance(gate, WakeGate) and isinstance(source, FileSource)
+                  and not source.realtime else None)
+    urgency = _Urgency(source, gate if isinstance(gate, WakeGate) else None)
+    chain = MicChain(gate, live=source.live, echo=echo, pace=file_pacer,
+                     speaker_busy=lambda: (buffer.queued_samples() > 0
+                                           or audio_send.statistics().current_buffer_used > 0),
+                     urgent=urgency.follow)
+    parts.busy = urgency.busy
+    parts.counters = lambda: {"frames_dropped": source.frames_dropped + chain.dropped,
+                              "frames_gated": chain.gated,
+                              "underruns": buffer.statistics().underruns}
+    configured = parts.on_configured
+    if isinstance(gate, WakeGate):
+        parts.on_configured = _both(gate.configured, configured)
+    turns = None if isinstance(gate, WakeGate) else TurnGate(state)
+    link = Supervisor(parts, state)
+    stop_playout = state.follow_playout()
     try:
         async with trio.open_nursery() as outer:
-            recorder = _Recorder(record)
+            recorder = _Recorder(run.record)
             outer.start_soon(recorder.run, records_recv)
             with trio.CancelScope() as inner_scope:
                 source_scope = trio.CancelScope()
 
                 def _on_stop() -> None:
-                    ctx.stopping = True
+                    state.stopping = True
                     source_scope.cancel()
                     now = trio.current_time()
                     inner_scope.deadline = min(inner_scope.deadline, now + STOP_GRACE)
                     recorder.stop_by(now + STOP_GRACE + RECORD_DRAIN)
-                    ctx.watch.changed()
+                    state.watch.changed()
 
-                stopper.on_stop(_on_stop)
+                run.stopper.on_stop(_on_stop)
                 async with trio.open_nursery() as inner:
 
                     async def source_task() -> None:
@@ -137,22 +175,25 @@ async def run_conversation(
                         # covers a source cancelled before it got that far
                         async with frames_send:
                             with source_scope:
-                                await source.run(frames_send, ctx)
+                                await source.run(frames_send, turns)
 
                     async def sink_task() -> None:
                         async with audio_recv:
-                            await sink.run(audio_recv, ctx.buffer)
+                            await run.sink.run(audio_recv, buffer)
 
                     inner.start_soon(source_task)
+                    inner.start_soon(chain.run, frames_recv, uplink_send)
                     inner.start_soon(sink_task)
-                    await link.run(frames_recv, audio_send, records_send)
+                    async with earcons.send:
+                        await link.run(uplink_recv, audio_send, records_send)
                     if link.failure is not None:
                         _on_stop()  # the source and the speaker need not go on
     finally:
-        ctx.buffer.set_listener(None)
+        stop_playout()
     if link.failure is not None:
         raise link.failure
-    return ctx
+    return RunResult(state.session_ids, replace(state.stats),
+                     gate.conversations if isinstance(gate, WakeGate) else [], state.stopping)
 
 
 def tool_caller(toolbox: Toolbox) -> ToolCaller:
@@ -167,17 +208,51 @@ def tool_caller(toolbox: Toolbox) -> ToolCaller:
     return call
 
 
-def _wake_on_playout(ctx: Context) -> None:
-    """The playout buffer starts, drains and starts items on the audio thread: each of those
-    wakes the run's watchers (status, recycle timer, echo gate) instead of polling."""
-    token = trio.lowlevel.current_trio_token()
-    changed = ctx.watch.changed
+def _both(first: Callable[[], None], second: Callable[[], None] | None) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        if second is not None:
+            second()
 
-    def notify() -> None:
-        with suppress(trio.RunFinishedError):
-            token.run_sync_soon(changed, idempotent=True)
+    return both
 
-    ctx.buffer.set_listener(notify)
+
+class _Urgency:
+    """Tells the source to hand audio over frame by frame while a turn is open, a reply plays
+    or a woken conversation is on, and in batches otherwise (only when that changes)."""
+
+    def __init__(self, source: Source, wake: WakeGate | None) -> None:
+        self.source = source
+        self.wake = wake
+        self._busy = False
+        self._said = False  # sources start batched
+
+    def busy(self, busy: bool) -> None:
+        self._busy = busy
+        self.follow()
+
+    def follow(self) -> None:
+        urgent = self._busy or (self.wake is not None and self.wake.conversing)
+        if urgent != self._said:
+            self._said = urgent
+            self.source.set_urgent(urgent)
+
+
+class _Earcons:
+    """The session gate's sounds, on their way to the speaker beside the replies (the sink
+    skips them in a reply WAV). Policy: never waits; an earcon that does not fit is dropped
+    and logged."""
+
+    def __init__(self, send: trio.MemorySendChannel[AudioChunk]) -> None:
+        self.send = send
+        self.played = 0
+
+    def play(self, name: str, pcm: np.ndarray) -> None:
+        self.played += 1
+        try:
+            self.send.send_nowait(earcon_chunk(f"{name}-{self.played}", pcm))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            log.info("the speaker is busy or gone: %s earcon not played", name)
 
 
 class _Recorder:

@@ -16,7 +16,7 @@ from r2d2voice.errors import RuntimeFailure, UsageError
 from r2d2voice.system.config import Settings
 
 if TYPE_CHECKING:
-    from r2d2voice.appliance.listening import Listening
+    from r2d2voice.appliance.compose import Outcome
 
 log = logging.getLogger("r2d2voice.appliance.replay_file")
 
@@ -93,10 +93,9 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     The default timeout, 60 s + 3x the file's length, holds in both modes: woken
     conversations never overlap, the file is paced in real time while one is open (its idle
     time is the file's audio), and the end of the file closes the last one."""
-    from r2d2voice.appliance.compose import check_listening, converse
+    from r2d2voice.appliance.compose import RunOptions, check_listening, hold
     from r2d2voice.appliance.sinks import WavSink
     from r2d2voice.appliance.sources import FileSource, VadParams
-    from r2d2voice.appliance.wake_mode import listen
     from r2d2voice.audio.files import AudioReader
 
     out = out or default_out_path(file)
@@ -123,13 +122,8 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
                     stopper.stop("timeout")
 
                 nursery.start_soon(deadline)
-                if wake:
-                    outcome = await listen(settings, source, sink, url=url, console=console,
-                                           stopper=stopper, metadata=metadata)
-                else:
-                    outcome = await converse(settings, source, sink, url=url,
-                                             console=console, stopper=stopper,
-                                             metadata=metadata)
+                outcome = await hold(settings, source, sink, RunOptions(
+                    url=url, console=console, stopper=stopper, metadata=metadata))
                 nursery.cancel_scope.cancel()
             return outcome
 
@@ -138,17 +132,16 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     outcome = trio.run(main)
     console.finish()
     reply = f"{sink.samples_written / RATE:.1f} s of reply audio in {out}"
+    if sink.kept_existing:
+        reply = f"no reply audio ({out} left as it was)"
     if wake:
-        stores = [c.outcome.store for c in outcome.conversations]
         print(_woken_summary(outcome, reply))
     else:
-        stores = [outcome.store]
-        stats = outcome.ctx.stats if outcome.ctx else None
-        turns = stats.assistant_turns if stats else 0
+        turns = outcome.assistant_turns
         print(f"{turns} turn{'s' if turns != 1 else ''} answered, {reply}, "
               f"{outcome.wall_seconds:.1f} s wall time (session {outcome.session_id})")
     if source.truncated:
-        print(f"{file} is truncated or corrupt after {source.frames_read * 0.02:.1f} s: "
+        print(f"{file} is truncated or corrupt after {audio.seconds_decoded:.1f} s: "
               "what could be read was played", file=sys.stderr)
     elif wake and not outcome.conversations and stopper.reason is None:
         print(f"no wake word heard in {file} (R2D2_WAKE_WORD={settings.wake_word}): nothing "
@@ -156,12 +149,11 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     elif not wake and not source.turns and stopper.reason is None:
         print(f"no speech found in {file}", file=sys.stderr)
     signum = stopped_by_signal(stopper)
-    lost = [store for store in stores if store is not None and store.lost]
-    if lost and signum is None:  # a signal keeps its exit code
+    lost = outcome.store
+    if lost is not None and lost.lost and signum is None:  # a signal keeps its exit code
         raise RuntimeFailure(
-            f"{lost[0].reason or 'database'}: {sum(s.transcripts_lost for s in lost)} "
-            f"transcripts ({sum(s.lost for s in lost)} records) could not be written to "
-            f"{settings.db} and are lost")
+            f"{lost.reason or 'database'}: {lost.transcripts_lost} transcripts ({lost.lost} "
+            f"records) could not be written to {settings.db} and are lost")
     if stopper.reason == "timeout":
         raise RuntimeFailure(f"replay timed out after {limit:g} s; what was said is stored")
     if signum is not None:
@@ -169,7 +161,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
                           "is stored", signum)
 
 
-def _woken_summary(listening: Listening, reply: str) -> str:
+def _woken_summary(listening: Outcome, reply: str) -> str:
     """``2 conversations (woken at 0.9 s, 25.9 s), 2 turns answered, …``."""
     count, turns = len(listening.conversations), listening.assistant_turns
     woken = ", ".join(f"{c.heard.at_s:.1f} s" for c in listening.conversations)

@@ -76,14 +76,13 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     ``R2D2_LISTEN=always``: one conversation from start to stop; ``r2d2voice wake`` (the
     control socket, or SIGUSR1) only logs that it is already listening. ``wake``: the
     microphone goes to the wake-word detector only, and each wake (the word, ``r2d2voice
-    wake``) opens a conversation (appliance/listening.py); ``STATUS=`` says "waiting for 'hey
+    wake``) opens a conversation (appliance/gate.py); ``STATUS=`` says "waiting for 'hey
     mycroft'", then "in conversation (…)".
     """
-    from r2d2voice.appliance.compose import check_listening, converse
-    from r2d2voice.appliance.listening import WakeTrigger
+    from r2d2voice.appliance.compose import RunOptions, check_listening, hold
+    from r2d2voice.appliance.gate import WakeTrigger
     from r2d2voice.appliance.sinks import DeviceSink
     from r2d2voice.appliance.sources import DeviceSource
-    from r2d2voice.appliance.wake_mode import listen
     from r2d2voice.audio.availability import device_at_start, label
     from r2d2voice.system.control import serve_control
     from r2d2voice.system.notify import run_watchdog, watchdog_interval
@@ -112,34 +111,29 @@ def run_command(settings: Settings, *, url: str | None) -> None:
         log.info("ready: %s on %s, speaking on %s%s", doing, mic_name, speaker_name,
                  f" ({console.devices.status})" if console.devices.status else "")
 
-    async def always(nursery: trio.Nursery) -> Any:
-        configured = trio.Event()
-        await nursery.start(serve_control, _already_listening)
-        nursery.start_soon(announce_ready, configured, "listening")
-        console.status("connecting")
-        return await converse(settings, source, sink, url=url, console=console,
-                              stopper=stopper, on_configured=configured.set,
-                              on_store_status=console.store_status,
-                              on_ship_status=console.ship_status, metadata=metadata)
-
-    async def wake(nursery: trio.Nursery) -> Any:
-        trigger = WakeTrigger()
-        await nursery.start(serve_control, trigger.wake)
-        # no session while waiting: ready once the microphone runs (or is waited for)
-        waiting = f"waiting for the wake word ({settings.wake_word})"
-        nursery.start_soon(announce_ready, None, waiting)
-        return await listen(settings, source, sink, url=url, console=console, stopper=stopper,
-                            metadata=metadata, trigger=trigger,
-                            on_store_status=console.store_status,
-                            on_ship_status=console.ship_status)
+    async def listen(nursery: trio.Nursery) -> Any:
+        wake = settings.listen == "wake"
+        trigger = WakeTrigger() if wake else None
+        await nursery.start(serve_control, trigger.wake if trigger else _already_listening)
+        if wake:  # no session while waiting: ready once the microphone runs (or is waited for)
+            nursery.start_soon(announce_ready, None,
+                               f"waiting for the wake word ({settings.wake_word})")
+            configured = None
+        else:
+            configured = trio.Event()
+            nursery.start_soon(announce_ready, configured, "listening")
+            console.status("connecting")
+        return await hold(settings, source, sink, RunOptions(
+            url=url, console=console, stopper=stopper, metadata=metadata, trigger=trigger,
+            on_configured=configured.set if configured is not None else None,
+            on_store_status=console.store_status, on_ship_status=console.ship_status))
 
     async def main() -> Any:
         async def body() -> Any:
             async with trio.open_nursery() as nursery:
                 if interval:
                     nursery.start_soon(run_watchdog, notifier, source.healthy, interval)
-                mode = wake if settings.listen == "wake" else always
-                outcome = await mode(nursery)
+                outcome = await listen(nursery)
                 nursery.cancel_scope.cancel()
             return outcome
 

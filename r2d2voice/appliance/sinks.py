@@ -19,7 +19,9 @@ class WavSink:
 
     ``realtime`` plays at 20 ms per block, so a barge-in cuts the file at what was played;
     otherwise every chunk counts as played the moment it arrives. Earcons are not reply
-    audio: they are skipped (and counted in ``earcons_skipped``).
+    audio: they are skipped (and counted in ``earcons_skipped``). The file is written beside
+    ``path`` and put in its place at the end; when no reply audio came, an existing ``path``
+    is left as it was (``kept_existing``).
     """
 
     def __init__(self, path: str, *, realtime: bool) -> None:
@@ -27,10 +29,12 @@ class WavSink:
         self.realtime = realtime
         self.samples_written = 0
         self.earcons_skipped = 0
+        self.kept_existing = False
 
     async def run(self, receive: trio.MemoryReceiveChannel[AudioChunk],
                   buffer: PlayoutBuffer) -> None:
-        with WavWriter(self.path) as writer:
+        writer = WavWriter(self.path, keep_existing=True)
+        try:
             if self.realtime:
                 await self._realtime(receive, buffer, writer)
             else:
@@ -40,6 +44,9 @@ class WavSink:
                             continue
                         buffer.push(chunk.item_id, chunk.pcm)
                         self._write(writer, buffer.read(buffer.queued_samples()))
+        finally:  # what was played is kept, even after an interruption
+            writer.close()
+            self.kept_existing = writer.kept_existing
 
     async def _realtime(self, receive: trio.MemoryReceiveChannel[AudioChunk],
                         buffer: PlayoutBuffer, writer: WavWriter) -> None:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from r2d2voice.appliance.context import Context
 from r2d2voice.audio import portaudio
 from r2d2voice.audio.availability import DeviceStates
 from r2d2voice.audio.capture import CaptureStatistics, run_capture
@@ -18,6 +17,7 @@ from r2d2voice.audio.devices import DeviceInfo
 from r2d2voice.audio.files import AudioReader
 from r2d2voice.audio.pcm import FRAME_SAMPLES, RATE, Framer
 from r2d2voice.audio.vad import EnergyVad, SpeechStarted, Turn
+from r2d2voice.link.turns import Answer, Ticket, TurnGate
 from r2d2voice.system.config import default
 
 log = logging.getLogger("r2d2voice.appliance.sources")
@@ -93,28 +93,27 @@ class FileSource:
         """The file ended early (corrupt or cut short): what was decoded was sent."""
         return isinstance(self.audio, AudioReader) and self.audio.truncated
 
-    async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
+    async def run(self, send: trio.MemorySendChannel[bytes], turns: TurnGate | None) -> None:
+        """Owns ``send``. ``turns``: the link's turn-taking (fast mode waits for each reply);
+        None: every frame as fast as ``send`` takes them, and whoever reads them paces the
+        file (the wake gate's chain, appliance/chain.py)."""
         async with send, _Frames(self) as frames:
             try:
                 if self.realtime:
                     await self._realtime(send, frames)
+                elif turns is None:
+                    await self._stream(send, frames)
                 else:
-                    await self._fast(send, frames, ctx)
+                    await self._fast(send, frames, turns)
             except trio.BrokenResourceError:
                 log.debug("uplink closed before the file ended")
 
-    async def stream(self, send: trio.MemorySendChannel[bytes]) -> None:
-        """Every frame (the closing silence too) as fast as ``send`` takes them: whoever reads
-        them paces the file (wake-word listening, appliance/listening.py). Owns ``send``."""
-        async with send, _Frames(self) as frames:
-            done = 0
-            try:
-                while (frame := await frames.next()) is not None:
-                    await send.send(frame)
-                    done += 1
-                    self._progress(done)
-            except trio.BrokenResourceError:
-                log.debug("reader gone before the file ended")
+    async def _stream(self, send: trio.MemorySendChannel[bytes], frames: _Frames) -> None:
+        done = 0
+        while (frame := await frames.next()) is not None:
+            await send.send(frame)
+            done += 1
+            self._progress(done)
 
     async def _realtime(self, send: trio.MemorySendChannel[bytes], frames: _Frames) -> None:
         start = trio.current_time()
@@ -126,7 +125,7 @@ class FileSource:
             self._progress(i)
 
     async def _fast(self, send: trio.MemorySendChannel[bytes], frames: _Frames,
-                    ctx: Context) -> None:
+                    turns: TurnGate) -> None:
         sent = 0
         while not frames.exhausted:
             # this turn's frames, to send again if the link dies (bounded: drop-oldest)
@@ -135,13 +134,11 @@ class FileSource:
             margin = CLOSE_MARGIN_FRAMES
             for _attempt in range(3):
                 # never start talking while the robot is busy or the link is down
-                await ctx.watch.wait_for(
-                    lambda: (ctx.connected and ctx.conversation.idle) or ctx.stopping)
-                epoch = ctx.epoch
-                conv = ctx.conversation  # a reconnect brings a new conversation object
-                done_before, commits_before = conv.responses_done, conv.turns_committed
-                if await self._resend(send, held, ctx, epoch):
-                    while margin > 0 and ctx.epoch == epoch:
+                ticket = await turns.next_turn()
+                if ticket is None:
+                    return  # stopping
+                if await self._resend(send, held, turns, ticket):
+                    while margin > 0 and turns.still(ticket):
                         frame = await frames.next()
                         if frame is None:
                             break
@@ -153,52 +150,30 @@ class FileSource:
                             closed = frames.closed_turn()
                         if closed is not None:
                             margin -= 1
-                    if ctx.epoch == epoch:
+                    if turns.still(ticket):
                         if closed is None:
                             return  # the file ended with no further turn
-                        if await self._answered(ctx, epoch, done_before, commits_before,
-                                                closed):
+                        answer = await turns.answered(ticket, NOTICE_TIMEOUT, self.turn_timeout)
+                        if answer is Answer.NOT_HEARD:
+                            log.info("the service did not hear the turn ending at %.1f s; "
+                                     "going on", closed.end_sample / RATE)
+                        elif answer is Answer.NO_REPLY:
+                            log.warning("no reply within %.0f s to the turn ending at %.1f s; "
+                                        "going on", self.turn_timeout, closed.end_sample / RATE)
+                        if answer is not Answer.MOVED:
                             break
                 # the link died during this turn: send the whole turn again
                 log.info("link changed during the turn ending at %.1f s: sending it again",
                          (closed.end_sample if closed else frames.read_samples) / RATE)
 
     async def _resend(self, send: trio.MemorySendChannel[bytes], held: deque[bytes],
-                      ctx: Context, epoch: int) -> bool:
+                      turns: TurnGate, ticket: Ticket) -> bool:
         """Send the held frames again; False if the link changed meanwhile."""
         for frame in held:
-            if ctx.epoch != epoch:
+            if not turns.still(ticket):
                 return False
             await _send(send, frame)
-        return ctx.epoch == epoch
-
-    async def _answered(self, ctx: Context, epoch: int, done_before: int, commits_before: int,
-                        turn: Turn) -> bool:
-        """Wait for the turn's reply; False if the connection changed meanwhile."""
-
-        def moved_on() -> bool:
-            return ctx.stopping or ctx.epoch != epoch
-
-        with trio.move_on_after(NOTICE_TIMEOUT) as noticed:
-            await ctx.watch.wait_for(
-                lambda: moved_on() or ctx.conversation.turns_committed > commits_before
-                or ctx.conversation.user_speaking)
-        if ctx.epoch != epoch:
-            return ctx.stopping
-        if noticed.cancelled_caught:
-            log.info("the service did not hear the turn ending at %.1f s; going on",
-                     turn.end_sample / RATE)
-            return True
-        with trio.move_on_after(self.turn_timeout) as answered:
-            await ctx.watch.wait_for(
-                lambda: moved_on() or (ctx.conversation.responses_done > done_before
-                                       and ctx.conversation.idle))
-        if ctx.epoch != epoch and ctx.conversation.responses_done <= done_before:
-            return ctx.stopping
-        if answered.cancelled_caught:
-            log.warning("no reply within %.0f s to the turn ending at %.1f s; going on",
-                        self.turn_timeout, turn.end_sample / RATE)
-        return True
+        return turns.still(ticket)
 
     def _progress(self, done: int) -> None:
         if self.progress and (done >= self._total or done % 25 == 0):
@@ -320,7 +295,8 @@ class DeviceSource:
         self._started_at = 0.0
         self._capture: list = []
 
-    async def run(self, send: trio.MemorySendChannel[bytes], ctx: Context) -> None:
+    async def run(self, send: trio.MemorySendChannel[bytes], turns: TurnGate | None) -> None:
+        """Owns ``send``; a person never waits for turns (``turns`` is not used)."""
         async with trio.open_nursery() as nursery:
 
             async def capture(task_status: trio.TaskStatus[None]) -> None:
@@ -332,18 +308,9 @@ class DeviceSource:
             await nursery.start(capture)
             self._started_at = trio.current_time()
             self.running.set()
-            nursery.start_soon(self._follow, ctx)
-
-    async def _follow(self, ctx: Context) -> None:
-        """Frame by frame while a turn is open or a reply plays; batches otherwise."""
-        while True:
-            self.set_urgent(not ctx.conversation.idle or ctx.buffer.queued_samples() > 0)
-            await ctx.watch.next_change()
-
     def set_urgent(self, urgent: bool) -> None:
-        """Hand the microphone's audio over block by block (True) or in 100 ms batches. ``run``
-        follows its context; a caller whose context does not follow the conversation (the
-        wake-word listener's) may say it here."""
+        """Hand the microphone's audio over block by block (True: a turn is open, a reply
+        plays, a woken conversation is on) or in 100 ms batches (the run says which)."""
         for capture in self._capture:
             capture.set_urgent(urgent)
 

@@ -7,9 +7,11 @@ resampling uses soxr. Unusable files raise :class:`UsageError` with one line nam
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -91,7 +93,8 @@ class AudioReader:
 
     Opening checks the file (one-line :class:`UsageError` naming it, as :func:`load_audio`);
     :meth:`blocks` decodes, downmixes and resamples one libsndfile block at a time. A file that
-    turns out truncated mid-way ends early with what could be decoded (``truncated`` is set).
+    turns out truncated mid-way ends early with what could be decoded (``truncated`` is set),
+    and so does one cut short (less audio than its header says: ``truncated`` from the start).
     """
 
     def __init__(self, path: str | os.PathLike[str], block_frames: int = _READ_BLOCK_FRAMES
@@ -110,6 +113,8 @@ class AudioReader:
                     raise UsageError(f"cannot read audio file {self.shown}: invalid sample rate")
                 self.samplerate = snd.samplerate
                 self.frames = snd.frames
+                self.truncated = _cut_short(snd)
+        self.frames_decoded = 0  # source frames decoded so far
         if self.frames == 0:
             raise UsageError(f"cannot read audio file {self.shown}: it contains no audio "
                              "(0 frames)")
@@ -119,9 +124,15 @@ class AudioReader:
         """The file's length as its header says."""
         return self.frames / self.samplerate
 
+    @property
+    def seconds_decoded(self) -> float:
+        """The audio decoded so far (all of it once :meth:`blocks` is done)."""
+        return self.frames_decoded / self.samplerate
+
     def blocks(self) -> Iterator[np.ndarray]:
         """24 kHz mono int16 blocks of the whole file, then the resampler's tail."""
         resampler = Resampler(self.samplerate, RATE, channels=1)
+        decoded = 0
         with _read_errors(self.shown), sf.SoundFile(self.path) as snd:
             while True:
                 try:
@@ -130,7 +141,11 @@ class AudioReader:
                     self.truncated = True
                     break
                 if not len(block):
+                    if decoded < self.frames:  # the stream ended before its header said
+                        self.truncated = True
                     break
+                decoded += len(block)
+                self.frames_decoded = decoded
                 # Float files may hold NaN/inf or values far out of range: keep the filter finite.
                 np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
                 np.clip(block, -1.0, 1.0, out=block)
@@ -140,6 +155,14 @@ class AudioReader:
         tail = float_to_pcm16(resampler.process(np.zeros(0, np.float32), last=True))
         if len(tail):
             yield tail
+
+
+def _cut_short(snd: sf.SoundFile) -> bool:
+    """The file holds less audio than its header says. libsndfile then reads what is there
+    and says so only in its log: ``data : 192000 (should be 63946)`` (WAV), ``SSND : …``
+    (AIFF)."""
+    return any(line.strip().startswith(("data ", "SSND ")) and "(should be" in line
+               for line in snd.extra_info.splitlines())
 
 
 def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
@@ -158,27 +181,54 @@ class WavWriter:
     """Writes 24 kHz mono PCM16 WAV incrementally; a valid file after close, even if empty.
 
     ``write`` takes int16 samples (or little-endian PCM16 bytes). Usable as a context manager.
+    A regular (or new) ``path`` is written under a temporary name beside it (mode 0600, like
+    the database: a reply is as private as its transcript) and renamed over it at
+    :meth:`close`, so a reader never sees half a file; with ``keep_existing`` an existing
+    file is left as it was when nothing was written (``kept_existing``). A device or FIFO
+    (``/dev/null``) is written in place.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, keep_existing: bool = False) -> None:
         self.path = path
         self._shown = _show(path)
         self.frames_written = 0
+        self.keep_existing = keep_existing
+        self.kept_existing = False
         if os.path.isdir(path):
             raise UsageError(f"cannot write WAV file {self._shown}: is a directory")
+        target = os.path.realpath(path)  # a symlink stays one: its file is replaced
+        in_place = os.path.exists(target) and not os.path.isfile(target)
+        self._target = target
+        self._temp: str | None = None
         try:
-            # Opening it here gives a precise reason; soundfile then opens the path itself (its
-            # file-object mode prints tracebacks from cffi callbacks when a write fails).
-            # O_NONBLOCK: a FIFO without a reader fails instead of hanging. 0600 like the
-            # database: a reply is as private as its transcript.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o600))
+            if in_place:
+                # O_NONBLOCK: a FIFO without a reader fails instead of hanging.
+                os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+                where = target
+            else:
+                if os.path.exists(target):  # a file we may not write is not replaced either
+                    os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+                fd, where = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
+                                             suffix=".part", dir=os.path.dirname(target))
+                os.close(fd)
+                self._temp = where
+            # soundfile opens the path itself: its file-object mode prints tracebacks from
+            # cffi callbacks when a write fails.
             self._snd: sf.SoundFile | None = sf.SoundFile(
-                path, "w", samplerate=RATE, channels=1, format="WAV", subtype="PCM_16"
+                where, "w", samplerate=RATE, channels=1, format="WAV", subtype="PCM_16"
             )
         except OSError as exc:
+            self._discard()
             raise UsageError(f"cannot write WAV file {self._shown}: {_os_reason(exc)}") from None
         except _DECODE_ERRORS as exc:
+            self._discard()
             raise UsageError(f"cannot write WAV file {self._shown}: {_one_line(exc)}") from None
+
+    def _discard(self) -> None:
+        temp, self._temp = self._temp, None
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
     @property
     def closed(self) -> bool:
@@ -202,13 +252,23 @@ class WavWriter:
         self.frames_written += len(pcm)
 
     def close(self) -> None:
-        """Finish the header and close the file (idempotent)."""
+        """Finish the header, close the file and put it in place (idempotent); with
+        ``keep_existing`` and nothing written, an existing file is left alone."""
         snd, self._snd = self._snd, None
         if snd is None:
             return
         try:
             snd.close()
+            if self._temp is not None:
+                if (self.keep_existing and not self.frames_written
+                        and os.path.exists(self._target)):
+                    self.kept_existing = True
+                    self._discard()
+                else:
+                    os.replace(self._temp, self._target)
+                    self._temp = None
         except (*_DECODE_ERRORS, OSError) as exc:
+            self._discard()
             raise RuntimeFailure(f"cannot write WAV file {self._shown}: {_one_line(exc)}") from None
 
     def __enter__(self) -> WavWriter:

@@ -3,19 +3,23 @@ conversation."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from r2d2voice.cli.checks import robot_db
 from r2d2voice.cli.options import (
+    Seconds,
     backend_option,
     db_option,
     listen_option,
     tools_option,
     url_option,
 )
+from r2d2voice.cli.output import keep_going_when_closed
 
 if TYPE_CHECKING:
     from r2d2voice.cli.main import Invocation
@@ -39,7 +43,7 @@ def conversation_options(command: F) -> F:
                    "hello.wav -> hello.reply.wav).")
 @click.option("--speed", type=click.Choice(["fast", "realtime"]), default="fast", show_default=True,
               help="fast: as fast as the conversation allows; realtime: paced like a person.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=None,
+@click.option("--timeout", type=Seconds(min=1), default=None,
               help="Give up after this many seconds (default: 60 s + 3x the file's length).")
 @conversation_options
 def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
@@ -47,6 +51,8 @@ def replay(invocation: Invocation, file: Path, out: Path | None, speed: str,
            tools: str | None, listen: str | None) -> None:
     """Hold a conversation with FILE (any WAV) as the microphone; write the replies to --out."""
     settings = invocation.settings(db=db, backend=backend, tools=tools, listen=listen)
+    robot_db(settings, "replay")
+    keep_going_when_closed()  # `replay x.wav | head -1`: every turn is still held and stored
     from r2d2voice.appliance.replay_file import replay_command
 
     replay_command(settings, file, out=out, speed=speed, timeout=timeout, url=url)
@@ -67,6 +73,8 @@ def run(invocation: Invocation, input_device: str | None, output_device: str | N
     settings = invocation.settings(db=db, backend=backend, input_device=input_device,
                                    output_device=output_device, output_latency=output_latency,
                                    duplex=duplex, tools=tools, listen=listen)
+    robot_db(settings, "run")
+    keep_going_when_closed()
     from r2d2voice.appliance.service import run_command
 
     run_command(settings, url=url)
@@ -107,7 +115,7 @@ def wake(invocation: Invocation) -> None:
     invocation.settings()
     from r2d2voice.system.control import send_wake
 
-    click.echo(send_wake())
+    click.echo(send_wake(), file=sys.stdout)  # the guarded stdout (cli.output)
 
 
 COMMANDS = (replay, run, serve_local, wake)

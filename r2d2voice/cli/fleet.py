@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from r2d2voice.cli.checks import robot_db
 from r2d2voice.cli.options import db_option
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ def ship(invocation: Invocation, url: str | None, db: str | None, follow: bool,
 
     if not settings.ship_url:
         raise UsageError("ship: say where to: --to postgresql://… or R2D2_SHIP_URL")
+    robot_db(settings, "ship", existing=True)
     ship_command(settings.db, settings.ship_url, follow=follow, device_id=settings.device_id)
 
 

@@ -1,13 +1,27 @@
-"""Options shared by several commands."""
+"""Options shared by several commands, and the option types they need."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from r2d2voice.errors import UsageError
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds of at least ``min`` (``nan`` and ``inf`` are no duration)."""
+
+    name = "seconds"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return number
 
 
 def _websocket_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -18,7 +32,15 @@ def _websocket_url(ctx: click.Context, param: click.Parameter, value: str | None
     return value
 
 
-db_option = click.option("--db", type=click.Path(dir_okay=False), default=None,
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--db ""`` names no database: a bad invocation (exit 2), not the default one."""
+    if value is not None and not value.strip():
+        raise UsageError(f"--{param.name} {value!r}: an empty path; name the database file "
+                         "(or leave the option out for the default)")
+    return value
+
+
+db_option = click.option("--db", metavar="PATH", default=None, callback=_not_empty,
                          help="Transcript database (default: R2D2_DB, then the state dir).")
 backend_option = click.option("--backend", type=click.Choice(["openai", "local", "azure"]),
                               default=None,
@@ -38,7 +60,7 @@ until_option = click.option("--until", default=None,
 session_option = click.option("--session", "sessions", multiple=True,
                               help="Only this session (repeatable).")
 fleet_db_option = click.option(
-    "--db", default=None,
+    "--db", metavar="PATH|URL", default=None, callback=_not_empty,
     help="Transcript database, or a fleet server (postgresql://…; default: R2D2_DB).")
 device_option = click.option("--device", "devices", multiple=True,
                              help="Only this robot of a fleet database (repeatable).")

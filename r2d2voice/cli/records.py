@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from r2d2voice.cli.checks import robot_db
 from r2d2voice.cli.options import (
     db_option,
     device_option,
@@ -22,19 +23,16 @@ if TYPE_CHECKING:
     from r2d2voice.cli.main import Invocation
     from r2d2voice.system.config import Settings
 
-_FLEET_SCHEMES = ("postgresql://", "postgres://")
-
-
 def _source(invocation: Invocation, db: str | None,
             devices: tuple[str, ...]) -> tuple[Settings, Any, dict[str, Any]]:
-    """Settings, what to read (a database path, or a fleet URL as given) and the keywords
-    that go with it (``devices`` for a fleet)."""
-    if db is not None and db.lower().startswith(_FLEET_SCHEMES):
-        return invocation.settings(), db, {"devices": devices}
+    """Settings, what to read (a database path, or a fleet URL as ``--db`` or R2D2_DB gave
+    it) and the keywords that go with it (``devices`` for a fleet)."""
+    settings = invocation.settings(db=db)
+    if settings.fleet_db is not None:
+        return settings, settings.fleet_db, {"devices": devices}
     if devices:
         raise UsageError("--device selects robots of a fleet database: use it with "
                          "--db postgresql://…")
-    settings = invocation.settings(db=db)
     return settings, settings.db, {}
 
 
@@ -108,6 +106,7 @@ def prune(invocation: Invocation, older_than: str | None, db: str | None) -> Non
     """Delete old conversations (only those shipped, when R2D2_SHIP_URL is set) and give the
     space back."""
     settings = invocation.settings(db=db)
+    robot_db(settings, "prune", existing=True)
     from r2d2voice.storage.retention import prune_command
 
     only_shipped = None

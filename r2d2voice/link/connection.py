@@ -6,10 +6,11 @@ settled and closes. The downlink feeds server events to the :class:`Conversation
 its actions to :class:`Effects`. Tool results come back from the run's tool runner. Whichever
 notices the end first cancels the others.
 
-How the service ends a connection decides what comes next (:class:`Ending`): a fatal close
-(3000 bad key, 1013 no quota, 4000 bad request/model — with or without an ``error`` first) ends
-the run with exit 3; ``session_expired`` starts a new session at once; anything else is a lost
-link, retried with backoff.
+How it ended is one :class:`~r2d2voice.protocol.core.EndReason`, set once: the protocol core
+decides fatal closes and errors (3000 bad key, 1013 no quota, 4000 bad request/model — exit 3)
+and ``session_expired`` (a new session at once); this shell says when we closed it (done,
+recycle, hang-up) and when the link died (a ping unanswered); anything else is a lost link,
+retried with backoff.
 """
 
 from __future__ import annotations
@@ -21,28 +22,18 @@ from dataclasses import dataclass, field
 import trio
 
 from r2d2voice.audio.playout import AudioChunk
-from r2d2voice.errors import ConfigError
 from r2d2voice.link import timers
 from r2d2voice.link.effects import Effects
-from r2d2voice.link.state import Console, LinkPolicy, LinkState
+from r2d2voice.link.parts import LinkParts
+from r2d2voice.link.state import LinkState
 from r2d2voice.link.tools import ToolDone, ToolJob
 from r2d2voice.link.transport import LinkClosed, Transport
-from r2d2voice.protocol.actions import Record, StoreError
+from r2d2voice.protocol.actions import Record
+from r2d2voice.protocol.core import End, EndReason
 from r2d2voice.realtime.client_events import (
-    AudioAppend,
     ClientEvent,
-    ItemCreateText,
-    SessionConfig,
-    SessionUpdate,
 )
 from r2d2voice.realtime.conversation import LocalProtocolError
-from r2d2voice.realtime.server_events import (
-    Ignored,
-    ProtocolError,
-    ServiceError,
-    SessionUpdated,
-    parse_event,
-)
 
 log = logging.getLogger("r2d2voice.link.connection")
 
@@ -53,25 +44,6 @@ MAX_APPEND_FRAMES = 10
 #: deadline of every shielded step on the way out (closing a socket, flushing records)
 CLOSE_DEADLINE = 1.0
 FLUSH_DEADLINE = 3.0
-#: close codes after which no retry can help (exit 3), and what they mean
-FATAL_CLOSE_CODES = {
-    3000: "the API key was refused",
-    1013: "no quota left (check the plan and billing)",
-    4000: "the request was refused (check the model name)",
-}
-
-
-@dataclass
-class Ending:
-    """How one connection ended."""
-
-    session_id: str
-    closing: bool = False  # we closed it: source done, or stopping
-    recycle: bool = False  # we closed it to start a fresh session
-    hangup: bool = False  # we closed it after the goodbye (end_conversation)
-    expired: bool = False  # the service ended the session at its time limit
-    lost: str | None = None
-    fatal: ConfigError | None = None
 
 
 @dataclass
@@ -110,58 +82,63 @@ class ToolPorts:
 class Connection:
     """Runs the tasks of one connection until it ends; see :meth:`run`."""
 
-    def __init__(self, transport: Transport, state: LinkState, policy: LinkPolicy,
-                 ending: Ending, console: Console, *, config: SessionConfig,
-                 context: list[tuple[str, str]], settle_seconds: float,
-                 on_configured: Callable[[], None] | None, tools: ToolPorts) -> None:
+    def __init__(self, transport: Transport, state: LinkState, parts: LinkParts,
+                 session_id: str, *, tools: ToolPorts) -> None:
         self.transport = transport
         self.state = state
         self.conv = state.conversation
         self.epoch = state.epoch
-        self.policy = policy
-        self.ending = ending
-        self.console = console
-        self.config = config
-        self.context = context
-        self.settle_seconds = settle_seconds
-        self.on_configured = on_configured
+        self.parts = parts
+        self.policy = parts.policy
+        self.session_id = session_id
         self.tools = tools
 
     async def run(self, feed: FrameFeed, audio: trio.MemorySendChannel[AudioChunk],
-                  records: trio.MemorySendChannel[tuple[str, Record]]) -> Ending:
-        """All tasks of this connection; returns once it is closed. Owns the control channel."""
+                  records: trio.MemorySendChannel[tuple[str, Record]]) -> EndReason:
+        """All tasks of this connection; returns how it ended once it is closed. Owns the
+        control channel."""
         control_send, control_recv = trio.open_memory_channel[ClientEvent](CONTROL_BOUND)
-        effects = Effects(self.state, self.ending.session_id, self.console, audio, records,
+        effects = Effects(self.state, self.session_id, self.parts.console, audio, records,
                           control_send, self.tools.calls, self.epoch)
-        state, policy, ending = self.state, self.policy, self.ending
+        state, policy = self.state, self.policy
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._uplink, feed, control_recv)
             nursery.start_soon(self._downlink, effects, nursery.cancel_scope)
             nursery.start_soon(self._tool_results, effects)
-            nursery.start_soon(timers.keepalive, self.transport, policy, ending, self._close)
-            nursery.start_soon(timers.recycle, state, policy, ending, self._close)
+            nursery.start_soon(timers.keepalive, self.transport, policy, self.finish)
+            nursery.start_soon(timers.recycle, state, policy, self.finish)
             nursery.start_soon(timers.give_up_transcripts, state, policy)
-            nursery.start_soon(timers.hang_up, effects, ending, self._close)
-            nursery.start_soon(timers.status, state, self.console)
-        return self.ending
+            nursery.start_soon(timers.hang_up, effects, self.finish)
+            nursery.start_soon(timers.status, state, self.parts)
+            nursery.start_soon(timers.tick, state, effects)
+        return self.conv.end or EndReason(End.DONE)
+
+    async def finish(self, reason: EndReason) -> None:
+        """End this connection for ``reason`` (unless it has already ended) and close it."""
+        self.conv.finish(reason)
+        await self._close()
 
     async def _send(self, event: ClientEvent) -> None:
+        await self._wire(lambda: self.conv.send(event))
+
+    async def _wire(self, message: Callable[[], str]) -> None:
+        """Send what the core made of something; LinkClosed if the core says it is closed."""
         try:
-            message = self.conv.send(event)
+            text = message()
         except LocalProtocolError:
             raise LinkClosed("closed") from None
-        await self.transport.send(message)
+        await self.transport.send(text)
 
     # -- uplink ------------------------------------------------------------------------------
     async def _uplink(self, feed: FrameFeed,
                       control: trio.MemoryReceiveChannel[ClientEvent]) -> None:
         async with control, trio.open_nursery() as nursery:
             try:
-                await self._send(SessionUpdate(self.config))
-                for role, text in self.context:
-                    await self._send(ItemCreateText(role, text))
-                if self.context:
-                    log.info("re-sent %d turns of context to the new session", len(self.context))
+                opening = self.conv.opening()
+                for message in opening:
+                    await self.transport.send(message)
+                if len(opening) > 1:
+                    log.info("re-sent %d turns of context to the new session", len(opening) - 1)
                 nursery.start_soon(self._forward, control)
                 await self._frames(feed)
                 if not self.state.stopping:
@@ -170,8 +147,11 @@ class Connection:
                 nursery.cancel_scope.cancel()
                 return
             nursery.cancel_scope.cancel()
-        self.ending.closing = True
-        await self._close()
+        await self.finish(EndReason(End.DONE, "stopping" if self.state.stopping
+                                    else "input ended"))
+
+    async def _audio(self, pcm: bytes) -> None:
+        await self._wire(lambda: self.conv.audio(pcm))
 
     async def _forward(self, control: trio.MemoryReceiveChannel[ClientEvent]) -> None:
         try:
@@ -183,13 +163,13 @@ class Connection:
     async def _frames(self, feed: FrameFeed) -> None:
         """Frames → ``input_audio_buffer.append`` until the source ends; LinkClosed if the
         link dies first (a replay keeps the unsent chunk in ``feed.carry``)."""
-        state, gate = self.state, self.state.gate
+        state = self.state
         if feed.preroll:
             preroll, feed.preroll = feed.preroll, []
-            await self._send(AudioAppend(b"".join(preroll)))
+            await self._audio(b"".join(preroll))
             state.stats.frames_sent += len(preroll)
         if feed.carry is not None:
-            await self._send(AudioAppend(feed.carry))
+            await self._audio(feed.carry)
             feed.carry = None
         while not feed.done:
             try:
@@ -207,22 +187,11 @@ class Connection:
                 except trio.EndOfChannel:
                     feed.done = True
                     break
-            out: list[bytes] = []
-            for frame in queued:
-                if gate is None:
-                    out.append(frame)
-                    continue
-                passed = gate.filter(frame, trio.current_time(),
-                                     state.buffer.queued_samples() > 0)
-                if not passed:
-                    state.stats.frames_gated += 1
-                out += passed
-            if not out:
-                continue
+            out = queued
             chunk = b"".join(out)
             sent = False
             try:
-                await self._send(AudioAppend(chunk))
+                await self._audio(chunk)
                 sent = True
             finally:  # the link died (or this connection was cancelled) with the chunk in hand
                 if sent:
@@ -243,7 +212,7 @@ class Connection:
 
         while not state.stopping:
             await state.watch.wait_for(settled)
-            with trio.move_on_after(self.settle_seconds) as quiet:
+            with trio.move_on_after(self.parts.settle_seconds) as quiet:
                 await state.watch.wait_for(lambda: not settled())
             if quiet.cancelled_caught:
                 return
@@ -251,21 +220,26 @@ class Connection:
     # -- downlink ----------------------------------------------------------------------------
     async def _downlink(self, effects: Effects, scope: trio.CancelScope) -> None:
         """Server events → conversation → actions. Owns the control channel's send end."""
-        state, ending = self.state, self.ending
+        state, conv = self.state, self.conv
+        code: int | None = None
+        reason = "closed"
         async with effects.control:
             try:
-                while ending.fatal is None:
+                while conv.end is None or conv.end.kind is not End.FATAL:
                     try:
                         message = await self.transport.receive()
                     except LinkClosed as exc:
-                        await self._closed(exc, effects)
+                        code, reason = exc.code, exc.reason
                         return
                     await self._event(message, effects)
             finally:
+                if state.stopping:  # whatever the transport says now, we ended it
+                    conv.finish(EndReason(End.DONE, "stopping"))
                 with trio.move_on_after(FLUSH_DEADLINE) as flush:
                     flush.shield = True
                     await effects.apply([*effects.played_latencies(),
-                                         *self.conv.connection_lost()])
+                                         *conv.connection_lost(code, reason)])
+                    self._log_end()
                 if flush.cancelled_caught:
                     log.error("the recorder took no records for %.0f s: partial transcripts "
                               "of this session are lost", FLUSH_DEADLINE)
@@ -274,53 +248,19 @@ class Connection:
                 scope.cancel()
                 await self._close()
 
-    async def _closed(self, exc: LinkClosed, effects: Effects) -> None:
-        """The service (or we) closed the connection: say why, once."""
-        ending = self.ending
-        ours = self.state.stopping or ending.closing or ending.recycle or ending.hangup
-        if exc.code in FATAL_CLOSE_CODES and not ours and ending.fatal is None:
-            error = self.conv.last_error
-            said = f": {error.message}" if error is not None else ""
-            ending.fatal = ConfigError(
-                f"the Realtime service closed the connection with code {exc.code} "
-                f"({FATAL_CLOSE_CODES[exc.code]}){said}")
-            await effects.store(StoreError("connection_closed", str(exc.code),
-                                           str(ending.fatal), True))
-            return
-        if not (ours or ending.lost):
-            ending.lost = exc.reason
-        if ending.lost:
-            level = logging.INFO if ending.expired else logging.WARNING
-            log.log(level, "connection to the Realtime service lost: %s", ending.lost)
-            await effects.store(StoreError("connection_lost", None, ending.lost, False))
+    def _log_end(self) -> None:
+        end = self.conv.end
+        if end is not None and end.kind in (End.LOST, End.EXPIRED):
+            level = logging.INFO if end.kind is End.EXPIRED else logging.WARNING
+            log.log(level, "connection to the Realtime service lost: %s", end.detail)
 
     async def _event(self, message: str | bytes, effects: Effects) -> None:
-        state, ending, conv = self.state, self.ending, self.conv
-        try:
-            event = parse_event(message)
-        except ProtocolError as exc:
-            state.stats.junk_messages += 1
-            log.debug("ignored: %s", exc)
-            return
-        if isinstance(event, Ignored):
-            log.debug("ignored event %s", event.type)
-            return
-        leftovers = conv.leftover_deltas
-        await effects.apply(conv.receive(event, trio.current_time()))
+        conv = self.conv
+        configured = conv.configured
+        await effects.apply(conv.receive(message, trio.current_time()))
         await effects.apply(effects.played_latencies())
-        state.stats.leftover_deltas += conv.leftover_deltas - leftovers
-        if isinstance(event, SessionUpdated) and self.on_configured:
-            self.on_configured()
-        if isinstance(event, ServiceError):
-            if event.benign:
-                state.stats.benign_errors += 1
-                log.info("service: %s (%s), going on", event.message, event.code)
-            elif event.fatal:
-                ending.fatal = ConfigError(f"the Realtime service refused: {event.message}"
-                                           + (f" ({event.code})" if event.code else ""))
-            elif event.ends_session:
-                ending.lost = f"session ended by the service ({event.code})"
-                ending.expired = True
+        if conv.configured and not configured and self.parts.on_configured:
+            self.parts.on_configured()
 
     # -- tool results --------------------------------------------------------------------------
     async def _tool_results(self, effects: Effects) -> None:

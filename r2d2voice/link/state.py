@@ -1,20 +1,23 @@
-"""What the link shares with the rest of a run, and what it needs from it.
+"""The link's own state, and the ports the rest of a run plugs into it.
 
-:class:`LinkState` is the run's view of the conversation (the current session's
-:class:`Conversation`, the playout buffer, counters, the connection epoch); sources watch it.
-:class:`Sessions` and :class:`Console` are the ports the run plugs its store and output into.
+:class:`LinkState` (the current session's core, the playout buffer, counters, the connection
+epoch) is the link's alone: its tasks wait on it through :class:`Watch`; everyone else gets the
+typed waits of ``link/turns.py``. :class:`Sessions`, :class:`Console` and :class:`SessionGate`
+are the ports the run plugs its store, its output and its listening policy into.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from r2d2voice.audio.gates import EchoGate
 from r2d2voice.audio.playout import PlayoutBuffer
+from r2d2voice.protocol.core import EndReason
 from r2d2voice.realtime.conversation import Conversation
 from r2d2voice.system.config import default
 
@@ -36,14 +39,22 @@ class Watch:
         while not predicate():
             await self._event.wait()
 
+    async def hold(self, predicate: Callable[[], bool], seconds: float) -> None:
+        """Until ``predicate`` has held for ``seconds`` in a row."""
+        while True:
+            await self.wait_for(predicate)
+            with trio.move_on_after(seconds) as still:
+                await self.wait_for(lambda: not predicate())
+            if still.cancelled_caught:
+                return
+
 
 @dataclass
 class Statistics:
-    """Counters of one run; each session stores its share (see ``delta``)."""
+    """The link's counters over a run; each session row stores its share."""
 
     frames_sent: int = 0
     frames_dropped: int = 0
-    frames_gated: int = 0
     audio_chunks_dropped: int = 0
     record_waits: int = 0
     junk_messages: int = 0
@@ -60,9 +71,6 @@ class Statistics:
 
     def snapshot(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def delta(self, since: dict[str, int]) -> dict[str, int]:
-        return {k: v - since.get(k, 0) for k, v in self.snapshot().items()}
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,38 @@ class LinkPolicy:
         return EchoGate(self.echo_tail, self.barge_in_dbfs, self.barge_in_ms)
 
 
+@dataclass(frozen=True)
+class Opening:
+    """A session may start: whether it begins a new conversation (no context carried), the
+    keys its session row carries."""
+
+    new_conversation: bool
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class SessionGate(Protocol):
+    """Whether a session exists (always, after a wake word, dormant until speech, budget
+    spent): the supervisor consults it; the microphone chain feeds it every frame."""
+
+    async def wait_open(self) -> Opening | None:
+        """Until a conversation may start; None once the run is over (input ended, stop)."""
+
+    def take_preroll(self) -> list[bytes] | None:
+        """At each connection's start: the frames held for it (since the wake or the speech
+        onset), oldest first, which replace whatever waited in the uplink channel; None: the
+        gate held nothing back (the channel's frames are the conversation's)."""
+
+    async def wait_close(self) -> str:
+        """Returns (with a reason) when the conversation in progress should end."""
+
+    def ended(self, reason: EndReason) -> bool:
+        """A connection of the conversation ended; True: the conversation goes on (another
+        connection at once or after a backoff), False: it is over."""
+
+    async def over(self, session_ids: list[str]) -> None:
+        """The conversation is over; these were its sessions (none: it never connected)."""
+
+
 @dataclass
 class LinkState:
     """What the tasks of one run share: conversation state, playout buffer, counters."""
@@ -109,14 +149,29 @@ class LinkState:
     epoch: int = 0
     connected: bool = False
     session_ids: list[str] = field(default_factory=list)
-    #: the half-duplex echo gate (None: full duplex or a file source)
-    gate: EchoGate | None = None
+
+    async def hold(self, predicate: Callable[[], bool], seconds: float) -> None:
+        await self.watch.hold(predicate, seconds)
+
+    def follow_playout(self) -> Callable[[], None]:
+        """The playout buffer starts, drains and starts items on the audio thread: each of
+        those wakes the link's watchers (status, recycle timer, hang-up) instead of polling.
+        Returns what stops it."""
+        token = trio.lowlevel.current_trio_token()
+        changed = self.watch.changed
+
+        def notify() -> None:
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(changed, idempotent=True)
+
+        self.buffer.set_listener(notify)
+        return lambda: self.buffer.set_listener(None)
 
 
 class Sessions(Protocol):
     """The store's view of service sessions (the app implements it over SQLite)."""
 
-    async def begin(self, previous: str | None) -> str: ...
+    async def begin(self, previous: str | None, metadata: dict[str, Any]) -> str: ...
     async def end(self, session_id: str, stats: dict[str, int]) -> None: ...
     async def context(self, chain: list[str], limit: int) -> list[tuple[str, str]]: ...
 

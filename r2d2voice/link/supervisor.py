@@ -1,39 +1,35 @@
 """One connection after another: reconnect with backoff, recycle before the session limit,
 carry the last turns as context into each new session; run the model's tool calls.
 
-After a lost link the next session comes after a backoff delay; after the service's
-``session_expired`` or our recycling, at once. After the robot hung up (``end_conversation``)
-the next session is a new conversation (no context carried): for a live microphone it starts
-when the local VAD hears speech again (no connection while nobody talks); for a file, at once
-(the file is a user who keeps talking).
+The session gate (``link/state.py`` :class:`SessionGate`) says when a conversation may start
+and when it is over; within one, after a lost link the next session comes after a backoff
+delay, after the service's ``session_expired`` or our recycling at once, with the last turns as
+context. A new conversation carries no context.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
 from r2d2voice.audio.playout import AudioChunk
 from r2d2voice.errors import ConfigError, RuntimeFailure
-from r2d2voice.link.connection import Connection, Ending, FrameFeed, ToolPorts
-from r2d2voice.link.dormant import wait_for_speech
-from r2d2voice.link.state import Console, FrameSource, LinkPolicy, LinkState, Sessions
+from r2d2voice.link.connection import Connection, FrameFeed, ToolPorts
+from r2d2voice.link.parts import LinkParts
+from r2d2voice.link.state import LinkPolicy, LinkState, Opening
 from r2d2voice.link.tools import (
     CALLS_BOUND,
     RESULTS_BOUND,
-    ToolCaller,
     ToolDone,
     ToolJob,
     ToolRunner,
     no_tools,
 )
-from r2d2voice.link.transport import Connector, Endpoint
 from r2d2voice.protocol.actions import Record
-from r2d2voice.realtime.client_events import SessionConfig
-from r2d2voice.realtime.conversation import Conversation
+from r2d2voice.protocol.core import End, EndReason
 
 log = logging.getLogger("r2d2voice.link.supervisor")
 
@@ -67,42 +63,36 @@ class Backoff:
 
 
 class Supervisor:
-    """Owns the long-lived channel ends and runs one connection after another."""
+    """Owns the long-lived channel ends and runs one connection after another, when and for as
+    long as the session gate wants a session."""
 
-    def __init__(self, endpoint: Endpoint, connect: Connector, config: SessionConfig,
-                 source: FrameSource, sessions: Sessions, state: LinkState,
-                 policy: LinkPolicy, console: Console, *, settle_seconds: float = 1.0,
-                 on_configured: Callable[[], None] | None = None,
-                 rng: random.Random | None = None, tools: ToolCaller | None = None) -> None:
-        self.endpoint = endpoint
-        self.connect = connect
-        self.config = config
-        self.source = source
-        self.sessions = sessions
+    def __init__(self, parts: LinkParts, state: LinkState) -> None:
+        self.parts = parts
         self.state = state
-        self.policy = policy
-        self.console = console
-        self.settle_seconds = settle_seconds
-        self.on_configured = on_configured
-        self.backoff = Backoff(policy, rng or random.Random())
-        self.tools = tools or no_tools
+        self.policy = parts.policy
+        self.console = parts.console
+        self.gate = parts.gate
+        self.backoff = Backoff(parts.policy, parts.rng or random.Random())
+        self.tools = parts.tools or no_tools
         self.reconnecting = False  # the next session replaces a lost one
-        #: where this conversation's sessions start in ``state.session_ids`` (a hang-up
-        #: starts a new conversation: no context from before it)
+        #: where this conversation's sessions start in ``state.session_ids`` (a new
+        #: conversation carries no context from before it)
         self.chain_start = 0
-        #: capture drops already counted in a session (those between sessions go to the next)
-        self.capture_drops_counted = 0
+        #: the connection in progress (the gate may end it)
+        self._current: Connection | None = None
+        #: the counters when the last session ended (its row has them)
+        self._counted: dict[str, int] = {}
         #: why the run must end with an error, raised once everything is drained and stored
         self.failure: ConfigError | RuntimeFailure | None = None
 
     async def run(self, frames: trio.MemoryReceiveChannel[bytes],
                   audio: trio.MemorySendChannel[AudioChunk],
                   records: trio.MemorySendChannel[tuple[str, Record]]) -> None:
-        """Connections until done; closes the long-lived channels on the way out. Tools still
-        running when the conversation is over are stopped (and recorded as stopped)."""
+        """Conversations until done; closes the long-lived channels on the way out. Tools still
+        running when the last conversation is over are stopped (and recorded as stopped)."""
         async with frames, audio, records:
-            feed = FrameFeed(frames, drop_stale=self.source.live or self.source.resends,
-                             live=self.source.live)
+            source = self.parts.source
+            feed = FrameFeed(frames, drop_stale=source.live or source.resends, live=source.live)
             calls_send, calls_recv = trio.open_memory_channel[ToolJob](CALLS_BOUND)
             results_send, results_recv = trio.open_memory_channel[ToolDone](RESULTS_BOUND)
             async with results_recv:
@@ -111,18 +101,50 @@ class Supervisor:
                                        results_send)
                     async with calls_send:
                         try:
-                            await self._loop(feed, audio, records,
-                                             ToolPorts(calls_send, results_recv))
+                            await self._conversations(feed, audio, records,
+                                                      ToolPorts(calls_send, results_recv))
                         except (ConfigError, RuntimeFailure) as exc:
                             self.failure = exc
                     nursery.cancel_scope.cancel()  # tools still running are stopped
                 await _store_undelivered(results_recv, records)
 
-    async def _loop(self, feed: FrameFeed, audio: trio.MemorySendChannel[AudioChunk],
-                    records: trio.MemorySendChannel[tuple[str, Record]],
-                    tools: ToolPorts) -> None:
-        state, policy = self.state, self.policy
+    async def _conversations(self, feed: FrameFeed, audio: trio.MemorySendChannel[AudioChunk],
+                             records: trio.MemorySendChannel[tuple[str, Record]],
+                             tools: ToolPorts) -> None:
         previous: str | None = None
+        while not self.state.stopping and not feed.done:
+            opening = await self.gate.wait_open()
+            if opening is None or self.state.stopping:
+                return
+            if opening.new_conversation:
+                previous = None
+                self.chain_start = len(self.state.session_ids)
+                self.backoff.reset()
+            ports = _Ports(feed, audio, records, tools, opening)
+            first = len(self.state.session_ids)
+            failure: ConfigError | RuntimeFailure | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_when_gate_says, nursery.cancel_scope)
+                try:
+                    previous = await self._conversation(ports, previous)
+                except (ConfigError, RuntimeFailure) as exc:  # raised as it is, not in a group
+                    failure = exc
+                nursery.cancel_scope.cancel()
+            await self.gate.over(self.state.session_ids[first:])
+            if failure is not None:
+                raise failure
+
+    async def _close_when_gate_says(self, scope: trio.CancelScope) -> None:
+        reason = await self.gate.wait_close()
+        log.info("conversation over (%s): closing", reason)
+        if self._current is not None:
+            await self._current.finish(EndReason(End.DONE, reason))
+        else:  # still connecting (or backing off): give up on it
+            scope.cancel()
+
+    async def _conversation(self, ports: _Ports, previous: str | None) -> str | None:
+        """Connections until the conversation is over; the last session's id."""
+        state, policy = self.state, self.policy
         while not state.stopping:
             delay = self.backoff.delay()
             if delay:
@@ -131,97 +153,105 @@ class Supervisor:
                 with trio.move_on_after(delay):
                     await state.watch.wait_for(lambda: state.stopping)
                 if state.stopping:
-                    return
+                    return previous
             started = trio.current_time()
             try:
-                ending = await self._connection(feed, audio, records, previous, tools)
+                end, previous = await self._connection(ports, previous)
             except RuntimeFailure as exc:  # could not connect: try again
                 if not policy.reconnect:
                     raise
                 log.warning("%s", exc)
                 self.backoff.failed()
                 continue
-            previous = ending.session_id
-            if ending.fatal is not None:
-                raise ending.fatal
-            if ending.recycle:
+            if end.kind is End.FATAL:
+                raise ConfigError(end.detail)
+            goes_on = self.gate.ended(end) and end.kind is not End.DONE
+            if end.kind is End.LOST and goes_on:
+                if not policy.reconnect:
+                    raise RuntimeFailure(
+                        f"connection to the Realtime service lost ({end.detail})")
+                self.reconnecting = True
+                self.backoff.failed(lived=trio.current_time() - started)
+            elif end.kind is End.RECYCLE:
                 self.backoff.reset()
                 log.info("recycled the connection before the service's session limit")
-                continue
-            if ending.hangup:
-                self.backoff.reset()
-                previous = None  # a new conversation: nothing carried over
-                self.chain_start = len(self.state.session_ids)
-                if self.source.live and not await self._dormant(feed):
-                    return
-                continue
-            if ending.expired:  # the service's time limit: a new session at once, no failure
+            elif end.kind is End.EXPIRED:  # the service's limit: a new session at once
                 self.backoff.reset()
                 self.reconnecting = True
-                continue
-            if ending.lost is None:
-                return  # done or stopping
-            if not policy.reconnect:
-                raise RuntimeFailure(f"connection to the Realtime service lost ({ending.lost})")
-            self.reconnecting = True
-            self.backoff.failed(lived=trio.current_time() - started)
+            if not goes_on:
+                return previous
+        return previous
 
-    async def _dormant(self, feed: FrameFeed) -> bool:
-        """No session until someone speaks; False if the run ends first."""
-        self.console.status("conversation ended; listening for speech")
-        log.info("no session until someone speaks")
-        cfg = self.config
-        return await wait_for_speech(feed, threshold=cfg.vad_threshold,
-                                     prefix_ms=cfg.vad_prefix_ms, silence_ms=cfg.vad_silence_ms)
-
-    async def _connection(self, feed: FrameFeed, audio: trio.MemorySendChannel[AudioChunk],
-                          records: trio.MemorySendChannel[tuple[str, Record]],
-                          previous: str | None, tools: ToolPorts) -> Ending:
-        state = self.state
-        async with self.connect(self.endpoint) as transport:
+    async def _connection(self, ports: _Ports, previous: str | None
+                          ) -> tuple[EndReason, str]:
+        state, feed = self.state, ports.feed
+        async with self.parts.connect(self.parts.endpoint) as transport:
             context: list[tuple[str, str]] = []
             if previous is not None and self.policy.context_turns > 0:
-                context = await self.sessions.context(state.session_ids[self.chain_start:],
-                                                      self.policy.context_turns)
-            session_id = await self.sessions.begin(previous)
+                context = await self.parts.sessions.context(
+                    state.session_ids[self.chain_start:], self.policy.context_turns)
+            session_id = await self.parts.sessions.begin(previous, ports.opening.metadata)
             state.session_ids.append(session_id)
-            state.conversation = Conversation(interrupt_response=self.config.interrupt_response)
+            state.conversation = core = self.parts.new_core(context)
             state.epoch += 1
             state.connected = True
-            if state.gate is not None:
-                state.gate.reset()
             state.watch.changed()
-            before = state.stats.snapshot()
-            underruns_before = state.buffer.statistics().underruns
+            # what happened since the last session ended (between sessions too) is this one's
+            before = self._counted
             if self.reconnecting:  # counted in the session that replaces the lost one
                 self.reconnecting = False
                 state.stats.reconnects += 1
-            if feed.drop_stale and not feed.preroll:  # after a wake-up, queued speech is fresh
+            preroll = self.gate.take_preroll()
+            if preroll is not None:
+                feed.drop_queued()  # older than the pre-roll: from before the wake or onset
+            elif feed.drop_stale:
                 dropped = feed.drop_queued()
                 if dropped and feed.live:
                     state.stats.frames_dropped += dropped
                     log.info("dropped %d stale microphone frames after reconnecting", dropped)
-            connection = Connection(transport, state, self.policy, Ending(session_id),
-                                    self.console, config=self.config, context=context,
-                                    settle_seconds=self.settle_seconds,
-                                    on_configured=self.on_configured, tools=tools)
+            feed.preroll = preroll or []
+            connection = self._current = Connection(transport, state, self.parts, session_id,
+                                                    tools=ports.tools)
             try:
-                return await connection.run(feed, audio, records)
+                end = await connection.run(feed, ports.audio, ports.records)
             finally:
+                self._current = None
                 state.connected = False
                 state.watch.changed()
-                stats = state.stats.delta(before)
-                stats["underruns"] = state.buffer.statistics().underruns - underruns_before
-                # frames the capture itself dropped because the uplink queue was full
-                capture_drops = self.source.frames_dropped
-                stats["frames_dropped"] += capture_drops - self.capture_drops_counted
-                self.capture_drops_counted = capture_drops
+                for key, value in core.statistics().items():  # the session's own counts
+                    setattr(state.stats, key, getattr(state.stats, key) + value)
+                self._counted = self._counters()
+                stats = _delta(self._counted, before)
                 with trio.move_on_after(END_DEADLINE) as scope:
                     scope.shield = True
-                    await self.sessions.end(session_id, stats)
+                    await self.parts.sessions.end(session_id, stats)
                 if scope.cancelled_caught:
                     log.error("could not close session %s within %.0f s", session_id,
                               END_DEADLINE)
+        return end, session_id
+
+    def _counters(self) -> dict[str, int]:
+        """The link's counters and those of the run's other parts, as they are now."""
+        counters = self.state.stats.snapshot()
+        for key, value in self.parts.counters().items():
+            counters[key] = counters.get(key, 0) + value
+        return counters
+
+
+@dataclass(frozen=True)
+class _Ports:
+    """What one conversation's connections use (the feed and channels span the run)."""
+
+    feed: FrameFeed
+    audio: trio.MemorySendChannel[AudioChunk]
+    records: trio.MemorySendChannel[tuple[str, Record]]
+    tools: ToolPorts
+    opening: Opening
+
+
+def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """A session's share of counters that span the run (the session row's statistics)."""
+    return {key: value - before.get(key, 0) for key, value in now.items()}
 
 
 async def _store_undelivered(results: trio.MemoryReceiveChannel[ToolDone],

@@ -10,21 +10,21 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from r2d2voice.link.state import Console, LinkPolicy, LinkState
+from r2d2voice.link.state import LinkPolicy, LinkState
 from r2d2voice.link.transport import LinkClosed, Transport
-from r2d2voice.realtime.conversation import Turn
+from r2d2voice.protocol.core import End, EndReason
 
 if TYPE_CHECKING:
-    from r2d2voice.link.connection import Ending
     from r2d2voice.link.effects import Effects
+    from r2d2voice.link.parts import LinkParts
 
-log = logging.getLogger("r2d2voice.link.connection")
+log = logging.getLogger("r2d2voice.link.timers")
 
-Close = Callable[[], Awaitable[None]]
+#: ends the connection for a reason (Connection.finish)
+Finish = Callable[[EndReason], Awaitable[None]]
 
 
-async def keepalive(transport: Transport, policy: LinkPolicy, ending: Ending,
-                    close: Close) -> None:
+async def keepalive(transport: Transport, policy: LinkPolicy, finish: Finish) -> None:
     """A ping the service does not answer in time means the link is dead."""
     while True:
         await trio.sleep(policy.ping_interval)
@@ -34,12 +34,11 @@ async def keepalive(transport: Transport, policy: LinkPolicy, ending: Ending,
             except LinkClosed:
                 return
         if waited.cancelled_caught:
-            ending.lost = "ping timeout"
-            await close()
+            await finish(EndReason(End.LOST, "ping timeout"))
             return
 
 
-async def recycle(state: LinkState, policy: LinkPolicy, ending: Ending, close: Close) -> None:
+async def recycle(state: LinkState, policy: LinkPolicy, finish: Finish) -> None:
     """Before the service's session limit, start a fresh session at a quiet moment: nothing
     open and no reply audio queued, for ``quiet_seconds`` in a row."""
     await trio.sleep(policy.session_max_seconds)
@@ -48,9 +47,8 @@ async def recycle(state: LinkState, policy: LinkPolicy, ending: Ending, close: C
     def quiet() -> bool:
         return state.conversation.settled and state.buffer.queued_samples() == 0
 
-    await _hold(state, quiet, policy.quiet_seconds)
-    ending.recycle = True
-    await close()
+    await state.hold(quiet, policy.quiet_seconds)
+    await finish(EndReason(End.RECYCLE))
 
 
 async def give_up_transcripts(state: LinkState, policy: LinkPolicy) -> None:
@@ -58,9 +56,9 @@ async def give_up_transcripts(state: LinkState, policy: LinkPolicy) -> None:
     done never comes: stop waiting for it (it must not hold up a replay's end or recycling)."""
     conv = state.conversation
     while True:
-        await state.watch.wait_for(lambda: conv.turn is Turn.TRANSCRIBING)
+        await state.watch.wait_for(lambda: conv.waiting_for_transcript)
         with trio.move_on_after(policy.transcript_wait) as waited:
-            await state.watch.wait_for(lambda: conv.turn is not Turn.TRANSCRIBING)
+            await state.watch.wait_for(lambda: not conv.waiting_for_transcript)
         if waited.cancelled_caught:
             items = conv.give_up_transcripts()
             log.warning("no transcript of %s within %.0f s: no longer waiting for it",
@@ -68,44 +66,37 @@ async def give_up_transcripts(state: LinkState, policy: LinkPolicy) -> None:
             state.watch.changed()
 
 
-async def hang_up(effects: Effects, ending: Ending, close: Close) -> None:
+async def hang_up(effects: Effects, finish: Finish) -> None:
     """After the goodbye (:class:`HangUp`), once the speaker has played it, close the session."""
     await effects.hang_up.wait()
     await effects.state.watch.wait_for(effects.speaker_drained)
     log.info("conversation ended by the robot (end_conversation): hanging up")
-    ending.hangup = True
-    await close()
+    await finish(EndReason(End.HANGUP))
 
 
-async def status(state: LinkState, console: Console) -> None:
-    """Keep STATUS= true; the watch changes on every event and when the speaker starts or
-    drains (repeats are skipped by the console)."""
+async def status(state: LinkState, parts: LinkParts) -> None:
+    """Keep STATUS= true, and tell the run whether a turn is open or a reply plays (the
+    microphone hands audio over frame by frame then); the watch changes on every event and
+    when the speaker starts or drains (repeats are skipped by the console)."""
+    try:
+        while True:
+            parts.console.status(status_text(state))
+            parts.busy(not state.conversation.idle or state.buffer.queued_samples() > 0)
+            await state.watch.next_change()
+    finally:
+        parts.busy(False)
+
+
+async def tick(state: LinkState, effects: Effects) -> None:
+    """Time passing, for a core that needs it (one whose pauses close utterances)."""
+    core = state.conversation
+    if core.tick_interval is None:
+        return
     while True:
-        console.status(status_text(state))
-        await state.watch.next_change()
+        await trio.sleep(core.tick_interval)
+        await effects.apply(core.tick(trio.current_time()))
 
 
 def status_text(state: LinkState) -> str:
     """What the robot is doing, for ``systemctl status``."""
-    conv, queued = state.conversation, state.buffer.queued_samples() > 0
-    if conv.user_speaking:
-        return "listening (you are speaking)"
-    if conv.active_response and not queued:
-        return "thinking"
-    if queued or conv.active_response:
-        return "speaking"
-    if conv.turn is Turn.ACTING:
-        return "acting (" + ", ".join(conv.tools.running) + ")"
-    if conv.turn is Turn.RESPONDING:
-        return "thinking"
-    return "listening"
-
-
-async def _hold(state: LinkState, predicate: Callable[[], bool], seconds: float) -> None:
-    """Until ``predicate`` has held for ``seconds`` in a row."""
-    while True:
-        await state.watch.wait_for(predicate)
-        with trio.move_on_after(seconds) as still:
-            await state.watch.wait_for(lambda: not predicate())
-        if still.cancelled_caught:
-            return
+    return state.conversation.status(state.buffer.queued_samples() > 0)

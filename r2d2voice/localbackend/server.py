@@ -193,7 +193,8 @@ async def serve_local(
     """Serve the local backend until cancelled; ``task_status.started(bound_port)``.
 
     ``/v1/live/sessions`` speaks GPT-Live (:mod:`.live_server`); any other path is accepted
-    as Realtime (``/v1/realtime?model=...``; the model is echoed in the session).
+    as Realtime (``/v1/realtime?model=...``); every Realtime session names its model
+    ``local`` (:data:`~r2d2voice.localbackend.session_config.LOCAL_MODEL`), whatever was asked.
     Each connection gets its own session. Cancelling the caller's scope closes every
     connection (close code 1001, at most :data:`CLOSE_TIMEOUT_S` each) and the listener.
     A port that cannot be bound raises :class:`OSError` before ``started``.

@@ -74,6 +74,8 @@ class LocalSession:
     (``sess``, ``conv``, ``item``, ``resp``, ``call``, ``event``); ``reply_seconds`` is the
     length of every reply; ``faults`` the habits to imitate; ``script`` what each turn says or
     calls; ``observer`` sees (session id, client event) for every JSON event received.
+    ``model`` is the one the client asked for; the session names ``local`` (it identifies
+    itself, see :data:`~r2d2voice.localbackend.session_config.LOCAL_MODEL`).
     """
 
     def __init__(
@@ -94,7 +96,8 @@ class LocalSession:
         self.observer = observer
         minutes = self.faults.session_minutes
         lifetime = round(minutes * 60) if minutes is not None else SESSION_LIFETIME_S
-        self.session = sc.default_session(model, new_id("sess"), int(clock()) + lifetime)
+        self.requested_model = model  # the session names LOCAL_MODEL whatever was asked
+        self.session = sc.default_session(new_id("sess"), int(clock()) + lifetime)
         self.conversation_id = new_id("conv")
         self.conversation = Conversation()
         self.input = InputAudio(sc.vad_params(self.turn_detection), self.faults.benign_errors)

@@ -15,6 +15,7 @@ from r2d2voice.localbackend.wire import RATE, Json, is_int, is_num, require
 __all__ = [
     "DEFAULT_INSTRUCTIONS",
     "DEFAULT_MODEL",
+    "LOCAL_MODEL",
     "apply_update",
     "check_output_modalities",
     "default_session",
@@ -23,13 +24,16 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "gpt-realtime"
+#: The model every local session names, whatever was asked for: the backend identifies itself,
+#: so a client records (and never bills) it as local, whichever URL reached it.
+LOCAL_MODEL = "local"
 DEFAULT_INSTRUCTIONS = "You are R2-D2. You answer in beeps and whistles."
 
 _SESSION_KEYS = {
     "type", "model", "instructions", "output_modalities", "audio", "tools", "tool_choice",
     "max_output_tokens", "tracing", "truncation", "prompt", "include",
 }
-_COPIED_AS_IS = ("model", "max_output_tokens", "tracing", "truncation", "prompt", "include")
+_COPIED_AS_IS = ("max_output_tokens", "tracing", "truncation", "prompt", "include")
 _TURN_DETECTION_KEYS = {
     "type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
     "interrupt_response", "idle_timeout_ms", "eagerness",
@@ -49,14 +53,15 @@ def default_turn_detection() -> Json:
     }
 
 
-def default_session(model: str, session_id: str, expires_at: int) -> Json:
-    """The session a new connection starts with (as ``session.created`` shows it)."""
+def default_session(session_id: str, expires_at: int) -> Json:
+    """The session a new connection starts with (as ``session.created`` shows it); its
+    ``model`` is always :data:`LOCAL_MODEL` (a ``session.update`` does not change it)."""
     pcm = {"type": "audio/pcm", "rate": RATE}
     return {
         "type": "realtime",
         "object": "realtime.session",
         "id": session_id,
-        "model": model,
+        "model": LOCAL_MODEL,
         "output_modalities": ["audio"],
         "instructions": DEFAULT_INSTRUCTIONS,
         "tools": [],

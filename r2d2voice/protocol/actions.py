@@ -60,6 +60,14 @@ class HangUp:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """Something worth a line in the log that is neither stored nor an error (the service's
+    ordinary races)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoreSession:
     service_session_id: str
     model: str | None
@@ -126,4 +134,4 @@ Record = (
     StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreUsage | StoreLatency
     | StoreError | StoreToolCall | StoreToolResult
 )
-Action = Play | BargeIn | Send | CallTool | HangUp | Record
+Action = Play | BargeIn | Send | CallTool | HangUp | Notice | Record

@@ -53,6 +53,12 @@ class ProtocolCore(Protocol):
 
     #: how the session ended (None while it goes on); set once, first writer wins
     end: EndReason | None
+    #: the shell calls :meth:`tick` this often (None: never)
+    tick_interval: float | None
+    #: turns the service took from the person, and replies it finished (a source waiting for
+    #: its turn to be answered watches them)
+    turns_committed: int
+    responses_done: int
 
     def opening(self) -> list[str]:
         """Wire messages to send first, in order (the session's configuration, context)."""
@@ -86,6 +92,26 @@ class ProtocolCore(Protocol):
 
     def tool_finished(self, result: StoreToolResult, *, hang_up: bool) -> list[Action]:
         """A tool call the core asked for (:class:`~.actions.CallTool`) finished."""
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed (every :attr:`tick_interval` s): close what a pause closes."""
+
+    def give_up_transcripts(self) -> list[str]:
+        """Stop waiting for the person's transcripts that never came; their ids."""
+
+    def statistics(self) -> dict[str, int]:
+        """This session's counts (junk messages, benign errors, audio dropped as leftover)."""
+
+    def status(self, playing: bool) -> str:
+        """What the robot is doing, in a few words (``playing``: reply audio is queued)."""
+
+    @property
+    def user_speaking(self) -> bool:
+        """The service hears the person."""
+
+    @property
+    def waiting_for_transcript(self) -> bool:
+        """Everything is done but a transcript of the person that is still to come."""
 
     @property
     def configured(self) -> bool:

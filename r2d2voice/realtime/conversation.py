@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from r2d2voice.protocol.actions import (
     Action,
     BargeIn,
+    Notice,
     Play,
     Send,
     StoreError,
@@ -30,13 +31,18 @@ from r2d2voice.protocol.actions import (
     StoreResponse,
     StoreSession,
 )
+from r2d2voice.protocol.core import End, EndReason
 from r2d2voice.protocol.tool_records import StoreToolResult
 from r2d2voice.realtime.client_events import (
     RATE,
+    AudioAppend,
     ClientEvent,
+    ItemCreateText,
     ItemDelete,
     ItemTruncate,
     ResponseCreate,
+    SessionConfig,
+    SessionUpdate,
     encode,
 )
 from r2d2voice.realtime.items import Items
@@ -45,8 +51,10 @@ from r2d2voice.realtime.server_events import (
     AudioDelta,
     CallArgumentsDelta,
     CallArgumentsDone,
+    Ignored,
     InputCommitted,
     OutputItemAdded,
+    ProtocolError,
     ResponseCreated,
     ResponseDone,
     ServerEvent,
@@ -60,6 +68,7 @@ from r2d2voice.realtime.server_events import (
     TranscriptDone,
     UserTranscript,
     UserTranscriptFailed,
+    parse_event,
 )
 from r2d2voice.realtime.tool_calls import ToolCalls
 from r2d2voice.realtime.tracking import MAX_TRACKED, remember
@@ -100,6 +109,14 @@ TRANSITIONS: dict[type, dict[Turn, Turn]] = {
 }
 
 
+#: close codes after which no retry can help (exit 3), and what they mean
+FATAL_CLOSE_CODES = {
+    3000: "the API key was refused",
+    1013: "no quota left (check the plan and billing)",
+    4000: "the request was refused (check the model name)",
+}
+
+
 class LocalProtocolError(RuntimeError):
     """The shell asked for something the state forbids (sending on a closed connection)."""
 
@@ -113,8 +130,18 @@ class Conversation:
 
     MAX_TRACKED_ITEMS = MAX_TRACKED
 
-    def __init__(self, *, interrupt_response: bool = True) -> None:
-        self.interrupt_response = interrupt_response
+    #: the shell calls :meth:`tick` this often (None: never; everything here is event-driven)
+    tick_interval: float | None = None
+
+    def __init__(self, config: SessionConfig | None = None,
+                 context: tuple[tuple[str, str], ...] = ()) -> None:
+        self.config = config or SessionConfig(instructions="")
+        #: turns of earlier sessions re-sent as text items after the configuration
+        self.context = context
+        self.interrupt_response = self.config.interrupt_response
+        #: server messages that were not JSON events / ordinary races the service calls errors
+        self.junk_messages = 0
+        self.benign_errors = 0
         self.phase = Phase.CONNECTING
         self.turn = Turn.IDLE
         self.session_id: str | None = None
@@ -123,6 +150,8 @@ class Conversation:
         self.responses_done = 0
         self.active_response: str | None = None
         self.last_error: ServiceError | None = None
+        #: how the session ended (set once: the first to notice decides)
+        self.end: EndReason | None = None
         self.usage_totals: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
         #: committed user items whose transcript is still to come -> their seq
         self.pending_user: OrderedDict[str, int] = OrderedDict()
@@ -140,6 +169,30 @@ class Conversation:
         self._cut: OrderedDict[str, bool] = OrderedDict()
 
     # -- queries ---------------------------------------------------------------------------
+    @property
+    def waiting_for_transcript(self) -> bool:
+        """Everything is done but a user transcript that is still to come."""
+        return self.turn is Turn.TRANSCRIBING
+
+    def statistics(self) -> dict[str, int]:
+        """This session's counts the shell adds to the run's (and the session row's)."""
+        return {"junk_messages": self.junk_messages, "benign_errors": self.benign_errors,
+                "leftover_deltas": self.leftover_deltas}
+
+    def status(self, playing: bool) -> str:
+        """What the robot is doing, for ``systemctl status`` (``playing``: audio is queued)."""
+        if self.user_speaking:
+            return "listening (you are speaking)"
+        if self.active_response and not playing:
+            return "thinking"
+        if playing or self.active_response:
+            return "speaking"
+        if self.turn is Turn.ACTING:
+            return "acting (" + ", ".join(self.tools.running) + ")"
+        if self.turn is Turn.RESPONDING:
+            return "thinking"
+        return "listening"
+
     @property
     def idle(self) -> bool:
         """No user speech, no reply being generated or asked for, no tool running."""
@@ -171,6 +224,14 @@ class Conversation:
         return self.items.seq_of(item_id)
 
     # -- outbound --------------------------------------------------------------------------
+    def opening(self) -> list[str]:
+        """The session's configuration, then the context of earlier sessions."""
+        return [self.send(SessionUpdate(self.config)),
+                *(self.send(ItemCreateText(role, text)) for role, text in self.context)]
+
+    def audio(self, pcm: bytes) -> str:
+        return self.send(AudioAppend(pcm))
+
     def send(self, event: ClientEvent) -> str:
         """The wire JSON of ``event`` with this instance's next event id; remembers it."""
         if self.phase is Phase.CLOSED:
@@ -180,8 +241,18 @@ class Conversation:
         return encode(event, event_id)
 
     # -- inbound ---------------------------------------------------------------------------
-    def receive(self, event: ServerEvent, now: float) -> list[Action]:
-        """Apply one server event received at ``now``; return what the shell should do."""
+    def receive(self, event: ServerEvent | str | bytes, now: float) -> list[Action]:
+        """Apply one server message (or an event already parsed) received at ``now``; return
+        what the shell should do. Junk (not a JSON event) and events we do not use are
+        counted or skipped, never raised."""
+        if isinstance(event, (str, bytes)):
+            try:
+                event = parse_event(event)
+            except ProtocolError:
+                self.junk_messages += 1
+                return []
+        if isinstance(event, Ignored):
+            return []
         handler = self._HANDLERS.get(type(event))
         out = handler(self, event, now) if handler else []
         moves = TRANSITIONS.get(type(event))
@@ -212,10 +283,30 @@ class Conversation:
         event = ItemTruncate(item_id, played_ms) if played_ms > 0 else ItemDelete(item_id)
         return [Send(event), StoreInterrupted(item_id, reply.seq, played_ms)]
 
-    def connection_lost(self) -> list[Action]:
-        """The transport is gone: store transcripts that never got their ``.done``; no more
-        sending. Calling it again returns nothing."""
-        out: list[Action] = list(self.items.unfinished())
+    def finish(self, reason: EndReason) -> None:
+        """The session ends for ``reason`` (ignored once an end is known)."""
+        if self.end is None:
+            self.end = reason
+
+    def connection_lost(self, code: int | None = None, reason: str = "closed"
+                        ) -> list[Action]:
+        """The transport is gone (with close ``code``, if any): decide how the session ended,
+        store transcripts that never got their ``.done``; no more sending. Calling it again
+        returns nothing more."""
+        out: list[Action] = []
+        ours = self.end is not None and self.end.ours
+        if code in FATAL_CLOSE_CODES and not ours and (
+                self.end is None or self.end.kind is not End.FATAL):
+            said = f": {self.last_error.message}" if self.last_error is not None else ""
+            self.end = EndReason(End.FATAL, (
+                f"the Realtime service closed the connection with code {code} "
+                f"({FATAL_CLOSE_CODES[code]}){said}"))
+            out.append(StoreError("connection_closed", str(code), self.end.detail, True))
+        elif self.phase is not Phase.CLOSED and not ours and (
+                self.end is None or self.end.kind in (End.LOST, End.EXPIRED)):
+            self.finish(EndReason(End.LOST, reason))
+            out.append(StoreError("connection_lost", None, self.end.detail, False))
+        out += self.items.unfinished()
         self.phase = Phase.CLOSED
         self.turn = Turn.IDLE
         self.active_response = None
@@ -341,13 +432,22 @@ class Conversation:
         out += self.tools.response_done(ev.response_id, ev.status, ev.status_details)
         return out + self._request_response()
 
+    def tick(self, now: float) -> list[Action]:
+        return []
+
     def _on_error(self, ev: ServiceError, now: float) -> list[Action]:
         if ev.benign:  # an ordinary race: the shell logs it, nothing is stored
+            self.benign_errors += 1
             ours = self.sent.get(ev.event_id or "") == ResponseCreate.TYPE
             if ev.code == "conversation_already_has_active_response" and ours:
                 self.tools.busy()
-            return []
+            return [Notice(f"service: {ev.message} ({ev.code}), going on")]
         self.last_error = ev
+        if ev.fatal:
+            self.finish(EndReason(End.FATAL, f"the Realtime service refused: {ev.message}"
+                                  + (f" ({ev.code})" if ev.code else "")))
+        elif ev.ends_session:
+            self.finish(EndReason(End.EXPIRED, f"session ended by the service ({ev.code})"))
         message = ev.message
         if ev.event_id in self.sent:
             message += f" (in reply to our {self.sent[ev.event_id]})"

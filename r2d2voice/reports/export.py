@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from r2d2voice.errors import RuntimeFailure, UsageError
 from r2d2voice.reports.markdown import write_markdown
-from r2d2voice.reports.source import open_records
+from r2d2voice.reports.source import is_fleet, open_records
 from r2d2voice.reports.tables import check_format, time_range
 from r2d2voice.storage.queries import EXPORT_ROLES, ToolRow
 
@@ -63,7 +63,8 @@ def export_command(db_path: str | os.PathLike[str], *, fmt: str = "jsonl",
 
     A regular ``output`` file is written next to itself under a temporary name, made 0600 and
     renamed at the end: a failed export leaves neither it nor the temporary file behind.
-    An existing non-regular target (``/dev/null``, a FIFO) is written in place.
+    An existing non-regular target (``/dev/null``, a FIFO) is written in place. An ``output``
+    that is the database itself (or its ``-wal``/``-shm``), by whatever name, is refused.
     Returns the rows written.
     """
 
@@ -73,7 +74,29 @@ def export_command(db_path: str | os.PathLike[str], *, fmt: str = "jsonl",
 
     if output is None:
         return export_to(out if out is not None else sys.stdout)
+    if not is_fleet(db_path):
+        check_not_the_database(Path(output), Path(db_path))
     return _write_atomically(Path(output), export_to)
+
+
+#: Files SQLite keeps beside a database: writing over one of them corrupts it too.
+_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+
+
+def check_not_the_database(output: Path, db: Path) -> None:
+    """UsageError (exit 2) when ``output`` is the database ``db`` or one of its side files,
+    by any name: the same path, a symlink or a hard link to it (the same inode)."""
+    for suffix in _SIDE_FILES:
+        side = Path(f"{db}{suffix}")
+        try:
+            same = os.path.samefile(output, side)
+        except OSError:  # one of them does not exist: not the same file
+            continue
+        if not same:
+            continue
+        what = "the database" if not suffix else f"the database's {suffix[1:]} file"
+        raise UsageError(f"--output {output} is {what} ({side}): exporting would overwrite "
+                         "it; write the export to another file")
 
 
 def run_export(db_path: str | os.PathLike[str], *, fmt: str = "jsonl", out: TextIO,

@@ -9,6 +9,7 @@ trailing line breaks are not shown: CommonMark has no way to end a paragraph wit
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TextIO
@@ -109,7 +110,7 @@ def _turn(row: MessageRow | FleetMessageRow, day: str, not_kept: str) -> str:
 def _tool_line(row: ToolRow | FleetToolRow, day: str, not_kept: str) -> str:
     """``🔧 **turn_head** (09:30:05): {"degrees": -90} → turned to -90 (ok, 41 ms)``"""
     if row.text_kept:
-        call = escape(row.arguments or "")
+        call = escape(_on_one_line(row.arguments or ""))
         result = "" if row.output is None else escape(row.output)
     else:
         call = result = f"*{not_kept}*"
@@ -121,6 +122,18 @@ def _tool_line(row: ToolRow | FleetToolRow, day: str, not_kept: str) -> str:
     arrow = "" if row.status == "running" else f" → {result}" if result else " →"
     return (f"🔧 **{escape(row.name)}** ({_when(row.started_at, day)}): {call}{arrow}"
             f" ({', '.join(outcome)})\n\n")
+
+
+def _on_one_line(arguments: str) -> str:
+    """Tool arguments as a person reads them in a transcript: JSON spread over lines (a model
+    may indent it) on one line, ``{"degrees": -90}``; anything else as it came. JSONL and CSV
+    keep the arguments exactly as sent."""
+    if "\n" not in arguments and "\r" not in arguments:
+        return arguments
+    try:
+        return json.dumps(json.loads(arguments), ensure_ascii=False)
+    except ValueError:
+        return arguments
 
 
 def write_markdown(rows: Iterable[Any], out: TextIO, records: Records, *,

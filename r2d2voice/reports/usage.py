@@ -5,8 +5,9 @@ the JSON output and the table always agree. From a fleet server, each day and se
 carries ``device_id`` (a ``DEVICE`` column in the text), one row per robot; the total is the
 selected robots' together.
 
-Responses of sessions on the local backend (``sessions.backend`` "local") show their tokens
-but cost 0, as no service bills them: ``local_responses`` counts them in each row, and the
+Responses of sessions on the local backend (``sessions.backend`` or ``model`` "local": the
+local backend names that model, whatever URL reached it) show their tokens but cost 0, as no
+service bills them: ``local_responses`` counts them in each row, and the
 text marks them "local backend: not billed".
 
 Sessions billed by the second (GPT-Live) add ``live_seconds`` — the service's own total for

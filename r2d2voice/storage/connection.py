@@ -8,8 +8,10 @@ user serialises the calls (the appliance runs them one at a time in a worker thr
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,7 @@ from r2d2voice.errors import UsageError
 from r2d2voice.storage.health import StoreUnavailable, is_transient
 from r2d2voice.storage.schema import prepare
 
-__all__ = ["connect"]
+__all__ = ["check_writable", "connect"]
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -41,6 +43,58 @@ def connect(path: str, *, create: bool = True) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+#: Reasons a database cannot be written that waiting out does not fix, as messages say them.
+_UNWRITABLE = {
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a parent of it is not a directory",
+}
+#: A full disk or an I/O error is waited out (the recorder holds records and retries).
+_WAITED_OUT = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """:class:`UsageError` (exit 2) unless a database can be written at ``path`` now.
+
+    The file, if there, must open for writing; its directory (or, when that is still to be
+    made, the nearest one that exists) must take new files, as SQLite makes its journal
+    beside the database: a probe file is made there and removed at once. Nothing else is
+    created. A full disk or an I/O error passes: the recorder waits those out.
+    """
+    spath = os.fspath(path)
+    if os.path.isdir(spath):
+        raise UsageError(f"cannot write database {spath}: it is a directory")
+    if os.path.lexists(spath):
+        try:
+            os.close(os.open(spath, os.O_RDWR | os.O_NONBLOCK))
+        except OSError as exc:
+            _refuse(spath, exc)
+    folder = os.path.dirname(os.path.abspath(spath))
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write database {spath}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".r2d2voice-", suffix=".probe", dir=folder)
+    except OSError as exc:
+        _refuse(spath, exc, folder)
+    else:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _refuse(path: str, exc: OSError, folder: str | None = None) -> None:
+    if exc.errno in _WAITED_OUT:
+        return
+    if folder is not None and exc.errno == errno.ENOENT:  # /proc, /sys: no files made there
+        reason = "the file system there takes no new files"
+    else:
+        reason = _UNWRITABLE.get(exc.errno or 0, exc.strerror or str(exc))
+    where = f"cannot create files in {folder} ({reason})" if folder else reason
+    raise UsageError(f"cannot write database {path}: {where}") from None
 
 
 @contextmanager

@@ -142,8 +142,9 @@ class UsageSummaryRow:
     total, so ``cached_text_est`` / ``cached_audio_est`` split it per response in proportion to
     that response's text and audio input (an estimate, used for pricing).
 
-    ``local``: the responses of sessions on the local backend (``sessions.backend`` "local"),
-    which no service bills; a group with both kinds comes as two rows, the billed one first.
+    ``local``: the responses of sessions on the local backend (``sessions.backend`` or
+    ``sessions.model`` "local": the local backend names that model, whichever URL reached
+    it), which no service bills; a group with both kinds comes as two rows, the billed one first.
     ``live_seconds``: the billed time of sessions billed by the second (GPT-Live), whose rows
     are not counted in ``responses``.
     """
@@ -236,6 +237,8 @@ FROM sessions AS s
 #: own (see ``storage.recorder.billed_row``): this is that time (NULL on any other row).
 BILLED_SECONDS = ("CASE WHEN json_valid(status_details)"
                   " THEN json_extract(status_details, '$.billed_seconds') END")
+#: A session no service bills: on the local backend, or at a service that says it is one.
+_IS_LOCAL = "(s.backend IS 'local' OR s.model IS 'local')"
 
 _USAGE_PER_RESPONSE = f"""
 SELECT r.session_id, r.created_at, it, ia, ic, ot, oa,
@@ -480,7 +483,7 @@ class Queries:
         where, args = _where("r.session_id", "r.created_at", sessions, since, until)
         rows = self.conn.execute(
             f"SELECT {key}, sum(r.billed IS NULL), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot),"
-            f" sum(r.oa), sum(r.ct), sum(r.ca), s.backend IS 'local' AS local,"
+            f" sum(r.oa), sum(r.ct), sum(r.ca), {_IS_LOCAL} AS local,"
             f" COALESCE(sum(r.billed), 0)"
             f" FROM ({_USAGE_PER_RESPONSE}) AS r JOIN sessions AS s ON s.id = r.session_id"
             f"{where} GROUP BY {key}, local ORDER BY {order}, local", args).fetchall()

@@ -101,7 +101,7 @@ def record_calls(action: Any) -> list[WriterCall]:
                                        "code": action.code, "message": action.message})]
     if isinstance(action, StoreSession):
         return [(Writer.set_service_session_id,
-                 {"service_session_id": action.service_session_id})]
+                 {"service_session_id": action.service_session_id, "model": action.model})]
     if isinstance(action, StoreToolCall):
         return [(Writer.record_tool_call, {
             "call_id": action.call_id, "item_id": action.item_id,

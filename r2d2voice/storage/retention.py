@@ -85,12 +85,19 @@ def _mib(n: int) -> str:
     return f"{n / 1048576:.1f} MiB"
 
 
+#: The youngest age ``--older-than`` takes.
+MIN_AGE = timedelta(minutes=1)
+
+
 def parse_age(text: str, *, option: str = "--older-than") -> timedelta:
-    """``30d``, ``2w``, ``12h``, ``90m`` or a plain number of days, > 0."""
+    """``30d``, ``2w``, ``12h``, ``90m`` or a plain number of days, at least :data:`MIN_AGE`."""
     m = _AGE.fullmatch(text)
-    age = timedelta(**{_UNIT[m.group(2).lower()]: float(m.group(1))}) if m else timedelta(0)
-    if age <= timedelta(0):
+    if not m:
         raise UsageError(f"{option}: {text!r} is not an age like 30d, 2w, 12h or 90m")
+    age = timedelta(**{_UNIT[m.group(2).lower()]: float(m.group(1))})
+    if age < MIN_AGE:
+        raise UsageError(f"{option}: {text!r} is too young: an age is at least 1 minute "
+                         "(1m), like 30d, 2w, 12h or 90m")
     return age
 
 

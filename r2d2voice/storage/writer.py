@@ -27,7 +27,13 @@ from r2d2voice.storage.schema import ERROR_SOURCES, ROLES
 from r2d2voice.storage.timestamps import WallClock, format_ts, utc_now
 from r2d2voice.storage.tool_audit import ToolWrites
 
-__all__ = ["Writer", "new_session_id"]
+__all__ = ["LOCAL", "Writer", "new_session_id"]
+
+#: The backend name of local-backend sessions, and the model the local backend names in every
+#: ``session.created`` (``localbackend.session_config.LOCAL_MODEL``): a session whose service
+#: says it is ``local`` is recorded as backend ``local`` and never priced, whatever URL
+#: reached it.
+LOCAL = "local"
 
 _INSERT_SESSION = """
 INSERT INTO sessions (id, seq, started_at, backend, model, voice, previous_session_id, metadata)
@@ -190,11 +196,18 @@ class Writer(ToolWrites):
                                            previous_session_id, meta))
         return sid
 
-    def set_service_session_id(self, session_id: str, *, service_session_id: str) -> None:
-        """Remember the Realtime service's own id for this session."""
+    def set_service_session_id(self, session_id: str, *, service_session_id: str,
+                               model: str | None = None) -> None:
+        """Remember the Realtime service's own id for this session and, when it names one, the
+        model it says it runs (which replaces the one asked for); a service naming the model
+        :data:`LOCAL` is the local backend, and the session's backend becomes ``local``."""
         with self._transaction() as conn:
             conn.execute("UPDATE sessions SET service_session_id = ? WHERE id = ?",
                          (service_session_id, session_id))
+            if model:
+                conn.execute("UPDATE sessions SET model = ?, backend = CASE WHEN ? = ? "
+                             "THEN ? ELSE backend END WHERE id = ?",
+                             (model, model, LOCAL, LOCAL, session_id))
 
     def end_session(self, session_id: str) -> None:
         """Stamp the session's end."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from r2d2voice.errors import ConfigError
+from r2d2voice.errors import ConfigError, UsageError
 
 log = logging.getLogger("r2d2voice.system.config")
 
@@ -31,6 +31,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 BACKENDS = ("openai", "local", "azure", "live")
 DUPLEX_MODES = ("half", "full")
 LISTEN_MODES = ("always", "wake")
+#: URL schemes of a fleet server (PostgreSQL): ``R2D2_DB``/``--db`` may name one for reports.
+FLEET_SCHEMES = ("postgresql://", "postgres://")
 #: Prefixes of the keys that are ours: an unknown one in the environment or an env file is
 #: probably a misspelt setting, and is warned about.
 OWN_PREFIXES = ("R2D2_", "REALTIME_")
@@ -131,8 +133,13 @@ def _path(v: str) -> str | None:
     return str(Path(v).expanduser()) if v else None
 
 
+def is_fleet_url(v: str) -> bool:
+    """``v`` names a fleet server (``postgresql://…``) rather than a database file."""
+    return v.lower().startswith(FLEET_SCHEMES)
+
+
 def _db_path(v: str) -> str | None:
-    if v and Path(v).expanduser().is_dir():
+    if v and not is_fleet_url(v) and Path(v).expanduser().is_dir():
         raise ValueError
     return v or None
 
@@ -210,7 +217,8 @@ KEYS: tuple[Key, ...] = (
     Key("R2D2_CONTEXT_TOKEN_LIMIT", "context_token_limit", 16000, _int(0, 1_000_000),
         "a whole number of tokens (0 = the model's limit)", "context that triggers truncation"),
     Key("R2D2_RETENTION_DAYS", "retention_days", None, _off_or_number(0.01, 36_500.0),
-        "'off' or a number of days", "delete conversations older than this (shipped first)"),
+        "'off' (keep everything) or a number of days, at least 0.01 (about 15 minutes)",
+        "delete conversations older than this (shipped first)"),
     Key("R2D2_STORE_TEXT", "store_text", True, _flag, "'true' or 'false'",
         "false: privacy mode, no transcript text, raw events nor tool arguments/output"),
     *(
@@ -289,6 +297,9 @@ class Settings:
     price_text_out: float = default("price_text_out")
     price_live_minute: float = default("price_live_minute")
     env_file: Path | None = None
+    #: the fleet server R2D2_DB (or ``--db``) named instead of a file: the reports read it,
+    #: commands that write the robot's database refuse it (``db`` is then the default path)
+    fleet_db: str | None = field(default=None, repr=False)
     #: where each key's value came from ("--flag", "environment", an env file path, "default")
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -324,9 +335,10 @@ class Settings:
     def secrets(self) -> list[str]:
         """Every value the logs must never show: API keys, the fleet URL and its password."""
         found = [self.api_key, self.azure_api_key]
-        if self.ship_url:
-            password = urlsplit(self.ship_url).password
-            found += [self.ship_url, password, unquote(password) if password else None]
+        for url in (self.ship_url, self.fleet_db):
+            if url:
+                password = urlsplit(url).password
+                found += [url, password, unquote(password) if password else None]
         return [s for s in found if s]
 
 
@@ -341,11 +353,20 @@ def default_db_path(environ: Mapping[str, str]) -> Path:
 
 def find_env_file(explicit: str | os.PathLike[str] | None, cwd: Path | None = None,
                   home: Path | None = None) -> Path | None:
-    """``--env-file`` if given (must exist), else ./.env, else ~/.r2d2/.env, else None."""
+    """``--env-file`` if given, else ./.env, else ~/.r2d2/.env, else None.
+
+    ``--env-file`` names a file that must exist and is not a directory (a bad invocation,
+    :class:`UsageError`, otherwise); anything readable will do: ``/dev/null`` is an empty env
+    file, ``<(…)`` a pipe."""
     if explicit is not None:
-        p = Path(explicit)
-        if not p.is_file():
-            raise ConfigError(f"env file {p} does not exist or is not a file")
+        text = os.fspath(explicit)
+        if not text:
+            raise UsageError("--env-file '': an empty path; name the env file")
+        p = Path(text)
+        if p.is_dir():
+            raise UsageError(f"--env-file {p}: is a directory, not an env file")
+        if not p.exists():
+            raise UsageError(f"--env-file {p}: no such file")
         return p
     for candidate in ((cwd or Path.cwd()) / ".env", (home or Path.home()) / ".r2d2" / ".env"):
         if candidate.is_file():
@@ -353,43 +374,80 @@ def find_env_file(explicit: str | os.PathLike[str] | None, cwd: Path | None = No
     return None
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
+def _read_env_file(path: Path, *, explicit: bool = False) -> dict[str, str]:
+    """The KEY=value lines of ``path`` (read once: a pipe works too). An unreadable file is a
+    :class:`ConfigError`, or a :class:`UsageError` when ``--env-file`` named it; bytes that are
+    not UTF-8 are a ConfigError naming the line and byte; every line that is no assignment is
+    warned about, in order, and ignored."""
+    import io
+
     from dotenv import dotenv_values
 
     try:
-        with _dotenv_warnings_name(path):
-            values = dotenv_values(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError(f"cannot read env file {path}: {why}") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        error = UsageError if explicit else ConfigError
+        raise error(f"cannot read env file {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"cannot read env file {path}: line {line}, byte {column} "
+                          f"(0x{data[exc.start]:02x}) is not UTF-8 text") from None
+    with _dotenv_warnings() as unparsed:
+        values = dotenv_values(stream=io.StringIO(text))
+    ignored = unparsed + _bare_lines(text, [k for k, v in values.items() if v is None])
+    for line, why in sorted(ignored, key=lambda item: item[0] or 0):
+        log.warning("%s: %s; the line is ignored", f"{path} line {line}" if line else path, why)
     return {k: v for k, v in values.items() if v is not None}
 
 
-class _NameTheFile(logging.Filter):
-    """python-dotenv's parse warnings say the line but not the file: add it, as our warning."""
+#: A line python-dotenv ignored: its number (None: not known) and why.
+Ignored = tuple[int | None, str]
 
-    def __init__(self, path: Path) -> None:
+
+def _bare_lines(text: str, keys: list[str]) -> list[Ignored]:
+    """python-dotenv reads a line without ``=`` (``[section]``, ``FOO``) as a key without a
+    value, silently: say why each is ignored."""
+    lines = [line.strip().removeprefix("export ").strip() for line in text.splitlines()]
+    found: list[Ignored] = []
+    for key in keys:
+        number = next((i for i, line in enumerate(lines, 1) if line == key), None)
+        if key.startswith("[") and key.endswith("]"):
+            found.append((number, f"{key} is a section header, and env files have none "
+                                  "(KEY=value lines only)"))
+        else:
+            found.append((number, f"{key} has no value (expected {key}=value)"))
+    return found
+
+
+class _Unparsed(logging.Filter):
+    """Collects python-dotenv's parse warnings (they say the line but not the file)."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.path = path
+        self.lines: list[Ignored] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "could not parse" in str(record.msg) and record.args:
-            log.warning("%s line %s: cannot parse it (expected KEY=value); the line is ignored",
-                        self.path, record.args[0])  # type: ignore[index]
+            line = record.args[0]  # type: ignore[index]
+            self.lines.append((int(line) if str(line).isdigit() else None,
+                               "cannot parse it (expected KEY=value)"))
         else:
-            log.warning("%s: %s", self.path, record.getMessage())
+            self.lines.append((None, record.getMessage()))
         return False
 
 
 @contextmanager
-def _dotenv_warnings_name(path: Path) -> Iterator[None]:
+def _dotenv_warnings() -> Iterator[list[Ignored]]:
     dotenv_log = logging.getLogger("dotenv.main")
-    rename = _NameTheFile(path)
-    dotenv_log.addFilter(rename)
+    collect = _Unparsed()
+    dotenv_log.addFilter(collect)
     try:
-        yield
+        yield collect.lines
     finally:
-        dotenv_log.removeFilter(rename)
+        dotenv_log.removeFilter(collect)
 
 
 def _warn_unknown(names: Iterable[str], where: str) -> None:
@@ -429,7 +487,7 @@ def load_settings(
     """
     environ = os.environ if environ is None else environ
     path = find_env_file(env_file, cwd=cwd, home=home)
-    file_values = _read_env_file(path) if path else {}
+    file_values = _read_env_file(path, explicit=env_file is not None) if path else {}
     _warn_unknown(sorted(file_values), f"in {path}")
     _warn_unknown(sorted(environ), "in the environment")
     values: dict[str, Any] = {}
@@ -449,18 +507,42 @@ def load_settings(
             try:
                 values[key.attr] = key.parse(str(raw))
             except ValueError:
-                where = "on the command line" if source.startswith("--") else f"in {source}"
-                if source == "environment":
-                    where = "in the environment"
-                shown = "***" if key.secret else str(raw)
-                flag = f" ({source})" if source.startswith("--") else ""
-                raise ConfigError(
-                    f"{key.env}{flag} {where} must be {key.rule}, got {shown!r}"
-                ) from None
+                raise _invalid(key, str(raw), source) from None
         sources[key.attr] = source
     held = [k.env for k in KEYS if k.secret and values[k.attr] and sources[k.attr] == str(path)]
     if held and path is not None:
         _warn_if_readable(path, held)
     db = values.pop("db")
-    values["db"] = Path(db).expanduser() if db else default_db_path(environ)
-    return Settings(**values, env_file=path, sources=sources)
+    fleet_db = db if db and is_fleet_url(db) else None
+    values["db"] = (Path(db).expanduser() if db and not fleet_db
+                    else default_db_path(environ))
+    return Settings(**values, env_file=path, fleet_db=fleet_db, sources=sources)
+
+
+def _invalid(key: Key, raw: str, source: str) -> UsageError | ConfigError:
+    """The error for a value of ``key`` that does not parse: a bad invocation (exit 2) when it
+    was given on the command line, else a configuration error (exit 3)."""
+    if source.startswith("--"):
+        where, flag, error = "on the command line", f" ({source})", UsageError
+    else:
+        where = "in the environment" if source == "environment" else f"in {source}"
+        flag, error = "", ConfigError
+    return error(f"{key.env}{flag} {where} must be {key.rule}, got {shown_value(key, raw)!r}")
+
+
+def shown_value(key: Key, raw: str) -> str:
+    """``raw`` as a message may show it: a secret key's value is ``***``, but a URL's secret
+    is only its password (``postgresql://r2:***@host/db``; a value with none is shown)."""
+    if not key.secret:
+        return raw
+    if key.env != "R2D2_SHIP_URL":
+        return "***"
+    try:
+        parts = urlsplit(raw)
+        password = parts.password
+    except ValueError:
+        return "***"
+    if password is None:
+        return "***" if "@" in raw else raw  # user:secret@host without a scheme: hide it
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

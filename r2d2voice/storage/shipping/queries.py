@@ -234,7 +234,7 @@ class FleetQueries:
             raise ValueError(f"by must be 'day' or 'session', not {by!r}")
         where = _filters("r.device_id", "r.session_id", "r.created_at", devices, sessions,
                          since, until)
-        local = "COALESCE(s.backend = 'local', false)"
+        local = "COALESCE(s.backend = 'local' OR s.model = 'local', false)"  # as on the robot
         rows = self._query(
             f"SELECT r.device_id, {key}, count(*) FILTER (WHERE r.billed IS NULL), sum(r.it),"
             f" sum(r.ia), sum(r.ic), sum(r.ot), sum(r.oa), sum(r.ct), sum(r.ca), {local},"

@@ -1,0 +1,58 @@
+"""What the link is given, once, when a run is composed: the service, the session's
+configuration, the ports to the store, the console and the session gate, its policy."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from r2d2voice.link.state import Console, FrameSource, LinkPolicy, Quiet, SessionGate, Sessions
+from r2d2voice.link.tools import ToolCaller
+from r2d2voice.link.transport import Connector, Endpoint, open_realtime
+from r2d2voice.protocol.core import ProtocolCore
+from r2d2voice.realtime.client_events import SessionConfig
+from r2d2voice.realtime.conversation import Conversation
+
+#: makes the protocol core of one session: (the session's configuration, turns of context)
+CoreFactory = Callable[[SessionConfig, tuple[tuple[str, str], ...]], ProtocolCore]
+
+
+def _nothing(_busy: bool) -> None:
+    pass
+
+
+def _no_counters() -> dict[str, int]:
+    return {}
+
+
+@dataclass
+class LinkParts:
+    """A run's settings and collaborators as the link sees them."""
+
+    endpoint: Endpoint
+    config: SessionConfig
+    source: FrameSource
+    sessions: Sessions
+    gate: SessionGate
+    connect: Connector = open_realtime
+    policy: LinkPolicy = field(default_factory=LinkPolicy)
+    console: Console = field(default_factory=Quiet)
+    #: the conversation must be settled this long before the link closes at the end of input
+    settle_seconds: float = 1.0
+    #: the service accepted the session's configuration
+    on_configured: Callable[[], None] | None = None
+    #: jitters the reconnect backoff
+    rng: random.Random | None = None
+    #: runs the model's function calls (None: every call is rejected)
+    tools: ToolCaller | None = None
+    #: a turn is open or a reply plays (True), or not: the microphone's hand-over follows it
+    busy: Callable[[bool], None] = _nothing
+    #: the other parts' counters (capture drops, gated frames, underruns), as they are now;
+    #: each session row stores its share
+    counters: Callable[[], dict[str, int]] = _no_counters
+    #: the wire protocol (default: the GA Realtime core)
+    protocol: CoreFactory = Conversation
+
+    def new_core(self, context: list[tuple[str, str]]) -> ProtocolCore:
+        return self.protocol(self.config, tuple(context))
