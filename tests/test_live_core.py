@@ -39,7 +39,7 @@ from r2d2voice.protocol.actions import (
     StoreSession,
     StoreUsage,
 )
-from r2d2voice.protocol.core import End, EndReason
+from r2d2voice.protocol.core import TICK_S, End, EndReason
 from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 
 TURN_HEAD = {"type": "function", "name": "turn_head", "description": "Turn the dome.",
@@ -311,16 +311,59 @@ def test_every_close_reason_ends_the_session_its_way(reason: str, kind: End) -> 
     assert conv.phase is Phase.CLOSED and conv.connection_lost(1000, "") == []
 
 
-def test_our_close_is_done_and_the_first_end_wins() -> None:
+def test_our_close_is_session_close_once_and_the_first_end_wins() -> None:
     conv = live()
-    check_client(conv.send(c.SessionClose()))
-    conv.receive(closed("close_requested"), 1.0)
-    assert conv.end == EndReason(End.DONE, "session closed by the service (close_requested)")
+    conv.receive(said("user", "bye", 0, 400), 0.4)
+    [goodbye] = conv.finish(EndReason(End.DONE, "input ended"))  # what the link sends
+    assert check_client(goodbye).type == "session.close" and conv.phase is Phase.CLOSING
+    assert conv.finish(EndReason(End.DONE, "stopping")) == []  # once
+    out = conv.receive(closed("close_requested", seconds=3), 1.0)
+    assert conv.end == EndReason(End.DONE, "input ended")
+    assert [(m.text, m.partial) for m in messages(out)] == [("bye", False)]
+    assert [u for u in out if isinstance(u, StoreUsage)] == [
+        StoreUsage("sess_live_1", 3, final=True)]
     other = live()
-    other.finish(EndReason(End.RECYCLE, "55 minutes"))
+    assert len(other.finish(EndReason(End.RECYCLE, "55 minutes"))) == 1
     other.receive(closed("expired"), 1.0)
     other.connection_lost(1006, "")
     assert other.end == EndReason(End.RECYCLE, "55 minutes")
+    # before session.started, or once closed, there is nothing to say on the way out
+    assert LiveConversation(CFG).finish(EndReason(End.DONE)) == []
+    assert other.finish(EndReason(End.DONE)) == []
+
+
+def test_a_service_end_sends_nothing_on_its_own() -> None:
+    """The service's close and a fatal error set the end without asking to send anything."""
+    for message, kind in ((closed("expired"), End.EXPIRED),
+                          (error("credit_balance_exhausted", "no credit"), End.FATAL)):
+        conv = live()
+        sent_before = dict(conv.sent)
+        conv.receive(message, 1.0)
+        assert conv.sent == sent_before and conv.end is not None and conv.end.kind is kind
+
+
+def test_what_a_waiting_source_and_the_status_line_see() -> None:
+    """Without turns: a stretch of the person counts as heard at its first fragment, a
+    stretch of the robot as done once it has been quiet for the pause (on the clock)."""
+    conv = live()
+    assert (conv.turns_committed, conv.responses_done, conv.user_speaking) == (0, 0, False)
+    assert conv.status(False) == "listening" and conv.audio_ready
+    conv.receive(said("user", "(speech", 1000, 1000), 1.0)
+    assert conv.turns_committed == 1 and conv.user_speaking and not conv.idle
+    assert conv.status(False) == "listening (you are speaking)"
+    conv.receive(said("user", ", 1.0 s)", 1000, 2000), 1.2)
+    conv.receive(said("assistant", "Beep", 2100, 2600), 1.3)
+    conv.receive(audio(b"\x01\x00" * 12000), 1.3)
+    assert not conv.user_speaking and conv.status(True) == "speaking"
+    assert conv.responses_done == 0 and not conv.idle
+    conv.tick(2.2)
+    assert conv.responses_done == 0  # 0.9 s: not a pause yet
+    conv.tick(2.4)
+    assert conv.responses_done == 1 and conv.idle and conv.settled
+    assert conv.status(False) == "listening"
+    assert conv.give_up_transcripts() == [] and not conv.waiting_for_transcript
+    conv.receive("not json", 2.5)
+    assert conv.statistics() == {"junk_messages": 1}
 
 
 def test_a_lost_connection_is_lost_and_flushes_partial_utterances() -> None:
@@ -360,13 +403,16 @@ def test_an_ordinary_error_is_stored_and_the_session_goes_on() -> None:
     assert conv.end is None
 
 
-def test_an_expired_session_seeds_the_next_one_with_the_recent_conversation() -> None:
+def test_an_expired_session_commits_what_seeds_the_next_one() -> None:
+    """``expired`` commits what was said; the link seeds the next session with the stored
+    turns (``LiveConfig.with_history``), which ``session.start`` carries as its input."""
     conv = live(TOOLS)
-    conv.receive(said("user", "My name is Ana.", 0, 900), 0.9)
-    conv.receive(said("assistant", "Hello Ana! *beep*", 1200, 2000), 2.0)
-    conv.receive(closed("expired"), 2.1)
+    out = conv.receive(said("user", "My name is Ana.", 0, 900), 0.9)
+    out += conv.receive(said("assistant", "Hello Ana! *beep*", 1200, 2000), 2.0)
+    out += conv.receive(closed("expired"), 2.1)
     assert conv.end is not None and conv.end.kind is End.EXPIRED
-    nxt = LiveConversation(conv.next_config())
+    stored = [(m.role, m.text) for m in sorted(messages(out), key=lambda m: m.seq)]
+    nxt = LiveConversation(TOOLS.with_history(stored))
     start = check_client(nxt.opening()[0])
     assert [(i.role, i.content[0].text) for i in start.session.input] == [
         ("user", "My name is Ana."), ("assistant", "Hello Ana! *beep*")]
@@ -486,7 +532,7 @@ def test_a_long_session_keeps_bounded_state() -> None:
             conv.receive(audio(b"\x00\x00" * 240), i * 2.0)
         conv.send(c.ThinkingAppend("note"))
     assert conv.utterances.committed == 1999
-    assert len(conv.recent()) == 64 and len(conv.utterances._robot) <= 8
+    assert len(conv.utterances._robot) <= 8
     assert len(conv.sent) <= 64 and len(conv.utterances.open) <= 2
 
 
@@ -500,9 +546,12 @@ def test_the_live_core_has_every_member_of_the_protocol_seam() -> None:
                if not name.startswith("_")}
     assert {"opening", "audio", "send", "receive", "tick", "connection_lost", "finish",
             "interrupted", "first_played", "tool_finished", "configured", "idle", "settled",
-            "awaiting_play"} <= set(members)
+            "awaiting_play", "audio_ready", "statistics", "status", "give_up_transcripts",
+            "user_speaking", "waiting_for_transcript"} <= set(members)
     conv = live()
-    assert conv.end is None  # the annotated attribute
+    for name in ProtocolCore.__annotations__:  # the attributes: end, tick_interval, counts
+        assert hasattr(conv, name), name
+    assert conv.end is None and conv.tick_interval == TICK_S
     for name, value in members.items():
         ours = getattr(LiveConversation, name)
         if isinstance(value, property):

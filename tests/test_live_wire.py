@@ -145,8 +145,8 @@ async def test_an_expired_session_is_followed_by_one_that_remembers() -> None:
             assert first.core.end is not None and first.core.end.kind is End.EXPIRED
             assert first.closed is not None and first.closed[0] == 1000
             assert first.of(StoreUsage)[-1].final
-            second = await converse(live_url(url), silence(0.2), first.core.next_config(),
-                                    close=False)
+            seeded = CONFIG.with_history(first.record())  # as the link seeds it (the store)
+            second = await converse(live_url(url), silence(0.2), seeded, close=False)
     starts = [e for e in seen if e["type"] == "session.start"]
     assert len(starts) == 2
     history = [(i["role"], i["content"][0]["text"]) for i in starts[1]["session"]["input"]]

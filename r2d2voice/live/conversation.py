@@ -16,8 +16,10 @@ service sends are ms from the session's start.
   a total: each becomes a :class:`StoreUsage` that replaces the one before.
 - **End**: ``session.closed`` reasons and fatal errors set :attr:`~LiveConversation.end`
   (see :data:`CLOSE_ENDS`); an error answering our ``session.start`` (a field refused) is a
-  configuration error. ``expired`` means a new session at once, seeded with this one's
-  recent conversation (:meth:`~LiveConversation.next_config`).
+  configuration error. ``expired`` means a new session at once, which the link seeds with
+  the recent conversation as it does for Realtime (``LiveConfig.with_history``).
+- **Closing**: our own end is ``session.close`` (:meth:`~LiveConversation.finish`), answered
+  by ``session.closed`` with the final usage and what is still open committed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from r2d2voice.live.client_events import (
 )
 from r2d2voice.live.delegation import Delegations
 from r2d2voice.live.server_events import (
+    ASSISTANT,
+    USER,
     AudioDelta,
     BackendCall,
     BackendResponse,
@@ -65,7 +69,7 @@ from r2d2voice.protocol.actions import (
     StoreSession,
     StoreUsage,
 )
-from r2d2voice.protocol.core import End, EndReason
+from r2d2voice.protocol.core import TICK_S, End, EndReason, LocalProtocolError
 from r2d2voice.protocol.tool_records import StoreToolResult
 
 #: How each ``session.closed`` reason ends the connection (the shell's own close comes first:
@@ -91,15 +95,13 @@ class Phase(enum.Enum):
     CLOSED = "closed"  # session.closed received, or the transport is gone
 
 
-class LocalProtocolError(RuntimeError):
-    """The shell asked for something the state forbids (audio before ``session.started``,
-    anything on a closed session)."""
-
-
 class LiveConversation:
     """What one GPT-Live session has said so far; answers every message with actions.
 
     ``pause_ms``: a speaker's silence this long ends their utterance."""
+
+    #: pauses close utterances: the shell calls :meth:`tick` this often
+    tick_interval: float | None = TICK_S
 
     def __init__(self, config: LiveConfig, *, pause_ms: int = PAUSE_MS) -> None:
         self.config = config
@@ -130,14 +132,59 @@ class LiveConversation:
         return self.phase is Phase.STARTED
 
     @property
+    def audio_ready(self) -> bool:
+        """No audio before ``session.started`` (the service refuses it)."""
+        return self.phase is Phase.STARTED
+
+    @property
+    def turns_committed(self) -> int:
+        """Stretches of the person's speech the service heard (there are no turns: a stretch
+        counts from its first fragment)."""
+        return self.utterances.heard
+
+    @property
+    def responses_done(self) -> int:
+        """Stretches of the robot's speech that ended (a pause on the clock, or closed)."""
+        return self.utterances.replies_done
+
+    @property
+    def user_speaking(self) -> bool:
+        """The person's words came within the pause."""
+        return self.utterances.speaking(self._now, USER)
+
+    @property
+    def waiting_for_transcript(self) -> bool:
+        """Never: transcripts come as fragments with the speech, none is waited for."""
+        return False
+
+    def give_up_transcripts(self) -> list[str]:
+        return []
+
+    def statistics(self) -> dict[str, int]:
+        """This session's counts the shell adds to the run's (and the session row's)."""
+        return {"junk_messages": self.junk_messages}
+
+    def status(self, playing: bool) -> str:
+        """What the robot is doing, for ``systemctl status`` (``playing``: audio is queued)."""
+        if self.user_speaking:
+            return "listening (you are speaking)"
+        if self.tools.busy:
+            return "acting"
+        if playing or self.utterances.speaking(self._now, ASSISTANT):
+            return "speaking"
+        return "listening"
+
+    @property
     def idle(self) -> bool:
         """Nobody spoke within the pause, and no delegated work or tool is under way."""
         return not self.utterances.speaking(self._now) and not self.tools.busy
 
     @property
     def settled(self) -> bool:
-        """Idle, and every utterance is committed."""
-        return self.idle and not self.utterances.pending
+        """Idle: nothing is still to come. A stretch the timeline has not closed yet is
+        committed whole by our close (``session.closed`` flushes it), so the link need not
+        wait for the timeline to pass its pause."""
+        return self.idle
 
     @property
     def awaiting_play(self) -> Mapping[str, object]:
@@ -149,16 +196,6 @@ class LiveConversation:
         reached, or the time since ``session.started`` if that is further."""
         since = 0 if self._started_at is None else round((now - self._started_at) * 1000)
         return max(self.utterances.timeline_ms, since)
-
-    def recent(self) -> list[tuple[str, str]]:
-        """(role, text) of the newest utterances, in the order they were said."""
-        return self.utterances.recent()
-
-    def next_config(self) -> LiveConfig:
-        """The configuration of the session that follows this one: the same, starting from
-        this one's recent conversation (``session.input``) so the robot keeps its context."""
-        history = [*self.config.history, *self.recent()]
-        return self.config.with_history(history)
 
     # -- ProtocolCore: outbound --------------------------------------------------------------
     def opening(self) -> list[str]:
@@ -222,14 +259,18 @@ class LiveConversation:
         self.tools.stop()
         lost = self.end is None or self.end.kind is End.LOST
         said = ": ".join(str(x) for x in (code, reason) if x)
-        self.finish(EndReason(End.LOST, f"connection lost ({said})" if said else
-                              "connection lost"))
+        self._end(EndReason(End.LOST, f"connection lost ({said})" if said else
+                            "connection lost"))
         return self._after(self.utterances.flush(partial=lost))
 
-    def finish(self, reason: EndReason) -> None:
-        """The session ended for ``reason`` (ignored if it had already ended)."""
-        if self.end is None:
-            self.end = reason
+    def finish(self, reason: EndReason) -> list[str]:
+        """The session ends for ``reason`` (ignored if it had already ended). While it is
+        started: ``session.close`` to send, which the service answers with ``session.closed``
+        (the final usage) before it closes the connection."""
+        self._end(reason)
+        if self.phase is not Phase.STARTED:
+            return []
+        return [self.send(SessionClose())]
 
     def interrupted(self, item_id: str, played_samples: int) -> list[Action]:
         """The speaker stopped robot utterance ``item_id`` after ``played_samples`` at 24 kHz:
@@ -288,7 +329,7 @@ class LiveConversation:
         kind = CLOSE_ENDS.get(ev.reason, End.LOST)
         if ev.reason == "close_requested" and self.phase is Phase.CLOSING:
             kind = End.DONE
-        self.finish(EndReason(kind, f"session closed by the service ({ev.reason})"))
+        self._end(EndReason(kind, f"session closed by the service ({ev.reason})"))
         out: list[Action] = []
         if ev.seconds is not None and self.session_id:
             self.usage_seconds = ev.seconds
@@ -308,8 +349,8 @@ class LiveConversation:
             message += f" (in reply to our {ours})"
         if fatal:
             what = "refused the session configuration" if refused else "refused"
-            self.finish(EndReason(End.FATAL, f"the Live service {what}: {message}"
-                                  + (f" [{ev.code}]" if ev.code else "")))
+            self._end(EndReason(End.FATAL, f"the Live service {what}: {message}"
+                                + (f" [{ev.code}]" if ev.code else "")))
         return [StoreError(ev.type, ev.code, message, fatal)]
 
     _HANDLERS: ClassVar[dict[type, Callable[[LiveConversation, Any, float], list[Action]]]] = {
@@ -325,6 +366,11 @@ class LiveConversation:
     }
 
     # -- helpers -----------------------------------------------------------------------------
+    def _end(self, reason: EndReason) -> None:
+        """How the session ended, if nobody said so before."""
+        if self.end is None:
+            self.end = reason
+
     def _after(self, actions: list[Action]) -> list[Action]:
         """The goodbye: after ``end_conversation``, the robot's next utterance (not talked
         over) is followed by :class:`HangUp`."""

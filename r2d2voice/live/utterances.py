@@ -39,8 +39,6 @@ PAUSE_MS = 1000
 WORDLESS_S = 10.0
 #: Keep the raw delta events of a stretch (its evidence) up to this many, else none.
 MAX_RAW_PARTS = 400
-#: (role, text) of the newest committed utterances, for a new session's history.
-RECENT = 64
 #: Robot stretches remembered for a late interruption report.
 ROBOT_KEPT = 8
 
@@ -63,6 +61,8 @@ class Stretch:
     audio_samples: int = 0
     #: the person talked over it (no more audio or words are added to it)
     cut: bool = False
+    #: counted in :attr:`Utterances.replies_done` (a robot stretch that went quiet)
+    done: bool = False
 
     @property
     def seq(self) -> int:
@@ -85,11 +85,13 @@ class Utterances:
     def __init__(self, pause_ms: int = PAUSE_MS) -> None:
         self.pause_ms = pause_ms
         self.open: dict[str, Stretch] = {}
-        #: (seq, role, text) of the newest committed utterances
-        self._recent: deque[tuple[int, str, str]] = deque(maxlen=RECENT)
         #: the latest timeline position any fragment reached
         self.timeline_ms = 0
         self.committed = 0
+        #: stretches of the person begun (their first fragment came), and of the robot ended
+        #: (silent for the pause on the clock, or closed): what a fast replay waits on
+        self.heard = 0
+        self.replies_done = 0
         self._robot: deque[Stretch] = deque(maxlen=ROBOT_KEPT)
         self._ids = itertools.count(1)
 
@@ -135,6 +137,8 @@ class Utterances:
         out: list[Action] = []
         for stretch in list(self.open.values()):
             quiet = now - stretch.last_at
+            if stretch.parts and quiet * 1000 >= self.pause_ms:
+                self._done(stretch)
             if not stretch.parts:
                 if quiet > WORDLESS_S:
                     del self.open[stretch.role]  # audio without words: nothing to store
@@ -162,13 +166,10 @@ class Utterances:
         return [*out, StoreInterrupted(item_id, stretch.seq, played * 1000 // RATE)]
 
     # -- queries -----------------------------------------------------------------------------
-    def recent(self) -> list[tuple[str, str]]:
-        """(role, text) of the newest committed utterances, in the order they were said."""
-        return [(role, text) for _, role, text in sorted(self._recent, key=lambda r: r[0])]
-
-    def speaking(self, now: float) -> bool:
-        """Someone said (or the robot sent audio) something within the pause."""
-        return any((now - s.last_at) * 1000 < self.pause_ms for s in self.open.values())
+    def speaking(self, now: float, role: str | None = None) -> bool:
+        """Someone (``role``, or anyone) said, or the robot sent audio, within the pause."""
+        return any((now - s.last_at) * 1000 < self.pause_ms for s in self.open.values()
+                   if role is None or s.role == role)
 
     @property
     def pending(self) -> bool:
@@ -182,7 +183,14 @@ class Utterances:
         self.open[role] = stretch
         if role == ASSISTANT:
             self._robot.append(stretch)
+        else:
+            self.heard += 1
         return stretch
+
+    def _done(self, stretch: Stretch) -> None:
+        if stretch.role == ASSISTANT and not stretch.done:
+            stretch.done = True
+            self.replies_done += 1
 
     def _talked_over(self, start_ms: int, user_item: str) -> list[Action]:
         """Person's speech starting at ``start_ms``: over the robot's audio, it cuts it."""
@@ -201,12 +209,12 @@ class Utterances:
             del self.open[stretch.role]
         if not stretch.parts:
             return []
+        self._done(stretch)
         text = stretch.text
         raw = None
         if len(stretch.raw) <= MAX_RAW_PARTS and all(stretch.raw):
             raw = "[" + ",".join(stretch.raw) + "]"
         stretch.raw = []
         self.committed += 1
-        self._recent.append((stretch.seq, stretch.role, text))
         return [StoreMessage(stretch.role, stretch.item_id, stretch.seq, text, raw=raw,
                              partial=partial)]
