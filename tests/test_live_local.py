@@ -126,7 +126,8 @@ def test_session_start_is_strict_and_first() -> None:
         "unknown_parameter", "session.audio.output.speed", "evt_1")
     ok = peer.send(START)[0]
     assert ok["type"] == "session.started" and ok["client_event_id"] == "evt_1"
-    assert ok["session"]["model"] == "gpt-live-1" and ok["session"]["instructions"] == "Be R2."
+    # the model asked for is checked; the session names the local backend's (never billed)
+    assert ok["session"]["model"] == "local" and ok["session"]["instructions"] == "Be R2."
     assert peer.send(START)[0]["error"]["code"] == "session_already_started"
     unknown = peer.send({"type": "session.update", "session": {}})[0]["error"]
     assert unknown["param"] == "type"
@@ -331,7 +332,7 @@ def test_the_core_against_the_local_backend_stores_each_utterance_byte_exact() -
         pair.talk(turn(speech))
         robot.append(pair.reply())
         pair.talk(silence(1.5))
-    assert pair.actions[0] == StoreSession(pair.peer.local.id, "gpt-live-1")
+    assert pair.actions[0] == StoreSession(pair.peer.local.id, "local")
     assert pair.record() == [("user", "(speech, 1.0 s)"), ("assistant", robot[0]),
                              ("user", "(speech, 1.5 s)"), ("assistant", robot[1])]
     sent = b"".join(base64.b64decode(e["delta"]) for e in pair.peer.events

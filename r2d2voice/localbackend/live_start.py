@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from r2d2voice.localbackend.session_config import LOCAL_MODEL
 from r2d2voice.localbackend.tools import check_tools
 from r2d2voice.localbackend.wire import RATE, ClientError, Json, is_int, require
 
@@ -116,7 +117,9 @@ def start_session(event: Json, *, session_id: str, expires_at: int,
     require(instructions is None or isinstance(instructions, str),
             "Invalid type for 'session.instructions': expected a string.",
             "session.instructions")
-    resolved: Json = {"id": session_id, "expires_at": expires_at, "model": model,
+    # the model asked for is checked, and the session names LOCAL_MODEL whatever it was (as
+    # the Realtime side does): a client records it and never bills it
+    resolved: Json = {"id": session_id, "expires_at": expires_at, "model": LOCAL_MODEL,
                       "status": "active", "audio": _audio(session.get("audio", {}))}
     if instructions is not None:
         resolved["instructions"] = instructions
