@@ -30,6 +30,8 @@ DEFAULT_INSTRUCTIONS = (
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 BACKENDS = ("openai", "local", "azure", "live")
 DUPLEX_MODES = ("half", "full")
+#: the wire protocol the embedded local backend speaks (backend local)
+LOCAL_PROTOCOLS = ("realtime", "live")
 LISTEN_MODES = ("always", "wake")
 #: URL schemes of a fleet server (PostgreSQL): ``R2D2_DB``/``--db`` may name one for reports.
 FLEET_SCHEMES = ("postgresql://", "postgres://")
@@ -165,6 +167,8 @@ KEYS: tuple[Key, ...] = (
         "GPT-Live voice (backend live)"),
     Key("R2D2_LIVE_DELEGATE_MODEL", "live_delegate_model", "gpt-5.5", _str, "a model name",
         "Responses model GPT-Live hands tool calls to (backend live, with tools)"),
+    Key("R2D2_LOCAL_PROTOCOL", "local_protocol", "realtime", _choice(LOCAL_PROTOCOLS),
+        "'realtime' or 'live'", "protocol of the embedded local backend (backend local)"),
     Key("AZURE_OPENAI_ENDPOINT", "azure_endpoint", None, _service_url,
         "an https:// (or wss://) URL such as https://NAME.openai.azure.com",
         "Azure OpenAI resource (backend azure)"),
@@ -260,6 +264,7 @@ class Settings:
     live_model: str = default("live_model")
     live_voice: str = default("live_voice")
     live_delegate_model: str = default("live_delegate_model")
+    local_protocol: str = default("local_protocol")
     azure_endpoint: str | None = default("azure_endpoint")
     azure_deployment: str | None = default("azure_deployment")
     azure_api_key: str | None = field(default=default("azure_api_key"), repr=False)
