@@ -17,12 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 import trio
+from memory_transport import MemoryTransport, memory_pair
 
 from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.audio.vad import EnergyVad
 from r2d2voice.audio.vad import SpeechStarted as VadStarted
 from r2d2voice.errors import RuntimeFailure
-from r2d2voice.link.memory import MemoryTransport, memory_pair
 from r2d2voice.link.transport import Endpoint, LinkClosed, Transport
 
 RATE = 24000

@@ -171,3 +171,26 @@ class NotifyListener:
 
     def statuses(self) -> list[str]:
         return [line[len("STATUS="):] for line in self.lines() if line.startswith("STATUS=")]
+
+
+def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
+    """A whole (short) sound file as 24 kHz mono int16, through the replay's own reader
+    (its UsageError for a file it cannot open; one for a file it could not read to the end)."""
+    from r2d2voice.audio.files import AudioReader
+    from r2d2voice.errors import UsageError
+
+    reader = AudioReader(path)
+    blocks = list(reader.blocks())
+    if reader.truncated or not blocks:
+        raise UsageError(f"cannot read audio file {reader.shown}: truncated or corrupt audio data")
+    return np.concatenate(blocks)
+
+
+def speech_frames(pcm: np.ndarray) -> list[bytes]:
+    """24 kHz int16 audio as the pipeline's 20 ms frames (the last one zero-padded)."""
+    from r2d2voice.audio.pcm import Framer
+
+    framer = Framer()
+    frames = list(framer.push(np.asarray(pcm, np.int16)))
+    last = framer.flush()
+    return frames + ([last] if last is not None else [])

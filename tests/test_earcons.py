@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from support import load_audio
 
 from r2d2voice.appliance.sinks import WavSink
 from r2d2voice.audio import earcons
-from r2d2voice.audio.files import load_audio
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 
 RATE = 24000

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
-from support import espeak_pcm, local_backend, silence
+from support import espeak_pcm, load_audio, local_backend, silence, speech_frames
 
 from r2d2voice.appliance.compose import Outcome, RunOptions, hold
 from r2d2voice.appliance.context import Stopper
@@ -29,9 +29,7 @@ from r2d2voice.appliance.sinks import WavSink
 from r2d2voice.appliance.sources import FileSource, VadParams
 from r2d2voice.appliance.tools import Toolbox
 from r2d2voice.audio import earcons
-from r2d2voice.audio.files import load_audio
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
-from r2d2voice.audio.wake import speech_frames
 from r2d2voice.link.transport import Endpoint, Transport, open_realtime
 from r2d2voice.localbackend.script import Script, ScriptTurn
 from r2d2voice.system.config import Settings
@@ -462,3 +460,26 @@ def test_the_pre_roll_held_while_connecting_drops_its_oldest_frames() -> None:
     assert dropped == 2 and preroll is not None and len(preroll) == PREROLL_FRAMES
     assert preroll[0] == (2).to_bytes(2, "big") and preroll[-1] == (
         PREROLL_FRAMES + 1).to_bytes(2, "big")
+
+
+async def test_the_second_woken_conversation_knows_what_the_first_remembered(
+    autojump_clock, tmp_path: Path
+) -> None:
+    """Each session's instructions are made as it starts: a fact the robot was asked to keep in
+    the first conversation of a run is in the second's."""
+    said = espeak_pcm(REQUEST, tmp_path)
+    pcm = np.concatenate([silence(0.5), said, silence(4.0), said, silence(3.0)])
+    script = Script((ScriptTurn(call="remember", arguments=json.dumps(
+        {"fact": "The cat is called Biscuit."})),))
+    updates: list[str] = []
+
+    def observe(session_id: str, event: dict[str, Any]) -> None:
+        if event["type"] == "session.update":
+            updates.append(event["session"].get("instructions", ""))
+
+    async with local_backend(observer=observe, script=script, realtime_factor=5) as url:
+        result = await listen_for_wake(settings(tmp_path), file(pcm), Speaker(), url=url,
+                                       idle_s=2.0)
+    assert len(result.conversations) == 2 and len(updates) == 2
+    assert "Biscuit" not in updates[0]
+    assert "The cat is called Biscuit." in updates[1].split("<remembered_facts>", 1)[1]

@@ -15,11 +15,11 @@ import trio
 from fake_service import MemorySessions, fast
 from livecheck import check_client, closed, started
 from local_link import CFG, LocalLink, inline_threads, talk
+from memory_transport import memory_pair
 
 from r2d2voice.appliance.endpoints import LIVE, Service
 from r2d2voice.appliance.protocols import core_factory
 from r2d2voice.link.connection import GOODBYE_DEADLINE
-from r2d2voice.link.memory import memory_pair
 from r2d2voice.link.transport import Endpoint, LinkClosed, Transport
 from r2d2voice.localbackend.fault_options import parse_faults
 from r2d2voice.protocol.actions import StoreMessage, StoreUsage

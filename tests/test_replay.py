@@ -17,11 +17,10 @@ import soundfile as sf
 import trio
 from fake_service import FakeService, MemorySessions, Script
 from local_link import run_conversation
-from support import SAMPLES, clean_env, cli, local_backend, silence, tone
+from support import SAMPLES, clean_env, cli, load_audio, local_backend, silence, tone
 
 from r2d2voice.appliance.sinks import WavSink
 from r2d2voice.appliance.sources import FileSource, VadParams
-from r2d2voice.audio.files import load_audio
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.link.transport import Endpoint
 from r2d2voice.localbackend.server import Faults

@@ -217,6 +217,34 @@ def test_sigterm_while_waiting_stops_cleanly(woken: WokenRun):
     assert "Traceback" not in woken.log
 
 
+def test_a_wake_while_the_microphone_is_missing_says_so_on_both_sides(
+        pulse_rig: PulseRig, tmp_path: Path):
+    """``r2d2voice wake`` to a run waiting for its microphone: nothing can happen, and both the
+    asker (exit 1, one line) and the run's log say why."""
+    notify = NotifyListener()
+    env = {k: v for k, v in pulse_rig.env.items() if not k.startswith(SCRUBBED_PREFIXES)}
+    env.update(NOTIFY_SOCKET=notify.path, RUNTIME_DIRECTORY=str(tmp_path / "rt"),
+               R2D2_INPUT_DEVICE="no such microphone", R2D2_OUTPUT_DEVICE="pulse")
+    log = tmp_path / "run.log"
+    try:
+        with running(tmp_path, env) as proc:
+            wait_for(proc, "READY=1", lambda: "READY=1" in notify.lines(), log)
+            woke = subprocess.run([sys.executable, "-m", "r2d2voice", "wake"], env=env,
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=20)
+            wait_for(proc, "the run saying so", lambda: "wake: ignored" in log.read_text(), log)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+    finally:
+        notify.close()
+    assert woke.returncode == 1, woke
+    (line,) = woke.stderr.strip().splitlines()
+    assert line.startswith("r2d2voice: error:") and "cannot be woken now" in line
+    assert "waiting for microphone 'no such microphone'" in line
+    said = [x for x in log.read_text().splitlines() if "wake: ignored" in x]
+    assert len(said) == 1 and "waiting for microphone 'no such microphone'" in said[0]
+    assert "Traceback" not in log.read_text()
+
+
 @dataclass
 class Replay:
     res: subprocess.CompletedProcess[str]

@@ -75,7 +75,8 @@ def test_two_robots_ship_to_one_server(pg_server: PgServer, db: str, url: str,
     assert server_rows(pg_server, db, "r2-kitchen") == local_rows(kitchen)
     assert server_rows(pg_server, db, "r2-hall") == local_rows(hall)
     assert counts(pg_server, db) == {"sessions": 3, "messages": 10, "responses": 5,
-                                     "tool_executions": 3, "errors": 3}
+                                     "tool_executions": 3, "errors": 3, "facts": 0,
+                                     "recall_exclusions": 0}
     with pg_server.connect(db) as conn:
         kept = conn.execute("SELECT device_id, bool_and(text_kept), max(text) FROM messages"
                             " GROUP BY 1 ORDER BY 1").fetchall()
@@ -100,7 +101,8 @@ def test_ship_twice_then_more_conversation_ships_only_the_new_rows(
         converse(store, turns=3, tool=False, error=False)
     report = ship_once(path, url, "r2")
     assert report.rows == {"sessions": 1, "messages": 6, "responses": 3,
-                           "tool_executions": 0, "errors": 0}
+                           "tool_executions": 0, "errors": 0, "facts": 0,
+                           "recall_exclusions": 0}
     assert server_rows(pg_server, db, "r2") == local_rows(path)
     # The change log keeps at most the last shipped entry of each table.
     assert all(n <= 1 for n in log_sizes(path).values())
@@ -129,7 +131,8 @@ def test_rows_updated_after_shipping_reach_the_server(pg_server: PgServer, db: s
         store.write.end_session(sid)
     report = ship_once(path, url, "r2")
     assert report.rows == {"sessions": 1, "messages": 2, "responses": 1,
-                           "tool_executions": 1, "errors": 0}
+                           "tool_executions": 1, "errors": 0, "facts": 0,
+                           "recall_exclusions": 0}
     assert server_rows(pg_server, db, "r2") == local_rows(path)
     with pg_server.connect(db) as conn:
         assert conn.execute("SELECT ended_at IS NOT NULL FROM sessions").fetchone() == (True,)

@@ -225,12 +225,13 @@ def _can_mount() -> str | None:
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted afterwards."""
+    """A 2 MiB tmpfs, unmounted afterwards (room for the schema and a WAL of ~40 commits:
+    each message commit writes its row, its indexes and its full-text index pages)."""
     reason = _can_mount()
     mnt = tmp_path / "disk"
     mnt.mkdir()
     if reason is None:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs",
                             str(mnt)], capture_output=True, text=True)
         reason = None if r.returncode == 0 else f"mount failed: {r.stderr.strip()}"
     if reason is not None:

@@ -146,3 +146,35 @@ async def test_a_rejected_key_is_not_retried(autojump_clock) -> None:
             ENDPOINT, CFG, FileSource(speech(1.0, 1.0), realtime=False, vad=VadParams()),
             NullSink(), sessions, sessions.record, connect=rejecting)
     assert attempts == 1 and not sessions.rows
+
+
+async def test_a_run_that_never_connects_gives_up_when_told_to(autojump_clock) -> None:
+    """A replay (give_up_connecting=15) whose service never answers stops trying after 15 s
+    with one line saying why; a run of the robot (no limit) keeps trying."""
+    attempts: list[float] = []
+
+    @asynccontextmanager
+    async def refused(endpoint: Endpoint) -> AsyncIterator[Transport]:
+        attempts.append(trio.current_time())
+        await trio.sleep(0.01)
+        raise RuntimeFailure("cannot connect to 127.0.0.1:1: connection refused")
+        yield  # pragma: no cover
+
+    sessions = MemorySessions()
+    with pytest.raises(RuntimeFailure) as failed:
+        await run_conversation(
+            ENDPOINT, CFG, FileSource(speech(1.0, 1.0), realtime=False, vad=VadParams()),
+            NullSink(), sessions, sessions.record, connect=refused, rng=random.Random(0),
+            policy=LinkPolicy(give_up_connecting=15.0))
+    assert str(failed.value).startswith("could not connect to mem://fake in 15 s of trying")
+    assert "connection refused" in str(failed.value) and "nothing was sent" in str(failed.value)
+    assert 15.0 <= trio.current_time() < 15.5 and len(attempts) >= 5
+    assert not sessions.rows  # no session was ever begun
+
+    attempts.clear()
+    with trio.move_on_after(120):  # no limit: still trying two minutes on
+        await run_conversation(
+            ENDPOINT, CFG, FileSource(speech(1.0, 1.0), realtime=False, vad=VadParams()),
+            NullSink(), MemorySessions(), sessions.record, connect=refused,
+            rng=random.Random(0))
+    assert attempts[-1] - attempts[0] > 90

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import espeak_pcm, silence
+from support import espeak_pcm, silence, speech_frames
 
 from r2d2voice.audio import wake
 from r2d2voice.errors import ConfigError
@@ -14,7 +14,7 @@ from r2d2voice.errors import ConfigError
 
 def detections(pcm: np.ndarray, **kw: object) -> list[object]:
     detector = wake.WakeWordDetector("hey_mycroft", **kw)
-    found = [w for f in wake.speech_frames(pcm) if (w := detector.process(f))]
+    found = [w for f in speech_frames(pcm) if (w := detector.process(f))]
     detector.close()
     return found
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import espeak_pcm, silence, tone
+from support import espeak_pcm, silence, speech_frames, tone
 
 from r2d2voice.audio import wake
 
 
 def _run(pcm: np.ndarray, **kw: object) -> tuple[list[wake.Wake], int]:
     detector = wake.WakeWordDetector("hey_mycroft", **kw)
-    found = [w for f in wake.speech_frames(pcm) if (w := detector.process(f))]
+    found = [w for f in speech_frames(pcm) if (w := detector.process(f))]
     detector.close()
     return found, detector.skipped
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from support import load_audio
 
-from r2d2voice.audio.files import WavWriter, load_audio
+from r2d2voice.audio.files import WavWriter
 from r2d2voice.audio.pcm import RATE, float_to_pcm16, rms_dbfs
 from r2d2voice.errors import EXIT_USAGE, UsageError
 
@@ -280,9 +281,9 @@ def test_unreadable_permissions(tmp_path: Path) -> None:
         assert "permission denied" in assert_usage_error(path)
         return
     # root reads any file: check in a child without the capabilities that let it (setpriv)
-    code = ("import sys\nfrom r2d2voice.audio.files import load_audio\n"
+    code = ("import sys\nfrom r2d2voice.audio.files import AudioReader\n"
             "from r2d2voice.errors import UsageError\n"
-            "try:\n    load_audio(sys.argv[1])\nexcept UsageError as e:\n    print(e)\n")
+            "try:\n    AudioReader(sys.argv[1])\nexcept UsageError as e:\n    print(e)\n")
     r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
                         sys.executable, "-c", code, str(path)],
                        capture_output=True, text=True, timeout=60)

@@ -17,7 +17,9 @@ from r2d2voice.appliance.gate import AlwaysGate, WakeGate, WakeTrigger, WakeWord
 from r2d2voice.appliance.pipeline import Run, RunResult, run_pipeline
 from r2d2voice.appliance.protocols import check_duplex, core_factory
 from r2d2voice.appliance.signals import SIGNAL_REASONS
-from r2d2voice.appliance.tools import Toolbox, load_tools
+from r2d2voice.appliance.tools import Toolbox
+from r2d2voice.appliance.tools.memory_brief import with_memory
+from r2d2voice.appliance.tools.offer import open_toolbox as offered_tools
 from r2d2voice.audio.wake import WakeWordDetector
 from r2d2voice.errors import ConfigError, UsageError
 from r2d2voice.link.parts import LinkParts
@@ -59,11 +61,9 @@ def check_listening(settings: Settings) -> None:
 
 
 def open_toolbox(settings: Settings) -> Toolbox | None:
-    """The tools of ``R2D2_TOOLS`` (ConfigError, exit 3, for a bad file); the volume is kept
-    next to the database. None without a tools file."""
-    if not settings.tools:
-        return None
-    return load_tools(settings.tools, state_path=Path(settings.db).parent / TOOL_STATE_FILE)
+    """The tools of ``R2D2_TOOLS`` (ConfigError, exit 3, for a bad file; the volume is kept
+    next to the database) and the memory's (``R2D2_MEMORY``). None with neither."""
+    return offered_tools(settings, state_path=Path(settings.db).parent / TOOL_STATE_FILE)
 
 
 def session_config(settings: Settings, toolbox: Toolbox | None = None) -> SessionConfig:
@@ -188,11 +188,13 @@ async def hold(settings: Settings, source: Source, sink: Sink,
             try:
                 async with open_endpoint(service) as endpoint:
                     parts = LinkParts(
-                        endpoint, session_config(settings, toolbox), source, sessions, gate,
+                        endpoint, session_config(settings, toolbox),
+                        source, sessions, gate,
                         connect=options.connect,
                         policy=options.policy or link_policy(settings),
                         console=_console(gate, options.console),
                         on_configured=options.on_configured,
+                        configure=lambda config: with_memory(config, settings),
                         protocol=core_factory(service, settings))
                     result = await run_pipeline(Run(parts, source, sink, store.record,
                                                     stopper=stopper, toolbox=toolbox))

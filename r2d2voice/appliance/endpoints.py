@@ -115,7 +115,7 @@ async def open_endpoint(service: Service) -> AsyncIterator[Endpoint]:
 
     # embedded, the backend's own chatter is noise next to the transcripts
     if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("r2d2voice.localbackend.server").setLevel(logging.WARNING)
+        logging.getLogger("r2d2voice.localbackend").setLevel(logging.WARNING)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_local, "127.0.0.1", 0,
                                    BackendConfig(realtime_factor=10.0))

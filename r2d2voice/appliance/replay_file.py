@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from r2d2voice.appliance.compose import Outcome
 
 log = logging.getLogger("r2d2voice.appliance.replay_file")
+
+#: a replay that has never reached its service gives up after trying this long (a robot's
+#: ``run`` keeps trying: its network may come later)
+GIVE_UP_CONNECTING = 15.0
 
 
 class TextConsole:
@@ -93,7 +98,7 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     The default timeout, 60 s + 3x the file's length, holds in both modes: woken
     conversations never overlap, the file is paced in real time while one is open (its idle
     time is the file's audio), and the end of the file closes the last one."""
-    from r2d2voice.appliance.compose import RunOptions, check_listening, hold
+    from r2d2voice.appliance.compose import RunOptions, check_listening, hold, link_policy
     from r2d2voice.appliance.sinks import WavSink
     from r2d2voice.appliance.sources import FileSource, VadParams
     from r2d2voice.audio.files import AudioReader
@@ -123,7 +128,8 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
 
                 nursery.start_soon(deadline)
                 outcome = await hold(settings, source, sink, RunOptions(
-                    url=url, console=console, stopper=stopper, metadata=metadata))
+                    url=url, console=console, stopper=stopper, metadata=metadata,
+                    policy=replace(link_policy(settings), give_up_connecting=GIVE_UP_CONNECTING)))
                 nursery.cancel_scope.cancel()
             return outcome
 

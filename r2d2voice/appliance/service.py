@@ -118,7 +118,19 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     async def listen(nursery: trio.Nursery) -> Any:
         wake = settings.listen == "wake"
         trigger = WakeTrigger() if wake else None
-        await nursery.start(serve_control, trigger.wake if trigger else _already_listening)
+
+        def on_wake() -> str | None:
+            """A wake from outside; while the microphone is missing it can do nothing."""
+            if console.devices.is_waiting("input"):
+                why = f"it is {console.devices.status}; it cannot hear anyone until it is back"
+                log.warning("wake: ignored, %s", why)
+                return why
+            if trigger is None:
+                return _already_listening()
+            trigger.wake()
+            return None
+
+        await nursery.start(serve_control, on_wake)
         if wake:  # no session while waiting: ready once the microphone runs (or is waited for)
             nursery.start_soon(announce_ready, None,
                                f"waiting for the wake word ({settings.wake_word})")
@@ -157,5 +169,6 @@ def run_command(settings: Settings, *, url: str | None) -> None:
         log.info("stopped; session %s", outcome.session_id)
 
 
-def _already_listening() -> None:
+def _already_listening() -> str | None:
     log.info("wake: already listening (R2D2_LISTEN=always)")
+    return None

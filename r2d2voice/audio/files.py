@@ -165,18 +165,6 @@ def _cut_short(snd: sf.SoundFile) -> bool:
                for line in snd.extra_info.splitlines())
 
 
-def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a whole sound file as 24 kHz mono int16 (for short files; see :class:`AudioReader`)."""
-    reader = AudioReader(path)
-    try:
-        blocks = list(reader.blocks())
-    except MemoryError:
-        raise UsageError(f"cannot read audio file {reader.shown}: too large to load") from None
-    if reader.truncated or not blocks:
-        raise UsageError(f"cannot read audio file {reader.shown}: truncated or corrupt audio data")
-    return np.concatenate(blocks)
-
-
 class WavWriter:
     """Writes 24 kHz mono PCM16 WAV incrementally; a valid file after close, even if empty.
 

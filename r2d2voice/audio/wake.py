@@ -141,10 +141,3 @@ class WakeWordDetector:
 
     def close(self) -> None:
         self._model.close()
-
-
-def speech_frames(pcm: np.ndarray) -> list[bytes]:
-    """Split 24 kHz int16 audio into 20 ms frames (the last one zero-padded)."""
-    n = 480
-    padded = np.concatenate([pcm, np.zeros(-len(pcm) % n, np.int16)])
-    return [padded[i:i + n].astype("<i2").tobytes() for i in range(0, len(padded), n)]

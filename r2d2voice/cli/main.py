@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from r2d2voice import __version__
-from r2d2voice.cli import conversation, devices, fleet, records, tools
+from r2d2voice.cli import conversation, devices, fleet, memory, records, tools
 from r2d2voice.cli.output import OutputFailed, flush_stdout, guard_stdout, quiet_stdout
 from r2d2voice.errors import EXIT_OK, EXIT_RUNTIME, R2Error
 
@@ -175,9 +175,12 @@ def _with_global_options(command: click.Command) -> click.Command:
         click.Option(["--log-level"], type=_LOG_LEVELS, default=None, expose_value=False,
                      callback=_set_global, help="Overrides R2D2_LOG_LEVEL."),
     ]
+    if isinstance(command, click.Group):  # ``memory list --log-level debug`` too
+        for sub in command.commands.values():
+            _with_global_options(sub)
     return command
 
 
 for _command in (*conversation.COMMANDS, *records.COMMANDS, *fleet.COMMANDS, *tools.COMMANDS,
-                 *devices.COMMANDS):
+                 *memory.COMMANDS, *devices.COMMANDS):
     main.add_command(_with_global_options(_command))

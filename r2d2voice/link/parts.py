@@ -4,7 +4,7 @@ configuration, the ports to the store, the console and the session gate, its pol
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from r2d2voice.link.state import Console, FrameSource, LinkPolicy, Quiet, SessionGate, Sessions
@@ -53,6 +53,10 @@ class LinkParts:
     counters: Callable[[], dict[str, int]] = _no_counters
     #: the wire protocol (default: the GA Realtime core)
     protocol: CoreFactory = Conversation
+    #: each session's configuration, made as it starts (the memory the robot has by then);
+    #: None: ``config`` as it is
+    configure: Callable[[SessionConfig], Awaitable[SessionConfig]] | None = None
 
-    def new_core(self, context: list[tuple[str, str]]) -> ProtocolCore:
-        return self.protocol(self.config, tuple(context))
+    async def new_core(self, context: list[tuple[str, str]]) -> ProtocolCore:
+        config = self.config if self.configure is None else await self.configure(self.config)
+        return self.protocol(config, tuple(context))

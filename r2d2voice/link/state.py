@@ -78,6 +78,9 @@ class LinkPolicy:
     """How the link behaves over a long run."""
 
     reconnect: bool = True
+    #: a run that has never connected gives up after trying this long (None: never; a robot
+    #: waits for its network, a replay should not)
+    give_up_connecting: float | None = None
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     #: a session that lived this long resets the backoff

@@ -80,6 +80,8 @@ class Supervisor:
         self.chain_start = 0
         #: the connection in progress (the gate may end it)
         self._current: Connection | None = None
+        #: when a run that never connected gives up (see ``_never_connected``)
+        self._giving_up_at: float | None = None
         #: the counters when the last session ended (its row has them)
         self._counted: dict[str, int] = {}
         #: why the run must end with an error, raised once everything is drained and stored
@@ -147,6 +149,8 @@ class Supervisor:
         state, policy = self.state, self.policy
         while not state.stopping:
             delay = self.backoff.delay()
+            if self._giving_up_at is not None:  # never wait past the point of giving up
+                delay = max(0.0, min(delay, self._giving_up_at - trio.current_time()))
             if delay:
                 self.console.status(f"reconnecting (attempt {self.backoff.failures})")
                 log.warning("reconnecting in %.1f s (attempt %d)", delay, self.backoff.failures)
@@ -155,11 +159,15 @@ class Supervisor:
                 if state.stopping:
                     return previous
             started = trio.current_time()
+            limit = policy.give_up_connecting
+            if limit is not None and self._giving_up_at is None and not state.session_ids:
+                self._giving_up_at = started + limit
             try:
                 end, previous = await self._connection(ports, previous)
             except RuntimeFailure as exc:  # could not connect: try again
                 if not policy.reconnect:
                     raise
+                self._never_connected(exc)
                 log.warning("%s", exc)
                 self.backoff.failed()
                 continue
@@ -192,7 +200,7 @@ class Supervisor:
                     state.session_ids[self.chain_start:], self.policy.context_turns)
             session_id = await self.parts.sessions.begin(previous, ports.opening.metadata)
             state.session_ids.append(session_id)
-            state.conversation = core = self.parts.new_core(context)
+            state.conversation = core = await self.parts.new_core(context)
             state.epoch += 1
             state.connected = True
             state.watch.changed()
@@ -229,6 +237,16 @@ class Supervisor:
                     log.error("could not close session %s within %.0f s", session_id,
                               END_DEADLINE)
         return end, session_id
+
+    def _never_connected(self, exc: RuntimeFailure) -> None:
+        """A run that has never reached the service gives up after
+        ``policy.give_up_connecting`` seconds of trying (None: it never gives up)."""
+        limit = self.policy.give_up_connecting
+        if limit is None or self.state.session_ids:
+            return
+        if self._giving_up_at is not None and trio.current_time() >= self._giving_up_at:
+            raise RuntimeFailure(f"could not connect to {self.parts.endpoint.display} in "
+                                 f"{limit:g} s of trying; nothing was sent ({exc})")
 
     def _counters(self) -> dict[str, int]:
         """The link's counters and those of the run's other parts, as they are now."""

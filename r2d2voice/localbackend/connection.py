@@ -33,7 +33,7 @@ from r2d2voice.localbackend.wire import EventMaker, random_id
 
 __all__ = ["Close", "Connection"]
 
-log = logging.getLogger("r2d2voice.localbackend.server")
+log = logging.getLogger("r2d2voice.localbackend.connection")
 
 CLOSE_TIMEOUT_S = 1.0
 OUTGOING_BUFFER = 64

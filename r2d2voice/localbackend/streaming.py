@@ -15,7 +15,7 @@ from r2d2voice.localbackend.wire import RATE, Json
 
 __all__ = ["Outgoing", "stream_reply"]
 
-log = logging.getLogger("r2d2voice.localbackend.server")
+log = logging.getLogger("r2d2voice.localbackend.streaming")
 
 Outgoing = Json | str | bytes
 """What the sender writes: an event (JSON text), or a raw text/binary frame (fault injection)."""

@@ -1,1 +1,1 @@
-"""Reading the record back: export, sessions, usage and stats."""
+"""Reading the record back: export, sessions, usage, stats and the memory."""

@@ -52,12 +52,11 @@ NOT_KEPT = "(not kept)"
 AnyRow = Any
 
 
-def export_command(db_path: str | os.PathLike[str], *, fmt: str = "jsonl",
-                   sessions: Sequence[str] = (), since: str | None = None,
-                   until: str | None = None, role: str | None = None,
-                   output: str | os.PathLike[str] | None = None,
-                   out: TextIO | None = None, devices: Sequence[str] = ()) -> int:
-    """The ``export`` command: to ``output`` (atomically) or to ``out`` (default stdout).
+def export_command(db_path: str | os.PathLike[str], *,
+                   output: str | os.PathLike[str] | None = None, out: TextIO | None = None,
+                   **select: Any) -> int:
+    """The ``export`` command: to ``output`` (atomically) or to ``out`` (default stdout);
+    ``select`` are :func:`run_export`'s ``fmt`` and filters.
 
     ``db_path`` is a database file, or a fleet server URL (``devices``: only those robots).
 
@@ -69,8 +68,7 @@ def export_command(db_path: str | os.PathLike[str], *, fmt: str = "jsonl",
     """
 
     def export_to(stream: TextIO) -> int:
-        return run_export(db_path, fmt=fmt, out=stream, sessions=sessions, since=since,
-                          until=until, role=role, devices=devices)
+        return run_export(db_path, out=stream, **select)
 
     if output is None:
         return export_to(out if out is not None else sys.stdout)

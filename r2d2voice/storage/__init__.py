@@ -1,1 +1,1 @@
-"""The SQLite transcript store: connection, schema and migrations, writes, reads, recorder."""
+"""The SQLite store: connection, schema and migrations, writes, reads, recorder, memory."""

@@ -1,6 +1,13 @@
 """Opening a database file: private permissions, header and application-id checks, read-only
 opening that leaves the files as they were.
 
+Only SQLite opens the database file. POSIX advisory locks belong to the process: closing *any*
+descriptor of the file, say one opened to peek at its header, drops every lock the process's
+other connections hold on it, and another process (an ``export``, a test) closing its own
+connection would then think itself the last one and delete the WAL under a running writer —
+what it wrote afterwards invisible to readers, and lost if it crashed. So the header is
+checked by SQLite itself (``SQLITE_NOTADB``), and existence with ``stat``.
+
 The connection is opened with ``check_same_thread=False`` and carries no lock of its own: its
 user serialises the calls (the appliance runs them one at a time in a worker thread, see
 :mod:`r2d2voice.storage.recorder`). ``isolation_level=None``: transactions are explicit.
@@ -17,12 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from r2d2voice.errors import UsageError
-from r2d2voice.storage.health import StoreUnavailable, is_transient
+from r2d2voice.storage.health import StoreUnavailable, is_not_a_database, is_transient
 from r2d2voice.storage.schema import prepare
 
 __all__ = ["check_writable", "connect"]
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def connect(path: str, *, create: bool = True) -> sqlite3.Connection:
@@ -108,25 +114,14 @@ def _umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
-def _check_header(fd: int, path: str, *, allow_empty: bool) -> None:
-    head = os.pread(fd, len(_SQLITE_MAGIC), 0)
-    if head == _SQLITE_MAGIC or (allow_empty and head == b""):
-        return
-    raise UsageError(f"{path} is not an r2d2voice database")
-
-
 def _connect_create(path: str) -> sqlite3.Connection:
     try:
         with _umask(0o077):
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 os.makedirs(parent, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                _check_header(fd, path, allow_empty=True)
-            finally:
-                os.close(fd)
-            # SQLite gives -wal/-shm the main file's mode; the umask covers the rest.
+            # SQLite creates a missing file now, 0600 under this umask, and gives -wal/-shm
+            # the main file's mode; the header is its own first check (see prepare).
             return sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=10.0)
     except (OSError, sqlite3.Error) as exc:
@@ -138,15 +133,13 @@ def _connect_create(path: str) -> sqlite3.Connection:
 
 def _connect_readonly(path: str) -> sqlite3.Connection:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"no such database: {path}") from None
     except OSError as exc:
         raise UsageError(f"cannot open database {path}: {exc.strerror or exc}") from exc
-    try:
-        _check_header(fd, path, allow_empty=False)
-    finally:
-        os.close(fd)
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"cannot open database {path}: Permission denied")
     uri = Path(os.path.abspath(path)).as_uri()
     # A read-only connection to a WAL database creates -wal/-shm and cannot remove them at
     # close. When no -wal exists (no writer around), open read-write with query_only on, so
@@ -169,5 +162,7 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
             return conn
         except sqlite3.Error as exc:
             conn.close()
+            if is_not_a_database(exc):
+                raise UsageError(f"{path} is not an r2d2voice database") from None
             error = exc
     raise UsageError(f"cannot open database {path}: {error}")

@@ -8,11 +8,12 @@ import sqlite3
 
 from r2d2voice.errors import RuntimeFailure
 
-__all__ = ["StoreUnavailable", "describe", "is_transient"]
+__all__ = ["StoreUnavailable", "describe", "is_not_a_database", "is_transient"]
 
 # SQLite primary result codes (the low byte of extended codes such as SQLITE_IOERR_WRITE).
 _BUSY, _LOCKED, _READONLY, _IOERR, _FULL, _CANTOPEN = 5, 6, 8, 10, 13, 14
 _TRANSIENT_SQLITE = {_BUSY, _LOCKED, _READONLY, _IOERR, _FULL, _CANTOPEN}
+_NOTADB = 26
 # EROFS: an SD card that the kernel remounted read-only after errors.
 _TRANSIENT_ERRNO = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS}
 
@@ -35,6 +36,14 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _TRANSIENT_ERRNO
     return False
+
+
+def is_not_a_database(exc: BaseException) -> bool:
+    """``exc`` says the file is not an SQLite database at all (``SQLITE_NOTADB``)."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == _NOTADB or "file is not a database" in str(exc)
 
 
 def _looks_transient(message: str) -> bool:

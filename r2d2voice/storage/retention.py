@@ -40,6 +40,8 @@ PRUNE_EVERY = 3600.0
 #: (called inside the prune's write transaction, on the writer's connection).
 ShippedFilter = Callable[[sqlite3.Connection, Sequence[str]], Collection[str]]
 
+#: FTS5 ``merge`` work (index pages) after a periodic prune
+INDEX_MERGE_PAGES = 500
 _CHUNK = 500  # ids per DELETE statement (SQLite allows 999 parameters at least)
 _TABLES = ("tool_executions", "messages", "responses", "errors")
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([wdhm]?)\s*", re.IGNORECASE)
@@ -165,8 +167,16 @@ def _whole_conversations(conn: sqlite3.Connection, old: set[str]) -> set[str]:
 
 
 def shrink(conn: sqlite3.Connection, *, convert: bool = False) -> None:
-    """Give free pages back to the filesystem: incremental vacuum and a passive checkpoint.
-    A database without auto-vacuum is converted with one ``VACUUM`` when ``convert``."""
+    """Give free pages back to the filesystem: the memory's full-text index drops what the
+    prune deleted (FTS5 keeps deletions as markers until its segments merge: ``convert``, by
+    hand, merges them all; otherwise a bounded step, so ``run``'s hourly prune holds the write
+    lock briefly), then an incremental vacuum and a passive checkpoint. A database without
+    auto-vacuum is converted with one ``VACUUM`` when ``convert``."""
+    if convert:
+        conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('optimize')")
+    else:
+        conn.execute("INSERT INTO messages_fts (messages_fts, rank) VALUES ('merge', ?)",
+                     (INDEX_MERGE_PAGES,))
     mode = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
     if mode == 2:
         # executescript steps the pragma to the end (execute() frees a single page)

@@ -12,6 +12,9 @@
   ``messages.text_kept`` / ``tool_executions.text_kept`` (0: written in privacy mode).
 * v5: the shipping change log, watermarks and target (:mod:`r2d2voice.storage.shipping.local`):
   triggers log every insert/update once the robot first ships.
+* v6: the memory (:mod:`r2d2voice.storage.memory_schema`): ``facts``, ``recall_exclusions``, the
+  FTS5 index over messages and facts with the triggers keeping it in sync (the migration
+  indexes every message kept so far), and the change log of the two new tables.
 
 New databases are created with ``auto_vacuum = INCREMENTAL``, so pruning can give space back
 to the filesystem; that pragma only takes effect before the first table exists, so older files
@@ -25,8 +28,9 @@ import sqlite3
 from collections.abc import Callable
 
 from r2d2voice.errors import UsageError
-from r2d2voice.storage.health import StoreUnavailable, is_transient
-from r2d2voice.storage.shipping.local import migrate_ship_log
+from r2d2voice.storage.health import StoreUnavailable, is_not_a_database, is_transient
+from r2d2voice.storage.memory_schema import MEMORY_TABLES, migrate_memory
+from r2d2voice.storage.shipping.local import migrate_record_ship_log, migrate_ship_log
 
 __all__ = ["APPLICATION_ID", "ERROR_SOURCES", "MIGRATIONS", "ROLES", "SCHEMA_VERSION",
            "TOOL_ROW_STATUSES", "prepare"]
@@ -34,7 +38,7 @@ __all__ = ["APPLICATION_ID", "ERROR_SOURCES", "MIGRATIONS", "ROLES", "SCHEMA_VER
 #: ``PRAGMA application_id`` of every r2d2voice database (ASCII "r2d2").
 APPLICATION_ID = 0x72326432
 #: The schema version this code writes; older files are migrated forward on open.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 ROLES = ("user", "assistant")
 ERROR_SOURCES = ("service", "local")
@@ -186,12 +190,19 @@ def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
         conn.execute(stmt)
 
 
+def _migrate_5_to_6(conn: sqlite3.Connection) -> None:
+    """v6 adds the memory (facts, recall exclusions, the full-text index) and its change log."""
+    migrate_memory(conn)
+    migrate_ship_log(conn, MEMORY_TABLES)
+
+
 #: ``MIGRATIONS[n]`` upgrades a version-n database to version n + 1.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
     3: _migrate_3_to_4,
-    4: migrate_ship_log,  # v5: change log + watermarks for shipping to a fleet server
+    4: migrate_record_ship_log,  # v5: change log + watermarks for shipping to a fleet server
+    5: _migrate_5_to_6,  # v6: memory
 }
 
 
@@ -247,6 +258,8 @@ def prepare(conn: sqlite3.Connection, path: str, *, readonly: bool) -> None:
             return
         _create_or_migrate(conn)
     except sqlite3.DatabaseError as exc:
+        if is_not_a_database(exc):  # SQLite read the header: not an SQLite file at all
+            raise foreign from None
         if not readonly and is_transient(exc):
             raise StoreUnavailable(f"cannot open database {path}: {exc}") from exc
         raise UsageError(f"{path} is not a usable r2d2voice database: {exc}") from exc
@@ -260,7 +273,9 @@ def _create_or_migrate(conn: sqlite3.Connection) -> None:
         if empty and app_id == 0 and version == 0:
             for stmt in split_sql(SCHEMA):
                 conn.execute(stmt)
-            migrate_ship_log(conn)  # trigger bodies hold ';': not part of the SCHEMA script
+            # trigger bodies hold ';': not part of the SCHEMA script
+            migrate_memory(conn)
+            migrate_ship_log(conn)
         else:
             while version < SCHEMA_VERSION:
                 MIGRATIONS[version](conn)

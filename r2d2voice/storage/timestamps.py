@@ -8,9 +8,9 @@ them (see ``sessions.seq`` and ``messages.seq``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone, tzinfo
 
-__all__ = ["WallClock", "format_ts", "parse_ts", "utc_now"]
+__all__ = ["WallClock", "format_ts", "local_date", "parse_ts", "utc_now"]
 
 #: Where a writer reads the wall clock (injectable, so tests can step it).
 WallClock = Callable[[], datetime]
@@ -35,3 +35,8 @@ def parse_ts(text: str) -> datetime:
     if text.endswith("Z"):
         text = text[:-1] + "+00:00"
     return datetime.fromisoformat(text).astimezone(timezone.utc)
+
+
+def local_date(label: str, tz: tzinfo | None = None) -> date:
+    """The calendar day of a stored label in time zone ``tz`` (None: the local zone)."""
+    return parse_ts(label).astimezone(tz).date()

@@ -225,6 +225,11 @@ KEYS: tuple[Key, ...] = (
         "delete conversations older than this (shipped first)"),
     Key("R2D2_STORE_TEXT", "store_text", True, _flag, "'true' or 'false'",
         "false: privacy mode, no transcript text, raw events nor tool arguments/output"),
+    Key("R2D2_MEMORY", "memory", True, _flag, "on or off",
+        "memory across conversations: remember/recall/forget tools, facts in the instructions"),
+    Key("R2D2_MEMORY_BUDGET_TOKENS", "memory_budget_tokens", 500, _int(0, 20_000),
+        "a whole number of tokens between 0 and 20000",
+        "remembered facts put in a session's instructions, at most"),
     *(
         Key(f"R2D2_PRICE_{name.upper()}", f"price_{name}", default, _number(0.0, 10_000.0),
             "a price in USD per million tokens", "price per 1M tokens")
@@ -294,6 +299,8 @@ class Settings:
     context_token_limit: int = default("context_token_limit")
     retention_days: float | None = default("retention_days")
     store_text: bool = default("store_text")
+    memory: bool = default("memory")
+    memory_budget_tokens: int = default("memory_budget_tokens")
     price_audio_in: float = default("price_audio_in")
     price_audio_in_cached: float = default("price_audio_in_cached")
     price_text_in: float = default("price_text_in")

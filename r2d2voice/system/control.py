@@ -63,13 +63,18 @@ def _made(path: Path, create: bool) -> Path:
     return path
 
 
-async def serve_control(on_wake: Callable[[], None], *, directory: Path | None = None,
+#: what a wake did: None, it was taken; a sentence, why nothing can happen now
+Wake = Callable[[], "str | None"]
+
+
+async def serve_control(on_wake: Wake, *, directory: Path | None = None,
                         task_status: trio.TaskStatus[Path | None] = trio.TASK_STATUS_IGNORED,
                         ) -> None:
     """Until cancelled, call ``on_wake()`` for every ``wake`` on the control socket and every
-    SIGUSR1. ``task_status.started(socket path)``, or None when another run already serves
-    the socket or it cannot be made (then only SIGUSR1 works; a warning says why). Removes
-    the socket and the pid file it made on the way out."""
+    SIGUSR1; what it says back (why the wake can do nothing now) goes to the asker.
+    ``task_status.started(socket path)``, or None when another run already serves the socket
+    or it cannot be made (then only SIGUSR1 works; a warning says why). Removes the socket and
+    the pid file it made on the way out."""
     try:
         directory = directory or runtime_dir(create=True)
     except (ConfigError, OSError) as exc:
@@ -94,7 +99,7 @@ async def serve_control(on_wake: Callable[[], None], *, directory: Path | None =
                 _remove_ours(path, pid_path)
 
 
-async def _on_signals(signals: trio.abc.ReceiveChannel[int], on_wake: Callable[[], None]) -> None:
+async def _on_signals(signals: trio.abc.ReceiveChannel[int], on_wake: Wake) -> None:
     async for _ in signals:
         log.info("SIGUSR1: wake")
         on_wake()
@@ -130,7 +135,7 @@ def _is_live(path: Path) -> bool:
     return True
 
 
-async def _answer(stream: trio.SocketStream, on_wake: Callable[[], None]) -> None:
+async def _answer(stream: trio.SocketStream, on_wake: Wake) -> None:
     """One request: a line in, a line out; a silent or broken client is dropped."""
     async with stream:
         with trio.move_on_after(EXCHANGE_TIMEOUT):
@@ -143,8 +148,8 @@ async def _answer(stream: trio.SocketStream, on_wake: Callable[[], None]) -> Non
             command = data.split(b"\n", 1)[0].strip().decode("ascii", "replace")
             if command == "wake":
                 log.info("control socket: wake")
-                on_wake()
-                reply = b"ok\n"
+                busy = on_wake()
+                reply = b"ok\n" if busy is None else f"busy: {busy}\n".encode()
             else:
                 reply = f"error: unknown command {command!r} (known: wake)\n".encode()
             with contextlib.suppress(trio.BrokenResourceError):
@@ -196,6 +201,9 @@ def _wake_in(folder: Path) -> str | None:
                 reply = ""  # a stale socket: try the pid file
         if reply == "ok":
             return f"woke the r2d2voice run listening on {path}"
+        if reply.startswith("busy: "):
+            raise RuntimeFailure(f"the r2d2voice run on {path} cannot be woken now: "
+                                 f"{reply.removeprefix('busy: ')}")
         if reply:
             raise RuntimeFailure(f"{path} answered: {reply}")
     pid = _running_pid(folder / PID_NAME)

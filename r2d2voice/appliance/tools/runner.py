@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
@@ -17,6 +17,9 @@ from r2d2voice.appliance.tools import arguments
 from r2d2voice.appliance.tools.builtins import BUILTINS, END_OUTPUT, Volume, time_report
 from r2d2voice.appliance.tools.config import CommandSpec, read_tools_file
 from r2d2voice.appliance.tools.process import OUTPUT_CAP, run_command
+
+if TYPE_CHECKING:
+    from r2d2voice.appliance.tools.memory import Memory
 
 log = logging.getLogger("r2d2voice.appliance.tools")
 
@@ -55,16 +58,19 @@ class _Tool:
 
 
 class Toolbox:
-    """Built-ins and command tools by name. ``state_path`` keeps the volume across restarts
-    (a small JSON file, e.g. next to the database); None keeps it in memory."""
+    """Built-ins, the memory tools (with ``memory``) and command tools by name. ``state_path``
+    keeps the volume across restarts (a small JSON file, e.g. next to the database); None
+    keeps it in memory."""
 
     def __init__(self, builtins: tuple[str, ...] = (), commands: tuple[CommandSpec, ...] = (),
                  *, state_path: str | os.PathLike[str] | None = None,
-                 max_concurrent: int = MAX_CONCURRENT) -> None:
+                 max_concurrent: int = MAX_CONCURRENT, memory: Memory | None = None) -> None:
         self._tools: dict[str, _Tool] = {}
-        for name in builtins:
-            description, schema = BUILTINS[name]
+        offered = {name: BUILTINS[name] for name in builtins}
+        offered.update(memory.tools if memory is not None else {})
+        for name, (description, schema) in offered.items():
             self._tools[name] = _Tool(name, description, schema, arguments.validator(schema), None)
+        self.memory = memory
         for spec in commands:
             self._tools[spec.name] = _Tool(spec.name, spec.description, spec.parameters,
                                            arguments.validator(spec.parameters), spec)
@@ -122,6 +128,8 @@ class Toolbox:
             return await _run(tool.command, args)
 
     async def _builtin(self, name: str, args: dict[str, Any], context: ToolContext) -> ToolResult:
+        if self.memory is not None and name in self.memory.tools:
+            return await self.memory.call(name, args)
         if name == "get_time":
             return ToolResult("ok", time_report())
         if name == "set_volume":

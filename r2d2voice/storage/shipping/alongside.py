@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["FINAL_DEADLINE", "RUN_BATCH", "ShipPlan", "Shipping", "plan_shipping",
            "ship_alongside"]
 
-log = logging.getLogger("r2d2voice.storage.shipping")
+log = logging.getLogger("r2d2voice.storage.shipping.alongside")
 
 #: Seconds the last ship at the end of a replay may take; the rest ships next time.
 FINAL_DEADLINE = 5.0

@@ -20,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from r2d2voice.errors import R2Error, UsageError
 from r2d2voice.storage.shipping.errors import FleetUnavailable, fleet_error
+from r2d2voice.storage.shipping.memory_queries import FleetMemory
 from r2d2voice.storage.shipping.queries import FleetQueries
 from r2d2voice.storage.shipping.server_schema import fleet_id, migrate, server_version
 from r2d2voice.storage.shipping.uploader import upsert_rows, upsert_values
@@ -47,7 +48,7 @@ def _connect(target: FleetTarget) -> psycopg.Connection:
         raise fleet_error(exc, target, "connecting") from None
 
 
-class FleetStore(FleetQueries):
+class FleetStore(FleetQueries, FleetMemory):
     """A connected fleet server with the current schema. Use :func:`open_fleet`."""
 
     def __init__(self, conn: psycopg.Connection, target: FleetTarget, version: int,

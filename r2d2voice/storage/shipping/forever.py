@@ -32,7 +32,7 @@ from r2d2voice.storage.shipping.shipper import DEFAULT_BATCH, Shipper, ShipRepor
 __all__ = ["CLOSE_DEADLINE", "SHIP_EVERY", "STOPPED_NOTE", "ShipFunction", "ShipStatus",
            "ship_forever"]
 
-log = logging.getLogger("r2d2voice.storage.shipping")
+log = logging.getLogger("r2d2voice.storage.shipping.forever")
 
 #: Seconds between two ships while the server is reachable.
 SHIP_EVERY = 5.0

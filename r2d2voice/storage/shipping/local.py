@@ -1,6 +1,7 @@
 """The robot's side of shipping, in its SQLite database: a change log and a watermark per table.
 
-Change tracking: AFTER INSERT / AFTER UPDATE triggers on the five shipped tables append the
+Change tracking: AFTER INSERT / AFTER UPDATE triggers on the shipped tables (the record's five,
+and the memory's two since schema v6) append the
 changed row's key to that table's log (``ship_log_sessions``, ``ship_log_messages``, …; the log's
 ``seq`` is an INTEGER PRIMARY KEY, so an append is one b-tree insert and nothing else). A row
 updated after it was shipped (a session's end, an interruption flag, a late transcript, a tool
@@ -13,8 +14,8 @@ ships pays one lookup per write and keeps no log. Shipping to another target (a 
 server, another device id) *arms* it: in one transaction the logs are refilled with the key of
 every existing row and the watermarks reset, so the new server gets everything.
 
-Keys: the integer primary key of messages, errors and tool executions; the natural key of
-sessions and responses (their implicit rowids may change at a ``VACUUM``).
+Keys: the integer primary key of messages, errors, tool executions and facts; the natural key
+of sessions, responses and recall exclusions (their implicit rowids may change at a ``VACUUM``).
 
 Log entries at or below a watermark are deleted as shipping advances, except the last one, so
 that ``seq`` (max + 1) never goes back below the watermark.
@@ -27,9 +28,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from r2d2voice.storage.memory_schema import MEMORY_TABLES
 from r2d2voice.storage.shipping.tables import TABLES
 
 __all__ = [
+    "RECORD_TABLES",
     "SHIPPED_TABLES",
     "SHIP_LOG_SCHEMA",
     "Change",
@@ -40,6 +43,7 @@ __all__ = [
     "ensure_ship_log",
     "is_shipped",
     "log_marks",
+    "migrate_record_ship_log",
     "migrate_ship_log",
     "pending_sessions",
     "read_changes",
@@ -47,8 +51,11 @@ __all__ = [
     "watermarks",
 ]
 
-#: Shipping order: sessions first, so a batch's rows find their session on the server.
-SHIPPED_TABLES = ("sessions", "messages", "responses", "tool_executions", "errors")
+#: The record's tables (schema v5 logs these), in shipping order: sessions first, so a batch's
+#: rows find their session on the server.
+RECORD_TABLES = ("sessions", "messages", "responses", "tool_executions", "errors")
+#: Every shipped table: the record's, then the memory's (schema v6).
+SHIPPED_TABLES = (*RECORD_TABLES, *MEMORY_TABLES)
 
 # Per table: the log's key columns, and how a log entry finds its row (``l``: log, ``t``: row).
 _KEYS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -58,10 +65,17 @@ _KEYS: dict[str, tuple[tuple[str, ...], str]] = {
                   "t.session_id = l.session_id AND t.response_id = l.response_id"),
     "tool_executions": (("id",), "t.id = l.id"),
     "errors": (("id",), "t.id = l.id"),
+    "facts": (("id",), "t.id = l.id"),
+    "recall_exclusions": (("session_id", "item_id", "role"),
+                          "t.session_id = l.session_id AND t.item_id = l.item_id"
+                          " AND t.role = l.role"),
 }
-_KEY_TYPES = {"sessions": "TEXT", "responses": "TEXT"}  # the others: INTEGER
-# The session a log entry belongs to (for retention).
-_SESSION_OF = {"sessions": "l.id", "responses": "l.session_id"}  # the others: t.session_id
+_KEY_TYPES = {"sessions": "TEXT", "responses": "TEXT",
+              "recall_exclusions": "TEXT"}  # the others: INTEGER
+# The session a log entry belongs to (for retention); facts belong to none.
+_SESSION_OF = {"sessions": "l.id", "responses": "l.session_id",
+               "recall_exclusions": "l.session_id"}  # the others: t.session_id
+_NO_SESSION = ("facts",)
 
 
 def _log(table: str) -> str:
@@ -84,8 +98,8 @@ def _log_ddl(table: str) -> str:
     return ddl
 
 
-#: The change log, watermarks and target (idempotent: ``IF NOT EXISTS`` throughout).
-SHIP_LOG_SCHEMA = """
+#: Watermarks and target (idempotent: ``IF NOT EXISTS`` throughout); the logs come per table.
+SHIP_STATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS ship_target (
     id          INTEGER PRIMARY KEY CHECK (id = 1),  -- at most one target
     generation  INTEGER NOT NULL,   -- +1 at each arming: a shipper of an older one stops
@@ -99,7 +113,9 @@ CREATE TABLE IF NOT EXISTS ship_state (
     shipped_seq INTEGER NOT NULL,   -- the watermark: log entries <= it are on the server
     shipped_at  TEXT                -- wall-clock label of the last advance
 );
-""" + "".join(_log_ddl(t) for t in SHIPPED_TABLES)
+"""
+#: The change log, watermarks and target of every shipped table.
+SHIP_LOG_SCHEMA = SHIP_STATE_SCHEMA + "".join(_log_ddl(t) for t in SHIPPED_TABLES)
 
 
 def _statements(script: str) -> list[str]:
@@ -107,22 +123,32 @@ def _statements(script: str) -> list[str]:
     return [stmt.strip() for stmt in script.split(";\n") if stmt.strip()]
 
 
-def migrate_ship_log(conn: sqlite3.Connection) -> None:
-    """Create the change log, its triggers, ``ship_state`` and ``ship_target`` (a schema
-    migration step: runs inside the caller's transaction, idempotent)."""
-    for table in SHIPPED_TABLES:
+def migrate_ship_log(conn: sqlite3.Connection,
+                     tables: Sequence[str] = SHIPPED_TABLES) -> None:
+    """Create ``ship_state``, ``ship_target`` and the change log of ``tables`` with its triggers
+    (a schema migration step: runs inside the caller's transaction, idempotent). Schema v5
+    logs :data:`RECORD_TABLES`; v6 adds the memory's."""
+    for table in tables:
         keys, _ = _KEYS[table]
         for key in keys:  # a database missing a shipped table is not ours to extend
             conn.execute(f"SELECT {key} FROM {table} LIMIT 0")
-    for stmt in _statements(SHIP_LOG_SCHEMA):
+    for stmt in _statements(SHIP_STATE_SCHEMA + "".join(_log_ddl(t) for t in tables)):
         conn.execute(stmt)
+    # a robot that ships already: the new tables' watermarks start at 0 (arming sets them all)
+    conn.executemany("INSERT OR IGNORE INTO ship_state (table_name, shipped_seq)"
+                     " SELECT ?, 0 FROM ship_target", [(t,) for t in tables])
+
+
+def migrate_record_ship_log(conn: sqlite3.Connection) -> None:
+    """Schema v5: :func:`migrate_ship_log` of the record's tables."""
+    migrate_ship_log(conn, RECORD_TABLES)
 
 
 def ensure_ship_log(conn: sqlite3.Connection) -> None:
     """:func:`migrate_ship_log` in its own transaction, unless already applied (for databases
     whose schema version predates it)."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ship_log_errors_update'"
-                    ).fetchone():
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?",
+                    (f"{_log(SHIPPED_TABLES[-1])}_update",)).fetchone():
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -273,6 +299,8 @@ def pending_sessions(conn: sqlite3.Connection) -> set[str] | None:
         return None
     parts = []
     for table in SHIPPED_TABLES:
+        if table in _NO_SESSION:
+            continue
         _, join = _KEYS[table]
         sid = _SESSION_OF.get(table, "t.session_id")
         rows = "" if table in _SESSION_OF else f" JOIN {table} AS t ON {join}"

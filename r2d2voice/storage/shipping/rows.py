@@ -12,7 +12,9 @@ from r2d2voice.storage.queries import TokenTotals
 
 __all__ = [
     "FleetErrorRow",
+    "FleetFactRow",
     "FleetMessageRow",
+    "FleetPassageRow",
     "FleetSessionRow",
     "FleetSessionStatsRow",
     "FleetToolRow",
@@ -138,3 +140,26 @@ class FleetErrorRow:
     type: str | None
     code: str | None
     message: str
+
+
+@dataclass(frozen=True)
+class FleetFactRow:
+    """One remembered fact (``source``: "conversation" or "owner")."""
+
+    device_id: str
+    id: int
+    text: str
+    created_at: str
+    source: str
+
+
+@dataclass(frozen=True)
+class FleetPassageRow:
+    """One message of a past conversation found by a memory search (not excluded by
+    ``forget``), as stored."""
+
+    device_id: str
+    session_id: str
+    role: str
+    words: str
+    created_at: str

@@ -3,9 +3,9 @@
 Every shipped row carries the ``device_id`` of the robot it came from; each table's primary
 key is (``device_id``, the row's natural id on the robot), so shipping a row again updates it
 in place. Columns (:mod:`~r2d2voice.storage.shipping.tables`) mirror the robot's SQLite schema
-v4 (``tool_executions``; ``text_kept`` false for rows written in privacy mode); the text time
-labels become ``timestamptz``. There are no foreign keys: tables are shipped one by one and a
-message may arrive before its session.
+(v4: ``tool_executions``, ``text_kept`` false for rows written in privacy mode; v6: the memory's
+``facts`` and ``recall_exclusions``); the text time labels become ``timestamptz``. There are
+no foreign keys: tables are shipped one by one and a message may arrive before its session.
 
 ``fleet`` holds the server's own random id, made with the schema: a robot's watermarks belong
 to one server id, so a rebuilt server gets everything again.
@@ -133,8 +133,33 @@ ALTER TABLE messages ADD COLUMN text_kept boolean NOT NULL DEFAULT true;
 ALTER TABLE tool_executions ADD COLUMN text_kept boolean NOT NULL DEFAULT true;
 """
 
+# v3: the robots' memory (their schema v6): remembered facts (``forgotten_at`` set when
+# forgotten), the passages ``forget`` took out of recall (by the message's natural key), and a
+# full-text index over the messages for ``r2d2voice memory search --db postgresql://…``.
+_V3 = """
+CREATE TABLE facts (
+    device_id    text NOT NULL CHECK (device_id <> ''),
+    id           bigint NOT NULL,        -- the robot's own row id
+    text         text NOT NULL,
+    created_at   timestamptz NOT NULL,
+    source       text NOT NULL,
+    forgotten_at timestamptz,
+    PRIMARY KEY (device_id, id)
+);
+CREATE TABLE recall_exclusions (
+    device_id    text NOT NULL CHECK (device_id <> ''),
+    session_id   text NOT NULL,
+    item_id      text NOT NULL,
+    role         text NOT NULL,
+    forgotten_at timestamptz NOT NULL,
+    PRIMARY KEY (device_id, session_id, item_id, role)
+);
+CREATE INDEX messages_text_search ON messages
+    USING gin (to_tsvector('simple', COALESCE(text, '')));
+"""
+
 #: ``MIGRATIONS[n]``: the SQL taking a version-n server schema to n + 1 (0 = empty database).
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
 #: The server schema version this code writes and reads.
 SERVER_SCHEMA_VERSION = max(MIGRATIONS) + 1
 

@@ -23,6 +23,7 @@ from r2d2voice.storage.health import StoreUnavailable, describe, is_transient
 from r2d2voice.storage.shipping.device import resolve_device_id
 from r2d2voice.storage.shipping.fleet import FleetStore, open_fleet
 from r2d2voice.storage.shipping.local import (
+    RECORD_TABLES,
     SHIPPED_TABLES,
     advance,
     arm,
@@ -36,14 +37,15 @@ from r2d2voice.storage.timestamps import format_ts, utc_now
 
 __all__ = ["DEFAULT_BATCH", "ShipReport", "Shipper", "ship_once"]
 
-log = logging.getLogger("r2d2voice.storage.shipping")
+log = logging.getLogger("r2d2voice.storage.shipping.shipper")
 
 #: Rows per batch (one server transaction, one watermark step).
 DEFAULT_BATCH = 5000
 _NAMES = {"sessions": ("session", "sessions"), "messages": ("message", "messages"),
           "responses": ("response", "responses"),
           "tool_executions": ("tool execution", "tool executions"),
-          "errors": ("error", "errors")}
+          "errors": ("error", "errors"), "facts": ("fact", "facts"),
+          "recall_exclusions": ("recall exclusion", "recall exclusions")}
 
 
 @dataclass
@@ -68,7 +70,9 @@ class ShipReport:
         where = f"to {self.server} as device '{self.device_id}'"
         if not self.total:
             return f"nothing new to ship {where}"
-        counts = ", ".join(f"{n} {_NAMES[t][n != 1]}" for t, n in self.rows.items())
+        # the record's tables always, the memory's when it shipped some
+        counts = ", ".join(f"{n} {_NAMES[t][n != 1]}" for t, n in self.rows.items()
+                           if n or t in RECORD_TABLES)
         text = f"shipped {counts} {where}"
         return text if self.complete else text + " (stopped early; the rest ships next time)"
 

@@ -66,5 +66,15 @@ TABLES: dict[str, TableSpec] = {
             key=("session_id", "call_id"),
             ints=("duration_ms",),
         ),
+        TableSpec(
+            "facts",
+            ("id", "text", "created_at", "source", "forgotten_at"),
+            key=("id",),
+        ),
+        TableSpec(
+            "recall_exclusions",
+            ("session_id", "item_id", "role", "forgotten_at"),
+            key=("session_id", "item_id", "role"),
+        ),
     )
 }  # fmt: skip
