@@ -67,7 +67,8 @@ def test_usage_totals_per_day_and_session_with_default_prices(db, tmp_path: Path
     day1, day2 = rep["days"]
     assert {k: day1[k] for k in day1 if k not in ("day", "cost_usd")} == {
         "responses": 2, "input_text": 100, "input_audio": 400, "input_cached": 200,
-        "output_text": 15, "output_audio": 550, "local_responses": 0,
+        "output_text": 15, "output_audio": 550, "local_responses": 0, "live_seconds": 0.0,
+        "local_live_seconds": 0.0,
     }  # fmt: skip
     assert day2["responses"] == 3  # the failed response with no usage still counts
     assert (day2["input_text"], day2["input_audio"], day2["input_cached"]) == (100, 140, 40)
@@ -79,7 +80,7 @@ def test_usage_totals_per_day_and_session_with_default_prices(db, tmp_path: Path
     assert total == {
         "responses": 5, "input_text": 200, "input_audio": 540, "input_cached": 240,
         "output_text": 43, "output_audio": 870, "cost_usd": pytest.approx(0.069384, abs=1e-12),
-        "local_responses": 0,
+        "local_responses": 0, "live_seconds": 0.0, "local_live_seconds": 0.0,
     }  # fmt: skip
     assert rep["prices_usd_per_million"] == {
         "audio_in": 32.0, "audio_in_cached": 0.4, "text_in": 4.0, "text_in_cached": 0.4,

@@ -16,6 +16,7 @@ from r2d2voice.appliance.context import Console, LinkPolicy, Sink, Source, Stopp
 from r2d2voice.appliance.endpoints import open_endpoint, plan_service
 from r2d2voice.appliance.gate import AlwaysGate, WakeGate, WakeTrigger, WakeWordConversation
 from r2d2voice.appliance.pipeline import Run, RunResult, run_pipeline
+from r2d2voice.appliance.protocols import check_duplex, core_factory
 from r2d2voice.appliance.signals import SIGNAL_REASONS
 from r2d2voice.appliance.tools import Toolbox
 from r2d2voice.appliance.tools.memory_brief import with_memory
@@ -165,11 +166,13 @@ async def hold(settings: Settings, source: Source, sink: Sink,
     """A whole run from ``source`` to ``sink``, however it listens (``R2D2_LISTEN``): every
     transcript stored as it arrives, shipped alongside with ``R2D2_SHIP_URL`` (one shipper for
     the run, which ships once more at the end unless a signal stopped it: the next run sends
-    the rest). A missing key, a bad tools file, bad fleet settings, an unknown wake word or a
-    database that is not ours fail before anything starts."""
+    the rest). A missing key, a bad tools file, bad fleet settings, an unknown wake word, a
+    full-duplex model behind the half-duplex gate or a database that is not ours fail before
+    anything starts."""
     options = options or RunOptions()
     started = trio.current_time()
     service = plan_service(settings, options.url)  # a missing key fails here, first
+    check_duplex(service, settings, live_source=source.live)
     ship_plan = plan_shipping(settings.db, settings.ship_url, settings.device_id)  # idem
     toolbox = options.toolbox if options.toolbox is not None else open_toolbox(settings)
     gate = _gate(settings, source, options)
@@ -185,7 +188,8 @@ async def hold(settings: Settings, source: Source, sink: Sink,
                     ship_alongside(ship_plan, status=options.on_ship_status) as shipping,
                     toolbox.running() if toolbox is not None else nullcontext()):
             sessions = StoreSessions(store, backend=service.backend, model=service.model,
-                                     voice=settings.voice, metadata=options.metadata)
+                                     voice=service.voice or settings.voice,
+                                     metadata=options.metadata)
             if isinstance(gate, WakeGate):
                 gate.annotate = store.update_session_metadata
             try:
@@ -197,7 +201,8 @@ async def hold(settings: Settings, source: Source, sink: Sink,
                         policy=options.policy or link_policy(settings),
                         console=_console(gate, options.console),
                         on_configured=options.on_configured,
-                        configure=lambda config: with_memory(config, settings))
+                        configure=lambda config: with_memory(config, settings),
+                        protocol=core_factory(service, settings))
                     result = await run_pipeline(Run(parts, source, sink, store.record,
                                                     stopper=stopper, toolbox=toolbox))
             except BaseException as exc:

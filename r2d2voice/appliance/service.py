@@ -80,7 +80,9 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     mycroft'", then "in conversation (…)".
     """
     from r2d2voice.appliance.compose import RunOptions, check_listening, hold
+    from r2d2voice.appliance.endpoints import plan_service
     from r2d2voice.appliance.gate import WakeTrigger
+    from r2d2voice.appliance.protocols import check_duplex
     from r2d2voice.appliance.sinks import DeviceSink
     from r2d2voice.appliance.sources import DeviceSource
     from r2d2voice.audio.availability import device_at_start, label
@@ -88,6 +90,8 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     from r2d2voice.system.notify import run_watchdog, watchdog_interval
 
     check_listening(settings)
+    # GPT-Live behind the half-duplex gate is refused before a device is opened
+    check_duplex(plan_service(settings, url), settings, live_source=True)
     mic = device_at_start(settings.input_device, "input")
     speaker = device_at_start(settings.output_device, "output")
     mic_name = mic.name if mic else label(settings.input_device, "input")

@@ -178,7 +178,7 @@ class Supervisor:
             if end.kind is End.LOST and goes_on:
                 if not policy.reconnect:
                     raise RuntimeFailure(
-                        f"connection to the Realtime service lost ({end.detail})")
+                        f"connection to the service lost ({end.detail})")
                 self.reconnecting = True
                 self.backoff.failed(lived=trio.current_time() - started)
             elif end.kind is End.RECYCLE:

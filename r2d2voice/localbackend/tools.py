@@ -18,9 +18,9 @@ QUOTE_CHARS = 200
 """A quoted tool output longer than this is cut (the transcript stays a sentence)."""
 
 
-def check_tools(value: Any) -> list[Json]:
-    """A copy of ``session.tools``, or a ClientError naming what the service would refuse."""
-    where = "session.tools"
+def check_tools(value: Any, where: str = "session.tools") -> list[Json]:
+    """A copy of the tools at ``where``, or a ClientError naming what the service would
+    refuse."""
     require(isinstance(value, list), f"Invalid type for '{where}': expected an array.", where)
     names: set[str] = set()
     checked: list[Json] = []

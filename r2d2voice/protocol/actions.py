@@ -106,6 +106,17 @@ class StoreResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreUsage:
+    """Billed time of a service session billed by the second (GPT-Live): the service's
+    current total (``session.usage.updated``, final at ``session.closed``). Each replaces the
+    one before for ``service_session_id``: totals are never summed."""
+
+    service_session_id: str
+    seconds: float
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StoreLatency:
     """End of user speech -> first reply sample handed to the speaker, in ms."""
 
@@ -122,7 +133,7 @@ class StoreError:
 
 
 Record = (
-    StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreLatency | StoreError
-    | StoreToolCall | StoreToolResult
+    StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreUsage | StoreLatency
+    | StoreError | StoreToolCall | StoreToolResult
 )
 Action = Play | BargeIn | Send | CallTool | HangUp | Notice | Record

@@ -33,7 +33,7 @@ from r2d2voice.protocol.actions import (
     StoreResponse,
     StoreSession,
 )
-from r2d2voice.protocol.core import End, EndReason
+from r2d2voice.protocol.core import End, EndReason, LocalProtocolError
 from r2d2voice.protocol.tool_records import StoreToolResult
 from r2d2voice.realtime.client_events import (
     RATE,
@@ -123,10 +123,6 @@ FATAL_CLOSE_CODES = {
     1013: "no quota left (check the plan and billing)",
     4000: "the request was refused (check the model name)",
 }
-
-
-class LocalProtocolError(RuntimeError):
-    """The shell asked for something the state forbids (sending on a closed connection)."""
 
 
 class Conversation:
@@ -220,6 +216,11 @@ class Conversation:
         return self.phase is Phase.CONFIGURED
 
     @property
+    def audio_ready(self) -> bool:
+        """Audio may follow the ``session.update`` at once (the service applies it first)."""
+        return self.phase is not Phase.CLOSED
+
+    @property
     def awaiting_play(self) -> OrderedDict[str, tuple[str, float]]:
         """Reply item -> (response id, end of speech) until its first sample is played."""
         return self.latency.awaiting_play
@@ -291,10 +292,12 @@ class Conversation:
         event = ItemTruncate(item_id, played_ms) if played_ms > 0 else ItemDelete(item_id)
         return [Send(event), StoreInterrupted(item_id, reply.seq, played_ms)]
 
-    def finish(self, reason: EndReason) -> None:
-        """The session ends for ``reason`` (ignored once an end is known)."""
+    def finish(self, reason: EndReason) -> list[str]:
+        """The session ends for ``reason`` (ignored once an end is known); nothing to send
+        first: closing the socket ends a Realtime session."""
         if self.end is None:
             self.end = reason
+        return []
 
     def connection_lost(self, code: int | None = None, reason: str = "closed"
                         ) -> list[Action]:

@@ -9,6 +9,10 @@ Responses of sessions on the local backend (``sessions.backend`` or ``model`` "l
 local backend names that model, whatever URL reached it) show their tokens but cost 0, as no
 service bills them: ``local_responses`` counts them in each row, and the
 text marks them "local backend: not billed".
+
+Sessions billed by the second (GPT-Live) add ``live_seconds`` — the service's own total for
+each session, never a sum of its updates — priced at ``R2D2_PRICE_LIVE_MINUTE`` per minute,
+plus the tokens of the Responses model they delegate to (at the text prices).
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ _MILLION = 1_000_000
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per 1M tokens.
+    """USD per 1M tokens (and per minute of a GPT-Live session: ``live_minute``).
 
     The defaults are the published prices of gpt-realtime-class models when this was written.
     They are defaults to override, not facts: published prices change, so set
     R2D2_PRICE_AUDIO_IN, R2D2_PRICE_AUDIO_IN_CACHED, R2D2_PRICE_TEXT_IN,
     R2D2_PRICE_TEXT_IN_CACHED, R2D2_PRICE_AUDIO_OUT, R2D2_PRICE_TEXT_OUT (environment or env
-    file) to the current ones.
+    file) to the current ones, and R2D2_PRICE_LIVE_MINUTE.
     """
 
     audio_in: float = default("price_audio_in")
@@ -48,6 +52,8 @@ class Prices:
     text_in_cached: float = default("price_text_in_cached")
     audio_out: float = default("price_audio_out")
     text_out: float = default("price_text_out")
+    #: USD per minute of a session billed by the second (GPT-Live), not per token
+    live_minute: float = default("price_live_minute")
 
     @classmethod
     def from_settings(cls, settings: Any) -> Prices:
@@ -78,7 +84,11 @@ class Prices:
             + row.cached_audio_est * self.audio_in_cached
             + row.output_text * self.text_out
             + row.output_audio * self.audio_out
-        ) / _MILLION
+        ) / _MILLION + row.live_seconds / 60 * self.live_minute
+
+    def per_million(self) -> dict[str, float]:
+        """The token prices (USD per 1M tokens)."""
+        return {k: v for k, v in asdict(self).items() if k != "live_minute"}
 
 
 def usage_command(db_path: str | os.PathLike[str], *, out: TextIO | None = None,
@@ -120,32 +130,42 @@ def _grouped(rows: Sequence[AnyUsageRow], key: str, prices: Prices,
         d = out.get((device, row.key))
         if d is None:
             d = out[(device, row.key)] = {"device_id": device} if fleet else {}
-            d |= {key: row.key, **dict.fromkeys(_TOKEN_FIELDS, 0), "cost_usd": 0.0,
-                  "local_responses": 0}
+            d |= {key: row.key, **_zero()}
         tokens = [getattr(row, f) for f in _TOKEN_FIELDS]
         if row.local:
-            _add(d, tokens, 0.0, row.responses)
+            _add(d, tokens, row.live_seconds, 0.0, (row.responses, row.live_seconds))
         else:
-            _add(d, tokens, prices.cost(row), 0)
+            _add(d, tokens, row.live_seconds, prices.cost(row), (0, 0.0))
     return [_rounded(d) for d in out.values()]
 
 
-def _add(d: dict[str, Any], tokens: Sequence[int], cost: float, local: int) -> None:
+def _zero() -> dict[str, Any]:
+    return {**dict.fromkeys(_TOKEN_FIELDS, 0), "live_seconds": 0.0, "cost_usd": 0.0,
+            "local_responses": 0, "local_live_seconds": 0.0}
+
+
+def _add(d: dict[str, Any], tokens: Sequence[int], live_seconds: float, cost: float,
+         local: tuple[int, float]) -> None:
+    """Add a row: its tokens, billed seconds, cost and (responses, seconds) not billed."""
     for f, n in zip(_TOKEN_FIELDS, tokens, strict=True):
         d[f] += n
+    d["live_seconds"] += live_seconds
     d["cost_usd"] += cost
-    d["local_responses"] += local
+    d["local_responses"] += local[0]
+    d["local_live_seconds"] += local[1]
 
 
 def _rounded(d: dict[str, Any]) -> dict[str, Any]:
-    return d | {"cost_usd": round(d["cost_usd"], 9)}  # drop float noise; prices have few digits
+    # drop float noise; prices have few digits, billed time is whole seconds
+    return d | {"cost_usd": round(d["cost_usd"], 9), "live_seconds": round(d["live_seconds"], 3),
+                "local_live_seconds": round(d["local_live_seconds"], 3)}
 
 
 def _total(days: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {**dict.fromkeys(_TOKEN_FIELDS, 0), "cost_usd": 0.0,
-                             "local_responses": 0}
+    total = _zero()
     for d in days:
-        _add(total, [d[f] for f in _TOKEN_FIELDS], d["cost_usd"], d["local_responses"])
+        _add(total, [d[f] for f in _TOKEN_FIELDS], d["live_seconds"], d["cost_usd"],
+             (d["local_responses"], d["local_live_seconds"]))
     return _rounded(total)
 
 
@@ -165,25 +185,30 @@ def usage_report(read: Queries | FleetReader, prices: Prices, *,
     per_session = _grouped(read.usage_summary("session", **window), "session_id", prices,
                            fleet)
     return {
-        "prices_usd_per_million": asdict(prices),
+        "prices_usd_per_million": prices.per_million(),
+        "price_live_usd_per_minute": prices.live_minute,
         "days": days,
         "sessions": per_session,
         "total": _total(days),
     }
 
 
-_HEADER = ("RESPONSES", "IN TEXT", "IN AUDIO", "IN CACHED", "OUT TEXT", "OUT AUDIO", "COST USD")
+_HEADER = ("RESPONSES", "IN TEXT", "IN AUDIO", "IN CACHED", "OUT TEXT", "OUT AUDIO")
 
 
-def _cells(d: dict[str, Any]) -> list[str]:
-    return [*(str(d[f]) for f in _TOKEN_FIELDS), f"{d['cost_usd']:.4f}"]
+def _cells(d: dict[str, Any], live: bool) -> list[str]:
+    seconds = [f"{d['live_seconds']:g}"] if live else []
+    return [*(str(d[f]) for f in _TOKEN_FIELDS), *seconds, f"{d['cost_usd']:.4f}"]
 
 
 def _note(d: dict[str, Any]) -> str:
-    local = d["local_responses"]
-    if not local:
+    local, seconds = d["local_responses"], d["local_live_seconds"]
+    if not local and not seconds:
         return ""
-    return NOT_BILLED if local == d["responses"] else f"{local} of them {NOT_BILLED}"
+    if local == d["responses"] and seconds == d["live_seconds"]:
+        return NOT_BILLED
+    parts = [f"{local} of them" if local else "", f"{seconds:g} s" if seconds else ""]
+    return f"{' and '.join(p for p in parts if p)} {NOT_BILLED}"
 
 
 def _price(x: float) -> str:
@@ -197,12 +222,14 @@ def format_usage(report: dict[str, Any]) -> str:
         return "no responses recorded in the selection\n"
     fleet = "device_id" in report["days"][0]
     lead = ("DEVICE",) if fleet else ()
-    notes = report["total"]["local_responses"] > 0
-    header = (*_HEADER, "NOTE") if notes else _HEADER
+    total = report["total"]
+    notes = total["local_responses"] > 0 or total["local_live_seconds"] > 0
+    live = total["live_seconds"] > 0
+    header = (*_HEADER, *(["LIVE S"] if live else []), "COST USD", *(["NOTE"] if notes else []))
     left = [*range(len(lead) + 1), len(lead) + len(header)] if notes else range(len(lead) + 1)
 
     def line(first: list[str], d: dict[str, Any]) -> list[str]:
-        return [*first, *_cells(d), *([_note(d)] if notes else [])]
+        return [*first, *_cells(d, live), *([_note(d)] if notes else [])]
 
     def rows(group: list[dict[str, Any]], key: str) -> list[list[str]]:
         total = line(["TOTAL", *[""] * len(lead)], report["total"])
@@ -222,6 +249,10 @@ def format_usage(report: dict[str, Any]) -> str:
         "Costs are estimates: IN CACHED is part of IN TEXT + IN AUDIO; the database keeps only",
         "its total, so it is priced as text and audio in proportion to each response's input.",
     ]
+    if live:
+        out.append(f"GPT-Live sessions: LIVE S is the service's billed time, at USD "
+                   f"{_price(report['price_live_usd_per_minute'])} a minute "
+                   "(R2D2_PRICE_LIVE_MINUTE); their tokens are the delegated model's.")
     if notes:
         out.append("Responses of sessions on the local backend are counted but cost 0: no "
                    "service bills them.")

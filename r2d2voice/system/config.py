@@ -21,14 +21,17 @@ from r2d2voice.errors import ConfigError, UsageError
 log = logging.getLogger("r2d2voice.system.config")
 
 DEFAULT_URL = "wss://api.openai.com/v1/realtime"
+DEFAULT_LIVE_URL = "wss://api.openai.com/v1/live/sessions"
 #: Newest GA realtime model that the openai SDK does not list as deprecated.
 DEFAULT_MODEL = "gpt-realtime-2.1"
 DEFAULT_INSTRUCTIONS = (
     "You are R2, a small friendly robot. Answer briefly and warmly, in one or two short sentences."
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-BACKENDS = ("openai", "local", "azure")
+BACKENDS = ("openai", "local", "azure", "live")
 DUPLEX_MODES = ("half", "full")
+#: the wire protocol the embedded local backend speaks (backend local)
+LOCAL_PROTOCOLS = ("realtime", "live")
 LISTEN_MODES = ("always", "wake")
 #: URL schemes of a fleet server (PostgreSQL): ``R2D2_DB``/``--db`` may name one for reports.
 FLEET_SCHEMES = ("postgresql://", "postgres://")
@@ -154,8 +157,18 @@ KEYS: tuple[Key, ...] = (
         "system instructions"),
     Key("R2D2_TRANSCRIBE_MODEL", "transcribe_model", "gpt-4o-transcribe", _str, "a model name",
         "model transcribing the user's speech"),
-    Key("R2D2_BACKEND", "backend", "openai", _choice(BACKENDS), "'openai', 'local' or 'azure'",
-        "service to talk to"),
+    Key("R2D2_BACKEND", "backend", "openai", _choice(BACKENDS),
+        "'openai', 'local', 'azure' or 'live'", "service to talk to"),
+    Key("R2D2_LIVE_URL", "live_url", DEFAULT_LIVE_URL, _url, "a ws:// or wss:// URL",
+        "GPT-Live websocket endpoint (backend live)"),
+    Key("R2D2_LIVE_MODEL", "live_model", "gpt-live-1", _str, "a model name",
+        "GPT-Live model (backend live)"),
+    Key("R2D2_LIVE_VOICE", "live_voice", "marin", _str, "a voice name",
+        "GPT-Live voice (backend live)"),
+    Key("R2D2_LIVE_DELEGATE_MODEL", "live_delegate_model", "gpt-5.5", _str, "a model name",
+        "Responses model GPT-Live hands tool calls to (backend live, with tools)"),
+    Key("R2D2_LOCAL_PROTOCOL", "local_protocol", "realtime", _choice(LOCAL_PROTOCOLS),
+        "'realtime' or 'live'", "protocol of the embedded local backend (backend local)"),
     Key("AZURE_OPENAI_ENDPOINT", "azure_endpoint", None, _service_url,
         "an https:// (or wss://) URL such as https://NAME.openai.azure.com",
         "Azure OpenAI resource (backend azure)"),
@@ -225,6 +238,8 @@ KEYS: tuple[Key, ...] = (
             ("text_in_cached", 0.4), ("audio_out", 64.0), ("text_out", 16.0),
         )
     ),
+    Key("R2D2_PRICE_LIVE_MINUTE", "price_live_minute", 0.05, _number(0.0, 1_000.0),
+        "a price in USD per minute", "price per minute of a GPT-Live session"),
 )
 KEYS_BY_ENV = {k.env: k for k in KEYS}
 KEYS_BY_ATTR = {k.attr: k for k in KEYS}
@@ -250,6 +265,11 @@ class Settings:
     instructions: str = default("instructions")
     transcribe_model: str = default("transcribe_model")
     backend: str = default("backend")
+    live_url: str = default("live_url")
+    live_model: str = default("live_model")
+    live_voice: str = default("live_voice")
+    live_delegate_model: str = default("live_delegate_model")
+    local_protocol: str = default("local_protocol")
     azure_endpoint: str | None = default("azure_endpoint")
     azure_deployment: str | None = default("azure_deployment")
     azure_api_key: str | None = field(default=default("azure_api_key"), repr=False)
@@ -287,6 +307,7 @@ class Settings:
     price_text_in_cached: float = default("price_text_in_cached")
     price_audio_out: float = default("price_audio_out")
     price_text_out: float = default("price_text_out")
+    price_live_minute: float = default("price_live_minute")
     env_file: Path | None = None
     #: the fleet server R2D2_DB (or ``--db``) named instead of a file: the reports read it,
     #: commands that write the robot's database refuse it (``db`` is then the default path)
