@@ -19,6 +19,7 @@ from storage_support import DAY1, add_local_session, add_wake_sessions, write_re
 from r2d2voice.cli.main import main
 from r2d2voice.localbackend import reply
 from r2d2voice.localbackend import server as localserver
+from r2d2voice.reports.budget import response_cost
 from r2d2voice.reports.stats import percentile, stats_command
 from r2d2voice.reports.usage import Prices, usage_command
 from r2d2voice.storage.database import Store
@@ -387,13 +388,23 @@ async def test_usage_totals_match_what_the_service_reported(tmp_path: Path, monk
     total = rep["total"]
     assert {k: total[k] for k in expected} == expected
     assert [s["responses"] for s in rep["sessions"]] == [2]
-    assert expected["input_cached"] == 0  # the local backend caches nothing
+    # the second response read the first one's input again, from the cache
+    assert expected["input_cached"] == reported[0]["input_tokens"] > 0
     # No service bills the local backend: its tokens are shown, priced at 0 and marked.
     assert total["cost_usd"] == 0 and total["local_responses"] == 2
     assert [(s["cost_usd"], s["local_responses"]) for s in rep["sessions"]] == [(0, 2)]
     text = cli(tmp_path, "usage", "--db", str(db)).stdout.splitlines()
     assert text[1].split()[-1] == "NOTE"
     assert text[2].endswith("0.0000  local backend: not billed")
+    # Priced as if billed (R2D2_BILL_LOCAL): what the budget counts for each response as it
+    # comes is what usage shows from the record; cached input at the cached price.
+    billed = json.loads(cli(tmp_path, "usage", "--db", str(db), "--format", "json",
+                            env={"R2D2_BILL_LOCAL": "on"}).stdout)
+    per_response = [response_cost(u, Prices()) for u in reported]
+    assert billed["total"]["cost_usd"] == pytest.approx(sum(per_response), abs=1e-9)
+    assert billed["total"]["local_responses"] == 0 and billed["bill_local"] is True
+    full = Prices(audio_in_cached=Prices().audio_in, text_in_cached=Prices().text_in)
+    assert per_response[1] < response_cost(reported[1], full)
     stats = json.loads(cli(tmp_path, "stats", "--db", str(db), "--format", "json").stdout)
     assert stats["responses"] == {"total": 2, "by_status": {"completed": 2}}
     assert stats["latency_ms"]["speech_stopped_to_first_audio_received"]["n"] == 2

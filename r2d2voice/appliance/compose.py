@@ -1,5 +1,6 @@
 """Composes a run from the settings: service endpoint (see endpoints.py), store and shipper,
-tools, session gate, the link's parts — built once, then :func:`run_pipeline`."""
+tools, session gate (with the budget around it, budget.py), metrics (watching.py), the link's
+parts — built once, then :func:`run_pipeline`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from r2d2voice.appliance.budget import BudgetGate
 from r2d2voice.appliance.context import Console, LinkPolicy, Sink, Source, Stopper
 from r2d2voice.appliance.endpoints import open_endpoint, plan_service
 from r2d2voice.appliance.gate import AlwaysGate, WakeGate, WakeTrigger, WakeWordConversation
@@ -21,12 +24,15 @@ from r2d2voice.appliance.signals import SIGNAL_REASONS
 from r2d2voice.appliance.tools import Toolbox
 from r2d2voice.appliance.tools.memory_brief import with_memory
 from r2d2voice.appliance.tools.offer import open_toolbox as offered_tools
+from r2d2voice.appliance.watching import watch_run
 from r2d2voice.audio.wake import WakeWordDetector
 from r2d2voice.errors import ConfigError, UsageError
 from r2d2voice.link.parts import LinkParts
 from r2d2voice.link.state import Quiet
 from r2d2voice.link.transport import Connector, open_realtime
 from r2d2voice.realtime.client_events import SessionConfig
+from r2d2voice.reports.budget import Caps, read_spent
+from r2d2voice.reports.usage import Prices
 from r2d2voice.storage.recorder import (
     CLOSE_DEADLINE,
     AsyncStore,
@@ -38,6 +44,7 @@ from r2d2voice.storage.shipping.alongside import plan_shipping, ship_alongside
 from r2d2voice.system.config import Settings
 
 if TYPE_CHECKING:
+    from r2d2voice.audio.availability import DeviceStates
     from r2d2voice.storage.shipping.forever import ShipStatus
 
 log = logging.getLogger("r2d2voice.appliance.compose")
@@ -82,6 +89,7 @@ def session_config(settings: Settings, toolbox: Toolbox | None = None) -> Sessio
         vad_silence_ms=settings.vad_silence_ms,
         retention_ratio=settings.truncation_ratio,
         token_limit=settings.context_token_limit or None,
+        max_output_tokens=settings.max_output_tokens,
     )
 
 
@@ -92,6 +100,10 @@ class Outcome:
     wall_seconds: float
     #: the recorder's last state (closed): ``lost`` records were never written
     store: StoreStatus | None = None
+    #: the budget's gate (None: no cap): its ``stop`` says whether it ended a file's run
+    budget: BudgetGate | None = None
+    #: USD this run spent (estimated as ``usage`` does)
+    spent: float = 0.0
 
     @property
     def conversations(self) -> list[WakeWordConversation]:
@@ -149,6 +161,13 @@ class RunOptions:
     on_store_status: Callable[[StoreStatus], None] | None = None
     #: the fleet shipper's, after each attempt (``R2D2_SHIP_URL``)
     on_ship_status: Callable[[ShipStatus], None] | None = None
+    #: the budget closed (the STATUS= text saying so) or opened again (None)
+    on_budget: Callable[[str | None], None] | None = None
+    #: the sound devices the run waits for (their presence is a metric)
+    devices: DeviceStates | None = None
+    #: the wall clock (aware): the store's labels and the budget's days (tests move it with
+    #: trio's clock); None: the system's
+    wall_clock: Callable[[], datetime] | None = None
 
 
 def link_policy(settings: Settings) -> LinkPolicy:
@@ -176,33 +195,42 @@ async def hold(settings: Settings, source: Source, sink: Sink,
     ship_plan = plan_shipping(settings.db, settings.ship_url, settings.device_id)  # idem
     toolbox = options.toolbox if options.toolbox is not None else open_toolbox(settings)
     gate = _gate(settings, source, options)
+    budget = _budget(settings, gate, source, options)
     result: RunResult | None = None
     stopper = options.stopper
     try:
-        # the store retries while the disk is full, and prunes with R2D2_RETENTION_DAYS; the
-        # shipper runs in threads of its own (never waited for); both are closed on the way
-        # out, shielded, with a deadline. The MCP servers run for the whole run (one process
-        # each, however it listens), their tools offered as each becomes ready
-        async with (open_store(settings.db, on_status=options.on_store_status,
-                               **store_options(settings)) as store,
+        # metrics first (a busy address fails before anything opens); the store retries
+        # while the disk is full, and prunes with R2D2_RETENTION_DAYS; the shipper runs in
+        # threads of its own (never waited for); both are closed on the way out, shielded,
+        # with a deadline. The MCP servers run for the whole run (one process each, however it
+        # listens), their tools offered as each becomes ready
+        async with (watch_run(settings, budget=budget, devices=options.devices) as watching,
+                    open_store(settings.db, on_status=options.on_store_status,
+                               **_clock(options), **store_options(settings)) as store,
                     ship_alongside(ship_plan, status=options.on_ship_status) as shipping,
                     toolbox.running() if toolbox is not None else nullcontext()):
+            watching.store = store
             sessions = StoreSessions(store, backend=service.backend, model=service.model,
                                      voice=service.voice or settings.voice,
                                      metadata=options.metadata)
             if isinstance(gate, WakeGate):
                 gate.annotate = store.update_session_metadata
+                gate.on_wake = watching.on_wake
+            if budget is not None:
+                prices = Prices.from_settings(settings)
+                budget.read = lambda now: read_spent(store, prices, now,
+                                                     bill_local=settings.bill_local)
             try:
                 async with open_endpoint(service) as endpoint:
-                    parts = LinkParts(
-                        endpoint, session_config(settings, toolbox),
-                        source, sessions, gate,
-                        connect=options.connect,
+                    parts = watching.parts = LinkParts(
+                        endpoint, session_config(settings, toolbox), source, sessions,
+                        budget or gate, connect=options.connect,
                         policy=options.policy or link_policy(settings),
                         console=_console(gate, options.console),
                         on_configured=options.on_configured,
                         configure=lambda config: with_memory(config, settings),
-                        protocol=core_factory(service, settings))
+                        protocol=core_factory(service, settings),
+                        on_record=watching.on_record, on_connection=watching.on_connection)
                     result = await run_pipeline(Run(parts, source, sink, store.record,
                                                     stopper=stopper, toolbox=toolbox))
             except BaseException as exc:
@@ -221,7 +249,7 @@ async def hold(settings: Settings, source: Source, sink: Sink,
         if isinstance(gate, WakeGate):
             gate.detector.close()
     return Outcome(result.session_id if result else "-", result,
-                   trio.current_time() - started, store.status)
+                   trio.current_time() - started, store.status, budget, watching.spent)
 
 
 def _gate(settings: Settings, source: Source, options: RunOptions) -> AlwaysGate | WakeGate:
@@ -238,6 +266,22 @@ def _gate(settings: Settings, source: Source, options: RunOptions) -> AlwaysGate
                     earcons=settings.earcons)
     options.console.status(gate.waiting_status)
     return gate
+
+
+def _budget(settings: Settings, gate: AlwaysGate | WakeGate, source: Source,
+            options: RunOptions) -> BudgetGate | None:
+    """The budget around ``gate`` (None without a cap)."""
+    caps = Caps.from_settings(settings)
+    if not caps.any:
+        return None
+    budget = BudgetGate(gate, caps, live=source.live, console=options.console,
+                        earcons=settings.earcons, **_clock(options))
+    budget.on_change = options.on_budget
+    return budget
+
+
+def _clock(options: RunOptions) -> dict[str, Callable[[], datetime]]:
+    return {"now": options.wall_clock} if options.wall_clock is not None else {}
 
 
 def _console(gate: AlwaysGate | WakeGate, console: Console) -> Console:

@@ -39,13 +39,14 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import trio
 
 from r2d2voice.appliance.chain import FilePacer, MicChain
 from r2d2voice.appliance.context import Sink, Source, Stopper
-from r2d2voice.appliance.gate import WakeGate, WakeWordConversation
+from r2d2voice.appliance.gate import WakeGate, WakeWordConversation, wake_gate
 from r2d2voice.appliance.sources import FileSource
 from r2d2voice.appliance.tools import Toolbox
 from r2d2voice.appliance.tools.port import ToolboxPort
@@ -114,9 +115,8 @@ async def run_pipeline(run: Run) -> RunResult:
     """
     parts, source, buffer = run.link, run.source, run.buffer
     state = LinkState(Conversation(), buffer)
-    gate = parts.gate
-    if isinstance(gate, WakeGate):
-        gate.link = LinkView(state)
+    gate: Any = parts.gate  # a SessionGate that the chain routes through (gate.py)
+    wake = wake_gate(gate)
     if run.toolbox is not None:
         buffer.set_gain(run.toolbox.volume.gain)
         run.toolbox.volume.subscribe(buffer.set_gain)
@@ -131,12 +131,11 @@ async def run_pipeline(run: Run) -> RunResult:
     audio_send, audio_recv = trio.open_memory_channel[AudioChunk](AUDIO_BOUND)
     records_send, records_recv = trio.open_memory_channel[tuple[str, Record]](RECORDS_BOUND)
     earcons = _Earcons(audio_send.clone())
-    if isinstance(gate, WakeGate) and gate.earcons:
-        gate.earcon = earcons.play
+    gate.attach(LinkView(state), earcons.play)
     echo = parts.policy.echo_gate() if source.live and parts.policy.duplex == "half" else None
-    file_pacer = (FilePacer(gate) if isinstance(gate, WakeGate) and isinstance(source, FileSource)
+    file_pacer = (FilePacer(gate) if wake is not None and isinstance(source, FileSource)
                   and not source.realtime else None)
-    urgency = _Urgency(source, gate if isinstance(gate, WakeGate) else None)
+    urgency = _Urgency(source, wake)
     chain = MicChain(gate, live=source.live, echo=echo, pace=file_pacer,
                      speaker_busy=lambda: (buffer.queued_samples() > 0
                                            or audio_send.statistics().current_buffer_used > 0),
@@ -146,9 +145,9 @@ async def run_pipeline(run: Run) -> RunResult:
                               "frames_gated": chain.gated,
                               "underruns": buffer.statistics().underruns}
     configured = parts.on_configured
-    if isinstance(gate, WakeGate):
-        parts.on_configured = _both(gate.configured, configured)
-    turns = None if isinstance(gate, WakeGate) else TurnGate(state)
+    if wake is not None:
+        parts.on_configured = _both(wake.configured, configured)
+    turns = None if wake is not None else TurnGate(state)
     link = Supervisor(parts, state)
     stop_playout = state.follow_playout()
     try:
@@ -187,12 +186,15 @@ async def run_pipeline(run: Run) -> RunResult:
                         await link.run(uplink_recv, audio_send, records_send)
                     if link.failure is not None:
                         _on_stop()  # the source and the speaker need not go on
+                    # no conversation will open (the input ended, or the session gate
+                    # closed for good, as a spent budget does for a file): nothing more to read
+                    source_scope.cancel()
     finally:
         stop_playout()
     if link.failure is not None:
         raise link.failure
     return RunResult(state.session_ids, replace(state.stats),
-                     gate.conversations if isinstance(gate, WakeGate) else [], state.stopping)
+                     wake.conversations if wake is not None else [], state.stopping)
 
 
 def tool_caller(toolbox: Toolbox) -> ToolboxPort:

@@ -77,7 +77,8 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     control socket, or SIGUSR1) only logs that it is already listening. ``wake``: the
     microphone goes to the wake-word detector only, and each wake (the word, ``r2d2voice
     wake``) opens a conversation (appliance/gate.py); ``STATUS=`` says "waiting for 'hey
-    mycroft'", then "in conversation (…)".
+    mycroft'", then "in conversation (…)". With a budget cap spent, STATUS= says so ("daily
+    budget reached ($1.00 of $1.00), back tomorrow") and READY=1 comes all the same.
     """
     from r2d2voice.appliance.compose import RunOptions, check_listening, hold
     from r2d2voice.appliance.endpoints import plan_service
@@ -106,14 +107,18 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     interval = watchdog_interval()
     metadata = {"command": "run", "input": mic_name, "output": speaker_name}
 
+    budget: list[str | None] = [None]  # what STATUS= says while the budget is spent
+
     async def announce_ready(configured: trio.Event | None, doing: str) -> None:
         if configured is not None:
             await configured.wait()
-            console.status("listening")
+            if budget[0] is None:
+                console.status("listening")
         await source.running.wait()
         notifier.ready()
+        waiting = console.devices.status or budget[0]
         log.info("ready: %s on %s, speaking on %s%s", doing, mic_name, speaker_name,
-                 f" ({console.devices.status})" if console.devices.status else "")
+                 f" ({waiting})" if waiting else "")
 
     async def listen(nursery: trio.Nursery) -> Any:
         wake = settings.listen == "wake"
@@ -139,10 +144,17 @@ def run_command(settings: Settings, *, url: str | None) -> None:
             configured = trio.Event()
             nursery.start_soon(announce_ready, configured, "listening")
             console.status("connecting")
+
+        def on_budget(closed: str | None) -> None:
+            budget[0] = closed
+            if closed is not None and configured is not None:
+                configured.set()  # ready: it deliberately waits for the budget
+
         return await hold(settings, source, sink, RunOptions(
             url=url, console=console, stopper=stopper, metadata=metadata, trigger=trigger,
             on_configured=configured.set if configured is not None else None,
-            on_store_status=console.store_status, on_ship_status=console.ship_status))
+            on_store_status=console.store_status, on_ship_status=console.ship_status,
+            on_budget=on_budget, devices=console.devices))
 
     async def main() -> Any:
         async def body() -> Any:

@@ -100,7 +100,7 @@ class Connection:
         control channel."""
         control_send, control_recv = trio.open_memory_channel[ClientEvent](CONTROL_BOUND)
         offer = self.parts.offer
-        effects = Effects(self.state, self.session_id, self.parts.console, audio, records,
+        effects = Effects(self.state, self.session_id, self.parts, audio, records,
                           control_send, self.tools.calls, self.epoch,
                           heard=offer.heard if offer is not None else None)
         state, policy = self.state, self.policy

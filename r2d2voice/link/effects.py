@@ -17,7 +17,8 @@ import numpy as np
 import trio
 
 from r2d2voice.audio.playout import AudioChunk
-from r2d2voice.link.state import Console, LinkState
+from r2d2voice.link.parts import LinkParts
+from r2d2voice.link.state import LinkState
 from r2d2voice.link.tools import ToolJob
 from r2d2voice.protocol.actions import (
     Action,
@@ -40,7 +41,7 @@ log = logging.getLogger("r2d2voice.link.effects")
 class Effects:
     """The action router of one connection (one service session)."""
 
-    def __init__(self, state: LinkState, session_id: str, console: Console,
+    def __init__(self, state: LinkState, session_id: str, parts: LinkParts,
                  audio: trio.MemorySendChannel[AudioChunk],
                  records: trio.MemorySendChannel[tuple[str, Record]],
                  control: trio.MemorySendChannel[ClientEvent],
@@ -48,7 +49,8 @@ class Effects:
                  heard: Callable[[str, int | None], None] | None = None) -> None:
         self.state = state
         self.session_id = session_id
-        self.console = console
+        self.console = parts.console
+        self.observe = parts.on_record
         self.audio = audio
         self.records = records
         self.control = control
@@ -83,6 +85,7 @@ class Effects:
         """Queue a record (of this session, or of ``session_id``) for the recorder; wait (and
         say so) when it is behind."""
         item = (session_id or self.session_id, record)
+        self.observe(record)  # before any wait: the budget counts a reply as it is done
         try:
             self.records.send_nowait(item)
         except trio.WouldBlock:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 from r2d2voice.link.state import Console, FrameSource, LinkPolicy, Quiet, SessionGate, Sessions
 from r2d2voice.link.tools import ToolCaller, ToolOffer
 from r2d2voice.link.transport import Connector, Endpoint, open_realtime
-from r2d2voice.protocol.core import ProtocolCore
+from r2d2voice.protocol.actions import Record
+from r2d2voice.protocol.core import End, EndReason, ProtocolCore
 from r2d2voice.realtime.client_events import SessionConfig
 from r2d2voice.realtime.conversation import Conversation
 
@@ -18,8 +19,18 @@ from r2d2voice.realtime.conversation import Conversation
 CoreFactory = Callable[[SessionConfig, tuple[tuple[str, str], ...]], ProtocolCore]
 
 
-def _nothing(_busy: bool) -> None:
+def _nothing(_: object) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class Connected:
+    """A connection opened (a service session began)."""
+
+    session_id: str
+    #: how the conversation's previous connection ended (lost, expired, recycle): this one
+    #: replaces it; None: the first of its conversation
+    replaces: End | None = None
 
 
 def _no_counters() -> dict[str, int]:
@@ -54,6 +65,11 @@ class LinkParts:
     #: the other parts' counters (capture drops, gated frames, underruns), as they are now;
     #: each session row stores its share
     counters: Callable[[], dict[str, int]] = _no_counters
+    #: sees every record as it is queued for the recorder, in order, before any wait (the
+    #: budget's spend, the metrics); synchronous, it must not block
+    on_record: Callable[[Record], None] = _nothing
+    #: a connection opened (:class:`Connected`) or ended (how: its ``EndReason``)
+    on_connection: Callable[[Connected | EndReason], None] = _nothing
     #: the wire protocol (default: the GA Realtime core)
     protocol: CoreFactory = Conversation
     #: each session's configuration, made as it starts (the memory the robot has by then);

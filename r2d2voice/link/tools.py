@@ -115,14 +115,17 @@ ToolNews = ToolDone | ToolPrompt | ToolsOffered
 
 
 class ToolRunner:
-    """Starts a task per call; ``records`` (borrowed) takes the results nobody can deliver."""
+    """Starts a task per call; ``records`` (borrowed) takes the results nobody can deliver
+    (``observe`` sees them first, as it sees every record)."""
 
     def __init__(self, caller: ToolCaller,
                  records: trio.MemorySendChannel[tuple[str, Record]],
-                 offer: ToolOffer | None = None) -> None:
+                 offer: ToolOffer | None = None,
+                 observe: Callable[[Record], None] = lambda _: None) -> None:
         self.caller = caller
         self.records = records
         self.offer = offer
+        self.observe = observe
 
     async def run(self, calls: trio.MemoryReceiveChannel[ToolJob],
                   results: trio.MemorySendChannel[ToolNews]) -> None:
@@ -177,6 +180,7 @@ class ToolRunner:
     def _undelivered(self, job: ToolJob, result: StoreToolResult) -> None:
         log.warning("tool %s (call %s) %s: its output was not delivered", job.call.name,
                     job.call.call_id, result.status)
+        self.observe(result)
         try:
             self.records.send_nowait((job.session_id, result))
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):

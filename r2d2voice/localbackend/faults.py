@@ -83,8 +83,7 @@ class Faults:
     - ``server_ping_s=S``: a websocket ping every ~20 s → a ping frame every S s.
     - ``rate_limits``: ``rate_limits.updated`` after each ``response.done`` → the same.
     - ``extra_fields``: fields beyond the SDK's schema → ``phase`` on assistant messages,
-      ``obfuscation`` on text deltas, ``reasoning_tokens`` (counted in output_tokens) and
-      non-zero cached input tokens in usage.
+      ``obfuscation`` on text deltas and ``reasoning_tokens`` (counted in output_tokens).
 
     GPT-Live (``/v1/live/sessions``; the switches above that fit apply too: ``reply_delay_s``,
     ``reply_seconds``, ``audio_delta_ms``):

@@ -1,10 +1,9 @@
-"""Conversation items as the local backend keeps them: order, lookup, create, truncate, usage."""
+"""Conversation items as the local backend keeps them: order, lookup, create, truncate."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,19 +214,6 @@ class Conversation:
         item.audio_ms = audio_end_ms
         item.text = None
         item.wire["content"][0]["transcript"] = None
-
-    def input_usage(self, instructions: str, exclude: Container[str] = ()) -> tuple[int, int]:
-        """(audio, text) input tokens, as a response would be billed: 10 per second of user
-        audio, len(text) // 4 over the instructions, text items, assistant transcripts and
-        function calls and outputs; the items in ``exclude`` (the response's own) left out."""
-        audio_ms = sum(it.audio_ms for it in self.items
-                       if it.role == "user" and it.id not in exclude)
-        text = len(instructions) // 4
-        text += sum(
-            len(it.text) // 4 for it in self.items
-            if it.text and it.id not in exclude and (it.role != "user" or it.audio_ms == 0)
-        )
-        return audio_ms * 10 // 1000, text
 
     def wire(self, item: Item) -> Json:
         """A copy of ``item`` as the client sees it."""

@@ -17,10 +17,11 @@ import copy
 import functools
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 from r2d2voice.audio.beeps import r2_reply
+from r2d2voice.localbackend.context import Bill
 from r2d2voice.localbackend.fault_events import rate_limits_updated, response_status_details
 from r2d2voice.localbackend.faults import ResponseFault
 from r2d2voice.localbackend.items import Conversation
@@ -75,9 +76,9 @@ class Reply:
     """One response, from ``response.created`` to ``response.done``.
 
     ``plan``: what it says and calls (:class:`ReplyPlan`); ``fault``: how it is made to end
-    (:attr:`Faults.fail_responses`); ``extra``:
-    the fields of :attr:`Faults.extra_fields`; ``cached``: (audio, text) input tokens the
-    previous response already had (reported as cached with ``extra``).
+    (:attr:`Faults.fail_responses`); ``extra``: the fields of :attr:`Faults.extra_fields`;
+    ``bill``: the input it is billed for, read when it closes (its own outputs excluded; see
+    :mod:`.context`).
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class Reply:
         fault: ResponseFault | None = None,
         extra: bool = False,
         rate_limits: bool = False,
-        cached: tuple[int, int] = (0, 0),
+        bill: Callable[[Container[str]], Bill] | None = None,
     ) -> None:
         self._event = event
         self._conversation = conversation
@@ -112,10 +113,9 @@ class Reply:
         self.fault = fault
         self.extra = extra
         self.rate_limits = rate_limits
-        self.cached = cached
+        self.bill = bill
         self.cancel_reason: str | None = None
         self.created = False
-        self.input_tokens = (0, 0)  # (audio, text), known once closed
         self.on_start: list[Json] = []  # sent right after response.created
         self.on_done: list[Json] = []  # sent right after response.done
         self._start_sent: set[str] = set()
@@ -234,19 +234,19 @@ class Reply:
         return out + self.on_done
 
     def usage(self) -> Json:
-        """Synthetic, deterministic usage: input as :meth:`Conversation.input_usage`; output
-        20 audio tokens per second of audio sent, len(transcript and arguments sent) // 4
-        text tokens (+ :data:`REASONING_TOKENS` and cached input with ``extra``)."""
+        """Synthetic, deterministic usage: input and cached input as ``bill`` says (the
+        whole context read again, see :mod:`.context`); output 20 audio tokens per second of
+        audio sent, len(transcript and arguments sent) // 4 text tokens (+
+        :data:`REASONING_TOKENS` with ``extra``). Called once, when the reply closes."""
         exclude = {o.item_id for o in self.outputs}
-        in_audio, in_text = self._conversation.input_usage(self.instructions, exclude)
-        self.input_tokens = (in_audio, in_text)
+        bill = self.bill(exclude) if self.bill is not None else Bill(0, len(self.instructions) // 4)
+        in_audio, in_text = bill.audio, bill.text
         out_audio = self.bytes_sent // 2 * 20 // RATE
         text = (self.message.transcript_sent if self.message else "") + (
             self.call.arguments_sent if self.call else "")
         out_text = len(text) // 4
         reasoning = REASONING_TOKENS if self.extra else 0
-        cached_audio = min(self.cached[0], in_audio) if self.extra else 0
-        cached_text = min(self.cached[1], in_text) if self.extra else 0
+        cached_audio, cached_text = bill.cached_audio, bill.cached_text
         output_details: Json = {"text_tokens": out_text, "audio_tokens": out_audio}
         if self.extra:
             output_details["reasoning_tokens"] = reasoning

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from r2d2voice.localbackend import session_config as sc
+from r2d2voice.localbackend.context import ContextWindow
 from r2d2voice.localbackend.faults import Faults
 from r2d2voice.localbackend.items import (
     Conversation,
@@ -110,6 +111,7 @@ class LocalSession:
         self.session = sc.default_session(new_id("sess"), int(clock()) + lifetime)
         self.conversation_id = new_id("conv")
         self.conversation = Conversation()
+        self.window = ContextWindow()  # what responses read: truncation, cached prefix
         self.input = InputAudio(sc.vad_params(self.turn_detection), self.faults.benign_errors)
         self.active: Reply | None = None  # the reply in progress (not cancelled, not done)
         self.next: Reply | None = None  # the reply queued after it (the service goes on)
@@ -118,7 +120,6 @@ class LocalSession:
         self._idle_from_ms = 0  # where in the input stream the idle time started
         self._speech_item_id: str | None = None  # the user item the turn in progress becomes
         self._deferred: list[Deferred] = []  # transcriptions waiting for the next reply
-        self._last_reply: Reply | None = None
 
     # -- public ------------------------------------------------------------------------
 
@@ -252,7 +253,6 @@ class LocalSession:
     def _reply(self, plan: ReplyPlan, metadata: Any = None) -> Reply:
         self.responses += 1
         faults = self.faults
-        last = self._last_reply
         reply = Reply(
             self.event, self.conversation, conversation_id=self.conversation_id,
             voice=self.session["audio"]["output"]["voice"],
@@ -260,13 +260,12 @@ class LocalSession:
             seed=self.conversation.seed(), seconds=self.reply_seconds, metadata=metadata,
             plan=plan, fault=faults.response_fault(self.responses),
             extra=faults.extra_fields, rate_limits=faults.rate_limits,
-            cached=last.input_tokens if last is not None else (0, 0),
+            bill=self.window.biller(self.conversation.items, self.session),
         )
         for deferred in self._deferred:
             target = reply.on_start if deferred.when == "after_reply_start" else reply.on_done
             target += deferred.events
         self._deferred.clear()
-        self._last_reply = reply
         return reply
 
     def _cancel_active(self, reason: str) -> list[Output]:

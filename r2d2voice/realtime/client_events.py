@@ -36,6 +36,8 @@ class SessionConfig:
     tools: tuple[dict[str, Any], ...] = ()
     #: no speech this long makes the service nudge the user (``idle_timeout_ms``); None: off
     idle_timeout_ms: int | None = None
+    #: the longest reply in tokens (``max_output_tokens``, 1..4096); None: not sent ("inf")
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +188,8 @@ def _session(cfg: SessionConfig) -> dict[str, Any]:
         if cfg.token_limit:
             truncation["token_limits"] = {"post_instructions": cfg.token_limit}
         session["truncation"] = truncation
+    if cfg.max_output_tokens is not None:
+        session["max_output_tokens"] = cfg.max_output_tokens
     if cfg.tools:
         session["tools"] = [dict(tool) for tool in cfg.tools]
         session["tool_choice"] = "auto"

@@ -7,12 +7,17 @@ selected robots' together.
 
 Responses of sessions on the local backend (``sessions.backend`` or ``model`` "local": the
 local backend names that model, whatever URL reached it) show their tokens but cost 0, as no
-service bills them: ``local_responses`` counts them in each row, and the
-text marks them "local backend: not billed".
+service bills them: ``local_responses`` counts them in each row, and the text marks them
+"local backend: not billed" — unless ``R2D2_BILL_LOCAL`` is on, which prices them as if billed
+(to rehearse a budget offline).
 
 Sessions billed by the second (GPT-Live) add ``live_seconds`` — the service's own total for
 each session, never a sum of its updates — priced at ``R2D2_PRICE_LIVE_MINUTE`` per minute,
 plus the tokens of the Responses model they delegate to (at the text prices).
+
+From a robot's own database the report also has ``budget``: this local day's and month's spend
+against ``R2D2_BUDGET_DAILY_USD`` / ``R2D2_BUDGET_MONTHLY_USD`` (see :mod:`.budget`), whatever
+the selection.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from r2d2voice.reports.tables import check_format, table, time_range, write_repo
 from r2d2voice.storage.queries import Queries, UsageSummaryRow
 from r2d2voice.system.config import default
 
-__all__ = ["NOT_BILLED", "Prices", "format_usage", "usage_command", "usage_report"]
+__all__ = ["NOT_BILLED", "Prices", "format_usage", "spend", "usage_command", "usage_report"]
 
 _MILLION = 1_000_000
 
@@ -98,16 +103,24 @@ def usage_command(db_path: str | os.PathLike[str], *, out: TextIO | None = None,
     """The ``usage`` command: the report of ``db_path`` to ``out`` (stdout); returns it.
     ``db_path`` is a database file, or a fleet server URL (``devices``: only those robots).
 
-    Prices come from ``settings`` (``price_*`` attributes) over the defaults.
+    Prices, ``bill_local`` and the budget caps come from ``settings`` over the defaults; the
+    budget's day and month are the local time's now.
     Raises :class:`UsageError` for a bad option or a missing / non-r2d2voice database.
     """
+    from r2d2voice.reports.budget import Caps, budget_from, local_now
+
     check_format(fmt)
     since_dt, until_dt = time_range(since, until)
     prices = Prices.from_settings(settings)
+    bill_local = bool(getattr(settings, "bill_local", False))
     with open_records(db_path, devices) as records:
         records.check_sessions(sessions)
         report = usage_report(records.read, prices, sessions=sessions, since=since_dt,
-                              until=until_dt)
+                              until=until_dt, bill_local=bill_local)
+        if isinstance(records.read, Queries):  # a robot's own budget, not a fleet's
+            state, _ = budget_from(records.read, prices, Caps.from_settings(settings),
+                                   local_now(), bill_local=bill_local)
+            report["budget"] = state.snapshot()
     write_report(out if out is not None else sys.stdout, report, fmt, format_usage)
     return report
 
@@ -120,10 +133,11 @@ NOT_BILLED = "local backend: not billed"
 AnyUsageRow = Any  # a UsageSummaryRow, or its fleet twin (``device_id`` first)
 
 
-def _grouped(rows: Sequence[AnyUsageRow], key: str, prices: Prices,
-             fleet: bool) -> list[dict[str, Any]]:
+def _grouped(rows: Sequence[AnyUsageRow], key: str, prices: Prices, fleet: bool,
+             bill_local: bool = False) -> list[dict[str, Any]]:
     """One dict per group (``key`` names it, after ``device_id`` on a fleet), in order: the
-    billed and local-backend rows of a group added up; local responses cost 0."""
+    billed and local-backend rows of a group added up; local responses cost 0 (unless
+    ``bill_local``)."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         device = row.device_id if fleet else ""
@@ -132,7 +146,7 @@ def _grouped(rows: Sequence[AnyUsageRow], key: str, prices: Prices,
             d = out[(device, row.key)] = {"device_id": device} if fleet else {}
             d |= {key: row.key, **_zero()}
         tokens = [getattr(row, f) for f in _TOKEN_FIELDS]
-        if row.local:
+        if row.local and not bill_local:
             _add(d, tokens, row.live_seconds, 0.0, (row.responses, row.live_seconds))
         else:
             _add(d, tokens, row.live_seconds, prices.cost(row), (0, 0.0))
@@ -169,24 +183,35 @@ def _total(days: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return _rounded(total)
 
 
+def spend(read: Queries | FleetReader, prices: Prices, *, since: datetime | None = None,
+          until: datetime | None = None, bill_local: bool = False) -> float:
+    """Estimated USD of the responses created in [``since``, ``until``): the ``cost_usd``
+    total :func:`usage_report` shows for that window."""
+    days = _grouped(read.usage_summary("day", since=since, until=until), "day", prices,
+                    isinstance(read, FleetReader), bill_local)
+    return _total(days)["cost_usd"]
+
+
 def usage_report(read: Queries | FleetReader, prices: Prices, *,
                  sessions: Sequence[str] = (), since: datetime | None = None,
-                 until: datetime | None = None) -> dict[str, Any]:
+                 until: datetime | None = None, bill_local: bool = False) -> dict[str, Any]:
     """Token usage per UTC day and per session (in order), with totals and estimated costs.
 
     Rows are the responses created in [``since``, ``until``) of ``sessions`` (all if empty);
     ``read`` is a database's queries or a fleet server's (rows per robot, ``device_id``).
     Responses of sessions on the local backend keep their tokens but cost 0 (no service
-    bills them): ``local_responses`` counts them in each row.
+    bills them): ``local_responses`` counts them in each row. ``bill_local`` prices them as
+    the others.
     """
     fleet = isinstance(read, FleetReader)
     window = {"sessions": sessions, "since": since, "until": until}
-    days = _grouped(read.usage_summary("day", **window), "day", prices, fleet)
+    days = _grouped(read.usage_summary("day", **window), "day", prices, fleet, bill_local)
     per_session = _grouped(read.usage_summary("session", **window), "session_id", prices,
-                           fleet)
+                           fleet, bill_local)
     return {
         "prices_usd_per_million": prices.per_million(),
         "price_live_usd_per_minute": prices.live_minute,
+        "bill_local": bill_local,
         "days": days,
         "sessions": per_session,
         "total": _total(days),
@@ -217,9 +242,11 @@ def _price(x: float) -> str:
 
 def format_usage(report: dict[str, Any]) -> str:
     """The usage report as text: a table per day and per session, each with a total line;
-    a NOTE column marks rows priced at 0 because they ran on the local backend."""
+    a NOTE column marks rows priced at 0 because they ran on the local backend; then the
+    budget (today and this month against the caps)."""
+    budget = _budget_lines(report["budget"]) if _capped(report) else []
     if not report["days"]:
-        return "no responses recorded in the selection\n"
+        return "\n".join(["no responses recorded in the selection", *budget]) + "\n"
     fleet = "device_id" in report["days"][0]
     lead = ("DEVICE",) if fleet else ()
     total = report["total"]
@@ -256,4 +283,33 @@ def format_usage(report: dict[str, Any]) -> str:
     if notes:
         out.append("Responses of sessions on the local backend are counted but cost 0: no "
                    "service bills them.")
-    return "\n".join(out) + "\n"
+    if report.get("bill_local"):
+        out.append("Sessions on the local backend are priced as if billed (R2D2_BILL_LOCAL).")
+    return "\n".join([*out, *budget]) + "\n"
+
+
+def _capped(report: dict[str, Any]) -> bool:
+    """The report has a robot's budget with a cap (the text shows it only then)."""
+    budget = report.get("budget") or {}
+    return any(b["cap_usd"] is not None for b in budget.values())
+
+
+def _budget_lines(budget: dict[str, Any]) -> list[str]:
+    """Today's and this month's spend against the caps, as a small table."""
+    rows = []
+    for cap, name in (("daily", "today"), ("monthly", "this month")):
+        b = budget[cap]
+        limit = b["cap_usd"]
+        if limit is None:
+            state = "no cap"
+        elif b["reached"]:
+            back = "tomorrow" if cap == "daily" else f"on {b['reopens_at'][:10]}"
+            state = f"reached, back {back}"
+        else:
+            state = f"{b['spent_usd'] / limit:.0%} spent"
+        rows.append([name, b["period"], f"{b['spent_usd']:.4f}",
+                     "-" if limit is None else f"{limit:.2f}",
+                     "-" if limit is None else f"{b['remaining_usd']:.4f}", state])
+    return ["", "Budget (local time; R2D2_BUDGET_DAILY_USD, R2D2_BUDGET_MONTHLY_USD)",
+            *table(("", "PERIOD", "SPENT USD", "CAP USD", "LEFT USD", "STATE"), rows,
+                   left=(0, 1, 5))]

@@ -131,6 +131,29 @@ def _postgres_url(v: str) -> str | None:
     return v
 
 
+def _off_or_int(lo: int, hi: int) -> Callable[[str], int | None]:
+    number = _int(lo, hi)
+
+    def parse(v: str) -> int | None:
+        return None if v.strip().lower() in ("off", "none", "") else number(v)
+
+    return parse
+
+
+def _host_port(v: str) -> str | None:
+    """``HOST:PORT`` (``[::1]:9464`` for an IPv6 address), or None for off."""
+    text = v.strip()
+    if text.lower() in ("off", "none", ""):
+        return None
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or any(c in host for c in "[]/ ") or not port.isdigit() \
+            or not 1 <= int(port) <= 65535:
+        raise ValueError
+    return text
+
+
 def _path(v: str) -> str | None:
     return str(Path(v).expanduser()) if v else None
 
@@ -191,7 +214,7 @@ KEYS: tuple[Key, ...] = (
     Key("R2D2_CONVERSATION_IDLE_S", "conversation_idle_s", 20.0, _number(1.0, 3600.0),
         "a number of seconds between 1 and 3600", "silence that ends a conversation (wake)"),
     Key("R2D2_EARCONS", "earcons", True, _flag, "on or off",
-        "short sounds when a conversation starts and ends"),
+        "short sounds when a conversation starts and ends, and when a spent budget refuses"),
     Key("R2D2_INPUT_DEVICE", "input_device", None, _opt_str, "a device index or name",
         "microphone"),
     Key("R2D2_OUTPUT_DEVICE", "output_device", None, _opt_str, "a device index or name",
@@ -220,6 +243,17 @@ KEYS: tuple[Key, ...] = (
         "a number between 0 and 1", "share of context kept when it overflows"),
     Key("R2D2_CONTEXT_TOKEN_LIMIT", "context_token_limit", 16000, _int(0, 1_000_000),
         "a whole number of tokens (0 = the model's limit)", "context that triggers truncation"),
+    Key("R2D2_MAX_OUTPUT_TOKENS", "max_output_tokens", None, _off_or_int(1, 4096),
+        "'off' or a whole number of tokens between 1 and 4096", "longest reply, in tokens"),
+    Key("R2D2_BUDGET_DAILY_USD", "budget_daily_usd", None, _off_or_number(0.01, 1_000_000.0),
+        "'off' or an amount in USD (at least 0.01)", "spend per local calendar day"),
+    Key("R2D2_BUDGET_MONTHLY_USD", "budget_monthly_usd", None,
+        _off_or_number(0.01, 1_000_000.0), "'off' or an amount in USD (at least 0.01)",
+        "spend per local calendar month"),
+    Key("R2D2_BILL_LOCAL", "bill_local", False, _flag, "on or off",
+        "price local-backend sessions as if billed (rehearse a budget offline)"),
+    Key("R2D2_METRICS", "metrics", None, _host_port,
+        "'off' or HOST:PORT such as 127.0.0.1:9464", "serve Prometheus metrics there"),
     Key("R2D2_RETENTION_DAYS", "retention_days", None, _off_or_number(0.01, 36_500.0),
         "'off' (keep everything) or a number of days, at least 0.01 (about 15 minutes)",
         "delete conversations older than this (shipped first)"),
@@ -297,6 +331,11 @@ class Settings:
     session_max_minutes: float = default("session_max_minutes")
     truncation_ratio: float = default("truncation_ratio")
     context_token_limit: int = default("context_token_limit")
+    max_output_tokens: int | None = default("max_output_tokens")
+    budget_daily_usd: float | None = default("budget_daily_usd")
+    budget_monthly_usd: float | None = default("budget_monthly_usd")
+    bill_local: bool = default("bill_local")
+    metrics: str | None = default("metrics")
     retention_days: float | None = default("retention_days")
     store_text: bool = default("store_text")
     memory: bool = default("memory")
