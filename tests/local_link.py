@@ -25,7 +25,7 @@ from r2d2voice.appliance.pipeline import Run, RunResult, run_pipeline
 from r2d2voice.link.parts import LinkParts
 from r2d2voice.link.state import Quiet
 from r2d2voice.link.transport import MAX_MESSAGE_SIZE, Endpoint, Transport, WebSocketTransport
-from r2d2voice.localbackend import streaming
+from r2d2voice.localbackend import live_server, streaming
 from r2d2voice.localbackend.config import BackendConfig
 from r2d2voice.localbackend.server import serve_connection
 from r2d2voice.realtime.client_events import SessionConfig
@@ -35,7 +35,8 @@ CFG = SessionConfig(instructions="x")
 
 
 def inline_threads(monkeypatch: Any) -> None:
-    """Make the local backend's ``trio.to_thread.run_sync`` run the function inline."""
+    """Make the local backend's ``trio.to_thread.run_sync`` run the function inline (both of
+    its protocols)."""
 
     async def run_sync(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
         await trio.lowlevel.checkpoint()
@@ -44,15 +45,19 @@ def inline_threads(monkeypatch: Any) -> None:
     shim = types.SimpleNamespace(**{k: getattr(trio, k) for k in dir(trio)
                                     if not k.startswith("__")})
     shim.to_thread = types.SimpleNamespace(run_sync=run_sync)
-    monkeypatch.setattr(streaming, "trio", shim)
+    for module in (streaming, live_server):  # Realtime replies, GPT-Live replies
+        monkeypatch.setattr(module, "trio", shim)
 
 
 class LocalLink:
     """Connections to the local backend; every client event each session received is kept in
     ``events`` as (connection index, event), and when each connection opened in ``opened``."""
 
-    def __init__(self, config: BackendConfig | None = None, **settings: Any) -> None:
+    def __init__(self, config: BackendConfig | None = None, *, path: str = "/v1/realtime",
+                 **settings: Any) -> None:
         config = config or BackendConfig(**settings)
+        #: the request path (``/v1/live/sessions``: the backend speaks GPT-Live)
+        self.path = path
         self.sessions: dict[str, int] = {}
         self.events: list[tuple[int, dict[str, Any]]] = []
         self.opened: list[float] = []
@@ -82,7 +87,8 @@ class LocalLink:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_connection, server, self.config)
             ws = await trio_websocket.wrap_client_stream(
-                nursery, client, "localhost", f"/v1/realtime?model={endpoint.model}",
+                nursery, client, "localhost",
+                f"{self.path}?model={endpoint.model}" if endpoint.model else self.path,
                 max_message_size=MAX_MESSAGE_SIZE)
             try:
                 yield WebSocketTransport(ws)

@@ -201,3 +201,40 @@ def add_wake_sessions(path: Path) -> None:
                 s.write.update_session_metadata(sid, {
                     "wake_ready_ms": ready, "conversation_s": length, "conversation_end": end})
 
+
+
+# ---------------------------------------------------------------------------- GPT-Live sessions
+
+LIVE_SECONDS = (15, 30, 45)  # the service's usage updates: totals, the last one final
+LIVE_TOKENS = (120, 30)  # the delegated Responses model's input / output tokens
+
+
+def add_live_session(path: Path, *, backend: str = "live") -> str:
+    """A GPT-Live session recorded as a run records it: the Live core's own records for a
+    conversation with one delegated tool response and usage updates of 15, 30 then 45 s."""
+    from livecheck import (
+        backend_created,
+        backend_done,
+        closed,
+        delegated,
+        said,
+        started,
+        usage,
+    )
+    from shipping_support import record
+
+    from r2d2voice.live.client_events import LiveConfig
+    from r2d2voice.live.conversation import LiveConversation
+
+    core = LiveConversation(LiveConfig(instructions="x"))
+    core.opening()
+    events = [started("sess_live_usage"), said("user", "Turn left", 0, 800), usage(15),
+              delegated("del_1", "responses", 900, "resp_live_1"),
+              backend_created("del_1", "resp_live_1"),
+              backend_done("del_1", "resp_live_1", tokens=LIVE_TOKENS),
+              said("assistant", "Turned.", 1200, 1800), usage(30), closed("close_requested", 45)]
+    actions = [a for i, e in enumerate(events) for a in core.receive(e, float(i))]
+    with Store.open(path, now=SteppedClock(DAY2 + timedelta(hours=1))) as store:
+        sid = store.write.start_session(backend=backend, model="gpt-live-1", voice="marin")
+        record(store, sid, actions)
+    return sid

@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
 RATE = 24000
 SCRUBBED_PREFIXES = ("R2D2_", "OPENAI", "REALTIME", "NOTIFY_SOCKET", "JOURNAL", "WATCHDOG_")
+#: Settings that price the local backend as if billed, audio out only: 5,000 USD per 1M tokens,
+#: so a 1 s reply (20 tokens) costs exactly $0.10.
+PRICED = {"R2D2_BILL_LOCAL": "on", "R2D2_PRICE_AUDIO_OUT": "5000",
+          **{f"R2D2_PRICE_{k}": "0" for k in ("AUDIO_IN", "AUDIO_IN_CACHED", "TEXT_IN",
+                                              "TEXT_IN_CACHED", "TEXT_OUT")}}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -49,6 +54,13 @@ async def cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
             [sys.executable, "-m", "r2d2voice", *args], cwd=cwd,
             env=env or clean_env(HOME=str(cwd)), capture_stdout=True, capture_stderr=True,
             check=False)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def silence(seconds: float, rate: int = RATE) -> np.ndarray:

@@ -88,7 +88,7 @@ def test_missing_explicit_env_file_is_a_bad_invocation(dirs: tuple[Path, Path]) 
         ("R2D2_VAD_SILENCE_MS", "50", "between 100 and 10000"),
         ("R2D2_VAD_SILENCE_MS", "0.5s", "whole number"),
         ("R2D2_VAD_PREFIX_MS", "-1", "between 0 and 5000"),
-        ("R2D2_BACKEND", "bing", "'openai', 'local' or 'azure'"),
+        ("R2D2_BACKEND", "bing", "'openai', 'local', 'azure' or 'live'"),
         ("R2D2_LISTEN", "sometimes", "'always' or 'wake'"),
         ("R2D2_EARCONS", "loud", "on or off"),
         ("R2D2_STORE_TEXT", "maybe", "'true' or 'false'"),

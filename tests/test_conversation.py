@@ -114,7 +114,8 @@ def test_barge_in_keeps_the_floor_with_the_user_until_the_commit() -> None:
     msgs = turn_events("u1", "r1", "a1", "Long reply", b"\x00\x00" * 2400)
     feed(conv, msgs[:6])
     assert conv.turn is Turn.RESPONDING
-    assert conv.receive(SpeechStarted("u2", 5000), 3000.0) == [a.BargeIn("u2")]
+    assert conv.receive(SpeechStarted("u2", 5000), 3000.0) == [a.UserSpeaking("u2"),
+                                                                 a.BargeIn("u2")]
     assert conv.user_speaking
     # the service cancels the reply it was generating: the user still has the floor
     feed(conv, [ev("response.done", response={"id": "r1", "status": "cancelled"})])

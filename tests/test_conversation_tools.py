@@ -77,7 +77,7 @@ def test_a_call_runs_once_its_response_completed_and_its_output_goes_back() -> N
         StoreToolCall("call_1", "fc_1", "r1", 2, "turn_head", ARGS)]
     assert not ran(out) and conv.turn is Turn.RESPONDING
     out = feed(conv, msgs[-1:])
-    assert ran(out) == [a.CallTool("call_1", "turn_head", ARGS, "r1")]
+    assert ran(out) == [a.CallTool("call_1", "turn_head", ARGS, "r1", 2)]
     assert conv.turn is Turn.ACTING and not conv.idle and not conv.settled
     assert conv.tools.running == ["turn_head"]
 
@@ -211,7 +211,8 @@ def test_audio_of_a_cancelled_reply_is_never_played() -> None:
     msgs = turn_events("u1", "r1", "a1", "Long reply", b"\x00\x00" * 2400)
     feed(conv, msgs[:6])
     assert conv.receive(parse_event(ev("input_audio_buffer.speech_started", item_id="u2",
-                                       audio_start_ms=5000)), 3.0) == [a.BargeIn("u2")]
+                                       audio_start_ms=5000)), 3.0) == [a.UserSpeaking("u2"),
+                                                                      a.BargeIn("u2")]
     conv.interrupted("a1", 1200)
     leftover = msgs[5]  # more audio of r1 after the cancel
     out = feed(conv, [leftover, leftover])

@@ -117,6 +117,10 @@ REPEATED: list[tuple[str, str, str, str, object]] = [
     ("r2d2voice.realtime.client_events", "SessionConfig", "vad_prefix_ms", "vad_prefix_ms", None),
     ("r2d2voice.realtime.client_events", "SessionConfig", "vad_silence_ms", "vad_silence_ms",
      None),
+    ("r2d2voice.live.client_events", "LiveConfig", "model", "live_model", None),
+    ("r2d2voice.live.client_events", "LiveConfig", "voice", "live_voice", None),
+    ("r2d2voice.live.client_events", "LiveConfig", "delegate_model", "live_delegate_model",
+     None),
 ]
 
 
@@ -142,5 +146,5 @@ def test_a_default_repeated_elsewhere_agrees_with_keys(module, obj, name, attr, 
 def test_the_wire_rate_is_one_number() -> None:
     rates = {m: importlib.import_module(m).RATE
              for m in ("r2d2voice.audio.pcm", "r2d2voice.realtime.client_events",
-                       "r2d2voice.localbackend.wire")}
+                       "r2d2voice.live.client_events", "r2d2voice.localbackend.wire")}
     assert set(rates.values()) == {24000}, rates

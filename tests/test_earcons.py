@@ -1,5 +1,5 @@
-"""Earcons: a rising chirp and a falling whistle from the beep synthesizer, short, soft and always
-the same; the reply WAV of a replay never contains them (the speaker gets them)."""
+"""Earcons: a rising chirp, a falling whistle and the sad beep, short, soft and always the
+same; the reply WAV of a replay never contains them (the speaker gets them)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,17 @@ def test_the_chirp_rises_and_the_whistle_falls() -> None:
     assert at(whistle, 0.32) < 1000
 
 
+def test_the_sad_beep_is_two_low_notes_sliding_down() -> None:
+    sad = earcons.sad()
+    first, second = at(sad, 0.02, 0.09), at(sad, 0.2, 0.15)
+    assert 550 < first < 700 and 350 < second < 520 and second < first - 100
+    assert at(sad, 0.17, 0.06) > at(sad, 0.33, 0.06) + 50  # the second note slides down
+    # lower than any note of the chirp or the whistle's start: it does not sound like either
+    assert first < at(earcons.chirp(), 0.0) and first < at(earcons.whistle(), 0.0)
+
+
 def test_earcons_are_short_soft_and_always_the_same() -> None:
-    for make, longest in ((earcons.chirp, 0.3), (earcons.whistle, 0.45)):
+    for make, longest in ((earcons.chirp, 0.3), (earcons.whistle, 0.45), (earcons.sad, 0.45)):
         pcm = make()
         assert pcm.dtype == np.int16 and 0.2 < len(pcm) / RATE <= longest
         peak_dbfs = 20 * np.log10(np.abs(pcm.astype(np.int32)).max() / 32768)

@@ -21,6 +21,7 @@ import trio
 from click.testing import CliRunner, Result
 from pg import PASSWORD, PgServer
 from storage_support import (
+    add_live_session,
     add_local_session,
     add_wake_sessions,
     record_a_conversation_with_tools,
@@ -233,6 +234,20 @@ def test_usage_from_a_fleet_prices_local_backend_sessions_at_zero(
     assert there["total"]["local_responses"] == 1
     [row] = [line for line in text.splitlines() if line.startswith(f"hall    {local_sid}")]
     assert row.endswith("0.0000  local backend: not billed")
+
+
+def test_usage_and_stats_from_a_fleet_price_live_sessions_as_the_robot_does(
+        pg_server: PgServer, tmp_path: Path) -> None:
+    db = tmp_path / "live.db"
+    write_report_db(db)
+    add_live_session(db)
+    with shipped_as_hall(pg_server, db) as url:
+        here, there = (report(tmp_path, "usage", "--db", where) for where in (str(db), url))
+        assert there["sessions"] == [{"device_id": "hall", **s} for s in here["sessions"]]
+        assert there["total"] == here["total"] and there["total"]["live_seconds"] == 45
+        stats = [report(tmp_path, "stats", "--db", where)["responses"] for where in (str(db), url)]
+        assert stats[0] == stats[1]
+        assert "LIVE S" in out_of(tmp_path, "usage", "--db", url)
 
 
 def test_reading_a_server_without_r2d2voice_data_changes_nothing(

@@ -149,7 +149,16 @@ def test_a_scripted_call_may_name_a_tool_the_session_lacks():
 
 @pytest.mark.parametrize(("session", "param"), [
     ({"tools": {"name": "x"}}, "session.tools"),
-    ({"tools": [{"type": "mcp", "server_label": "x"}]}, "session.tools[0].type"),
+    ({"tools": [{"type": "file_search"}]}, "session.tools[0].type"),
+    ({"tools": [{"type": "mcp", "server_label": "x"}]}, "session.tools[0].server_url"),
+    ({"tools": [{"type": "mcp", "server_url": "https://x.example/mcp"}]},
+     "session.tools[0].server_label"),
+    ({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://x.example/mcp",
+                 "require_approval": "sometimes"}]}, "session.tools[0].require_approval"),
+    ({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://x.example/mcp",
+                 "allowed_tools": "buy"}]}, "session.tools[0].allowed_tools"),
+    ({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://x.example/mcp",
+                 "approval": "never"}]}, "session.tools[0].approval"),
     ({"tools": [{"type": "function"}]}, "session.tools[0].name"),
     ({"tools": [{"type": "function", "name": "turn head"}]}, "session.tools[0].name"),
     ({"tools": [{"type": "function", "name": "x" * 65}]}, "session.tools[0].name"),

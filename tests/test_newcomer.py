@@ -108,7 +108,7 @@ def test_serve_local_script_and_faults_reach_the_backend(tmp_path: Path) -> None
     r = run_cli("serve-local", "--port", "0", "--script", "script.json", cwd=tmp_path)
     assert r.returncode == 2
     assert one_line(r.stderr) == ("r2d2voice: error: script.json: turn 1: unknown key 'sing' "
-                                  "(known: arguments, call, say)")
+                                  "(known: arguments, call, hear, mcp, say)")
 
 
 def test_an_http_url_is_a_bad_invocation(tmp_path: Path) -> None:

@@ -24,11 +24,14 @@ TURN_HEAD = {"type": "function", "name": "turn_head", "description": "Turn the d
              "parameters": {"type": "object", "required": ["degrees"],
                             "properties": {"degrees": {"type": "integer"}}}}
 TOOLS_CFG = c.SessionConfig(instructions="x", tools=(TURN_HEAD,), idle_timeout_ms=6000)
+BOUNDED_CFG = c.SessionConfig(instructions="x", retention_ratio=0.5, token_limit=4000,
+                              max_output_tokens=400)
 
 EVERY_CLIENT_EVENT: list[c.ClientEvent] = [
     c.SessionUpdate(CFG),
     c.SessionUpdate(c.SessionConfig(instructions="x")),
     c.SessionUpdate(TOOLS_CFG),
+    c.SessionUpdate(BOUNDED_CFG),
     c.ItemCreateFunctionOutput("call_1", "turned to -90"),
     c.AudioAppend(b"\x00\x01" * 480),
     c.AudioCommit(),
@@ -83,8 +86,20 @@ def test_session_update_is_ga_shaped() -> None:
                                   "token_limits": {"post_instructions": 12000}}
     # the old beta shape must not leak in
     assert "modalities" not in sess and "input_audio_format" not in sess
-    # no tools offered, no idle nudge, unless asked for
+    # no tools offered, no idle nudge, no cap on a reply's length, unless asked for
     assert "tools" not in sess and "tool_choice" not in sess and "idle_timeout_ms" not in td
+    assert "max_output_tokens" not in sess
+
+
+def test_a_reply_s_length_and_the_context_are_bounded_when_configured() -> None:
+    sess = c.to_dict(c.SessionUpdate(BOUNDED_CFG), "evt_1")["session"]
+    assert sess["max_output_tokens"] == 400
+    assert sess["truncation"] == {"type": "retention_ratio", "retention_ratio": 0.5,
+                                  "token_limits": {"post_instructions": 4000}}
+    bad = c.to_dict(c.SessionUpdate(BOUNDED_CFG), "evt_1")
+    bad["session"]["max_output_tokens"] = "a lot"  # the schema check can fail on this field
+    with pytest.raises(ValidationError):
+        CLIENT.validate_python(bad)
 
 
 def test_tools_and_the_idle_timeout_are_offered_when_configured() -> None:

@@ -19,6 +19,7 @@ from storage_support import DAY1, add_local_session, add_wake_sessions, write_re
 from r2d2voice.cli.main import main
 from r2d2voice.localbackend import reply
 from r2d2voice.localbackend import server as localserver
+from r2d2voice.reports.budget import response_cost
 from r2d2voice.reports.stats import percentile, stats_command
 from r2d2voice.reports.usage import Prices, usage_command
 from r2d2voice.storage.database import Store
@@ -67,7 +68,8 @@ def test_usage_totals_per_day_and_session_with_default_prices(db, tmp_path: Path
     day1, day2 = rep["days"]
     assert {k: day1[k] for k in day1 if k not in ("day", "cost_usd")} == {
         "responses": 2, "input_text": 100, "input_audio": 400, "input_cached": 200,
-        "output_text": 15, "output_audio": 550, "local_responses": 0,
+        "output_text": 15, "output_audio": 550, "local_responses": 0, "live_seconds": 0.0,
+        "local_live_seconds": 0.0,
     }  # fmt: skip
     assert day2["responses"] == 3  # the failed response with no usage still counts
     assert (day2["input_text"], day2["input_audio"], day2["input_cached"]) == (100, 140, 40)
@@ -79,7 +81,7 @@ def test_usage_totals_per_day_and_session_with_default_prices(db, tmp_path: Path
     assert total == {
         "responses": 5, "input_text": 200, "input_audio": 540, "input_cached": 240,
         "output_text": 43, "output_audio": 870, "cost_usd": pytest.approx(0.069384, abs=1e-12),
-        "local_responses": 0,
+        "local_responses": 0, "live_seconds": 0.0, "local_live_seconds": 0.0,
     }  # fmt: skip
     assert rep["prices_usd_per_million"] == {
         "audio_in": 32.0, "audio_in_cached": 0.4, "text_in": 4.0, "text_in_cached": 0.4,
@@ -386,13 +388,23 @@ async def test_usage_totals_match_what_the_service_reported(tmp_path: Path, monk
     total = rep["total"]
     assert {k: total[k] for k in expected} == expected
     assert [s["responses"] for s in rep["sessions"]] == [2]
-    assert expected["input_cached"] == 0  # the local backend caches nothing
+    # the second response read the first one's input again, from the cache
+    assert expected["input_cached"] == reported[0]["input_tokens"] > 0
     # No service bills the local backend: its tokens are shown, priced at 0 and marked.
     assert total["cost_usd"] == 0 and total["local_responses"] == 2
     assert [(s["cost_usd"], s["local_responses"]) for s in rep["sessions"]] == [(0, 2)]
     text = cli(tmp_path, "usage", "--db", str(db)).stdout.splitlines()
     assert text[1].split()[-1] == "NOTE"
     assert text[2].endswith("0.0000  local backend: not billed")
+    # Priced as if billed (R2D2_BILL_LOCAL): what the budget counts for each response as it
+    # comes is what usage shows from the record; cached input at the cached price.
+    billed = json.loads(cli(tmp_path, "usage", "--db", str(db), "--format", "json",
+                            env={"R2D2_BILL_LOCAL": "on"}).stdout)
+    per_response = [response_cost(u, Prices()) for u in reported]
+    assert billed["total"]["cost_usd"] == pytest.approx(sum(per_response), abs=1e-9)
+    assert billed["total"]["local_responses"] == 0 and billed["bill_local"] is True
+    full = Prices(audio_in_cached=Prices().audio_in, text_in_cached=Prices().text_in)
+    assert per_response[1] < response_cost(reported[1], full)
     stats = json.loads(cli(tmp_path, "stats", "--db", str(db), "--format", "json").stdout)
     assert stats["responses"] == {"total": 2, "by_status": {"completed": 2}}
     assert stats["latency_ms"]["speech_stopped_to_first_audio_received"]["n"] == 2

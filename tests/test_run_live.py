@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import pytest
 import soundfile
 from pulse import REPO, PulseRig, open_pulse_rig
-from support import SCRUBBED_PREFIXES, NotifyListener
+from support import SCRUBBED_PREFIXES, NotifyListener, free_port
 
 pytestmark = pytest.mark.pulse
 
@@ -157,6 +158,7 @@ class Conversation:
     db: Path
     speaker: Path
     speech: Path  # what was played into the microphone
+    metrics: str  # what R2D2_METRICS served once the reply had played
 
     def index(self, line: str) -> int:
         return self.lines.index(line)
@@ -182,8 +184,10 @@ def conversation(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory,
     """
     workdir = tmp_path_factory.mktemp("run")
     speaker = workdir / "speaker.wav"
+    port = free_port()
     with NotifyListener() as notify, run_service(
-        pulse_rig, workdir, notify, ["--output-device", "pulse"], R2D2_INPUT_DEVICE="pulse"
+        pulse_rig, workdir, notify, ["--output-device", "pulse"], R2D2_INPUT_DEVICE="pulse",
+        R2D2_METRICS=f"127.0.0.1:{port}",
     ) as service:
         service.wait_ready()
         with pulse_rig.record(speaker):
@@ -195,10 +199,12 @@ def conversation(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory,
 
             service.wait_for("the reply to play out", listening_after_reply, timeout=15)
             time.sleep(0.5)  # the device's own latency, then some silence
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            metrics = page.read().decode()
         before = len(notify.lines())
         code = service.terminate()
     return Conversation(code, notify.lines(), before, service.log(), workdir / "c.db", speaker,
-                        speech)
+                        speech, metrics)
 
 
 def test_sigterm_stops_cleanly_and_says_so(conversation):
@@ -447,3 +453,20 @@ def test_the_watchdog_is_fed_while_deliberately_waiting(comeback):
     # WATCHDOG_USEC=1 s: a ping every 0.5 s while the run waits for its devices
     assert _pings_between(lines, marks["waiting"], marks["found"]) >= 2, lines
     assert _pings_between(lines, marks["lost"], marks["back"]) >= 2, lines
+
+
+def test_metrics_after_a_spoken_turn(conversation):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = {(x.name, tuple(sorted(x.labels.items()))): x.value
+           for f in text_string_to_metric_families(conversation.metrics) for x in f.samples}
+    assert got[("r2d2voice_turns_total", ())] == 1
+    assert got[("r2d2voice_responses_total", (("status", "completed"),))] == 1
+    assert got[("r2d2voice_reply_latency_seconds_count", ())] == 1
+    assert 0 < got[("r2d2voice_reply_latency_seconds_sum", ())] < 5
+    assert got[("r2d2voice_connected", ())] == 1
+    assert got[("r2d2voice_device_present", (("kind", "input"),))] == 1
+    assert got[("r2d2voice_device_present", (("kind", "output"),))] == 1
+    assert got[("r2d2voice_cost_usd_total", ())] == 0  # the local backend is not billed
+    assert got[("r2d2voice_capture_dropped_frames_total", ())] == 0
+    assert got[("r2d2voice_store_records_waiting", ())] == 0

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,17 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
+from prometheus_client.parser import text_string_to_metric_families
 from pulse import PulseRig
-from support import RATE, SCRUBBED_PREFIXES, NotifyListener, clean_env, espeak_pcm, silence
+from support import (
+    RATE,
+    SCRUBBED_PREFIXES,
+    NotifyListener,
+    clean_env,
+    espeak_pcm,
+    free_port,
+    silence,
+)
 
 from r2d2voice.audio import earcons
 
@@ -64,6 +74,7 @@ class WokenRun:
     log: str
     db: Path
     speaker: np.ndarray  # what the rig's speaker played, float, RECORD_RATE
+    metrics: str  # what R2D2_METRICS served once the conversation was over
 
     def statuses(self, lines: list[str] | None = None) -> list[str]:
         return [line.removeprefix("STATUS=") for line in (self.lines if lines is None else lines)
@@ -106,10 +117,12 @@ def woken(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) -> Woke
     workdir = tmp_path_factory.mktemp("wake")
     request = write_speech("what time is it", workdir / "request.wav", lead_s=0.3)
     notify = NotifyListener()
+    port = free_port()
     env = {k: v for k, v in pulse_rig.env.items() if not k.startswith(SCRUBBED_PREFIXES)}
     env.update(NOTIFY_SOCKET=notify.path, RUNTIME_DIRECTORY=str(workdir / "rt"),
                R2D2_INPUT_DEVICE="pulse", R2D2_OUTPUT_DEVICE="pulse",
-               R2D2_CONVERSATION_IDLE_S=IDLE_S, **QUICK_TURNS)
+               R2D2_CONVERSATION_IDLE_S=IDLE_S, R2D2_METRICS=f"127.0.0.1:{port}",
+               **QUICK_TURNS)
     log = workdir / "run.log"
     try:
         with running(workdir, env) as proc, \
@@ -125,6 +138,8 @@ def woken(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) -> Woke
                 "in conversation (speaking)" in notify.statuses()
                 and notify.statuses()[-1] == WAITING), log)
             time.sleep(0.5)  # the closing whistle through the device's latency
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                metrics = page.read().decode()
             at_sigterm = len(notify.lines())
             proc.send_signal(signal.SIGTERM)
             try:
@@ -136,7 +151,7 @@ def woken(pulse_rig: PulseRig, tmp_path_factory: pytest.TempPathFactory) -> Woke
     recorded, rate = soundfile.read(workdir / "speaker.wav", dtype="float32")
     assert rate == RECORD_RATE
     return WokenRun(code, notify.lines(), at_wake, at_sigterm, woke, log.read_text(),
-                    workdir / "c.db", recorded)
+                    workdir / "c.db", recorded, metrics)
 
 
 def matches(recording: np.ndarray, template: np.ndarray) -> np.ndarray:
@@ -207,6 +222,23 @@ def test_status_says_waiting_then_in_conversation_then_waiting(woken: WokenRun):
     assert {"in conversation (listening)", "in conversation (speaking)"} <= set(during)
     assert during[-1] == WAITING
     assert all(s.startswith("in conversation (") for s in during[:-1]), during
+
+
+def test_metrics_count_the_wake_and_the_spoken_turn(woken: WokenRun):
+    got = {(x.name, tuple(sorted(x.labels.items()))): x.value
+           for f in text_string_to_metric_families(woken.metrics) for x in f.samples}
+    assert got[("r2d2voice_wakes_total", (("source", "external"),))] == 1
+    assert ("r2d2voice_wakes_total", (("source", "word"),)) not in got
+    assert got[("r2d2voice_turns_total", ())] == 1
+    assert got[("r2d2voice_responses_total", (("status", "completed"),))] == 1
+    assert got[("r2d2voice_reply_latency_seconds_count", ())] == 1
+    assert got[("r2d2voice_connected", ())] == 0  # the conversation closed when idle
+    assert not [k for k in got if k[0] == "r2d2voice_reconnects_total"]
+    assert got[("r2d2voice_cost_usd_total", ())] == 0  # the local backend is not billed
+    assert got[("r2d2voice_capture_dropped_frames_total", ())] == 0
+    assert got[("r2d2voice_playback_underruns_total", ())] == 0
+    assert got[("r2d2voice_device_present", (("kind", "input"),))] == 1
+    assert got[("r2d2voice_device_present", (("kind", "output"),))] == 1
 
 
 def test_sigterm_while_waiting_stops_cleanly(woken: WokenRun):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import trio
+import trio.testing
 from fake_service import fast, realtime, speech
 from local_link import CFG, LocalLink, inline_threads, talk
 from support import SAMPLES, cli, local_backend
@@ -26,9 +27,10 @@ from r2d2voice.appliance.tools.config import CommandSpec
 from r2d2voice.audio.pcm import FRAME_BYTES
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.link.state import LinkPolicy
+from r2d2voice.link.tools import ToolJob, ToolNews, ToolRunner, ToolsOffered, no_tools
 from r2d2voice.localbackend.faults import Faults
 from r2d2voice.localbackend.script import Script, ScriptTurn
-from r2d2voice.protocol.actions import StoreError, StoreInterrupted
+from r2d2voice.protocol.actions import Record, StoreError, StoreInterrupted
 from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 
 BUILTINS = ("get_time", "set_volume", "end_conversation")
@@ -356,3 +358,48 @@ async def test_end_conversation_and_set_volume_end_to_end(tmp_path: Path) -> Non
     assert len(sessions) == 2 and sessions[1][1] is None and all(s[2] for s in sessions)
     assert errors == []
     assert "Goodbye!" in r.stdout.decode()
+
+
+class _Offer:
+    """The run's tools on offer, changed by hand (an MCP server coming and going)."""
+
+    def __init__(self) -> None:
+        self.version, self.tools = 0, ()
+        self._event = trio.Event()
+
+    def session_tools(self) -> tuple[dict[str, Any], ...]:
+        return self.tools
+
+    async def changed(self, since: int) -> None:
+        while self.version == since:
+            await self._event.wait()
+
+    def heard(self, text: str, seq: int | None) -> None:
+        pass
+
+    def change(self, *names: str) -> None:
+        self.tools = tuple({"type": "function", "name": n} for n in names)
+        self.version += 1
+        self._event.set()
+        self._event = trio.Event()
+
+
+async def test_the_runner_hands_the_link_each_change_of_the_offer_and_ends_with_the_calls(
+) -> None:
+    offer = _Offer()
+    calls_send, calls_recv = trio.open_memory_channel[ToolJob](1)
+    results_send, results_recv = trio.open_memory_channel[ToolNews](4)
+    records_send, _records_recv = trio.open_memory_channel[tuple[str, Record]](4)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ToolRunner(no_tools, records_send, offer).run, calls_recv,
+                               results_send)
+            await trio.testing.wait_all_tasks_blocked()
+            offer.change("home__set_light")
+            assert await results_recv.receive() == ToolsOffered(
+                ({"type": "function", "name": "home__set_light"},))
+            offer.change()
+            assert await results_recv.receive() == ToolsOffered(())
+            await calls_send.aclose()  # the conversation is over: the runner ends, watch too
+        with pytest.raises(trio.EndOfChannel):
+            await results_recv.receive()

@@ -1,5 +1,6 @@
-"""Which Realtime service a run talks to, decided from settings before anything starts: OpenAI,
-Azure OpenAI, any ``--url``, or the embedded local backend.
+"""Which service a run talks to, decided from settings before anything starts: OpenAI's
+Realtime API, Azure OpenAI, OpenAI's GPT-Live, any ``--url``, or the embedded local backend
+(which speaks Realtime, or GPT-Live with ``R2D2_LOCAL_PROTOCOL=live``).
 
 Azure OpenAI speaks the same GA protocol; only the address and the auth header differ:
 ``wss://NAME.openai.azure.com/openai/v1/realtime?model=DEPLOYMENT`` with ``api-key: KEY``
@@ -20,36 +21,59 @@ from r2d2voice.errors import ConfigError
 from r2d2voice.link.transport import Endpoint
 from r2d2voice.system.config import Settings
 
-__all__ = ["LOCAL_MODEL", "Service", "azure_realtime_url", "open_endpoint", "plan_service"]
+__all__ = ["LIVE", "LOCAL_MODEL", "REALTIME", "Service", "azure_realtime_url", "open_endpoint",
+           "plan_service"]
 
 #: The model a local-backend session records: it has none (it understands no words).
 LOCAL_MODEL = "local"
 #: Hosts whose service needs ``OPENAI_API_KEY``; any other ``--url`` gets the key if one is set.
 _OPENAI_HOSTS = ("openai.com",)
+#: The wire protocols: the GA Realtime API's, and GPT-Live's (full duplex).
+REALTIME, LIVE = "realtime", "live"
+#: Where the embedded local backend serves each protocol.
+_LOCAL_PATHS = {REALTIME: "/v1/realtime", LIVE: "/v1/live/sessions"}
 
 
 @dataclass(frozen=True)
 class Service:
     """Where a run connects: ``endpoint`` None means the embedded local backend."""
 
-    backend: str  # "openai", "azure" or "local", as sessions record it
+    backend: str  # "openai", "azure", "live" or "local", as sessions record it
     model: str  # as sessions record it: the model, the Azure deployment, or LOCAL_MODEL
     endpoint: Endpoint | None
+    #: the wire protocol (:data:`REALTIME` or :data:`LIVE`): which core the link drives
+    protocol: str = REALTIME
+    #: the voice sessions record (None: ``REALTIME_VOICE``)
+    voice: str | None = None
 
 
 def plan_service(settings: Settings, url: str | None = None) -> Service:
     """The service for ``settings`` (``url`` overrides the configured address); a missing key
     or Azure setting is a ConfigError now, before a database or a device is opened."""
     if settings.backend == "local":
-        endpoint = None if url is None else Endpoint(url, LOCAL_MODEL, settings.api_key)
-        return Service("local", LOCAL_MODEL, endpoint)
+        protocol = settings.local_protocol
+        model = "" if protocol == LIVE else LOCAL_MODEL  # Live: the model is in session.start
+        endpoint = None if url is None else Endpoint(url, model, settings.api_key)
+        return Service("local", LOCAL_MODEL, endpoint, protocol,
+                       settings.live_voice if protocol == LIVE else None)
     if settings.backend == "azure":
         return Service("azure", settings.azure_deployment or "", azure_endpoint(settings, url))
+    if settings.backend == "live":
+        # the model goes in session.start, not the URL (the service is strict)
+        target = url or settings.live_url
+        return Service("live", settings.live_model, Endpoint(target, "", _key(settings, target)),
+                       LIVE, settings.live_voice)
     target = url or settings.realtime_url
-    host = urlsplit(target).hostname or ""
-    needs_key = any(host == h or host.endswith("." + h) for h in _OPENAI_HOSTS)
-    key = settings.require_api_key() if needs_key else settings.api_key
-    return Service("openai", settings.model, Endpoint(target, settings.model, key))
+    return Service("openai", settings.model,
+                   Endpoint(target, settings.model, _key(settings, target)))
+
+
+def _key(settings: Settings, url: str) -> str | None:
+    """``OPENAI_API_KEY``: required at OpenAI's own hosts, sent to any other if it is set."""
+    host = urlsplit(url).hostname or ""
+    if any(host == h or host.endswith("." + h) for h in _OPENAI_HOSTS):
+        return settings.require_api_key()
+    return settings.api_key
 
 
 def azure_endpoint(settings: Settings, url: str | None = None) -> Endpoint:
@@ -95,5 +119,6 @@ async def open_endpoint(service: Service) -> AsyncIterator[Endpoint]:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_local, "127.0.0.1", 0,
                                    BackendConfig(realtime_factor=10.0))
-        yield Endpoint(f"ws://127.0.0.1:{port}/v1/realtime", LOCAL_MODEL, None)
+        yield Endpoint(f"ws://127.0.0.1:{port}{_LOCAL_PATHS[service.protocol]}",
+                       "" if service.protocol == LIVE else LOCAL_MODEL, None)
         nursery.cancel_scope.cancel()

@@ -12,7 +12,11 @@
   waiting. A service that takes nothing within :data:`PREROLL_SECONDS` is given up on.
 
 The microphone chain (``appliance/chain.py``) hands each gate every frame (:meth:`route`); the
-gate says which frames go on to the link now.
+gate says which frames go on to the link now. The pipeline hands each gate the link's typed waits
+and the speaker (``attach``). A policy wrapped around a gate (the budget,
+``budget.py``: it has the gate as ``inner``) may keep conversations from opening: meanwhile it
+asks the gate whether someone addressed the robot (``heard``, which opens nothing), and it may
+close the conversation in progress for a reason of its own (``closed_by``).
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ class AlwaysGate:
         self._preroll: list[bytes] | None = None
         self._heard = trio.Event()
         self._input_ended = False
+        self._rest = False  # closed by a policy: no session until someone speaks
+        self._listener: EnergyVad | None = None  # hears speech while a policy keeps it closed
+        self.waiting_status = "listening for speech"
+
+    def attach(self, link: LinkView, earcon: Earcon) -> None:
+        """The pipeline's link and speaker (this gate needs neither)."""
 
     def route(self, frame: bytes, passed: list[bytes], index: int) -> list[bytes]:
         if self._dormant is None:
@@ -87,7 +97,39 @@ class AlwaysGate:
         self._input_ended = True
         self._heard.set()
 
+    def heard(self, frame: bytes) -> str | None:
+        """``speech`` when someone starts speaking in ``frame`` (opens nothing)."""
+        if self._listener is None:
+            self._listener = self._vad()
+        started = any(isinstance(e, SpeechStarted)
+                      for e in self._listener.feed(np.frombuffer(frame, "<i2")))
+        return "speech" if started else None
+
+    def closed_by(self, reason: str) -> None:
+        """A policy ends the conversation (or keeps the next from opening): afterwards, no
+        session until someone speaks, as after a hang-up."""
+        self._rest = True
+
+    def _vad(self) -> EnergyVad:
+        threshold, prefix_ms, silence_ms = self.vad
+        return EnergyVad(RATE, threshold=threshold, prefix_padding_ms=prefix_ms,
+                         silence_duration_ms=silence_ms)
+
+    def _sleep(self) -> None:
+        """No session until someone speaks (a live microphone; a file talks on)."""
+        self._rest = False
+        if not self.live or self._input_ended:
+            return
+        prefix_ms = self.vad[1]
+        self._dormant = self._vad()
+        frames = (prefix_ms + PREROLL_MARGIN_MS) * RATE // 1000 // FRAME_SAMPLES
+        self._kept = deque(maxlen=max(1, frames))
+        self._heard = trio.Event()
+        log.info("no session until someone speaks")
+
     async def wait_open(self) -> Opening | None:
+        if self._rest:
+            self._sleep()
         if self._dormant is not None:
             await self._heard.wait()
             if self._dormant is not None:  # the input ended first
@@ -104,16 +146,9 @@ class AlwaysGate:
         raise AssertionError("unreachable")
 
     def ended(self, reason: EndReason) -> bool:
-        if reason.kind is not End.HANGUP:
+        if reason.kind is not End.HANGUP and not self._rest:
             return True
-        if self.live and not self._input_ended:
-            threshold, prefix_ms, silence_ms = self.vad
-            self._dormant = EnergyVad(RATE, threshold=threshold, prefix_padding_ms=prefix_ms,
-                                      silence_duration_ms=silence_ms)
-            frames = (prefix_ms + PREROLL_MARGIN_MS) * RATE // 1000 // FRAME_SAMPLES
-            self._kept = deque(maxlen=max(1, frames))
-            self._heard = trio.Event()
-            log.info("no session until someone speaks")
+        self._sleep()
         return False
 
     async def over(self, session_ids: list[str]) -> None:
@@ -181,6 +216,8 @@ class WakeGate:
         self.earcon: Earcon | None = None
         self.trigger = trigger
         self.link: LinkView | None = None  # set by the pipeline once the link exists
+        #: each wake heard (its source: word, external), whether or not it opens a conversation
+        self.on_wake: Callable[[str], None] | None = None
         self.annotate: Callable[[str, dict[str, Any]], Any] | None = None
         self.conversations: list[WakeWordConversation] = []
         self.waiting_status = f"waiting for '{detector.wake_word.lower()}'"
@@ -195,11 +232,39 @@ class WakeGate:
     def conversing(self) -> bool:
         return self._current is not None
 
-    def route(self, frame: bytes, passed: list[bytes], index: int) -> list[bytes]:
+    def attach(self, link: LinkView, earcon: Earcon) -> None:
+        """The pipeline's link (to know when it is connected and quiet) and its speaker (for
+        the chirp and the whistle, unless earcons are off)."""
+        self.link = link
+        if self.earcons:
+            self.earcon = earcon
+
+    def _listen(self, frame: bytes) -> tuple[float | None, bool]:
+        """The detector's score if it heard the word in ``frame``; an external wake pending."""
         heard = self.detector.process(frame)
         external = self.trigger is not None and self.trigger.take()
+        return (heard.score if heard else None), external
+
+    def heard(self, frame: bytes) -> str | None:
+        """The wake's source (word, external) when ``frame`` woke the gate; opens nothing."""
+        score, external = self._listen(frame)
+        if score is None and not external:
+            return None
+        source = WORD if score is not None else EXTERNAL
+        if self.on_wake is not None:
+            self.on_wake(source)
+        return source
+
+    def closed_by(self, reason: str) -> None:
+        """A policy ends the conversation in progress: its end is ``reason`` (no whistle: the
+        policy makes its own sound)."""
+        if self._current is not None and self._close_reason is None:
+            self._close_reason = reason
+
+    def route(self, frame: bytes, passed: list[bytes], index: int) -> list[bytes]:
+        score, external = self._listen(frame)
         if self._current is not None:
-            if heard or external:
+            if score is not None or external:
                 log.info("woken during a conversation: ignored")
             if self._held is None:
                 return passed
@@ -208,8 +273,8 @@ class WakeGate:
                     self.dropped += 1
                 self._held.append(kept)
             return []
-        if heard or external:
-            self._wake(heard.score if heard else None, index)
+        if score is not None or external:
+            self._wake(score, index)
         return []
 
     def _wake(self, score: float | None, index: int) -> None:
@@ -221,6 +286,8 @@ class WakeGate:
             log.info("woken from outside (r2d2voice wake) at %.2f s", at_s)
         heard = Heard(WORD if score is not None else EXTERNAL, score, at_s, trio.current_time())
         self.events.emit("wake", source=heard.source, score=score)
+        if self.on_wake is not None:
+            self.on_wake(heard.source)
         self._current = WakeWordConversation(heard)
         self._held = deque(maxlen=PREROLL_FRAMES)
         self._close_reason = None
@@ -307,7 +374,7 @@ class WakeGate:
 
 
 def wake_gate(gate: object) -> WakeGate | None:
-    """The wake gate ``gate`` is or wraps (a policy wrapping a gate names it ``inner``)."""
+    """The wake-word gate of a run, inside any policy wrapped around it (None: always)."""
     while not isinstance(gate, WakeGate):
         gate = getattr(gate, "inner", None)
         if gate is None:

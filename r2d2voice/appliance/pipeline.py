@@ -39,6 +39,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import trio
@@ -47,17 +48,16 @@ from r2d2voice.appliance.chain import FilePacer, MicChain
 from r2d2voice.appliance.context import Sink, Source, Stopper
 from r2d2voice.appliance.gate import WakeGate, WakeWordConversation, wake_gate
 from r2d2voice.appliance.sources import FileSource
-from r2d2voice.appliance.tools import Toolbox, ToolContext
+from r2d2voice.appliance.tools import Toolbox
+from r2d2voice.appliance.tools.port import ToolboxPort
 from r2d2voice.audio.earcons import earcon_chunk
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
 from r2d2voice.link.moments import Moments
 from r2d2voice.link.parts import LinkParts
 from r2d2voice.link.state import LinkState, Statistics
 from r2d2voice.link.supervisor import Supervisor
-from r2d2voice.link.tools import ToolCaller
 from r2d2voice.link.turns import LinkView, TurnGate
-from r2d2voice.protocol.actions import CallTool, Record
-from r2d2voice.protocol.tool_records import StoreToolResult
+from r2d2voice.protocol.actions import Record
 from r2d2voice.realtime.conversation import Conversation
 
 log = logging.getLogger("r2d2voice.appliance.pipeline")
@@ -116,14 +116,12 @@ async def run_pipeline(run: Run) -> RunResult:
     """
     parts, source, buffer = run.link, run.source, run.buffer
     state = LinkState(Conversation(), buffer, moments=Moments(parts.events))
-    gate = parts.gate
+    gate: Any = parts.gate  # a SessionGate that the chain routes through (gate.py)
     wake = wake_gate(gate)
-    if wake is not None:
-        wake.link = LinkView(state)
     if run.toolbox is not None:
         buffer.set_gain(run.toolbox.volume.gain)
         run.toolbox.volume.subscribe(buffer.set_gain)
-        parts.tools = tool_caller(run.toolbox)
+        parts.tools = parts.offer = tool_caller(run.toolbox)
 
     # a live microphone's frames wait for the chain at most 1 s (it drains them at once); a
     # file's are handed over one by one, so the only queue is the uplink's (stale frames of a
@@ -134,8 +132,7 @@ async def run_pipeline(run: Run) -> RunResult:
     audio_send, audio_recv = trio.open_memory_channel[AudioChunk](AUDIO_BOUND)
     records_send, records_recv = trio.open_memory_channel[tuple[str, Record]](RECORDS_BOUND)
     earcons = _Earcons(audio_send.clone())
-    if wake is not None and wake.earcons:
-        wake.earcon = earcons.play
+    gate.attach(LinkView(state), earcons.play)
     echo = parts.policy.echo_gate() if source.live and parts.policy.duplex == "half" else None
     file_pacer = (FilePacer(gate) if wake is not None and isinstance(source, FileSource)
                   and not source.realtime else None)
@@ -197,6 +194,9 @@ async def run_pipeline(run: Run) -> RunResult:
                         await link.run(uplink_recv, audio_send, records_send)
                     if link.failure is not None:
                         _on_stop()  # the source and the speaker need not go on
+                    # no conversation will open (the input ended, or the session gate
+                    # closed for good, as a spent budget does for a file): nothing more to read
+                    source_scope.cancel()
     finally:
         stop_playout()
         stop_level()
@@ -206,16 +206,10 @@ async def run_pipeline(run: Run) -> RunResult:
                      wake.conversations if wake is not None else [], state.stopping)
 
 
-def tool_caller(toolbox: Toolbox) -> ToolCaller:
-    """The link's view of a Toolbox: one call in, its audit result out."""
-
-    async def call(request: CallTool, end_conversation: Callable[[], None]) -> StoreToolResult:
-        result = await toolbox.call(request.name, request.arguments,
-                                    context=ToolContext(request.call_id, end_conversation))
-        return StoreToolResult(request.call_id, result.status, result.output,
-                               result.exit_code, result.duration_ms)
-
-    return call
+def tool_caller(toolbox: Toolbox) -> ToolboxPort:
+    """The link's view of a Toolbox: one call in, its audit result out (``ToolCaller``), and
+    the tools on offer as they change, the person's words (``ToolOffer``)."""
+    return ToolboxPort(toolbox)
 
 
 def _both(first: Callable[[], None], second: Callable[[], None] | None) -> Callable[[], None]:

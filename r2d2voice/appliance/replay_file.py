@@ -97,7 +97,11 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
 
     The default timeout, 60 s + 3x the file's length, holds in both modes: woken
     conversations never overlap, the file is paced in real time while one is open (its idle
-    time is the file's audio), and the end of the file closes the last one."""
+    time is the file's audio), and the end of the file closes the last one.
+
+    With a budget cap (``R2D2_BUDGET_*``), a replay that reaches it sends nothing more and is a
+    RuntimeFailure naming the budget once what was said is stored; one started with the budget
+    already spent is one before anything is sent."""
     from r2d2voice.appliance.compose import RunOptions, check_listening, hold, link_policy
     from r2d2voice.appliance.sinks import WavSink
     from r2d2voice.appliance.sources import FileSource, VadParams
@@ -137,6 +141,9 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
 
     outcome = trio.run(main)
     console.finish()
+    budget = outcome.budget
+    if budget is not None and budget.stop == "before":  # nothing was sent
+        raise RuntimeFailure(budget.state.closed_message())
     reply = f"{sink.samples_written / RATE:.1f} s of reply audio in {out}"
     if sink.kept_existing:
         reply = f"no reply audio ({out} left as it was)"
@@ -165,6 +172,8 @@ def replay_command(settings: Settings, file: Path, *, out: Path | None, speed: s
     if signum is not None:
         raise Interrupted(f"interrupted by {signum.name} before the end of {file}; what was said "
                           "is stored", signum)
+    if budget is not None and budget.stop is not None:
+        raise RuntimeFailure(budget.state.stopped_message(outcome.assistant_turns))
 
 
 def _woken_summary(listening: Outcome, reply: str) -> str:

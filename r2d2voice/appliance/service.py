@@ -77,10 +77,13 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     control socket, or SIGUSR1) only logs that it is already listening. ``wake``: the
     microphone goes to the wake-word detector only, and each wake (the word, ``r2d2voice
     wake``) opens a conversation (appliance/gate.py); ``STATUS=`` says "waiting for 'hey
-    mycroft'", then "in conversation (…)".
+    mycroft'", then "in conversation (…)". With a budget cap spent, STATUS= says so ("daily
+    budget reached ($1.00 of $1.00), back tomorrow") and READY=1 comes all the same.
     """
     from r2d2voice.appliance.compose import RunOptions, check_listening, hold
+    from r2d2voice.appliance.endpoints import plan_service
     from r2d2voice.appliance.gate import WakeTrigger
+    from r2d2voice.appliance.protocols import check_duplex
     from r2d2voice.appliance.sinks import DeviceSink
     from r2d2voice.appliance.sources import DeviceSource
     from r2d2voice.audio.availability import device_at_start, label
@@ -88,6 +91,8 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     from r2d2voice.system.notify import run_watchdog, watchdog_interval
 
     check_listening(settings)
+    # GPT-Live behind the half-duplex gate is refused before a device is opened
+    check_duplex(plan_service(settings, url), settings, live_source=True)
     mic = device_at_start(settings.input_device, "input")
     speaker = device_at_start(settings.output_device, "output")
     mic_name = mic.name if mic else label(settings.input_device, "input")
@@ -102,14 +107,18 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     interval = watchdog_interval()
     metadata = {"command": "run", "input": mic_name, "output": speaker_name}
 
+    budget: list[str | None] = [None]  # what STATUS= says while the budget is spent
+
     async def announce_ready(configured: trio.Event | None, doing: str) -> None:
         if configured is not None:
             await configured.wait()
-            console.status("listening")
+            if budget[0] is None:
+                console.status("listening")
         await source.running.wait()
         notifier.ready()
+        waiting = console.devices.status or budget[0]
         log.info("ready: %s on %s, speaking on %s%s", doing, mic_name, speaker_name,
-                 f" ({console.devices.status})" if console.devices.status else "")
+                 f" ({waiting})" if waiting else "")
 
     async def listen(nursery: trio.Nursery) -> Any:
         wake = settings.listen == "wake"
@@ -135,11 +144,17 @@ def run_command(settings: Settings, *, url: str | None) -> None:
             configured = trio.Event()
             nursery.start_soon(announce_ready, configured, "listening")
             console.status("connecting")
+
+        def on_budget(closed: str | None) -> None:
+            budget[0] = closed
+            if closed is not None and configured is not None:
+                configured.set()  # ready: it deliberately waits for the budget
+
         return await hold(settings, source, sink, RunOptions(
             url=url, console=console, stopper=stopper, metadata=metadata, trigger=trigger,
             on_configured=configured.set if configured is not None else None,
             on_store_status=console.store_status, on_ship_status=console.ship_status,
-            on_wake=on_wake))
+            on_budget=on_budget, devices=console.devices, on_wake=on_wake))
 
     async def main() -> Any:
         async def body() -> Any:

@@ -5,8 +5,10 @@ Off: no session, and the microphone goes nowhere — not to the service, not eve
 word detector or the dormant VAD (their frames are dropped at the gate). A conversation in
 progress when it is switched off ends at once (``conversation_ended {reason: "listening
 off"}``). On again: the inner gate decides as before (always listening opens a session at
-once; the wake gate waits for the word; a wake from outside while off is dropped). It starts
-on; the run does not keep it across restarts.
+once after a live microphone hears speech, as after a hang-up; the wake gate waits for the
+word; a wake from outside while off is dropped). It wraps the budget too (``budget.py``): off,
+not even a spent budget's sad beep answers. It starts on; the run does not keep it across
+restarts.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Protocol
 import trio
 
 from r2d2voice.appliance.chain import Router
-from r2d2voice.appliance.gate import WakeTrigger
+from r2d2voice.appliance.gate import Earcon, WakeTrigger
 from r2d2voice.link.state import Opening, SessionGate
+from r2d2voice.link.turns import LinkView
 from r2d2voice.protocol.core import EndReason
 
 log = logging.getLogger("r2d2voice.appliance.switch")
@@ -28,7 +31,16 @@ LISTENING_OFF = "listening off"
 
 
 class Gate(SessionGate, Router, Protocol):
-    """A session gate as the supervisor and the microphone chain see it."""
+    """A session gate as the supervisor, the microphone chain and the pipeline see it (and a
+    policy wrapped around it: ``budget.py``)."""
+
+    waiting_status: str
+
+    def attach(self, link: LinkView, earcon: Earcon) -> None: ...
+
+    def heard(self, frame: bytes) -> str | None: ...
+
+    def closed_by(self, reason: str) -> None: ...
 
 
 class ListeningSwitch:
@@ -55,6 +67,21 @@ class ListeningSwitch:
     async def _until(self, on: bool) -> None:
         while self.on != on and not self._input_ended:
             await self._changed.wait()
+
+    # -- the run -----------------------------------------------------------------------------
+    def attach(self, link: LinkView, earcon: Earcon) -> None:
+        self.inner.attach(link, earcon)
+
+    @property
+    def waiting_status(self) -> str:
+        return str(self.inner.waiting_status)
+
+    def heard(self, frame: bytes) -> str | None:
+        """Off, nobody is heard (for a policy around this one)."""
+        return self.inner.heard(frame) if self.on else None
+
+    def closed_by(self, reason: str) -> None:
+        self.inner.closed_by(reason)
 
     # -- the chain ---------------------------------------------------------------------------
     @property
@@ -95,6 +122,7 @@ class ListeningSwitch:
             async def switched_off() -> None:
                 await self._until(False)
                 if not self.on:
+                    self.inner.closed_by(LISTENING_OFF)
                     closed.append(LISTENING_OFF)
                     nursery.cancel_scope.cancel()
 

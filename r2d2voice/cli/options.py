@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from r2d2voice.errors import UsageError
+from r2d2voice.system.config import BACKENDS
 
 
 class Seconds(click.FloatRange):
@@ -42,12 +43,12 @@ def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 db_option = click.option("--db", metavar="PATH", default=None, callback=_not_empty,
                          help="Transcript database (default: R2D2_DB, then the state dir).")
-backend_option = click.option("--backend", type=click.Choice(["openai", "local", "azure"]),
-                              default=None,
-                              help="Service: OpenAI, Azure OpenAI, or the embedded local "
-                                   "backend.")
+backend_option = click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
+                              help="Service: OpenAI's Realtime API, Azure OpenAI, OpenAI's "
+                                   "GPT-Live, or the embedded local backend.")
 url_option = click.option("--url", default=None, callback=_websocket_url,
-                          help="Realtime websocket URL for this command (overrides REALTIME_URL).")
+                          help="Websocket URL for this command (overrides REALTIME_URL, or "
+                               "R2D2_LIVE_URL with --backend live).")
 tools_option = click.option("--tools", type=click.Path(dir_okay=False), default=None,
                             help="Tools file (TOML) the model may call (overrides R2D2_TOOLS).")
 listen_option = click.option("--listen", type=click.Choice(["always", "wake"]), default=None,

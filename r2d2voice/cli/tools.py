@@ -15,18 +15,21 @@ if TYPE_CHECKING:
 
 @click.command()
 @tools_option
-@click.option("--check", is_flag=True, help="Only validate the file: print 'ok: N tools'.")
+@click.option("--check", is_flag=True,
+              help="Only validate the file (connecting to no MCP server): print 'ok: N tools'.")
 @click.pass_obj
 def tools(invocation: Invocation, tools: str | None, check: bool) -> None:
-    """List the tools of the tools file (R2D2_TOOLS or --tools) with their arguments."""
+    """List the tools of the tools file (R2D2_TOOLS or --tools) with their arguments; MCP
+    servers are connected to briefly to list theirs."""
     settings = invocation.settings(tools=tools)
     from r2d2voice.errors import UsageError
 
     if not settings.tools:
         raise UsageError("tools: no tools file: give --tools PATH or set R2D2_TOOLS")
     from r2d2voice.appliance.tools.describe import tools_command
+    from r2d2voice.appliance.tools.mcp.config import variables
 
-    tools_command(settings.tools, check, sys.stdout)
+    tools_command(settings.tools, check, sys.stdout, variables(settings.env_file))
 
 
 COMMANDS = (tools,)

@@ -26,14 +26,10 @@ from r2d2voice.link import timers
 from r2d2voice.link.effects import Effects
 from r2d2voice.link.parts import LinkParts
 from r2d2voice.link.state import LinkState
-from r2d2voice.link.tools import ToolDone, ToolJob
+from r2d2voice.link.tools import ToolJob, ToolNews, ToolPrompt, ToolsOffered
 from r2d2voice.link.transport import LinkClosed, Transport
-from r2d2voice.protocol.actions import Record
-from r2d2voice.protocol.core import End, EndReason
-from r2d2voice.realtime.client_events import (
-    ClientEvent,
-)
-from r2d2voice.realtime.conversation import LocalProtocolError
+from r2d2voice.protocol.actions import ClientEvent, Record
+from r2d2voice.protocol.core import End, EndReason, LocalProtocolError
 
 log = logging.getLogger("r2d2voice.link.connection")
 
@@ -44,6 +40,9 @@ MAX_APPEND_FRAMES = 10
 #: deadline of every shielded step on the way out (closing a socket, flushing records)
 CLOSE_DEADLINE = 1.0
 FLUSH_DEADLINE = 3.0
+#: how long our close waits for the service to answer what the core sends on the way out
+#: (GPT-Live's ``session.close`` -> ``session.closed`` with the final usage)
+GOODBYE_DEADLINE = 2.0
 
 
 @dataclass
@@ -76,7 +75,7 @@ class ToolPorts:
     """The run's tool runner as a connection sees it (both ends borrowed)."""
 
     calls: trio.MemorySendChannel[ToolJob]
-    results: trio.MemoryReceiveChannel[ToolDone]
+    results: trio.MemoryReceiveChannel[ToolNews]
 
 
 class Connection:
@@ -92,14 +91,18 @@ class Connection:
         self.policy = parts.policy
         self.session_id = session_id
         self.tools = tools
+        #: the downlink is over (the service closed, or the link died)
+        self._over = trio.Event()
 
     async def run(self, feed: FrameFeed, audio: trio.MemorySendChannel[AudioChunk],
                   records: trio.MemorySendChannel[tuple[str, Record]]) -> EndReason:
         """All tasks of this connection; returns how it ended once it is closed. Owns the
         control channel."""
         control_send, control_recv = trio.open_memory_channel[ClientEvent](CONTROL_BOUND)
-        effects = Effects(self.state, self.session_id, self.parts.console, audio, records,
-                          control_send, self.tools.calls, self.epoch)
+        offer = self.parts.offer
+        effects = Effects(self.state, self.session_id, self.parts, audio, records,
+                          control_send, self.tools.calls, self.epoch,
+                          heard=offer.heard if offer is not None else None)
         state, policy = self.state, self.policy
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._uplink, feed, control_recv)
@@ -114,8 +117,22 @@ class Connection:
         return self.conv.end or EndReason(End.DONE)
 
     async def finish(self, reason: EndReason) -> None:
-        """End this connection for ``reason`` (unless it has already ended) and close it."""
-        self.conv.finish(reason)
+        """End this connection for ``reason`` (unless it has already ended) and close it. What
+        the core sends on the way out goes first, and the service's answer is waited for
+        (shielded, at most :data:`GOODBYE_DEADLINE`): the downlink stores it."""
+        goodbye = self.conv.finish(reason)
+        if goodbye and not self._over.is_set():
+            with trio.move_on_after(GOODBYE_DEADLINE) as scope:
+                scope.shield = True
+                try:
+                    for message in goodbye:
+                        await self.transport.send(message)
+                    await self._over.wait()
+                except LinkClosed:
+                    pass
+            if scope.cancelled_caught:
+                log.info("the service did not close the session within %.0f s of our close",
+                         GOODBYE_DEADLINE)
         await self._close()
 
     async def _send(self, event: ClientEvent) -> None:
@@ -139,6 +156,7 @@ class Connection:
                     await self.transport.send(message)
                 if len(opening) > 1:
                     log.info("re-sent %d turns of context to the new session", len(opening) - 1)
+                await self.state.watch.wait_for(lambda: self.conv.audio_ready)
                 nursery.start_soon(self._forward, control)
                 await self._frames(feed)
                 if not self.state.stopping:
@@ -246,6 +264,7 @@ class Connection:
                               "of this session are lost", FLUSH_DEADLINE)
                 state.watch.changed()
                 # this connection is over: stop its uplink, keepalive and timers too
+                self._over.set()
                 scope.cancel()
                 await self._close()
 
@@ -253,7 +272,7 @@ class Connection:
         end = self.conv.end
         if end is not None and end.kind in (End.LOST, End.EXPIRED):
             level = logging.INFO if end.kind is End.EXPIRED else logging.WARNING
-            log.log(level, "connection to the Realtime service lost: %s", end.detail)
+            log.log(level, "connection to the service lost: %s", end.detail)
 
     async def _event(self, message: str | bytes, effects: Effects) -> None:
         conv = self.conv
@@ -268,9 +287,17 @@ class Connection:
     # -- tool results --------------------------------------------------------------------------
     async def _tool_results(self, effects: Effects) -> None:
         """Outputs of finished tools go to the session that asked, if it is this one; a result
-        for an ended session is only recorded."""
+        for an ended session is only recorded. A running call's prompt goes to its session;
+        a change of the tools on offer to the session there is."""
         while True:
             done = await self.tools.results.receive()
+            if isinstance(done, ToolsOffered):
+                await effects.apply(self.conv.tools_offered(done.tools))
+                continue
+            if isinstance(done, ToolPrompt):
+                if done.job.epoch == self.epoch:
+                    await effects.apply(self.conv.tool_says(done.text))
+                continue
             with trio.move_on_after(FLUSH_DEADLINE) as deliver:
                 deliver.shield = True  # a received result is never lost to a cancel
                 if done.job.epoch == self.epoch:

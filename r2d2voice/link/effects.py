@@ -11,13 +11,15 @@ waited; control events and tool calls wait (they are few and small).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import trio
 
 from r2d2voice.audio.playout import AudioChunk
-from r2d2voice.link.state import Console, LinkState
+from r2d2voice.link.parts import LinkParts
+from r2d2voice.link.state import LinkState
 from r2d2voice.link.tools import ToolJob
 from r2d2voice.protocol.actions import (
     Action,
@@ -32,6 +34,7 @@ from r2d2voice.protocol.actions import (
     StoreError,
     StoreMessage,
     StoreResponse,
+    UserSpeaking,
     UserStopped,
 )
 from r2d2voice.realtime.client_events import RATE, ClientEvent
@@ -42,19 +45,23 @@ log = logging.getLogger("r2d2voice.link.effects")
 class Effects:
     """The action router of one connection (one service session)."""
 
-    def __init__(self, state: LinkState, session_id: str, console: Console,
+    def __init__(self, state: LinkState, session_id: str, parts: LinkParts,
                  audio: trio.MemorySendChannel[AudioChunk],
                  records: trio.MemorySendChannel[tuple[str, Record]],
                  control: trio.MemorySendChannel[ClientEvent],
-                 calls: trio.MemorySendChannel[ToolJob] | None = None, epoch: int = 0) -> None:
+                 calls: trio.MemorySendChannel[ToolJob] | None = None, epoch: int = 0, *,
+                 heard: Callable[[str, int | None], None] | None = None) -> None:
         self.state = state
         self.session_id = session_id
-        self.console = console
+        self.console = parts.console
+        self.observe = parts.on_record
         self.audio = audio
         self.records = records
         self.control = control
         self.calls = calls
         self.epoch = epoch
+        #: told each final user transcript (a call waiting for the person's yes)
+        self.heard = heard
         #: set by :class:`HangUp`: the connection closes once the goodbye has played
         self.hang_up = trio.Event()
 
@@ -64,8 +71,9 @@ class Effects:
             if isinstance(action, Play):
                 self._play(action)
             elif isinstance(action, BargeIn):
-                state.moments.user_speaking()
                 await self._barge_in()
+            elif isinstance(action, UserSpeaking):
+                state.moments.user_speaking()
             elif isinstance(action, UserStopped):
                 state.moments.user_stopped()
             elif isinstance(action, AudioDone):
@@ -87,6 +95,7 @@ class Effects:
         """Queue a record (of this session, or of ``session_id``) for the recorder; wait (and
         say so) when it is behind."""
         item = (session_id or self.session_id, record)
+        self.observe(record)  # before any wait: the budget counts a reply as it is done
         try:
             self.records.send_nowait(item)
         except trio.WouldBlock:
@@ -160,6 +169,8 @@ class Effects:
         if isinstance(record, StoreMessage) and not record.partial:
             if record.role == "user":
                 stats.user_turns += 1
+                if self.heard is not None:
+                    self.heard(record.text, record.seq)
             else:
                 stats.assistant_turns += 1
             self.console.transcript(record.role, record.text)

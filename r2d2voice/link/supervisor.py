@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -18,13 +19,14 @@ import trio
 from r2d2voice.audio.playout import AudioChunk
 from r2d2voice.errors import ConfigError, RuntimeFailure
 from r2d2voice.link.connection import Connection, FrameFeed, ToolPorts
-from r2d2voice.link.parts import LinkParts
+from r2d2voice.link.parts import Connected, LinkParts
 from r2d2voice.link.state import LinkPolicy, LinkState, Opening
 from r2d2voice.link.tools import (
     CALLS_BOUND,
     RESULTS_BOUND,
     ToolDone,
     ToolJob,
+    ToolNews,
     ToolRunner,
     no_tools,
 )
@@ -75,6 +77,8 @@ class Supervisor:
         self.backoff = Backoff(parts.policy, parts.rng or random.Random())
         self.tools = parts.tools or no_tools
         self.reconnecting = False  # the next session replaces a lost one
+        #: how the conversation's last connection ended, when the next one replaces it
+        self.replacing: End | None = None
         #: where this conversation's sessions start in ``state.session_ids`` (a new
         #: conversation carries no context from before it)
         self.chain_start = 0
@@ -100,10 +104,11 @@ class Supervisor:
             source = self.parts.source
             feed = FrameFeed(frames, drop_stale=source.live or source.resends, live=source.live)
             calls_send, calls_recv = trio.open_memory_channel[ToolJob](CALLS_BOUND)
-            results_send, results_recv = trio.open_memory_channel[ToolDone](RESULTS_BOUND)
+            results_send, results_recv = trio.open_memory_channel[ToolNews](RESULTS_BOUND)
             async with results_recv:
                 async with trio.open_nursery() as nursery:
-                    runner = ToolRunner(self.tools, records, self.state.moments)
+                    runner = ToolRunner(self.tools, records, self.parts.offer,
+                                        self.parts.on_record, self.state.moments)
                     nursery.start_soon(runner.run, calls_recv, results_send)
                     async with calls_send:
                         try:
@@ -112,7 +117,7 @@ class Supervisor:
                         except (ConfigError, RuntimeFailure) as exc:
                             self.failure = exc
                     nursery.cancel_scope.cancel()  # tools still running are stopped
-                await _store_undelivered(results_recv, records)
+                await _store_undelivered(results_recv, records, self.parts.on_record)
 
     async def _conversations(self, feed: FrameFeed, audio: trio.MemorySendChannel[AudioChunk],
                              records: trio.MemorySendChannel[tuple[str, Record]],
@@ -127,6 +132,7 @@ class Supervisor:
                 previous = None
                 self.chain_start = len(self.state.session_ids)
                 self.backoff.reset()
+                self.replacing = None
                 moments.conversation_started()
             ports = _Ports(feed, audio, records, tools, opening)
             first = len(self.state.session_ids)
@@ -188,7 +194,7 @@ class Supervisor:
             if end.kind is End.LOST and goes_on:
                 if not policy.reconnect:
                     raise RuntimeFailure(
-                        f"connection to the Realtime service lost ({end.detail})")
+                        f"connection to the service lost ({end.detail})")
                 self.reconnecting = True
                 self.backoff.failed(lived=trio.current_time() - started)
             elif end.kind is End.RECYCLE:
@@ -199,6 +205,7 @@ class Supervisor:
                 self.reconnecting = True
             if not goes_on:
                 return previous
+            self.replacing = end.kind
         return previous
 
     async def _connection(self, ports: _Ports, previous: str | None
@@ -216,6 +223,8 @@ class Supervisor:
             state.epoch += 1
             state.connected = True
             state.watch.changed()
+            self.parts.on_connection(Connected(session_id, self.replacing))
+            self.replacing = None
             # what happened since the last session ended (between sessions too) is this one's
             before = self._counted
             if self.reconnecting:  # counted in the session that replaces the lost one
@@ -238,6 +247,7 @@ class Supervisor:
                 self._current = None
                 state.connected = False
                 state.watch.changed()
+                self.parts.on_connection(core.end or EndReason(End.DONE, "stopping"))
                 for key, value in core.statistics().items():  # the session's own counts
                     setattr(state.stats, key, getattr(state.stats, key) + value)
                 self._counted = self._counters()
@@ -298,16 +308,21 @@ def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {key: value - before.get(key, 0) for key, value in now.items()}
 
 
-async def _store_undelivered(results: trio.MemoryReceiveChannel[ToolDone],
-                             records: trio.MemorySendChannel[tuple[str, Record]]) -> None:
-    """Results that finished after the last connection: recorded, not delivered."""
+async def _store_undelivered(results: trio.MemoryReceiveChannel[ToolNews],
+                             records: trio.MemorySendChannel[tuple[str, Record]],
+                             observe: Callable[[Record], None]) -> None:
+    """Results that finished after the last connection: recorded, not delivered (prompts and
+    offers mean nothing without a session)."""
     while True:
         try:
             done = results.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return
+        if not isinstance(done, ToolDone):
+            continue
         log.warning("tool %s (call %s) finished after the conversation ended: output not "
                     "delivered", done.job.call.name, done.job.call.call_id)
+        observe(done.result)
         with trio.move_on_after(END_DEADLINE) as scope:
             scope.shield = True
             await records.send((done.job.session_id, done.result))

@@ -83,9 +83,10 @@ class Endpoint:
 
     @property
     def full_url(self) -> str:
-        """``url`` with ``?model=`` added (kept if the URL already names one)."""
+        """``url`` with ``?model=`` added (kept if the URL already names one; none without a
+        model: GPT-Live names it in ``session.start``)."""
         parts = urlsplit(self.url)
-        if "model=" in parts.query:
+        if "model=" in parts.query or not self.model:
             return self.url
         query = "&".join(q for q in (parts.query, urlencode({"model": self.model})) if q)
         return urlunsplit(parts._replace(query=query))

@@ -2,7 +2,8 @@
 
 ``NAME`` is a :class:`Faults` field (``-`` or ``_``). A boolean switch needs no value;
 ``fail_responses`` is ``N`` (a rate-limit failure) or ``N:KIND`` and may be repeated;
-``audio_delta_ms`` is ``A`` or ``A-B``; ``transcript_delay`` is ``after_reply_start``,
+``audio_delta_ms`` is ``A`` or ``A-B``; ``live_close`` is ``REASON`` or ``REASON:N`` (after
+the first reply, or the Nth); ``transcript_delay`` is ``after_reply_start``,
 ``after_response_done`` or seconds. Any error is a :class:`FaultError`, one line.
 """
 
@@ -12,7 +13,13 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from r2d2voice.localbackend.faults import CONNECT_CLOSE_CODES, RESPONSE_FAULTS, Faults
+from r2d2voice.localbackend.faults import (
+    CONNECT_CLOSE_CODES,
+    LIVE_CLOSES,
+    LIVE_ERRORS,
+    RESPONSE_FAULTS,
+    Faults,
+)
 
 __all__ = ["FaultError", "parse_faults"]
 
@@ -57,6 +64,11 @@ def _range(value: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
+def _live_close(value: str) -> tuple[str, int]:
+    how, _, n = value.partition(":")
+    return _choice(*LIVE_CLOSES)(how), int(n or "1")
+
+
 def _fail(value: str) -> tuple[int, str]:
     n, _, kind = value.partition(":")
     return int(n), _choice(*RESPONSE_FAULTS)(kind or "failed")
@@ -81,11 +93,15 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "server_ping_s": _float,
     "rate_limits": _bool,
     "extra_fields": _bool,
+    "live_close": _live_close,
+    "live_error": _choice(*LIVE_ERRORS),
+    "live_reject": str,
 }
 _EXPECTED = {key: "a number" for key, parse in _PARSERS.items() if parse in (_int, _float)}
 _EXPECTED.update(audio_delta_ms="milliseconds: A or A-B", transcript_delay=(
     "after_reply_start, after_response_done or seconds"), fail_responses=(
-    "N or N:KIND, KIND one of " + ", ".join(RESPONSE_FAULTS)))
+    "N or N:KIND, KIND one of " + ", ".join(RESPONSE_FAULTS)), live_close=(
+    "REASON or REASON:N, REASON one of " + ", ".join(LIVE_CLOSES)))
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(Faults)}
 
 

@@ -14,6 +14,8 @@ __all__ = [
     "AfterResponse",
     "ConnectError",
     "Faults",
+    "LiveClose",
+    "LiveError",
     "ResponseFault",
     "TranscriptDelay",
     "TranscriptOutcome",
@@ -24,12 +26,17 @@ ConnectError = Literal["invalid_api_key", "insufficient_quota", "model_not_found
 TranscriptOutcome = Literal["completed", "empty", "failed", "never"]
 TranscriptDelay = Literal["after_reply_start", "after_response_done"] | float
 ResponseFault = Literal["failed", "max_output_tokens", "content_filter", "turn_detected"]
+LiveClose = Literal["expired", "connection_lost", "content", "remote_hangup", "abort"]
+LiveError = Literal["credit_balance_exhausted", "model_not_found"]
 
 CONNECT_CLOSE_CODES: dict[str, int] = {
     "invalid_api_key": 3000, "insufficient_quota": 1013, "model_not_found": 4000,
 }
 RESPONSE_FAULTS: tuple[str, ...] = ("failed", "max_output_tokens", "content_filter",
                                     "turn_detected")
+LIVE_CLOSES: tuple[str, ...] = ("expired", "connection_lost", "content", "remote_hangup",
+                                "abort")
+LIVE_ERRORS: tuple[str, ...] = ("credit_balance_exhausted", "model_not_found")
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,19 @@ class Faults:
     - ``server_ping_s=S``: a websocket ping every ~20 s → a ping frame every S s.
     - ``rate_limits``: ``rate_limits.updated`` after each ``response.done`` → the same.
     - ``extra_fields``: fields beyond the SDK's schema → ``phase`` on assistant messages,
-      ``obfuscation`` on text deltas, ``reasoning_tokens`` (counted in output_tokens) and
-      non-zero cached input tokens in usage.
+      ``obfuscation`` on text deltas and ``reasoning_tokens`` (counted in output_tokens).
+
+    GPT-Live (``/v1/live/sessions``; the switches above that fit apply too: ``reply_delay_s``,
+    ``reply_seconds``, ``audio_delta_ms``):
+
+    - ``live_close=REASON:N``: ends a session (its duration limit, a lost upstream, the safety
+      filter, a remote hang-up) → ``session.closed`` with that reason and the final usage, then
+      a close, after the Nth reply; ``abort:N``: the primary connection is lost → a TCP reset,
+      no ``session.closed``.
+    - ``live_error=CODE``: no credit left / an unknown model → ``session.start`` answered with
+      an ``error`` ``credit_balance_exhausted`` / ``model_not_found``, then a close (1008).
+    - ``live_reject=FIELD``: a strict service refuses a field (``session.delegation``) → an
+      ``error`` ``unknown_parameter`` naming it, in answer to a ``session.start`` that has it.
 
     ``idle_timeout_ms`` needs no switch: the backend honours it when a session sets it on
     ``server_vad`` turn detection, as the service does.
@@ -119,6 +137,12 @@ class Faults:
     rate_limits: bool = False
     #: fields the real service adds beyond the SDK's schema
     extra_fields: bool = False
+    #: GPT-Live: (how, after the Nth reply) the session ends
+    live_close: tuple[LiveClose, int] | None = None
+    #: GPT-Live: the error that answers ``session.start``, then the connection closes
+    live_error: LiveError | None = None
+    #: GPT-Live: a ``session.start`` field (dotted path) refused as unknown
+    live_reject: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.reply_delay_s >= 0, "reply_delay_s must be >= 0")
@@ -138,6 +162,14 @@ class Faults:
             _check(n >= 1 and kind in RESPONSE_FAULTS,
                    "fail_responses: response numbers start at 1; kinds: "
                    + ", ".join(RESPONSE_FAULTS))
+        if self.live_close is not None:
+            how, n = self.live_close
+            _check(how in LIVE_CLOSES and n >= 1, "live_close: REASON:N, N >= 1, REASON one "
+                   "of " + ", ".join(LIVE_CLOSES))
+        _check(self.live_error is None or self.live_error in LIVE_ERRORS,
+               "live_error must be one of " + ", ".join(LIVE_ERRORS))
+        _check(self.live_reject is None or self.live_reject.startswith("session."),
+               "live_reject must name a session.start field: session.NAME[.NAME...]")
         if self.audio_delta_ms is not None:
             lo, hi = self.audio_delta_ms
             _check(0 < lo <= hi, "audio_delta_ms must be 0 < shortest <= longest")

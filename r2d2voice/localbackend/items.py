@@ -1,13 +1,13 @@
-"""Conversation items as the local backend keeps them: order, lookup, create, truncate, usage."""
+"""Conversation items as the local backend keeps them: order, lookup, create, truncate."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
+from r2d2voice.localbackend.mcp import McpPlan
 from r2d2voice.localbackend.wire import IdFactory, Json, decode_pcm, is_int, ms, require
 
 __all__ = ["Conversation", "Item", "function_call_item", "parse_item", "system_item",
@@ -32,6 +32,7 @@ class Item:
     digest: bytes = b""  # hash of the user's input (audio or text): seeds the reply
     call_id: str | None = None  # function_call and function_call_output items
     name: str | None = None  # function_call items: the tool
+    plan: McpPlan | None = None  # mcp_approval_request items: the call it asks for
 
 
 def _message(item_id: str, role: str, content: list[Json], status: str = "completed") -> Json:
@@ -63,9 +64,11 @@ def parse_item(raw: Any, new_id: IdFactory) -> Item:
     require(isinstance(raw, dict), "Missing required parameter: 'item'.", "item",
             "missing_required_parameter")
     kind = raw.get("type")
-    require(kind in ("message", "function_call", "function_call_output"),
+    require(kind in ("message", "function_call", "function_call_output",
+                     "mcp_approval_response"),
             "Invalid value for 'item.type': the local backend supports 'message', "
-            "'function_call' and 'function_call_output'.", "item.type")
+            "'function_call', 'function_call_output' and 'mcp_approval_response'.",
+            "item.type")
     item_id = raw.get("id")
     if item_id is None:
         item_id = new_id("item")
@@ -73,6 +76,8 @@ def parse_item(raw: Any, new_id: IdFactory) -> Item:
             "Invalid type for 'item.id': expected a string.", "item.id")
     if kind == "message":
         return _message_item(raw, item_id)
+    if kind == "mcp_approval_response":
+        return _approval_response(raw, item_id)
     fields = ("call_id", "name", "arguments") if kind == "function_call" else ("call_id", "output")
     for key in fields:
         require(isinstance(raw.get(key), str), f"Missing required parameter: 'item.{key}'.",
@@ -83,6 +88,23 @@ def parse_item(raw: Any, new_id: IdFactory) -> Item:
             "status": "completed", "call_id": raw["call_id"], "output": raw["output"]}
     return Item(item_id, "function_call_output", wire, text=raw["output"],
                 digest=hashlib.sha256(raw["output"].encode()).digest(), call_id=raw["call_id"])
+
+
+def _approval_response(raw: Json, item_id: str) -> Item:
+    """The client's answer to an ``mcp_approval_request`` (its id is the item's ``call_id``)."""
+    require(isinstance(raw.get("approval_request_id"), str),
+            "Missing required parameter: 'item.approval_request_id'.",
+            "item.approval_request_id", "missing_required_parameter")
+    require(isinstance(raw.get("approve"), bool), "Missing required parameter: 'item.approve'.",
+            "item.approve", "missing_required_parameter")
+    reason = raw.get("reason")
+    require(reason is None or isinstance(reason, str),
+            "Invalid type for 'item.reason': expected a string.", "item.reason")
+    wire = {"id": item_id, "type": "mcp_approval_response",
+            "approval_request_id": raw["approval_request_id"], "approve": raw["approve"],
+            "reason": reason}
+    return Item(item_id, "mcp_approval_response", wire, text=reason,
+                call_id=raw["approval_request_id"])
 
 
 def _message_item(raw: Json, item_id: str) -> Item:
@@ -192,19 +214,6 @@ class Conversation:
         item.audio_ms = audio_end_ms
         item.text = None
         item.wire["content"][0]["transcript"] = None
-
-    def input_usage(self, instructions: str, exclude: Container[str] = ()) -> tuple[int, int]:
-        """(audio, text) input tokens, as a response would be billed: 10 per second of user
-        audio, len(text) // 4 over the instructions, text items, assistant transcripts and
-        function calls and outputs; the items in ``exclude`` (the response's own) left out."""
-        audio_ms = sum(it.audio_ms for it in self.items
-                       if it.role == "user" and it.id not in exclude)
-        text = len(instructions) // 4
-        text += sum(
-            len(it.text) // 4 for it in self.items
-            if it.text and it.id not in exclude and (it.role != "user" or it.audio_ms == 0)
-        )
-        return audio_ms * 10 // 1000, text
 
     def wire(self, item: Item) -> Json:
         """A copy of ``item`` as the client sees it."""

@@ -1,4 +1,5 @@
-"""The output items of one response: an assistant audio message and a function call (sans-IO).
+"""The output items of one response: an assistant audio message, a function call, a remote MCP
+item (sans-IO).
 
 Each knows the events that open it, stream it and close it, and which of them were sent: a
 response cut short closes exactly what the client saw opened, with what it was sent.
@@ -13,9 +14,11 @@ from dataclasses import dataclass
 
 from r2d2voice.localbackend.fault_events import obfuscation
 from r2d2voice.localbackend.items import Conversation, Item, function_call_item
+from r2d2voice.localbackend.mcp import McpPlan, approval_item, call_item
 from r2d2voice.localbackend.wire import RATE, EventMaker, Json, ms
 
-__all__ = ["ARGUMENT_PIECE", "AudioMessage", "ChunkMs", "FunctionCall", "Tick", "chunk_bounds"]
+__all__ = ["ARGUMENT_PIECE", "AudioMessage", "ChunkMs", "FunctionCall", "McpOutput", "Tick",
+           "chunk_bounds"]
 
 ChunkMs = int | tuple[int, int]
 """Audio per delta in ms: fixed, or (shortest, longest) varied deterministically."""
@@ -228,3 +231,51 @@ class FunctionCall(_Output):
         return [("response.function_call_arguments.done", lambda: self._event(
             "response.function_call_arguments.done", **self._ids(), call_id=self.call_id,
             name=self.name, arguments=self.arguments))]
+
+
+class McpOutput(_Output):
+    """A remote MCP item: an ``mcp_approval_request`` (``ask``: the service asks before the
+    call), or the ``mcp_call`` the service made — its arguments, in progress, then completed
+    or failed with what the script says the server answered."""
+
+    def __init__(self, *args: object, plan: McpPlan, ask: bool,
+                 approval_request_id: str | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.item_id = self._event.new_id("mcpr" if ask else "mcp")
+        self.plan = plan
+        self.ask = ask
+        self.approval_request_id = approval_request_id
+
+    def opening(self) -> Iterator[Json]:
+        yield from self._added()
+
+    def steps(self) -> Iterator[Json]:
+        """The call's events between its ``added`` and its ``done`` (an approval request has
+        none)."""
+        if self.ask:
+            return
+        arguments = self.plan.arguments
+        yield self._event("response.mcp_call_arguments.delta", **self._ids(), delta=arguments)
+        yield self._event("response.mcp_call_arguments.done", **self._ids(),
+                          arguments=arguments)
+        yield self._event("response.mcp_call.in_progress", item_id=self.item_id,
+                          output_index=self.output_index)
+
+    def wire(self, status: str) -> Json:
+        if self.ask:
+            return approval_item(self.item_id, self.plan)
+        return call_item(self.item_id, self.plan, self.approval_request_id,
+                         done=status == "completed")
+
+    def _new_item(self) -> Item:
+        kind = "mcp_approval_request" if self.ask else "mcp_call"
+        return Item(self.item_id, kind, self.wire("in_progress"), text=self.plan.arguments,
+                    name=self.plan.tool, plan=self.plan)
+
+    def _content_done(self) -> list[tuple[str, Callable[[], Json]]]:
+        if "response.mcp_call.in_progress" not in self.sent_types:
+            return []
+        kind = ("response.mcp_call.failed" if self.plan.error is not None
+                else "response.mcp_call.completed")
+        return [(kind, lambda: self._event(kind, item_id=self.item_id,
+                                           output_index=self.output_index))]

@@ -7,7 +7,8 @@ the end, or once cancelled, :meth:`Reply.closing` closes whatever was opened, fr
 actually sent, then ``response.done`` and what is due after it.
 
 A reply is an audio message (beeps, with a scripted or default transcript), a function call,
-or both (a spoken preamble, then the call).
+or both (a spoken preamble, then the call); a remote MCP call the service made comes before
+the message about it, an approval request after a preamble.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import copy
 import functools
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 from r2d2voice.audio.beeps import r2_reply
+from r2d2voice.localbackend.context import Bill
 from r2d2voice.localbackend.fault_events import rate_limits_updated, response_status_details
 from r2d2voice.localbackend.faults import ResponseFault
 from r2d2voice.localbackend.items import Conversation
@@ -28,9 +30,11 @@ from r2d2voice.localbackend.outputs import (
     AudioMessage,
     ChunkMs,
     FunctionCall,
+    McpOutput,
     Tick,
     chunk_bounds,
 )
+from r2d2voice.localbackend.planner import ReplyPlan
 from r2d2voice.localbackend.wire import RATE, EventMaker, Json, ms
 
 __all__ = ["Beeps", "Reply", "Tick", "leftover_audio", "synthesize"]
@@ -71,10 +75,10 @@ def leftover_audio(steps: Iterator[Json | Tick], n: int) -> list[Json]:
 class Reply:
     """One response, from ``response.created`` to ``response.done``.
 
-    ``say``: the transcript (None: the beeps' own); ``call``: (tool name, arguments) to call
-    after it; ``fault``: how it is made to end (:attr:`Faults.fail_responses`); ``extra``:
-    the fields of :attr:`Faults.extra_fields`; ``cached``: (audio, text) input tokens the
-    previous response already had (reported as cached with ``extra``).
+    ``plan``: what it says and calls (:class:`ReplyPlan`); ``fault``: how it is made to end
+    (:attr:`Faults.fail_responses`); ``extra``: the fields of :attr:`Faults.extra_fields`;
+    ``bill``: the input it is billed for, read when it closes (its own outputs excluded; see
+    :mod:`.context`).
     """
 
     def __init__(
@@ -88,12 +92,11 @@ class Reply:
         seed: bytes,
         seconds: float,
         metadata: Any = None,
-        say: str | None = None,
-        call: tuple[str, str] | None = None,
+        plan: ReplyPlan | None = None,
         fault: ResponseFault | None = None,
         extra: bool = False,
         rate_limits: bool = False,
-        cached: tuple[int, int] = (0, 0),
+        bill: Callable[[Container[str]], Bill] | None = None,
     ) -> None:
         self._event = event
         self._conversation = conversation
@@ -104,29 +107,37 @@ class Reply:
         self.seed = seed
         self.seconds = seconds
         self.metadata = metadata
+        plan = plan or ReplyPlan()
+        say, call, mcp = plan.say, plan.call, plan.mcp
         self.say = say
         self.fault = fault
         self.extra = extra
         self.rate_limits = rate_limits
-        self.cached = cached
+        self.bill = bill
         self.cancel_reason: str | None = None
         self.created = False
-        self.input_tokens = (0, 0)  # (audio, text), known once closed
         self.on_start: list[Json] = []  # sent right after response.created
         self.on_done: list[Json] = []  # sent right after response.done
         self._start_sent: set[str] = set()
         common = (event, conversation, self.id)
         self.message: AudioMessage | None = None
         self.call: FunctionCall | None = None
-        self.outputs: list[AudioMessage | FunctionCall] = []
-        if call is None or say is not None:
-            phase = "commentary" if call is not None else "final_answer"
-            self.message = AudioMessage(*common, 0, extra=extra, phase=phase)
+        self.outputs: list[AudioMessage | FunctionCall | McpOutput] = []
+        asks = mcp is not None and mcp.ask
+        if mcp is not None and not asks:  # the call the service made, then the words on it
+            self.outputs.append(McpOutput(*common, 0, extra=extra, plan=mcp.plan, ask=False,
+                                          approval_request_id=mcp.approval_request_id))
+        if say is not None or (call is None and not asks):
+            phase = "commentary" if call is not None or asks else "final_answer"
+            self.message = AudioMessage(*common, len(self.outputs), extra=extra, phase=phase)
             self.outputs.append(self.message)
         if call is not None:
             self.call = FunctionCall(*common, len(self.outputs), extra=extra, name=call[0],
                                      arguments=call[1])
             self.outputs.append(self.call)
+        if mcp is not None and asks:
+            self.outputs.append(McpOutput(*common, len(self.outputs), extra=extra,
+                                          plan=mcp.plan, ask=True))
 
     @property
     def speaks(self) -> bool:
@@ -184,9 +195,11 @@ class Reply:
                     yield step
                 if not cut and k < len(self.outputs) - 1:
                     yield Tick(ms(len(audio) // 2))  # what follows is due after the audio
-            else:
+            elif isinstance(out, FunctionCall):
                 n = math.ceil(len(out.arguments) / ARGUMENT_PIECE)
                 yield from itertools.islice(out.deltas(), n // 2 if cut else None)
+            elif not cut:
+                yield from out.steps()
             if cut:
                 return
             if k < len(self.outputs) - 1:
@@ -221,19 +234,19 @@ class Reply:
         return out + self.on_done
 
     def usage(self) -> Json:
-        """Synthetic, deterministic usage: input as :meth:`Conversation.input_usage`; output
-        20 audio tokens per second of audio sent, len(transcript and arguments sent) // 4
-        text tokens (+ :data:`REASONING_TOKENS` and cached input with ``extra``)."""
+        """Synthetic, deterministic usage: input and cached input as ``bill`` says (the
+        whole context read again, see :mod:`.context`); output 20 audio tokens per second of
+        audio sent, len(transcript and arguments sent) // 4 text tokens (+
+        :data:`REASONING_TOKENS` with ``extra``). Called once, when the reply closes."""
         exclude = {o.item_id for o in self.outputs}
-        in_audio, in_text = self._conversation.input_usage(self.instructions, exclude)
-        self.input_tokens = (in_audio, in_text)
+        bill = self.bill(exclude) if self.bill is not None else Bill(0, len(self.instructions) // 4)
+        in_audio, in_text = bill.audio, bill.text
         out_audio = self.bytes_sent // 2 * 20 // RATE
         text = (self.message.transcript_sent if self.message else "") + (
             self.call.arguments_sent if self.call else "")
         out_text = len(text) // 4
         reasoning = REASONING_TOKENS if self.extra else 0
-        cached_audio = min(self.cached[0], in_audio) if self.extra else 0
-        cached_text = min(self.cached[1], in_text) if self.extra else 0
+        cached_audio, cached_text = bill.cached_audio, bill.cached_text
         output_details: Json = {"text_tokens": out_text, "audio_tokens": out_audio}
         if self.extra:
             output_details["reasoning_tokens"] = reasoning

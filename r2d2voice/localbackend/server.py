@@ -1,4 +1,5 @@
-"""A Realtime-compatible local backend speaking OpenAI's GA Realtime protocol: the trio shell.
+"""A Realtime-compatible local backend speaking OpenAI's GA Realtime protocol: the trio shell
+(and, at ``/v1/live/sessions``, GPT-Live: :mod:`.live_server`).
 
 Offline stand-in for the service, and the peer of the test suite: an energy VAD
 (:mod:`r2d2voice.audio.vad`) detects turns in the appended audio, and every reply is a burst
@@ -66,6 +67,7 @@ from r2d2voice.localbackend.config import BackendConfig
 from r2d2voice.localbackend.connection import CLOSE_TIMEOUT_S, Connection
 from r2d2voice.localbackend.fault_events import connect_error
 from r2d2voice.localbackend.faults import CONNECT_CLOSE_CODES, Faults
+from r2d2voice.localbackend.live_server import is_live, serve_live
 from r2d2voice.localbackend.session import LocalSession
 from r2d2voice.localbackend.session_config import DEFAULT_MODEL
 from r2d2voice.localbackend.streaming import stream_reply
@@ -140,11 +142,16 @@ async def _serve_request(
         log.info("refused %s after the upgrade: %s", remote, refusal)
         await _refuse(ws, refusal, model)
         return
-    session = LocalSession(model, clock=time.time, reply_seconds=config.effective_reply_seconds,
-                           faults=faults, script=config.script, observer=config.observer)
-    log.info("session %s opened from %s (model %s)", session.id, remote, model)
+    if is_live(request.path):  # GPT-Live (its model comes in session.start)
+        served = serve_live(ws, stream, config)
+    else:
+        session = LocalSession(model, clock=time.time, faults=faults, script=config.script,
+                               reply_seconds=config.effective_reply_seconds,
+                               observer=config.observer)
+        log.info("session %s opened from %s (model %s)", session.id, remote, model)
+        served = Connection(ws, stream, session, config).run()
     try:
-        await Connection(ws, stream, session, config).run()
+        await served
     finally:
         # -inf: we are being cancelled, i.e. the server is shutting down ("going away").
         code = 1001 if trio.current_effective_deadline() == -math.inf else 1000
@@ -153,7 +160,7 @@ async def _serve_request(
         wait = CLOSE_TIMEOUT_S if code == 1000 else 0.05
         with trio.CancelScope(shield=True, deadline=trio.current_time() + wait):
             await ws.aclose(code)
-        log.info("session %s closed", session.id)
+        log.info("connection from %s closed", remote)
 
 
 async def serve_connection(stream: trio.abc.Stream, config: BackendConfig) -> None:
@@ -185,7 +192,8 @@ async def serve_local(
 ) -> None:
     """Serve the local backend until cancelled; ``task_status.started(bound_port)``.
 
-    Any path is accepted (``/v1/realtime?model=...``); every session names its model
+    ``/v1/live/sessions`` speaks GPT-Live (:mod:`.live_server`); any other path is accepted
+    as Realtime (``/v1/realtime?model=...``); every Realtime session names its model
     ``local`` (:data:`~r2d2voice.localbackend.session_config.LOCAL_MODEL`), whatever was asked.
     Each connection gets its own session. Cancelling the caller's scope closes every
     connection (close code 1001, at most :data:`CLOSE_TIMEOUT_S` each) and the listener.

@@ -7,7 +7,9 @@ own: the wall clock (for ``expires_at``) and the id factory are injected, so a t
 JSON and read back exactly the events a client would get.
 
 The parts: :mod:`.session_config` (``session.update``), :mod:`.turns` (input buffer and VAD
-turns), :mod:`.items` (the conversation), :mod:`.reply` (one response).
+turns), :mod:`.items` (the conversation), :mod:`.reply` (one response), :mod:`.mcp` (remote
+MCP servers: the service lists their tools when they are offered, and goes on by itself after
+the client answers its approval request — once the reply in progress is done).
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from r2d2voice.localbackend import session_config as sc
+from r2d2voice.localbackend.context import ContextWindow
 from r2d2voice.localbackend.faults import Faults
-from r2d2voice.localbackend.items import Conversation, parse_item, system_item, user_audio_item
-from r2d2voice.localbackend.planner import Planner
+from r2d2voice.localbackend.items import (
+    Conversation,
+    Item,
+    parse_item,
+    system_item,
+    user_audio_item,
+)
+from r2d2voice.localbackend.planner import Planner, ReplyPlan
+from r2d2voice.localbackend.remote import approval_request, list_new_servers
 from r2d2voice.localbackend.reply import Reply
 from r2d2voice.localbackend.script import Script
 from r2d2voice.localbackend.transcription import Deferred, commit_events
@@ -93,6 +103,7 @@ class LocalSession:
         self.reply_seconds = reply_seconds
         self.faults = faults or Faults()
         self.planner = Planner(script)
+        self.commits = 0  # user turns committed; script turn N's ``hear`` is the Nth one's words
         self.observer = observer
         minutes = self.faults.session_minutes
         lifetime = round(minutes * 60) if minutes is not None else SESSION_LIFETIME_S
@@ -100,14 +111,15 @@ class LocalSession:
         self.session = sc.default_session(new_id("sess"), int(clock()) + lifetime)
         self.conversation_id = new_id("conv")
         self.conversation = Conversation()
+        self.window = ContextWindow()  # what responses read: truncation, cached prefix
         self.input = InputAudio(sc.vad_params(self.turn_detection), self.faults.benign_errors)
         self.active: Reply | None = None  # the reply in progress (not cancelled, not done)
+        self.next: Reply | None = None  # the reply queued after it (the service goes on)
         self.responses = 0  # replies started
         self.idle_epoch = 0  # bumped whenever the idle timeout starts over
         self._idle_from_ms = 0  # where in the input stream the idle time started
         self._speech_item_id: str | None = None  # the user item the turn in progress becomes
         self._deferred: list[Deferred] = []  # transcriptions waiting for the next reply
-        self._last_reply: Reply | None = None
 
     # -- public ------------------------------------------------------------------------
 
@@ -161,7 +173,7 @@ class LocalSession:
     def finish_reply(self, reply: Reply) -> None:
         """The shell is done streaming ``reply`` (completed or cancelled)."""
         if self.active is reply:
-            self.active = None
+            self.active, self.next = self.next, None
             self._idle_restart()
 
     def on_idle(self) -> list[Output]:
@@ -209,8 +221,10 @@ class LocalSession:
         item = user_audio_item(item_id or self.event.new_id("item"), audio)
         previous = self.conversation.insert(item)
         transcribe = self.session["audio"]["input"]["transcription"] is not None
+        self.commits += 1
         now, later = commit_events(self.event, self.conversation, item, previous, speech_ms,
-                                   transcribe, self.faults)
+                                   transcribe, self.faults,
+                                   self.planner.script.turn(self.commits).hear)
         out: list[Output] = list(now)
         if later is not None and isinstance(later.when, str):
             self._deferred.append(later)
@@ -219,29 +233,44 @@ class LocalSession:
         return out
 
     def _start_reply(self, metadata: Any = None) -> Reply:
+        reply = self._reply(self.planner.next(self.conversation, self.session), metadata)
+        self.active = reply
+        self.idle_epoch += 1
+        return reply
+
+    def _go_on(self, approval: Item, request: Item) -> list[Output]:
+        """The service goes on by itself after the answer to its approval request: at once,
+        or after the reply in progress (one reply queued at a time)."""
+        if self.next is not None:
+            return []
+        reply = self._reply(Planner.approved(approval, request))
+        if self.active is None:
+            self.active, self.idle_epoch = reply, self.idle_epoch + 1
+        else:
+            self.next = reply
+        return [reply]
+
+    def _reply(self, plan: ReplyPlan, metadata: Any = None) -> Reply:
         self.responses += 1
-        say, call = self.planner.next(self.conversation, self.session)
         faults = self.faults
-        last = self._last_reply
         reply = Reply(
             self.event, self.conversation, conversation_id=self.conversation_id,
             voice=self.session["audio"]["output"]["voice"],
             instructions=self.session.get("instructions") or "",
             seed=self.conversation.seed(), seconds=self.reply_seconds, metadata=metadata,
-            say=say, call=call, fault=faults.response_fault(self.responses),
+            plan=plan, fault=faults.response_fault(self.responses),
             extra=faults.extra_fields, rate_limits=faults.rate_limits,
-            cached=last.input_tokens if last is not None else (0, 0),
+            bill=self.window.biller(self.conversation.items, self.session),
         )
         for deferred in self._deferred:
             target = reply.on_start if deferred.when == "after_reply_start" else reply.on_done
             target += deferred.events
         self._deferred.clear()
-        self.active = self._last_reply = reply
-        self.idle_epoch += 1
         return reply
 
     def _cancel_active(self, reason: str) -> list[Output]:
-        reply, self.active = self.active, None
+        # a reply queued behind it is the one in progress now (the shell streams it next)
+        reply, self.active, self.next = self.active, self.next, None
         if reply is None:
             return []
         reply.cancel(reason)
@@ -250,10 +279,13 @@ class LocalSession:
     # -- client event handlers ---------------------------------------------------------
 
     def _on_session_update(self, event: Json) -> list[Output]:
+        before = self.session
         self.session, vad_changed = sc.apply_update(self.session, event.get("session"))
         if vad_changed:
             self._restart_turn_detection()
-        return [self.event("session.updated", session=copy.deepcopy(self.session))]
+        return [self.event("session.updated", session=copy.deepcopy(self.session)),
+                *list_new_servers(self.event, self.conversation, before, self.session,
+                                  self.planner.script)]
 
     def _on_append(self, event: Json) -> list[Output]:
         raw = decode_pcm(event.get("audio"), "audio")
@@ -308,14 +340,18 @@ class LocalSession:
             require(self.conversation.call(item.call_id or "") is not None,
                     f"No tool call found for function call output with call_id {item.call_id}.",
                     "item.call_id")
+        request = approval_request(self.conversation, item)
         previous_item_id = event.get("previous_item_id")
         require(previous_item_id is None or isinstance(previous_item_id, str),
                 "Invalid type for 'previous_item_id': expected a string.", "previous_item_id")
         previous = self.conversation.insert(item, previous_item_id)
-        return [
+        out: list[Output] = [
             self.event(kind, previous_item_id=previous, item=self.conversation.wire(item))
             for kind in ("conversation.item.added", "conversation.item.done")
         ]
+        if request is not None:
+            out += self._go_on(item, request)
+        return out
 
     def _on_item_retrieve(self, event: Json) -> list[Output]:
         item = self.conversation.find(event.get("item_id"), "item_retrieve_invalid_item_id")

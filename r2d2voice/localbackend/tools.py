@@ -1,5 +1,5 @@
-"""Function tools, as the service checks them in ``session.update``, and the reply that quotes
-a tool's output (pure functions)."""
+"""Function tools, as the service checks them in ``session.update`` (``type: "mcp"`` tools in
+:mod:`.mcp`), and the reply that quotes a tool's output (pure functions)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import copy
 import re
 from typing import Any
 
+from r2d2voice.localbackend.mcp import check_mcp_tool
 from r2d2voice.localbackend.wire import Json, require
 
 __all__ = ["check_tool_choice", "check_tools", "offers_tools", "quote_outputs"]
@@ -17,17 +18,21 @@ QUOTE_CHARS = 200
 """A quoted tool output longer than this is cut (the transcript stays a sentence)."""
 
 
-def check_tools(value: Any) -> list[Json]:
-    """A copy of ``session.tools``, or a ClientError naming what the service would refuse."""
-    where = "session.tools"
+def check_tools(value: Any, where: str = "session.tools") -> list[Json]:
+    """A copy of the tools at ``where``, or a ClientError naming what the service would
+    refuse."""
     require(isinstance(value, list), f"Invalid type for '{where}': expected an array.", where)
     names: set[str] = set()
+    checked: list[Json] = []
     for i, tool in enumerate(value):
         p = f"{where}[{i}]"
         require(isinstance(tool, dict), f"Invalid type for '{p}': expected an object.", p)
+        if tool.get("type") == "mcp":
+            checked.append(check_mcp_tool(tool, p))
+            continue
         require(tool.get("type", "function") == "function",
-                f"Invalid value for '{p}.type': the local backend supports only 'function'.",
-                f"{p}.type")
+                f"Invalid value for '{p}.type': the local backend supports 'function' and "
+                "'mcp'.", f"{p}.type")
         for key in tool:
             require(key in _TOOL_KEYS, f"Unknown parameter: '{p}.{key}'.", f"{p}.{key}",
                     "unknown_parameter")
@@ -47,7 +52,8 @@ def check_tools(value: Any) -> list[Json]:
             require(isinstance(params, dict) and params.get("type", "object") == "object",
                     f"Invalid schema for function '{name}': schema must be a JSON Schema of "
                     "'type: \"object\"'.", f"{p}.parameters")
-    return [{"type": "function", **copy.deepcopy(t)} for t in value]
+        checked.append({"type": "function", **copy.deepcopy(tool)})
+    return checked
 
 
 def check_tool_choice(value: Any, tools: list[Json]) -> Json | str:
@@ -61,7 +67,7 @@ def check_tool_choice(value: Any, tools: list[Json]) -> Json | str:
     require(isinstance(value, dict) and value.get("type") == "function"
             and isinstance(value.get("name"), str),
             f"Invalid '{where}': expected {{'type': 'function', 'name': ...}}.", where)
-    require(any(t["name"] == value["name"] for t in tools),
+    require(any(t.get("name") == value["name"] for t in tools),
             f"Tool choice 'function' with name '{value['name']}' not found in 'tools'.", where)
     return {"type": "function", "name": value["name"]}
 

@@ -38,10 +38,11 @@ def _usage(item: Item, transcript: str) -> Json:
 
 def commit_events(
     ev: EventMaker, conversation: Conversation, item: Item, previous: str | None,
-    speech_ms: int, transcribe: bool, faults: Faults,
+    speech_ms: int, transcribe: bool, faults: Faults, words: str | None = None,
 ) -> tuple[list[Json], Deferred | None]:
     """The events of committing ``item`` (already in ``conversation`` after ``previous``): now,
-    and the transcription due later (None: nothing deferred)."""
+    and the transcription due later (None: nothing deferred). ``words``: the transcript
+    (a script's ``hear``) instead of ``(speech, N s)``."""
     now = [ev("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id),
            ev("conversation.item.added", previous_item_id=previous, item=conversation.wire(item))]
     if not transcribe:
@@ -49,7 +50,8 @@ def commit_events(
                       item=conversation.wire(item)))
         return now, None
     outcome = faults.transcript_outcome
-    transcript = "" if outcome == "empty" else f"(speech, {speech_ms / 1000:.1f} s)"
+    heard = words if words is not None else f"(speech, {speech_ms / 1000:.1f} s)"
+    transcript = "" if outcome == "empty" else heard
     if outcome in ("completed", "empty"):
         item.text = transcript or None
         item.wire["content"][0]["transcript"] = transcript

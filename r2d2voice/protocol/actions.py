@@ -30,7 +30,14 @@ class Play:
 @dataclass(frozen=True, slots=True)
 class BargeIn:
     """The user started speaking: stop the speaker now and report what was played with
-    :meth:`Conversation.interrupted` (the ``user_speaking`` moment, too)."""
+    :meth:`Conversation.interrupted`."""
+
+    user_item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserSpeaking:
+    """The service hears the person speaking (``user_speaking``)."""
 
     user_item_id: str
 
@@ -67,6 +74,8 @@ class CallTool:
     name: str
     arguments: str = field(repr=False)
     response_id: str | None = None
+    #: the call item's place in the conversation (a confirmation must come after it)
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +129,17 @@ class StoreResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreUsage:
+    """Billed time of a service session billed by the second (GPT-Live): the service's
+    current total (``session.usage.updated``, final at ``session.closed``). Each replaces the
+    one before for ``service_session_id``: totals are never summed."""
+
+    service_session_id: str
+    seconds: float
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StoreLatency:
     """End of user speech -> first reply sample handed to the speaker, in ms."""
 
@@ -136,7 +156,8 @@ class StoreError:
 
 
 Record = (
-    StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreLatency | StoreError
-    | StoreToolCall | StoreToolResult
+    StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreUsage | StoreLatency
+    | StoreError | StoreToolCall | StoreToolResult
 )
-Action = Play | BargeIn | UserStopped | AudioDone | Send | CallTool | HangUp | Notice | Record
+Action = (Play | BargeIn | UserSpeaking | UserStopped | AudioDone | Send | CallTool | HangUp
+          | Notice | Record)

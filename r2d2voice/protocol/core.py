@@ -16,10 +16,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from r2d2voice.protocol.actions import Action, ClientEvent
 from r2d2voice.protocol.tool_records import StoreToolResult
+
+#: How often a core whose pauses matter (GPT-Live) asks to be ticked: its ``tick_interval``
+#: (seconds of the shell's monotonic clock).
+TICK_S = 0.1
 
 
 class End(enum.Enum):
@@ -42,6 +46,11 @@ class EndReason:
     def ours(self) -> bool:
         """We closed it (a close code the service sends after that means nothing)."""
         return self.kind in (End.DONE, End.RECYCLE, End.HANGUP)
+
+
+class LocalProtocolError(RuntimeError):
+    """The shell asked a core for something its state forbids (sending on a closed session,
+    audio before the service started it): the link treats the connection as closed."""
 
 
 class ProtocolCore(Protocol):
@@ -73,8 +82,12 @@ class ProtocolCore(Protocol):
     def connection_lost(self, code: int | None, reason: str) -> list[Action]:
         """The transport is gone (close code and reason, if any): flush what is partial."""
 
-    def finish(self, reason: EndReason) -> None:
-        """The shell ends the session for ``reason`` (ignored if it has already ended)."""
+    def finish(self, reason: EndReason) -> list[str]:
+        """The shell ends the session for ``reason`` (ignored if it has already ended): wire
+        messages to send before the transport closes, in order. None (Realtime: the socket's
+        close is the end) or a request the service answers before it closes the connection
+        (GPT-Live: ``session.close``, answered with the final usage); the shell then waits a
+        bounded time for the service to close."""
 
     def interrupted(self, item_id: str, played_samples: int) -> list[Action]:
         """The speaker stopped reply ``item_id`` after ``played_samples`` (barge-in)."""
@@ -85,8 +98,16 @@ class ProtocolCore(Protocol):
     def tool_finished(self, result: StoreToolResult, *, hang_up: bool) -> list[Action]:
         """A tool call the core asked for (:class:`~.actions.CallTool`) finished."""
 
+    def tool_says(self, text: str) -> list[Action]:
+        """A running call has the model told ``text`` (and answer it: a call waiting for the
+        person's yes has the model ask)."""
+
+    def tools_offered(self, tools: tuple[dict[str, Any], ...]) -> list[Action]:
+        """The tools on offer changed mid-session (an MCP server came, went, changed)."""
+
     def tick(self, now: float) -> list[Action]:
-        """Time passed (every :attr:`tick_interval` s): close what a pause closes."""
+        """Time passed without a message (every :attr:`tick_interval` s): what a pause has
+        closed (GPT-Live commits an utterance once its speaker paused)."""
 
     def give_up_transcripts(self) -> list[str]:
         """Stop waiting for the person's transcripts that never came; their ids."""
@@ -108,6 +129,11 @@ class ProtocolCore(Protocol):
     @property
     def configured(self) -> bool:
         """The service accepted the session's configuration."""
+
+    @property
+    def audio_ready(self) -> bool:
+        """Microphone audio may go (after :meth:`opening`): at once for Realtime, once the
+        service started the session for GPT-Live. The uplink waits for it."""
 
     @property
     def idle(self) -> bool:

@@ -36,6 +36,8 @@ class SessionConfig:
     tools: tuple[dict[str, Any], ...] = ()
     #: no speech this long makes the service nudge the user (``idle_timeout_ms``); None: off
     idle_timeout_ms: int | None = None
+    #: the longest reply in tokens (``max_output_tokens``, 1..4096); None: not sent ("inf")
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,28 @@ class ItemCreateFunctionOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemCreateMcpApproval:
+    """``conversation.item.create`` of an ``mcp_approval_response``: the answer to the service's
+    request to call a remote MCP tool."""
+
+    TYPE: ClassVar[str] = "conversation.item.create"
+
+    item_id: str
+    approval_request_id: str
+    approve: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolsUpdate:
+    """``session.update`` of the ``tools`` alone (their list changed mid-session)."""
+
+    TYPE: ClassVar[str] = "session.update"
+
+    tools: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ItemTruncate:
     """``conversation.item.truncate``: the service keeps only what the user heard."""
 
@@ -129,6 +153,7 @@ class ResponseCancel:
 ClientEvent = (
     SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreateText
     | ItemCreateFunctionOutput | ItemTruncate | ItemDelete | ResponseCreate | ResponseCancel
+    | ItemCreateMcpApproval | ToolsUpdate
 )
 
 
@@ -163,6 +188,8 @@ def _session(cfg: SessionConfig) -> dict[str, Any]:
         if cfg.token_limit:
             truncation["token_limits"] = {"post_instructions": cfg.token_limit}
         session["truncation"] = truncation
+    if cfg.max_output_tokens is not None:
+        session["max_output_tokens"] = cfg.max_output_tokens
     if cfg.tools:
         session["tools"] = [dict(tool) for tool in cfg.tools]
         session["tool_choice"] = "auto"
@@ -184,6 +211,14 @@ def to_dict(event: ClientEvent, event_id: str) -> dict[str, Any]:
         case ItemCreateFunctionOutput(call_id=call_id, output=output):
             body = {"item": {"type": "function_call_output", "call_id": call_id,
                              "output": output}}
+        case ItemCreateMcpApproval(item_id=item_id, approval_request_id=request, approve=yes,
+                                   reason=reason):
+            item = {"type": "mcp_approval_response", "id": item_id,
+                    "approval_request_id": request, "approve": yes}
+            body = {"item": item if reason is None else {**item, "reason": reason}}
+        case ToolsUpdate(tools=tools):
+            body = {"session": {"type": "realtime", "tools": [dict(t) for t in tools],
+                                "tool_choice": "auto"}}
         case ItemTruncate(item_id=item_id, audio_end_ms=end, content_index=index):
             body = {"item_id": item_id, "content_index": index, "audio_end_ms": end}
         case ItemDelete(item_id=item_id):

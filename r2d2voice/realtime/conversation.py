@@ -8,7 +8,8 @@ never reads a clock, so every latency is a difference of two such times.
 The service's habits are handled here: late user transcripts keep their place (and can be given
 up on), the idle-timeout nudge's empty user item is no utterance, audio of a reply the user
 talked over is never played, benign errors are not errors, and function calls run only from a
-completed response (:mod:`.tool_calls`).
+completed response (:mod:`.tool_calls`); the service's own calls of remote MCP servers are
+audited and its approval requests decided like function calls (:mod:`.remote_mcp`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import enum
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from r2d2voice.protocol.actions import (
@@ -31,9 +33,10 @@ from r2d2voice.protocol.actions import (
     StoreMessage,
     StoreResponse,
     StoreSession,
+    UserSpeaking,
     UserStopped,
 )
-from r2d2voice.protocol.core import End, EndReason
+from r2d2voice.protocol.core import End, EndReason, LocalProtocolError
 from r2d2voice.protocol.tool_records import StoreToolResult
 from r2d2voice.realtime.client_events import (
     RATE,
@@ -45,6 +48,7 @@ from r2d2voice.realtime.client_events import (
     ResponseCreate,
     SessionConfig,
     SessionUpdate,
+    ToolsUpdate,
     encode,
 )
 from r2d2voice.realtime.items import Items
@@ -55,6 +59,11 @@ from r2d2voice.realtime.server_events import (
     CallArgumentsDone,
     Ignored,
     InputCommitted,
+    McpApprovalRequest,
+    McpCall,
+    McpEvent,
+    McpListTools,
+    McpListToolsFailed,
     OutputItemAdded,
     ProtocolError,
     ResponseCreated,
@@ -117,10 +126,6 @@ FATAL_CLOSE_CODES = {
     1013: "no quota left (check the plan and billing)",
     4000: "the request was refused (check the model name)",
 }
-
-
-class LocalProtocolError(RuntimeError):
-    """The shell asked for something the state forbids (sending on a closed connection)."""
 
 
 class Conversation:
@@ -214,6 +219,11 @@ class Conversation:
         return self.phase is Phase.CONFIGURED
 
     @property
+    def audio_ready(self) -> bool:
+        """Audio may follow the ``session.update`` at once (the service applies it first)."""
+        return self.phase is not Phase.CLOSED
+
+    @property
     def awaiting_play(self) -> OrderedDict[str, tuple[str, float]]:
         """Reply item -> (response id, end of speech) until its first sample is played."""
         return self.latency.awaiting_play
@@ -285,10 +295,12 @@ class Conversation:
         event = ItemTruncate(item_id, played_ms) if played_ms > 0 else ItemDelete(item_id)
         return [Send(event), StoreInterrupted(item_id, reply.seq, played_ms)]
 
-    def finish(self, reason: EndReason) -> None:
-        """The session ends for ``reason`` (ignored once an end is known)."""
+    def finish(self, reason: EndReason) -> list[str]:
+        """The session ends for ``reason`` (ignored once an end is known); nothing to send
+        first: closing the socket ends a Realtime session."""
         if self.end is None:
             self.end = reason
+        return []
 
     def connection_lost(self, code: int | None = None, reason: str = "closed"
                         ) -> list[Action]:
@@ -309,6 +321,7 @@ class Conversation:
             self.finish(EndReason(End.LOST, reason))
             out.append(StoreError("connection_lost", None, self.end.detail, False))
         out += self.items.unfinished()
+        out += self.tools.remote.unanswered()
         out += [AudioDone(item_id) for item_id in self.items.audio_over()]
         self.phase = Phase.CLOSED
         self.turn = Turn.IDLE
@@ -321,11 +334,28 @@ class Conversation:
         output, and once every call of the asking response is answered ask for a reply (when
         no other response is active). ``hang_up``: it was ``end_conversation``, so that reply
         is the goodbye, after which :class:`HangUp` comes."""
-        out: list[Action] = [result]
-        out += self.tools.answered(result, hang_up=hang_up, send=self.phase is not Phase.CLOSED)
+        sent = self.tools.answered(result, hang_up=hang_up, send=self.phase is not Phase.CLOSED)
+        # an approved MCP request's row waits for the result of the call the service makes
+        out: list[Action] = [] if self.tools.remote.waits_for_call(result.call_id) else [result]
+        out += sent
         out += self._request_response()
         self._settle()
         return out
+
+    def tool_says(self, text: str) -> list[Action]:
+        """A running call has the model told ``text`` (a system item; a call waiting for the
+        person's yes has it ask) and a reply asked for once no response is active."""
+        if self.phase is Phase.CLOSED:
+            return []
+        self.tools.due = True
+        out: list[Action] = [Send(ItemCreateText("system", text)), *self._request_response()]
+        self._settle()
+        return out
+
+    def tools_offered(self, tools: tuple[dict[str, Any], ...]) -> list[Action]:
+        """The tools on offer changed: the session's are replaced (``session.update``)."""
+        self.config = replace(self.config, tools=tuple(tools))
+        return [] if self.phase is Phase.CLOSED else [Send(ToolsUpdate(tuple(tools)))]
 
     def give_up_transcripts(self) -> list[str]:
         """Stop waiting for user transcripts that never came; returns their item ids. One that
@@ -348,7 +378,7 @@ class Conversation:
     def _on_speech_started(self, ev: SpeechStarted, now: float) -> list[Action]:
         if self.active_response is not None and self.interrupt_response:
             remember(self._cut, self.active_response, True)  # the service cancels it
-        return [BargeIn(ev.item_id)]
+        return [UserSpeaking(ev.item_id), BargeIn(ev.item_id)]
 
     def _on_speech_stopped(self, ev: SpeechStopped, now: float) -> list[Action]:
         self.latency.speech_stopped(now)
@@ -391,7 +421,12 @@ class Conversation:
                              ev.name or "?", self.items.seq(ev.item_id))
         elif ev.kind == "message":
             self.items.reply(ev.item_id, ev.response_id)
+        else:  # an MCP item, …: its place is where it starts
+            self.items.seq(ev.item_id)
         return []
+
+    def _on_mcp(self, ev: McpEvent, now: float) -> list[Action]:
+        return self.tools.mcp(ev, self.items.seq, self.active_response)
 
     def _on_call_delta(self, ev: CallArgumentsDelta, now: float) -> list[Action]:
         self.tools.delta(ev)
@@ -475,6 +510,10 @@ class Conversation:
         CallArgumentsDone: _on_call_done,
         ResponseDone: _on_response_done,
         ServiceError: _on_error,
+        McpApprovalRequest: _on_mcp,
+        McpCall: _on_mcp,
+        McpListTools: _on_mcp,
+        McpListToolsFailed: _on_mcp,
     }
 
     # -- helpers ---------------------------------------------------------------------------

@@ -176,6 +176,52 @@ class ServiceError:
 
 
 @dataclass(frozen=True, slots=True)
+class McpApprovalRequest:
+    """An ``mcp_approval_request`` item: the service asks before it calls a remote MCP
+    server's tool (``response_id``: None when it came as a ``conversation.item.done``)."""
+
+    response_id: str | None
+    item_id: str
+    server_label: str
+    name: str
+    arguments: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class McpCall:
+    """A finished ``mcp_call`` item: the service called a remote MCP server's tool; its
+    ``output``, or ``error`` (the error's message), and the approval it followed, if any."""
+
+    response_id: str | None
+    item_id: str
+    server_label: str
+    name: str
+    arguments: str = field(repr=False)
+    output: str | None = field(default=None, repr=False)
+    error: str | None = None
+    approval_request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class McpListTools:
+    """A finished ``mcp_list_tools`` item: the tools the service found on a remote server."""
+
+    item_id: str
+    server_label: str
+    tools: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class McpListToolsFailed:
+    """``mcp_list_tools.failed``: the service could not list a remote server's tools."""
+
+    item_id: str
+
+
+McpEvent = McpApprovalRequest | McpCall | McpListTools | McpListToolsFailed
+
+
+@dataclass(frozen=True, slots=True)
 class Ignored:
     """A well-formed event the appliance has no use for (or an unknown type)."""
 
@@ -186,7 +232,8 @@ ServerEvent = (
     SessionCreated | SessionUpdated | SpeechStarted | SpeechStopped | InputCommitted
     | TimeoutTriggered | UserTranscript | UserTranscriptFailed | ResponseCreated
     | OutputItemAdded | AudioDelta | TranscriptDelta | TranscriptDone | CallArgumentsDelta
-    | CallArgumentsDone | ResponseDone | ItemTruncated | ServiceError | Ignored
+    | CallArgumentsDone | ResponseDone | ItemTruncated | ServiceError | McpApprovalRequest
+    | McpCall | McpListTools | McpListToolsFailed | Ignored
 )
 
 
@@ -232,6 +279,30 @@ def _output_item(d: dict[str, Any], raw: str) -> OutputItemAdded:
                                _s(item, "name"), _s(item, "call_id"))
     return OutputItemAdded(_s(d, "response_id"), _s(item, "id"), _opt_str(item.get("role")),
                            kind)
+
+
+def _item_done(d: dict[str, Any], raw: str) -> ServerEvent:
+    """``response.output_item.done`` / ``conversation.item.done``: the MCP items the service
+    made (the same item may come in both); any other item means nothing here."""
+    item = _dict(d.get("item"))
+    kind = item.get("type")
+    response_id = _opt_str(d.get("response_id"))
+    if kind == "mcp_approval_request":
+        return McpApprovalRequest(response_id, _s(item, "id"), _s(item, "server_label"),
+                                  _s(item, "name"), _s(item, "arguments"))
+    if kind == "mcp_call":
+        error = item.get("error")
+        message = None
+        if isinstance(error, dict):
+            message = str(error.get("message") or error.get("type") or "failed")
+        return McpCall(response_id, _s(item, "id"), _s(item, "server_label"), _s(item, "name"),
+                       _s(item, "arguments"), _opt_str(item.get("output")), message,
+                       _opt_str(item.get("approval_request_id")))
+    if kind == "mcp_list_tools":
+        names = tuple(str(t.get("name")) for t in item.get("tools") or []
+                      if isinstance(t, dict))
+        return McpListTools(_opt_str(item.get("id")) or "", _s(item, "server_label"), names)
+    return Ignored(str(d.get("type")))
 
 
 def _response_done(d: dict[str, Any], raw: str) -> ResponseDone:
@@ -284,6 +355,9 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str], ServerEvent]] = {
     "conversation.item.truncated": lambda d, raw: ItemTruncated(
         _s(d, "item_id"), _i(d, "audio_end_ms")),
     "error": _error,
+    "response.output_item.done": _item_done,
+    "conversation.item.done": _item_done,
+    "mcp_list_tools.failed": lambda d, raw: McpListToolsFailed(_s(d, "item_id")),
 }
 
 

@@ -12,19 +12,32 @@ is not speaking (a response the service creates for the user's turn answers them
 after ``conversation_already_has_active_response`` it is retried once, when the active one is
 done. After ``end_conversation`` the reply to its output is the goodbye: when it is done,
 :class:`HangUp`.
+
+The service's ``mcp_approval_request`` items are held the same way (:mod:`.remote_mcp`): run
+once their response completed, answered with an ``mcp_approval_response`` after which the
+service goes on by itself (no reply is asked for).
 """
 
 from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from r2d2voice.protocol.actions import Action, CallTool, HangUp, Send
 from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.realtime.client_events import ItemCreateFunctionOutput, ResponseCreate
-from r2d2voice.realtime.server_events import CallArgumentsDelta, CallArgumentsDone
+from r2d2voice.realtime.remote_mcp import RemoteMcp, tool_name
+from r2d2voice.realtime.server_events import (
+    CallArgumentsDelta,
+    CallArgumentsDone,
+    McpApprovalRequest,
+    McpEvent,
+    McpListTools,
+    McpListToolsFailed,
+)
 from r2d2voice.realtime.tracking import remember
 
 
@@ -48,6 +61,8 @@ class ToolCall:
     parts: list[str] = field(default_factory=list, repr=False)
     arguments: str | None = field(default=None, repr=False)
     state: CallState = CallState.STREAMING
+    #: the service's approval request for a remote MCP call, not a function call
+    approval: bool = False
 
 
 class ToolCalls:
@@ -60,6 +75,7 @@ class ToolCalls:
         self._retried = False
         self._hang_up = False  # end_conversation ran: the next reply we ask for is the goodbye
         self._goodbye: str | None = None
+        self.remote = RemoteMcp()
 
     @property
     def running(self) -> list[str]:
@@ -95,6 +111,31 @@ class ToolCalls:
         return [StoreToolCall(call.call_id, call.item_id, call.response_id, call.seq,
                               call.name, ev.arguments)]
 
+    def mcp(self, ev: McpEvent, seq: Callable[[str], int],
+            active_response: str | None) -> list[Action]:
+        """An MCP item of the service (each taken once): a call it made is recorded, an
+        approval request held until its response (``active_response`` when the item came
+        without one) has completed — at once if there is none."""
+        if isinstance(ev, McpListToolsFailed):
+            return self.remote.listed(ev)
+        if ev.item_id and not self.remote.first(ev.item_id):  # its second copy
+            return []
+        if isinstance(ev, McpListTools):
+            return self.remote.listed(ev)
+        if not isinstance(ev, McpApprovalRequest):
+            return self.remote.call_done(ev, seq(ev.item_id))
+        response_id = ev.response_id or active_response
+        call = ToolCall(ev.item_id, ev.item_id, response_id or "", seq(ev.item_id),
+                        tool_name(ev.server_label, ev.name), arguments=ev.arguments,
+                        state=CallState.READY, approval=True)
+        remember(self._calls, call.call_id, call)
+        out: list[Action] = [StoreToolCall(call.call_id, call.item_id, response_id, call.seq,
+                                           call.name, ev.arguments)]
+        if response_id is None:  # no response to wait for
+            call.state = CallState.RUNNING
+            out.append(CallTool(call.call_id, call.name, ev.arguments, None, call.seq))
+        return out
+
     def answered(self, result: StoreToolResult, *, hang_up: bool, send: bool) -> list[Action]:
         """The shell ran ``result.call_id``: its output goes back (if ``send``: the session is
         still open) and, once the asking response's calls are all answered, a reply is due."""
@@ -104,9 +145,11 @@ class ToolCalls:
         call.state = CallState.DONE
         if not send:
             return []
+        if call.approval:  # the service goes on by itself
+            return [Send(self.remote.answer(call.call_id, result))]
         self._hang_up |= hang_up
         if not any(c.response_id == call.response_id and c.state is not CallState.DONE
-                   for c in self._calls.values()):
+                   and not c.approval for c in self._calls.values()):
             self.due, self._retried = True, False
         return [Send(ItemCreateFunctionOutput(call.call_id, result.output or ""))]
 
@@ -135,7 +178,8 @@ class ToolCalls:
                 continue
             if status == "completed" and call.state is CallState.READY:
                 call.state = CallState.RUNNING
-                out.append(CallTool(call.call_id, call.name, call.arguments or "", response_id))
+                out.append(CallTool(call.call_id, call.name, call.arguments or "", response_id,
+                                    call.seq))
                 continue
             if call.state is CallState.STREAMING:  # cut before its arguments were final
                 out.append(StoreToolCall(call.call_id, call.item_id, response_id, call.seq,

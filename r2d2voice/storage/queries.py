@@ -145,6 +145,8 @@ class UsageSummaryRow:
     ``local``: the responses of sessions on the local backend (``sessions.backend`` or
     ``sessions.model`` "local": the local backend names that model, whichever URL reached
     it), which no service bills; a group with both kinds comes as two rows, the billed one first.
+    ``live_seconds``: the billed time of sessions billed by the second (GPT-Live), whose rows
+    are not counted in ``responses``.
     """
 
     key: str
@@ -157,6 +159,7 @@ class UsageSummaryRow:
     cached_text_est: float
     cached_audio_est: float
     local: bool = False
+    live_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -230,16 +233,22 @@ FROM sessions AS s
 
 # Per response: token columns with NULL as 0, and the cached total split between text and
 # audio in proportion to the response's own text/audio input (capped at that input).
+#: A session billed by the second (GPT-Live) keeps its billed time in a ``responses`` row of its
+#: own (see ``storage.recorder.billed_row``): this is that time (NULL on any other row).
+BILLED_SECONDS = ("CASE WHEN json_valid(status_details)"
+                  " THEN json_extract(status_details, '$.billed_seconds') END")
 #: A session no service bills: on the local backend, or at a service that says it is one.
 _IS_LOCAL = "(s.backend IS 'local' OR s.model IS 'local')"
-_USAGE_PER_RESPONSE = """
+
+_USAGE_PER_RESPONSE = f"""
 SELECT r.session_id, r.created_at, it, ia, ic, ot, oa,
        CASE WHEN it + ia > 0 THEN min(ic, it + ia) * 1.0 * it / (it + ia) ELSE 0.0 END AS ct,
-       CASE WHEN it + ia > 0 THEN min(ic, it + ia) * 1.0 * ia / (it + ia) ELSE 0.0 END AS ca
+       CASE WHEN it + ia > 0 THEN min(ic, it + ia) * 1.0 * ia / (it + ia) ELSE 0.0 END AS ca,
+       billed
 FROM (SELECT session_id, created_at,
              COALESCE(input_text_tokens, 0) AS it, COALESCE(input_audio_tokens, 0) AS ia,
              COALESCE(input_cached_tokens, 0) AS ic, COALESCE(output_text_tokens, 0) AS ot,
-             COALESCE(output_audio_tokens, 0) AS oa
+             COALESCE(output_audio_tokens, 0) AS oa, {BILLED_SECONDS} AS billed
       FROM responses) AS r
 """
 
@@ -473,11 +482,12 @@ class Queries:
             raise ValueError(f"by must be 'day' or 'session', not {by!r}")
         where, args = _where("r.session_id", "r.created_at", sessions, since, until)
         rows = self.conn.execute(
-            f"SELECT {key}, count(*), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot), sum(r.oa),"
-            f" sum(r.ct), sum(r.ca), {_IS_LOCAL} AS local"
+            f"SELECT {key}, sum(r.billed IS NULL), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot),"
+            f" sum(r.oa), sum(r.ct), sum(r.ca), {_IS_LOCAL} AS local,"
+            f" COALESCE(sum(r.billed), 0)"
             f" FROM ({_USAGE_PER_RESPONSE}) AS r JOIN sessions AS s ON s.id = r.session_id"
             f"{where} GROUP BY {key}, local ORDER BY {order}, local", args).fetchall()
-        return [UsageSummaryRow(*r[:9], bool(r[9])) for r in rows]
+        return [UsageSummaryRow(*r[:9], bool(r[9]), float(r[10])) for r in rows]
 
     def response_latencies(self, *, sessions: Sequence[str] = (),
                            since: datetime | None = None,
@@ -497,7 +507,8 @@ class Queries:
                                since: datetime | None = None,
                                until: datetime | None = None) -> dict[str, int]:
         """Responses created in [``since``, ``until``) counted by status (by name)."""
-        where, args = _where("session_id", "created_at", sessions, since, until)
+        where, args = _where("session_id", "created_at", sessions, since, until,
+                             f"{BILLED_SECONDS} IS NULL")
         rows = self.conn.execute(
             f"SELECT status, count(*) FROM responses{where} GROUP BY status ORDER BY status",
             args).fetchall()

@@ -35,6 +35,7 @@ from r2d2voice.protocol.actions import (
     StoreMessage,
     StoreResponse,
     StoreSession,
+    StoreUsage,
 )
 from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.storage.database import Store
@@ -67,6 +68,16 @@ WriterCall = tuple[Callable[..., None], dict[str, Any]]
 CLOSE_DEADLINE = 2.0
 
 
+def billed_row(usage: StoreUsage) -> dict[str, Any]:
+    """A service session's billed time as a ``responses`` row of its own: response id
+    ``billed:<service session>``, ``status_details`` ``{"billed_seconds": S}`` (each update
+    replaces the total), ``in_progress`` until the final one. Usage reports price it per
+    minute and leave it out of the response counts (:data:`~.queries.BILLED_SECONDS`)."""
+    return {"response_id": f"billed:{usage.service_session_id}",
+            "status": "completed" if usage.final else "in_progress",
+            "status_details": {"billed_seconds": usage.seconds}}
+
+
 def record_calls(action: Any) -> list[WriterCall]:
     """The writer calls that persist one protocol ``Store*`` record (TypeError otherwise)."""
     if isinstance(action, StoreMessage):
@@ -80,6 +91,8 @@ def record_calls(action: Any) -> list[WriterCall]:
         return [(Writer.record_response, {
             "response_id": action.response_id, "status": action.status, "usage": action.usage,
             "status_details": action.status_details, "first_audio_ms": action.first_audio_ms})]
+    if isinstance(action, StoreUsage):
+        return [(Writer.record_response, billed_row(action))]
     if isinstance(action, StoreLatency):
         return [(Writer.set_response_latency, {"response_id": action.response_id,
                                                "first_played_ms": action.first_played_ms})]

@@ -92,7 +92,7 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else round(value)
 
 
-def _usage_columns(usage: dict[str, Any] | None) -> tuple[int | None, ...]:
+def usage_columns(usage: dict[str, Any] | None) -> tuple[int | None, ...]:
     """The five token columns from a GA ``response.usage`` object."""
     if not usage:
         return (None,) * 5
@@ -297,7 +297,7 @@ class Writer(ToolWrites):
         with self._transaction() as conn:
             conn.execute(_UPSERT_RESPONSE, (
                 session_id, response_id, status, now, None if status == "in_progress" else now,
-                *_usage_columns(usage), details, _opt_int(first_audio_ms)))
+                *usage_columns(usage), details, _opt_int(first_audio_ms)))
 
     def set_response_latency(self, session_id: str, *, response_id: str,
                              first_audio_ms: float | None = None,

@@ -21,14 +21,17 @@ from r2d2voice.errors import ConfigError, UsageError
 log = logging.getLogger("r2d2voice.system.config")
 
 DEFAULT_URL = "wss://api.openai.com/v1/realtime"
+DEFAULT_LIVE_URL = "wss://api.openai.com/v1/live/sessions"
 #: Newest GA realtime model that the openai SDK does not list as deprecated.
 DEFAULT_MODEL = "gpt-realtime-2.1"
 DEFAULT_INSTRUCTIONS = (
     "You are R2, a small friendly robot. Answer briefly and warmly, in one or two short sentences."
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-BACKENDS = ("openai", "local", "azure")
+BACKENDS = ("openai", "local", "azure", "live")
 DUPLEX_MODES = ("half", "full")
+#: the wire protocol the embedded local backend speaks (backend local)
+LOCAL_PROTOCOLS = ("realtime", "live")
 LISTEN_MODES = ("always", "wake")
 #: URL schemes of a fleet server (PostgreSQL): ``R2D2_DB``/``--db`` may name one for reports.
 FLEET_SCHEMES = ("postgresql://", "postgres://")
@@ -143,6 +146,29 @@ def _mqtt_prefix(v: str) -> str:
     return v
 
 
+def _off_or_int(lo: int, hi: int) -> Callable[[str], int | None]:
+    number = _int(lo, hi)
+
+    def parse(v: str) -> int | None:
+        return None if v.strip().lower() in ("off", "none", "") else number(v)
+
+    return parse
+
+
+def _host_port(v: str) -> str | None:
+    """``HOST:PORT`` (``[::1]:9464`` for an IPv6 address), or None for off."""
+    text = v.strip()
+    if text.lower() in ("off", "none", ""):
+        return None
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or any(c in host for c in "[]/ ") or not port.isdigit() \
+            or not 1 <= int(port) <= 65535:
+        raise ValueError
+    return text
+
+
 def _path(v: str) -> str | None:
     return str(Path(v).expanduser()) if v else None
 
@@ -169,8 +195,18 @@ KEYS: tuple[Key, ...] = (
         "system instructions"),
     Key("R2D2_TRANSCRIBE_MODEL", "transcribe_model", "gpt-4o-transcribe", _str, "a model name",
         "model transcribing the user's speech"),
-    Key("R2D2_BACKEND", "backend", "openai", _choice(BACKENDS), "'openai', 'local' or 'azure'",
-        "service to talk to"),
+    Key("R2D2_BACKEND", "backend", "openai", _choice(BACKENDS),
+        "'openai', 'local', 'azure' or 'live'", "service to talk to"),
+    Key("R2D2_LIVE_URL", "live_url", DEFAULT_LIVE_URL, _url, "a ws:// or wss:// URL",
+        "GPT-Live websocket endpoint (backend live)"),
+    Key("R2D2_LIVE_MODEL", "live_model", "gpt-live-1", _str, "a model name",
+        "GPT-Live model (backend live)"),
+    Key("R2D2_LIVE_VOICE", "live_voice", "marin", _str, "a voice name",
+        "GPT-Live voice (backend live)"),
+    Key("R2D2_LIVE_DELEGATE_MODEL", "live_delegate_model", "gpt-5.5", _str, "a model name",
+        "Responses model GPT-Live hands tool calls to (backend live, with tools)"),
+    Key("R2D2_LOCAL_PROTOCOL", "local_protocol", "realtime", _choice(LOCAL_PROTOCOLS),
+        "'realtime' or 'live'", "protocol of the embedded local backend (backend local)"),
     Key("AZURE_OPENAI_ENDPOINT", "azure_endpoint", None, _service_url,
         "an https:// (or wss://) URL such as https://NAME.openai.azure.com",
         "Azure OpenAI resource (backend azure)"),
@@ -199,7 +235,7 @@ KEYS: tuple[Key, ...] = (
     Key("R2D2_CONVERSATION_IDLE_S", "conversation_idle_s", 20.0, _number(1.0, 3600.0),
         "a number of seconds between 1 and 3600", "silence that ends a conversation (wake)"),
     Key("R2D2_EARCONS", "earcons", True, _flag, "on or off",
-        "short sounds when a conversation starts and ends"),
+        "short sounds when a conversation starts and ends, and when a spent budget refuses"),
     Key("R2D2_INPUT_DEVICE", "input_device", None, _opt_str, "a device index or name",
         "microphone"),
     Key("R2D2_OUTPUT_DEVICE", "output_device", None, _opt_str, "a device index or name",
@@ -228,6 +264,17 @@ KEYS: tuple[Key, ...] = (
         "a number between 0 and 1", "share of context kept when it overflows"),
     Key("R2D2_CONTEXT_TOKEN_LIMIT", "context_token_limit", 16000, _int(0, 1_000_000),
         "a whole number of tokens (0 = the model's limit)", "context that triggers truncation"),
+    Key("R2D2_MAX_OUTPUT_TOKENS", "max_output_tokens", None, _off_or_int(1, 4096),
+        "'off' or a whole number of tokens between 1 and 4096", "longest reply, in tokens"),
+    Key("R2D2_BUDGET_DAILY_USD", "budget_daily_usd", None, _off_or_number(0.01, 1_000_000.0),
+        "'off' or an amount in USD (at least 0.01)", "spend per local calendar day"),
+    Key("R2D2_BUDGET_MONTHLY_USD", "budget_monthly_usd", None,
+        _off_or_number(0.01, 1_000_000.0), "'off' or an amount in USD (at least 0.01)",
+        "spend per local calendar month"),
+    Key("R2D2_BILL_LOCAL", "bill_local", False, _flag, "on or off",
+        "price local-backend sessions as if billed (rehearse a budget offline)"),
+    Key("R2D2_METRICS", "metrics", None, _host_port,
+        "'off' or HOST:PORT such as 127.0.0.1:9464", "serve Prometheus metrics there"),
     Key("R2D2_RETENTION_DAYS", "retention_days", None, _off_or_number(0.01, 36_500.0),
         "'off' (keep everything) or a number of days, at least 0.01 (about 15 minutes)",
         "delete conversations older than this (shipped first)"),
@@ -246,6 +293,8 @@ KEYS: tuple[Key, ...] = (
             ("text_in_cached", 0.4), ("audio_out", 64.0), ("text_out", 16.0),
         )
     ),
+    Key("R2D2_PRICE_LIVE_MINUTE", "price_live_minute", 0.05, _number(0.0, 1_000.0),
+        "a price in USD per minute", "price per minute of a GPT-Live session"),
 )
 KEYS_BY_ENV = {k.env: k for k in KEYS}
 KEYS_BY_ATTR = {k.attr: k for k in KEYS}
@@ -271,6 +320,11 @@ class Settings:
     instructions: str = default("instructions")
     transcribe_model: str = default("transcribe_model")
     backend: str = default("backend")
+    live_url: str = default("live_url")
+    live_model: str = default("live_model")
+    live_voice: str = default("live_voice")
+    live_delegate_model: str = default("live_delegate_model")
+    local_protocol: str = default("local_protocol")
     azure_endpoint: str | None = default("azure_endpoint")
     azure_deployment: str | None = default("azure_deployment")
     azure_api_key: str | None = field(default=default("azure_api_key"), repr=False)
@@ -301,6 +355,11 @@ class Settings:
     session_max_minutes: float = default("session_max_minutes")
     truncation_ratio: float = default("truncation_ratio")
     context_token_limit: int = default("context_token_limit")
+    max_output_tokens: int | None = default("max_output_tokens")
+    budget_daily_usd: float | None = default("budget_daily_usd")
+    budget_monthly_usd: float | None = default("budget_monthly_usd")
+    bill_local: bool = default("bill_local")
+    metrics: str | None = default("metrics")
     retention_days: float | None = default("retention_days")
     store_text: bool = default("store_text")
     memory: bool = default("memory")
@@ -311,6 +370,7 @@ class Settings:
     price_text_in_cached: float = default("price_text_in_cached")
     price_audio_out: float = default("price_audio_out")
     price_text_out: float = default("price_text_out")
+    price_live_minute: float = default("price_live_minute")
     env_file: Path | None = None
     #: the fleet server R2D2_DB (or ``--db``) named instead of a file: the reports read it,
     #: commands that write the robot's database refuse it (``db`` is then the default path)

@@ -294,9 +294,7 @@ class MqttBridge:
             text = json.dumps({"role": data["role"], "text": data["text"]}, ensure_ascii=False)
             if not self._publish(f"{self.base}/transcript", text):
                 self.unsent += 1
-        elif name == "budget":
-            self._set_cost(data.get("spent"))
-        else:  # spoken, conversation_ended: a reply was paid for
+        else:  # spoken, conversation_ended, budget: a reply was paid for
             self._queue_command("cost", b"")
 
     def _set_cost(self, spent: object) -> None:

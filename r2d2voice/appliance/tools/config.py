@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from r2d2voice.appliance.tools.mcp.config import McpSpec, parse_mcp
 from r2d2voice.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -49,6 +51,7 @@ class ToolsFile:
     path: Path
     builtins: tuple[str, ...]
     tools: tuple[CommandSpec, ...]
+    mcp: tuple[McpSpec, ...] = ()
 
 
 def one_line(text: object, limit: int = 200) -> str:
@@ -57,8 +60,10 @@ def one_line(text: object, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def read_tools_file(path: str | os.PathLike[str]) -> ToolsFile:
-    """Parse and validate ``path``; any problem is a :class:`ConfigError` naming file and tool."""
+def read_tools_file(path: str | os.PathLike[str],
+                    variables: Mapping[str, str] | None = None) -> ToolsFile:
+    """Parse and validate ``path``; any problem is a :class:`ConfigError` naming file and tool.
+    ``variables`` fill ``${VAR}`` in ``[[mcp]]`` headers and env (default: the environment)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -68,10 +73,10 @@ def read_tools_file(path: str | os.PathLike[str]) -> ToolsFile:
         raise ConfigError(f"tools file {path} cannot be read: {one_line(exc)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {one_line(exc)}") from None
-    unknown = sorted(set(raw) - {"builtins", "tool", "hook"})  # [[hook]]: tools/hooks.py
+    unknown = sorted(set(raw) - {"builtins", "tool", "mcp", "hook"})  # [[hook]]: tools/hooks.py
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} "
-                          "(expected 'builtins', [[tool]] or [[hook]])")
+                          "(expected 'builtins', [[tool]], [[mcp]] or [[hook]])")
     builtins = _builtins(path, raw.get("builtins", []))
     entries = raw.get("tool", [])
     if not isinstance(entries, list):
@@ -85,7 +90,10 @@ def read_tools_file(path: str | os.PathLike[str]) -> ToolsFile:
                 f"{path}: tool {spec.name!r}: duplicate name (already {seen[spec.name]})")
         seen[spec.name] = f"tool #{index}"
         tools.append(spec)
-    return ToolsFile(path, builtins, tuple(tools))
+    servers = parse_mcp(path, raw.get("mcp", []),
+                        os.environ if variables is None else variables,
+                        lambda argv, fail: _command(path, argv, fail), _timeout)
+    return ToolsFile(path, builtins, tuple(tools), servers)
 
 
 def _builtins(path: Path, value: object) -> tuple[str, ...]:

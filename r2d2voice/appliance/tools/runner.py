@@ -7,7 +7,8 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,7 +17,13 @@ import trio
 from r2d2voice.appliance.tools import arguments
 from r2d2voice.appliance.tools.builtins import BUILTINS, END_OUTPUT, Volume, time_report
 from r2d2voice.appliance.tools.config import CommandSpec, read_tools_file
+from r2d2voice.appliance.tools.confirm import Confirmations, ask_text
+from r2d2voice.appliance.tools.mcp.config import McpSpec
 from r2d2voice.appliance.tools.process import OUTPUT_CAP, run_command
+from r2d2voice.errors import ConfigError
+
+if TYPE_CHECKING:
+    from r2d2voice.appliance.tools.mcp.tools import McpTools
 
 if TYPE_CHECKING:
     from r2d2voice.appliance.tools.memory import Memory
@@ -46,6 +53,11 @@ class ToolContext:
 
     call_id: str = ""
     on_end_conversation: Callable[[], None] | None = None
+    #: the call's place in the conversation: only a later utterance can confirm it
+    seq: int | None = None
+    #: tells the model something while the call runs (to ask the person for a yes); None:
+    #: this caller cannot, so a call that needs a yes is rejected
+    ask: Callable[[str], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,9 @@ class Toolbox:
 
     def __init__(self, builtins: tuple[str, ...] = (), commands: tuple[CommandSpec, ...] = (),
                  *, state_path: str | os.PathLike[str] | None = None,
-                 max_concurrent: int = MAX_CONCURRENT, memory: Memory | None = None) -> None:
+                 max_concurrent: int = MAX_CONCURRENT, memory: Memory | None = None,
+                 mcp: tuple[McpSpec, ...] = (),
+                 confirmations: Confirmations | None = None) -> None:
         self._tools: dict[str, _Tool] = {}
         offered = {name: BUILTINS[name] for name in builtins}
         offered.update(memory.tools if memory is not None else {})
@@ -77,9 +91,38 @@ class Toolbox:
         self.volume = Volume(state_path)
         self._max_concurrent = max_concurrent
         self._limiter: trio.CapacityLimiter | None = None
+        self.confirmations = confirmations or Confirmations()
+        self.mcp: McpTools | None = _mcp_tools(mcp) if mcp else None
 
     def __len__(self) -> int:
         return len(self._tools)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Toolbox]:
+        """The MCP servers connected (and restarted) for as long as this is entered; their
+        tools are offered as each becomes ready. Without MCP servers: nothing to run."""
+        if self.mcp is None:
+            yield self
+            return
+        async with self.mcp.run():
+            yield self
+
+    @property
+    def version(self) -> int:
+        """Changes whenever :meth:`session_tools` would (MCP servers come, go, change)."""
+        return self.mcp.version if self.mcp is not None else 0
+
+    async def changed(self, since: int) -> None:
+        """Until :attr:`version` differs from ``since`` (forever without MCP servers)."""
+        if self.mcp is None:
+            await trio.sleep_forever()
+        else:
+            await self.mcp.changed(since)
+
+    def heard(self, text: str, seq: int | None = None) -> None:
+        """The person said ``text`` (a final user transcript at conversation place ``seq``):
+        it answers the calls waiting for a yes."""
+        self.confirmations.heard(text, seq)
 
     @property
     def names(self) -> list[str]:
@@ -91,8 +134,13 @@ class Toolbox:
 
     def session_tools(self) -> list[dict[str, Any]]:
         """The ``tools`` of a GA ``session.update`` (the caller adds ``tool_choice``)."""
-        return [{"type": "function", "name": t.name, "description": t.description,
-                 "parameters": copy.deepcopy(t.parameters)} for t in self._tools.values()]
+        tools = [{"type": "function", "name": t.name, "description": t.description,
+                  "parameters": copy.deepcopy(t.parameters)} for t in self._tools.values()]
+        if self.mcp is not None:
+            taken = set(self._tools)
+            tools += [copy.deepcopy(t) for t in self.mcp.session_tools()
+                      if t.get("name") not in taken]
+        return tools
 
     async def call(self, name: str, arguments_json: str, *, context: ToolContext) -> ToolResult:
         """Validate, then run tool ``name``. Never raises for the tool's faults: a bad call is
@@ -100,8 +148,9 @@ class Toolbox:
         call's own timeout ends it; cancelling the caller still ends its process group."""
         start = trio.current_time()
         result = await self._call(name, arguments_json, context)
-        result = ToolResult(result.status, result.output, result.exit_code,
-                            round((trio.current_time() - start) * 1000))
+        # an MCP call measures its own run (not the wait for the person's yes)
+        duration = result.duration_ms or round((trio.current_time() - start) * 1000)
+        result = ToolResult(result.status, result.output, result.exit_code, duration)
         level = logging.INFO if result.status == "ok" else logging.WARNING
         log.log(level, "tool %s (call %s): %s in %d ms", name, context.call_id or "-",
                 result.status, result.duration_ms)
@@ -109,6 +158,13 @@ class Toolbox:
 
     async def _call(self, name: str, arguments_json: str, context: ToolContext) -> ToolResult:
         tool = self._tools.get(name)
+        if tool is None and self.mcp is not None:
+            found = self.mcp.lookup(name)
+            if found is not None:
+                return await self._mcp(found, arguments_json, context)
+            if self.mcp.remote.needs_confirm(name) is not None:  # the service's approval
+                return await self._confirmed(name, arguments_json, context,
+                                             self.mcp.remote.needs_confirm(name) is True)
         if tool is None:
             known = ", ".join(self._tools) or "none"
             what = "is not enabled" if name in BUILTINS else "does not exist"
@@ -126,6 +182,49 @@ class Toolbox:
             self._limiter = trio.CapacityLimiter(self._max_concurrent)
         async with self._limiter:
             return await _run(tool.command, args)
+
+    async def _mcp(self, found: Any, arguments_json: str, context: ToolContext) -> ToolResult:
+        server, tool = found
+        if tool is None and server.state == "ready":
+            offers = ", ".join(t.name for t in server.tools.values()) or "none"
+            return ToolResult("rejected", f"the {server.spec.name} server has no such tool "
+                                          f"(it offers: {offers})")
+        if tool is None:
+            return ToolResult("error", server.unavailable())
+        try:
+            args = arguments.parse(arguments_json)
+        except ValueError as exc:
+            return ToolResult("rejected", f"invalid arguments: {exc}")
+        problem = arguments.problem(tool.check, args)
+        if problem is not None:  # nothing reaches the server
+            return ToolResult("rejected", f"invalid arguments: {problem}")
+        assert self.mcp is not None
+        if self.mcp.confirm(tool.name):
+            verdict = await self._confirmed(tool.name, json.dumps(args, ensure_ascii=False),
+                                            context, True)
+            if verdict.status != "ok":
+                return verdict
+        start = trio.current_time()
+        done = await self.mcp.call(server, tool, args)
+        return ToolResult(done.status, done.output,
+                          duration_ms=round((trio.current_time() - start) * 1000))
+
+    async def _confirmed(self, name: str, arguments_json: str, context: ToolContext,
+                         needed: bool) -> ToolResult:
+        """``ok`` once the person's next utterance said yes (at once when no yes is
+        ``needed``); ``rejected`` after a no, a change of subject or silence."""
+        if not needed:
+            return ToolResult("ok", "approved: it needs no confirmation")
+        if context.ask is None:
+            return ToolResult("rejected", "not run: it needs the person's spoken yes, which "
+                                          "cannot be asked for here")
+        hold = self.confirmations.hold(context.seq)
+        log.info("tool %s (call %s) waits for the person's yes", name, context.call_id or "-")
+        await context.ask(ask_text(name, arguments_json))
+        answer = await self.confirmations.wait(hold)
+        if answer.verdict != "yes":
+            return ToolResult("rejected", answer.refusal(self.confirmations.window_s))
+        return ToolResult("ok", f"confirmed: the person said {answer.text!r}")
 
     async def _builtin(self, name: str, args: dict[str, Any], context: ToolContext) -> ToolResult:
         if self.memory is not None and name in self.memory.tools:
@@ -169,8 +268,19 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def _mcp_tools(specs: tuple[McpSpec, ...]) -> McpTools:
+    try:
+        from r2d2voice.appliance.tools.mcp.tools import McpTools
+    except ImportError as exc:
+        raise ConfigError(f"[[mcp]] servers need the MCP SDK ({exc.name} is missing): "
+                          "pip install 'r2d2voice[mcp]'") from None
+    return McpTools(specs)
+
+
 def load_tools(path: str | os.PathLike[str], *,
-               state_path: str | os.PathLike[str] | None = None) -> Toolbox:
-    """The Toolbox a tools file describes; ConfigError (exit 3) naming file, tool and problem."""
-    spec = read_tools_file(path)
-    return Toolbox(spec.builtins, spec.tools, state_path=state_path)
+               state_path: str | os.PathLike[str] | None = None,
+               variables: Mapping[str, str] | None = None) -> Toolbox:
+    """The Toolbox a tools file describes; ConfigError (exit 3) naming file, tool and problem.
+    ``variables`` fill ``${VAR}`` in ``[[mcp]]`` entries (default: the environment)."""
+    spec = read_tools_file(path, variables)
+    return Toolbox(spec.builtins, spec.tools, state_path=state_path, mcp=spec.mcp)

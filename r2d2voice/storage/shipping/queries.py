@@ -107,14 +107,18 @@ FROM sessions AS s LEFT JOIN (
 
 # Per response: token columns with NULL as 0, and the cached total split between text and
 # audio in proportion to the response's own text/audio input (capped at that input).
-_USAGE_PER_RESPONSE = """
+# A per-second billed session's time (GPT-Live; NULL on any other row), as the robot's
+# ``storage.queries.BILLED_SECONDS``.
+_BILLED_SECONDS = "(status_details->>'billed_seconds')::float8"
+_USAGE_PER_RESPONSE = f"""
 SELECT device_id, session_id, created_at, it, ia, ic, ot, oa,
        CASE WHEN it + ia > 0 THEN least(ic, it + ia)::float8 * it / (it + ia) ELSE 0.0 END AS ct,
-       CASE WHEN it + ia > 0 THEN least(ic, it + ia)::float8 * ia / (it + ia) ELSE 0.0 END AS ca
+       CASE WHEN it + ia > 0 THEN least(ic, it + ia)::float8 * ia / (it + ia) ELSE 0.0 END AS ca,
+       billed
 FROM (SELECT device_id, session_id, created_at,
              COALESCE(input_text_tokens, 0) AS it, COALESCE(input_audio_tokens, 0) AS ia,
              COALESCE(input_cached_tokens, 0) AS ic, COALESCE(output_text_tokens, 0) AS ot,
-             COALESCE(output_audio_tokens, 0) AS oa
+             COALESCE(output_audio_tokens, 0) AS oa, {_BILLED_SECONDS} AS billed
       FROM responses) AS r
 """
 
@@ -232,8 +236,9 @@ class FleetQueries:
                          since, until)
         local = "COALESCE(s.backend = 'local' OR s.model = 'local', false)"  # as on the robot
         rows = self._query(
-            f"SELECT r.device_id, {key}, count(*), sum(r.it), sum(r.ia), sum(r.ic), sum(r.ot),"
-            f" sum(r.oa), sum(r.ct), sum(r.ca), {local}"
+            f"SELECT r.device_id, {key}, count(*) FILTER (WHERE r.billed IS NULL), sum(r.it),"
+            f" sum(r.ia), sum(r.ic), sum(r.ot), sum(r.oa), sum(r.ct), sum(r.ca), {local},"
+            f" COALESCE(sum(r.billed), 0)"
             f" FROM ({_USAGE_PER_RESPONSE}) AS r{join}{where}"
             f" GROUP BY r.device_id, {group}, {local} ORDER BY {order}, {local}",
             where.params,
@@ -256,7 +261,8 @@ class FleetQueries:
                                since: datetime | None = None, until: datetime | None = None,
                                ) -> dict[str, int]:
         """Responses created in [``since``, ``until``) counted by status."""
-        where = _filters("device_id", "session_id", "created_at", devices, sessions, since, until)
+        where = _filters("device_id", "session_id", "created_at", devices, sessions, since,
+                         until).add(f"{_BILLED_SECONDS} IS NULL")
         rows = self._query(
             f"SELECT status, count(*) FROM responses{where} GROUP BY status ORDER BY status",
             where.params,

@@ -113,6 +113,8 @@ class FleetUsageSummaryRow:
     cached_text_est: float
     cached_audio_est: float
     local: bool = False
+    #: the billed time of sessions billed by the second (GPT-Live)
+    live_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
