@@ -294,3 +294,23 @@ async def test_a_wake_from_outside_while_switched_off_is_dropped(
     woken = [m["mono"] for m in moments if m["event"] == "wake"]
     assert woken == [pytest.approx(2.5, abs=0.05)] and len(ctx.session_ids) == 1
     assert names(moments)[:2] == ["waiting_for_wake", "wake"]
+
+
+async def test_gpt_live_tells_the_same_turns_from_its_own_core(autojump_clock,
+                                                               tmp_path: Path) -> None:
+    """The local backend's Live mode through the Live core: no responses to wait for (no
+    ``thinking``), the person's stretches and the robot's, each reply spoken once its audio
+    went quiet and played out."""
+    from test_live_link import LIVE_CORE, LIVE_PATH
+
+    link = LocalLink(path=LIVE_PATH, realtime_factor=1.0)
+    moments, (_, sessions) = await followed(lambda hub: talk(
+        link, realtime(1.0, 2.5, 1.5, 3.0), protocol=LIVE_CORE, sink=wav(tmp_path),
+        events=hub))
+    one_turn = ["user_speaking", "user_stopped", "speaking", "spoken", "listening"]
+    assert names(moments) == ["conversation_started", "listening", *one_turn, *one_turn,
+                              "conversation_ended"]
+    spoken = [s for _, _, s in replies(moments)]
+    assert len(spoken) == 2 and all(s["played_ms"] > 0 for s in spoken)
+    assert [m.item_id for _, m in sessions.messages() if m.role == "assistant"] == [
+        s["item_id"] for s in spoken]

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -89,8 +90,8 @@ def test_a_replay_in_the_home_discovery_states_utterances_and_a_clean_stop(
         out.splitlines()[:4]
     states = watcher.on(f"{BASE}/state")
     assert states[0] in ("starting", "listening")
-    turn = ["user_speaking", "thinking", "speaking", "listening"]
-    assert _contains_in_order(states, turn * 2), states
+    turn = ["user_speaking", "thinking", "speaking"]  # and listening, unless talked over
+    assert _contains_in_order(states, [*turn, *turn, "listening"]), states
     assert all(a != b for a, b in itertools.pairwise(states))  # only changes
     watcher.close()
     assert PASSWORD not in out + err
@@ -260,9 +261,16 @@ async def test_the_reconnect_backoff_doubles_to_a_minute(thread_clock: trio.test
                         make_client=make_client)
     async with trio.open_nursery() as nursery:
         await nursery.start(bridge.run)
-        with trio.fail_after(1000):
-            await enough.wait()
+        # no deadline on trio's clock (the clock would jump to it while a connect runs in its
+        # thread on a loaded machine): a guard on the real one
+        token = trio.lowlevel.current_trio_token()
+        guard = threading.Timer(120, lambda: trio.from_thread.run_sync(
+            enough.set, trio_token=token))
+        guard.start()
+        await enough.wait()
+        guard.cancel()
         hub.close()
+    assert len(attempts) >= 9, attempts
     waits = [b - a for a, b in itertools.pairwise(attempts)][:8]
     for k, wait in enumerate(waits):
         base = min(60.0, 2.0 ** k)
