@@ -1,15 +1,20 @@
-"""Shared fixtures: one PulseAudio rig and one PostgreSQL cluster per test session, the local
-backend, scrubbed settings."""
+"""Shared fixtures: one PulseAudio rig and one PostgreSQL cluster per test session, a mosquitto
+broker per test, the local backend, scrubbed settings."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio.testing
+from broker import Broker, find_mosquitto
+from broker import skip_or_fail as skip_or_fail_broker
 from pg import PgServer, open_pg_server
 from pulse import PulseRig, open_pulse_rig
 from support import SCRUBBED_PREFIXES
@@ -27,6 +32,24 @@ def pg_server() -> Iterator[PgServer]:
     """The one throw-away PostgreSQL cluster of this run (each test makes its own database)."""
     with open_pg_server() as server:
         yield server
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """A mosquitto broker of this test's own on a free loopback port (user ``r2d2``); with
+    ``@pytest.mark.parametrize("broker", ["tls"], indirect=True)`` a TLS listener too."""
+    binary = find_mosquitto()
+    if binary is None:
+        skip_or_fail_broker("mosquitto not found (apt install mosquitto)")
+    # its own directory: pytest's are 0700, and as root mosquitto reads as user mosquitto
+    root = Path(tempfile.mkdtemp(prefix="r2d2voice-broker-"))
+    server = Broker(binary, root, tls=getattr(request, "param", None) == "tls")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -51,6 +74,17 @@ def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith((*SCRUBBED_PREFIXES, "PG")):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def _private_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test's runs keep their sockets (control, events) in a runtime directory of the
+    test's own, never the developer's (a short path: a Unix socket's is at most 107 bytes)."""
+    root = Path(tempfile.mkdtemp(prefix="r2rt-"))
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(root))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

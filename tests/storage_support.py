@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from r2d2voice.protocol.actions import StoreInterrupted, StoreMessage, StoreResponse
+from r2d2voice.protocol.actions import Record, StoreInterrupted, StoreMessage, StoreResponse
 from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
 from r2d2voice.storage.database import Store
 from r2d2voice.storage.pending import StoreStatus
@@ -233,7 +233,9 @@ def add_live_session(path: Path, *, backend: str = "live") -> str:
               backend_created("del_1", "resp_live_1"),
               backend_done("del_1", "resp_live_1", tokens=LIVE_TOKENS),
               said("assistant", "Turned.", 1200, 1800), usage(30), closed("close_requested", 45)]
-    actions = [a for i, e in enumerate(events) for a in core.receive(e, float(i))]
+    # what the link hands the recorder: the records (not the turn's moments)
+    actions = [a for i, e in enumerate(events) for a in core.receive(e, float(i))
+               if isinstance(a, Record)]
     with Store.open(path, now=SteppedClock(DAY2 + timedelta(hours=1))) as store:
         sid = store.write.start_session(backend=backend, model="gpt-live-1", voice="marin")
         record(store, sid, actions)

@@ -114,7 +114,8 @@ def test_barge_in_keeps_the_floor_with_the_user_until_the_commit() -> None:
     msgs = turn_events("u1", "r1", "a1", "Long reply", b"\x00\x00" * 2400)
     feed(conv, msgs[:6])
     assert conv.turn is Turn.RESPONDING
-    assert conv.receive(SpeechStarted("u2", 5000), 3000.0) == [a.BargeIn("u2")]
+    assert conv.receive(SpeechStarted("u2", 5000), 3000.0) == [a.UserSpeaking("u2"),
+                                                                 a.BargeIn("u2")]
     assert conv.user_speaking
     # the service cancels the reply it was generating: the user still has the floor
     feed(conv, [ev("response.done", response={"id": "r1", "status": "cancelled"})])
@@ -255,3 +256,28 @@ def test_a_response_without_a_speech_turn_has_no_latency() -> None:
     out = feed(conv, turn_events("u1", "r1", "a1", "Beep", b"\x00\x00")[3:])
     assert [x for x in out if isinstance(x, a.StoreResponse)][-1].first_audio_ms is None
     assert not conv.awaiting_play
+
+
+def test_the_core_says_when_the_person_stopped_and_when_a_replys_audio_is_over() -> None:
+    """``UserStopped`` at the service's speech_stopped; ``AudioDone`` once per reply that
+    streamed audio, at its response.done (cancelled too) — the speaker's ``spoken`` waits for
+    it, not for the queue to run dry."""
+    conv = Conversation()
+    msgs = turn_events("u1", "r1", "a1", "Beep!", b"\x10\x00" * 480)
+    out = feed(conv, msgs[:-1])
+    assert [x for x in out if isinstance(x, (a.UserStopped, a.AudioDone))] == [
+        a.UserStopped("u1")]
+    assert feed(conv, msgs[-1:])[-1:] == [a.AudioDone("a1")]
+    silent = ev("response.done", response={"id": "r2", "status": "completed"})
+    again = feed(conv, [ev("response.created", response={"id": "r2", "status": "in_progress"}),
+                        silent, msgs[-1]])
+    assert not [x for x in again if isinstance(x, a.AudioDone)]  # no audio, or told already
+    cut = turn_events("u2", "r3", "a3", "Hello there", b"\x10\x00" * 480)[:6]
+    cancelled = ev("response.done", response={"id": "r3", "status": "cancelled"})
+    assert feed(conv, [*cut, cancelled])[-1:] == [a.AudioDone("a3")]
+
+
+def test_a_lost_connection_ends_the_audio_of_every_reply_still_streaming() -> None:
+    conv = Conversation()
+    feed(conv, turn_events("u1", "r1", "a1", "Half a sent", b"\x10\x00" * 480)[:7])
+    assert conv.connection_lost(1011, "close code 1011")[-1:] == [a.AudioDone("a1")]

@@ -211,7 +211,8 @@ def test_audio_of_a_cancelled_reply_is_never_played() -> None:
     msgs = turn_events("u1", "r1", "a1", "Long reply", b"\x00\x00" * 2400)
     feed(conv, msgs[:6])
     assert conv.receive(parse_event(ev("input_audio_buffer.speech_started", item_id="u2",
-                                       audio_start_ms=5000)), 3.0) == [a.BargeIn("u2")]
+                                       audio_start_ms=5000)), 3.0) == [a.UserSpeaking("u2"),
+                                                                      a.BargeIn("u2")]
     conv.interrupted("a1", 1200)
     leftover = msgs[5]  # more audio of r1 after the cancel
     out = feed(conv, [leftover, leftover])

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the service runs, a device that defaults to the system's own.
 NO_SHOWN_DEFAULT = {"OPENAI_API_KEY", "R2D2_DB", "R2D2_INPUT_DEVICE", "R2D2_OUTPUT_DEVICE",
                     "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_DEPLOYMENT", "AZURE_OPENAI_API_KEY",
-                    "R2D2_TOOLS", "R2D2_SHIP_URL", "R2D2_DEVICE_ID"}
+                    "R2D2_TOOLS", "R2D2_SHIP_URL", "R2D2_DEVICE_ID", "R2D2_MQTT_URL",
+                    "R2D2_MQTT_CA"}
 NOT_KEYS = {"env_file", "fleet_db", "sources"}
 
 

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from r2d2voice.live import client_events as c
 from r2d2voice.live.conversation import NO_BACKEND, LiveConversation, LocalProtocolError, Phase
 from r2d2voice.protocol.actions import (
+    AudioDone,
     BargeIn,
     CallTool,
     HangUp,
@@ -38,6 +39,8 @@ from r2d2voice.protocol.actions import (
     StoreResponse,
     StoreSession,
     StoreUsage,
+    UserSpeaking,
+    UserStopped,
 )
 from r2d2voice.protocol.core import TICK_S, End, EndReason
 from r2d2voice.protocol.tool_records import StoreToolCall, StoreToolResult
@@ -560,3 +563,18 @@ def test_the_live_core_has_every_member_of_the_protocol_seam() -> None:
         if callable(value):
             assert list(inspect.signature(ours).parameters) == list(
                 inspect.signature(value).parameters), name
+
+
+def test_the_core_says_who_speaks_and_when_the_robots_audio_is_over() -> None:
+    """The event stream's user_speaking / user_stopped / spoken come from the core: a stretch
+    of the person's words begins and ends (here: the robot answers), and the robot's audio is
+    over once it has been quiet for the pause (or its stretch closed), told once."""
+    conv = live()
+    out = conv.receive(said("user", "What's up?", 500, 1500), 1.5)
+    [speaking] = [a for a in out if isinstance(a, UserSpeaking)]
+    out = conv.receive(said("assistant", "Beep", 1700, 2000), 1.7)
+    assert [a for a in out if isinstance(a, UserStopped)] == [UserStopped(speaking.user_item_id)]
+    [play] = [a for a in conv.receive(audio(b"\x01\x00" * SECOND), 1.8) if isinstance(a, Play)]
+    assert not [a for a in conv.tick(2.5) if isinstance(a, AudioDone)]  # not quiet long enough
+    assert [a for a in conv.tick(2.9) if isinstance(a, AudioDone)] == [AudioDone(play.item_id)]
+    assert not [a for a in conv.tick(4.5) + conv.connection_lost() if isinstance(a, AudioDone)]

@@ -300,3 +300,44 @@ def test_gain_scales_audio_as_it_is_pushed() -> None:
     assert buf.read(4).tolist() == [0, 0, 0, 0] and buf.received_samples("c") == 4
     with pytest.raises(ValueError):
         buf.set_gain(1.5)
+
+
+def test_the_tap_sees_what_each_read_hands_out_after_the_volume_and_holds_tracks_the_queue(
+        ) -> None:
+    buf = PlayoutBuffer()
+    seen: list[np.ndarray] = []
+    buf.set_tap(lambda pcm: seen.append(pcm.copy()))
+    buf.set_gain(0.5)
+    buf.push("a", np.full(300, 1000, np.int16))
+    buf.push("b", np.full(200, 2000, np.int16))
+    assert buf.holds("a") and buf.holds("b") and not buf.holds("c")
+    out = np.empty(400, np.int16)
+    assert buf.read_into(out) == 400
+    assert not buf.holds("a") and buf.holds("b")
+    buf.read_into(out)  # 100 more, then zeros: the tap sees only what was handed out
+    assert [len(x) for x in seen] == [400, 100]
+    assert np.concatenate(seen).tolist() == [500] * 300 + [1000] * 200
+    buf.push("c", np.full(10, 7, np.int16))
+    buf.cancel("c")
+    assert not buf.holds("c") and buf.read(10).size == 0 and len(seen) == 2
+
+
+def test_the_level_meter_gives_the_rms_of_each_50_ms_across_reads() -> None:
+    from r2d2voice.audio.level import LEVEL_WINDOW, LevelMeter
+
+    levels: list[float] = []
+    wanted = [True]
+    meter = LevelMeter(levels.append, lambda: wanted[0])
+    t = np.arange(RATE) / RATE
+    tone = (np.sin(2 * np.pi * 440 * t) * 16384).astype(np.int16)  # -6 dBFS peak
+    for start in range(0, RATE, 240):  # 10 ms blocks, as the speaker pulls them
+        meter.feed(tone[start:start + 240])
+    assert len(levels) == RATE // LEVEL_WINDOW == 20
+    assert levels == pytest.approx([0.5 / 2 ** 0.5] * 20, abs=0.002)
+    meter.feed(np.full(LEVEL_WINDOW, 32767, np.int16))
+    assert levels[-1] == pytest.approx(1.0, abs=1e-4)
+    wanted[0] = False  # nobody follows: nothing is measured (nor kept for later)
+    meter.feed(tone)
+    wanted[0] = True
+    meter.feed(np.zeros(LEVEL_WINDOW // 2, np.int16))
+    assert len(levels) == 21

@@ -39,6 +39,7 @@ from r2d2voice.reports.budget import (
     Warned,
     local_now,
 )
+from r2d2voice.system.events import Events
 
 __all__ = ["BUDGET", "BudgetGate", "billed"]
 
@@ -70,8 +71,10 @@ class BudgetGate:
 
     def __init__(self, inner: Any, caps: Caps, *, live: bool, console: Console,
                  earcons: bool = True, now: Callable[[], datetime] = local_now,
-                 tz: tzinfo | None = None) -> None:
+                 tz: tzinfo | None = None, events: Events | None = None) -> None:
         self.inner = inner
+        #: the run's event stream: ``budget {spent, cap}`` after each response's cost
+        self.events = events or Events()
         self.live = live
         self.console = console
         self.earcons = earcons
@@ -105,6 +108,7 @@ class BudgetGate:
     def spent(self, usd: float) -> None:
         """A response cost ``usd`` (as it is recorded): at the cap the conversation closes."""
         self._say(self.state.add(usd, self.now()))
+        self._tell()
         if not self.state.open and not self._closed:
             self._closed = True
             if self._in_conversation:
@@ -236,6 +240,14 @@ class BudgetGate:
                 self._say(self.state.roll(self.now()))
         self._waiting = None
         return not scope.cancelled_caught
+
+    def _tell(self) -> None:
+        """``budget {spent, cap}`` of the cap nearest to being reached (USD)."""
+        shares = [(self.state.spent(cap) / limit, cap, limit) for cap in ("daily", "monthly")
+                  if (limit := self.state.caps.of(cap))]
+        if shares:
+            _, cap, limit = max(shares)
+            self.events.emit("budget", spent=round(self.state.spent(cap), 6), cap=limit)
 
     def _beep(self, *, limited: bool) -> None:
         """The sad beep; ``limited``: at most one each :data:`BEEP_GAP_S` (refusals)."""

@@ -1,5 +1,6 @@
 """Composes a run from the settings: service endpoint (see endpoints.py), store and shipper,
-tools, session gate (with the budget around it, budget.py), metrics (watching.py), the link's
+tools, session gate (with the budget around it, budget.py, and the listening switch,
+switch.py), metrics (watching.py), the event stream and what follows it (body.py), the link's
 parts — built once, then :func:`run_pipeline`."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from r2d2voice.appliance.body import RunCommands, open_body, plan_body, volume_only
 from r2d2voice.appliance.budget import BudgetGate
 from r2d2voice.appliance.context import Console, LinkPolicy, Sink, Source, Stopper
 from r2d2voice.appliance.endpoints import open_endpoint, plan_service
@@ -21,7 +23,9 @@ from r2d2voice.appliance.gate import AlwaysGate, WakeGate, WakeTrigger, WakeWord
 from r2d2voice.appliance.pipeline import Run, RunResult, run_pipeline
 from r2d2voice.appliance.protocols import check_duplex, core_factory
 from r2d2voice.appliance.signals import SIGNAL_REASONS
+from r2d2voice.appliance.switch import ListeningSwitch
 from r2d2voice.appliance.tools import Toolbox
+from r2d2voice.appliance.tools.builtins import Volume
 from r2d2voice.appliance.tools.memory_brief import with_memory
 from r2d2voice.appliance.tools.offer import open_toolbox as offered_tools
 from r2d2voice.appliance.watching import watch_run
@@ -42,6 +46,7 @@ from r2d2voice.storage.recorder import (
 )
 from r2d2voice.storage.shipping.alongside import plan_shipping, ship_alongside
 from r2d2voice.system.config import Settings
+from r2d2voice.system.events import Events
 
 if TYPE_CHECKING:
     from r2d2voice.audio.availability import DeviceStates
@@ -168,6 +173,11 @@ class RunOptions:
     #: the wall clock (aware): the store's labels and the budget's days (tests move it with
     #: trio's clock); None: the system's
     wall_clock: Callable[[], datetime] | None = None
+    #: a wake from a remote (MQTT's wake button), as ``r2d2voice wake`` does it (None: the
+    #: trigger's, if any; a replay has neither)
+    on_wake: Callable[[], object] | None = None
+    #: the run's event stream (default: a new hub; a test may follow its own)
+    events: Events | None = None
 
 
 def link_policy(settings: Settings) -> LinkPolicy:
@@ -193,18 +203,29 @@ async def hold(settings: Settings, source: Source, sink: Sink,
     service = plan_service(settings, options.url)  # a missing key fails here, first
     check_duplex(service, settings, live_source=source.live)
     ship_plan = plan_shipping(settings.db, settings.ship_url, settings.device_id)  # idem
+    body = plan_body(settings)  # idem: hooks, MQTT
     toolbox = options.toolbox if options.toolbox is not None else open_toolbox(settings)
-    gate = _gate(settings, source, options)
-    budget = _budget(settings, gate, source, options)
+    if toolbox is None and body.remote:
+        toolbox = volume_only(settings)
+    hub = options.events or Events(privacy=not settings.store_text)
+    gate = _gate(settings, source, options, hub)
+    budget = _budget(settings, gate, source, options, hub)
+    # a remote may switch listening off: the outermost policy (off, not even the budget hears)
+    switch = (ListeningSwitch(budget or gate, trigger=options.trigger) if body.remote
+              else None)
+    commands = RunCommands(toolbox.volume if toolbox else Volume(None),
+                           _on_wake(options), switch, settings)
     result: RunResult | None = None
     stopper = options.stopper
     try:
-        # metrics first (a busy address fails before anything opens); the store retries
-        # while the disk is full, and prunes with R2D2_RETENTION_DAYS; the shipper runs in
-        # threads of its own (never waited for); both are closed on the way out, shielded,
-        # with a deadline. The MCP servers run for the whole run (one process each, however it
-        # listens), their tools offered as each becomes ready
+        # metrics first (a busy address fails before anything opens), and the event stream's
+        # followers (they outlive the rest); the store retries while the disk is full, and
+        # prunes with R2D2_RETENTION_DAYS; the shipper runs in threads of its own (never
+        # waited for); both are closed on the way out, shielded, with a deadline. The MCP
+        # servers run for the whole run (one process each, however it listens), their tools
+        # offered as each becomes ready
         async with (watch_run(settings, budget=budget, devices=options.devices) as watching,
+                    open_body(body, hub, commands),
                     open_store(settings.db, on_status=options.on_store_status,
                                **_clock(options), **store_options(settings)) as store,
                     ship_alongside(ship_plan, status=options.on_ship_status) as shipping,
@@ -224,13 +245,14 @@ async def hold(settings: Settings, source: Source, sink: Sink,
                 async with open_endpoint(service) as endpoint:
                     parts = watching.parts = LinkParts(
                         endpoint, session_config(settings, toolbox), source, sessions,
-                        budget or gate, connect=options.connect,
+                        switch or budget or gate, connect=options.connect,
                         policy=options.policy or link_policy(settings),
                         console=_console(gate, options.console),
                         on_configured=options.on_configured,
                         configure=lambda config: with_memory(config, settings),
                         protocol=core_factory(service, settings),
-                        on_record=watching.on_record, on_connection=watching.on_connection)
+                        on_record=watching.on_record, on_connection=watching.on_connection,
+                        events=hub)
                     result = await run_pipeline(Run(parts, source, sink, store.record,
                                                     stopper=stopper, toolbox=toolbox))
             except BaseException as exc:
@@ -252,9 +274,10 @@ async def hold(settings: Settings, source: Source, sink: Sink,
                    trio.current_time() - started, store.status, budget, watching.spent)
 
 
-def _gate(settings: Settings, source: Source, options: RunOptions) -> AlwaysGate | WakeGate:
+def _gate(settings: Settings, source: Source, options: RunOptions,
+          events: Events) -> AlwaysGate | WakeGate:
     if settings.listen != "wake":
-        return AlwaysGate(live=source.live, console=options.console,
+        return AlwaysGate(live=source.live, console=options.console, events=events,
                           vad=(settings.vad_threshold, settings.vad_prefix_ms,
                                settings.vad_silence_ms))
     check_listening(settings)
@@ -263,19 +286,27 @@ def _gate(settings: Settings, source: Source, options: RunOptions) -> AlwaysGate
              detector.wake_word)
     gate = WakeGate(detector, idle_s=settings.conversation_idle_s, wake_word=settings.wake_word,
                     console=options.console, trigger=options.trigger,
-                    earcons=settings.earcons)
+                    earcons=settings.earcons, events=events)
     options.console.status(gate.waiting_status)
     return gate
 
 
+def _on_wake(options: RunOptions) -> Callable[[], object] | None:
+    """What a remote's wake does: the command's, else the wake gate's trigger (None: a
+    replay, which hears only its file)."""
+    if options.on_wake is not None:
+        return options.on_wake
+    return options.trigger.wake if options.trigger is not None else None
+
+
 def _budget(settings: Settings, gate: AlwaysGate | WakeGate, source: Source,
-            options: RunOptions) -> BudgetGate | None:
+            options: RunOptions, events: Events) -> BudgetGate | None:
     """The budget around ``gate`` (None without a cap)."""
     caps = Caps.from_settings(settings)
     if not caps.any:
         return None
     budget = BudgetGate(gate, caps, live=source.live, console=options.console,
-                        earcons=settings.earcons, **_clock(options))
+                        earcons=settings.earcons, events=events, **_clock(options))
     budget.on_change = options.on_budget
     return budget
 

@@ -37,6 +37,7 @@ from r2d2voice.audio.wake import WakeWordDetector
 from r2d2voice.link.state import Console, Opening
 from r2d2voice.link.turns import LinkView
 from r2d2voice.protocol.core import End, EndReason
+from r2d2voice.system.events import Events
 
 log = logging.getLogger("r2d2voice.appliance.gate")
 
@@ -62,9 +63,11 @@ Earcon = Callable[[str, np.ndarray], None]
 class AlwaysGate:
     """``always``: see the module docstring. ``vad`` is (threshold, prefix ms, silence ms)."""
 
-    def __init__(self, *, live: bool, vad: tuple[float, int, int], console: Console) -> None:
+    def __init__(self, *, live: bool, vad: tuple[float, int, int], console: Console,
+                 events: Events | None = None) -> None:
         self.live = live
         self.console = console
+        self.events = events or Events()
         self.vad = vad
         self.conversations = 0
         self._dormant: EnergyVad | None = None
@@ -152,6 +155,7 @@ class AlwaysGate:
         await trio.lowlevel.checkpoint()
         if self._dormant is not None:
             self.console.status("conversation ended; listening for speech")
+            self.events.emit("listening")
 
     @property
     def conversing(self) -> bool:
@@ -201,8 +205,9 @@ class WakeGate:
 
     def __init__(self, detector: WakeWordDetector, *, idle_s: float, wake_word: str,
                  console: Console, earcons: bool = True,
-                 trigger: WakeTrigger | None = None) -> None:
+                 trigger: WakeTrigger | None = None, events: Events | None = None) -> None:
         self.detector = detector
+        self.events = events or Events()
         self.idle_s = idle_s
         self.wake_word = wake_word
         self.console = console
@@ -280,6 +285,7 @@ class WakeGate:
         else:
             log.info("woken from outside (r2d2voice wake) at %.2f s", at_s)
         heard = Heard(WORD if score is not None else EXTERNAL, score, at_s, trio.current_time())
+        self.events.emit("wake", source=heard.source, score=score)
         if self.on_wake is not None:
             self.on_wake(heard.source)
         self._current = WakeWordConversation(heard)
@@ -303,6 +309,8 @@ class WakeGate:
             current.ready_ms = round((trio.current_time() - current.heard.time) * 1000, 1)
 
     async def wait_open(self) -> Opening | None:
+        if not self._woken.is_set():
+            self.events.emit("waiting_for_wake")
         await self._woken.wait()
         self._woken = trio.Event()
         current = self._current

@@ -52,6 +52,7 @@ from r2d2voice.appliance.tools import Toolbox
 from r2d2voice.appliance.tools.port import ToolboxPort
 from r2d2voice.audio.earcons import earcon_chunk
 from r2d2voice.audio.playout import AudioChunk, PlayoutBuffer
+from r2d2voice.link.moments import Moments
 from r2d2voice.link.parts import LinkParts
 from r2d2voice.link.state import LinkState, Statistics
 from r2d2voice.link.supervisor import Supervisor
@@ -114,7 +115,7 @@ async def run_pipeline(run: Run) -> RunResult:
     received has been recorded.
     """
     parts, source, buffer = run.link, run.source, run.buffer
-    state = LinkState(Conversation(), buffer)
+    state = LinkState(Conversation(), buffer, moments=Moments(parts.events))
     gate: Any = parts.gate  # a SessionGate that the chain routes through (gate.py)
     wake = wake_gate(gate)
     if run.toolbox is not None:
@@ -150,6 +151,7 @@ async def run_pipeline(run: Run) -> RunResult:
     turns = None if wake is not None else TurnGate(state)
     link = Supervisor(parts, state)
     stop_playout = state.follow_playout()
+    stop_level = state.moments.follow_level(buffer)
     try:
         async with trio.open_nursery() as outer:
             recorder = _Recorder(run.record)
@@ -176,8 +178,14 @@ async def run_pipeline(run: Run) -> RunResult:
                                 await source.run(frames_send, turns)
 
                     async def sink_task() -> None:
-                        async with audio_recv:
-                            await run.sink.run(audio_recv, buffer)
+                        # what the speaker does is told (speaking, spoken) while it plays,
+                        # past the link's last connection
+                        async with trio.open_nursery() as speaker:
+                            speaker.start_soon(state.moments.follow, state)
+                            async with audio_recv:
+                                await run.sink.run(audio_recv, buffer)
+                            speaker.cancel_scope.cancel()
+                        state.moments.finish(state)
 
                     inner.start_soon(source_task)
                     inner.start_soon(chain.run, frames_recv, uplink_send)
@@ -191,6 +199,7 @@ async def run_pipeline(run: Run) -> RunResult:
                     source_scope.cancel()
     finally:
         stop_playout()
+        stop_level()
     if link.failure is not None:
         raise link.failure
     return RunResult(state.session_ids, replace(state.stats),

@@ -154,7 +154,7 @@ def run_command(settings: Settings, *, url: str | None) -> None:
             url=url, console=console, stopper=stopper, metadata=metadata, trigger=trigger,
             on_configured=configured.set if configured is not None else None,
             on_store_status=console.store_status, on_ship_status=console.ship_status,
-            on_budget=on_budget, devices=console.devices))
+            on_budget=on_budget, devices=console.devices, on_wake=on_wake))
 
     async def main() -> Any:
         async def body() -> Any:

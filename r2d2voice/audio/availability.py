@@ -16,6 +16,7 @@ import trio
 
 from r2d2voice.audio.devices import DeviceInfo, resolve_device
 from r2d2voice.audio.portaudio import DeviceUnavailable, Kind, host
+from r2d2voice.system import events
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class DeviceStates:
             log.debug("still waiting for %s: %s", self._waiting[kind], reason)
             return
         self._waiting[kind] = label(spec, kind)
+        events.emit("device_lost", kind=kind, name="default" if spec is None else str(spec))
         log.warning("%s unavailable (%s): waiting for it, looking every %g s",
                     self._waiting[kind], reason, POLL_SECONDS)
         self._changed()
@@ -59,6 +61,7 @@ class DeviceStates:
         if what is None:
             return
         log.info("%s is back: %s", what, device.describe())
+        events.emit("device_back", kind=kind, name=device.name)
         self._changed()
 
     def is_waiting(self, kind: Kind) -> bool:

@@ -7,7 +7,9 @@ from an audio callback. Each item's received and played sample counts are kept s
 interrupted reply can be truncated at exactly what the user heard.
 
 Volume: :meth:`PlayoutBuffer.set_gain` scales audio as it is pushed (on the producer's thread,
-never in the audio callback); audio already queued keeps the volume it was queued at.
+never in the audio callback); audio already queued keeps the volume it was queued at. What
+each read hands out (after the volume: what reaches the speaker) goes to the tap, if one is set
+(:meth:`PlayoutBuffer.set_tap`: the speaker's level meter).
 
 Time: the first sample of each item is stamped with the buffer's ``clock``, which must be
 callable from the consumer's thread (the PortAudio callback cannot ask trio for the time):
@@ -93,6 +95,7 @@ class PlayoutBuffer:
         self._played = 0
         self.clock = clock
         self._listener: Callable[[], None] | None = None
+        self._tap: Callable[[np.ndarray], None] | None = None
         self._gain = 1.0
 
     @property
@@ -110,6 +113,13 @@ class PlayoutBuffer:
         sample is handed out. It runs outside the lock on whichever thread pushed, cancelled or
         read (the PortAudio callback too), so it must be quick and thread-safe."""
         self._listener = listener
+
+    def set_tap(self, tap: Callable[[np.ndarray], None] | None) -> None:
+        """Call ``tap(samples)`` with the audio each read hands out (the speaker's level meter,
+        ``audio/level.py``). It runs outside the lock on the consumer's thread (the PortAudio
+        callback too) with a view it must not keep, so it must be quick and allocate
+        nothing."""
+        self._tap = tap
 
     def _notify(self) -> None:
         listener = self._listener
@@ -241,6 +251,9 @@ class PlayoutBuffer:
             notify = notify or (written > 0 and self._queued == 0)
         if written < n:
             out[written:] = 0
+        tap = self._tap
+        if tap is not None and written:
+            tap(out[:written])
         if notify:
             self._notify()
         return written
@@ -275,6 +288,11 @@ class PlayoutBuffer:
         with self._lock:
             item = self._items.get(item_id)
             return item.received if item is not None else 0
+
+    def holds(self, item_id: str) -> bool:
+        """Some of ``item_id``'s audio is queued (not yet handed out, dropped or cancelled)."""
+        with self._lock:
+            return any(c.item_id == item_id for c in self._chunks)
 
     def playing_item(self) -> str | None:
         """The item whose audio is at the head of the queue, or None when nothing is queued."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from r2d2voice import __version__
-from r2d2voice.cli import conversation, devices, fleet, memory, records, tools
+from r2d2voice.cli import conversation, devices, events, fleet, memory, records, tools
 from r2d2voice.cli.output import OutputFailed, flush_stdout, guard_stdout, quiet_stdout
 from r2d2voice.errors import EXIT_OK, EXIT_RUNTIME, R2Error
 
@@ -182,5 +182,5 @@ def _with_global_options(command: click.Command) -> click.Command:
 
 
 for _command in (*conversation.COMMANDS, *records.COMMANDS, *fleet.COMMANDS, *tools.COMMANDS,
-                 *memory.COMMANDS, *devices.COMMANDS):
+                 *memory.COMMANDS, *devices.COMMANDS, *events.COMMANDS):
     main.add_command(_with_global_options(_command))

@@ -257,6 +257,7 @@ class Connection:
                     flush.shield = True
                     await effects.apply([*effects.played_latencies(),
                                          *conv.connection_lost(code, reason)])
+                    state.moments.connection_over()
                     self._log_end()
                 if flush.cancelled_caught:
                     log.error("the recorder took no records for %.0f s: partial transcripts "
@@ -278,8 +279,10 @@ class Connection:
         configured = conv.configured
         await effects.apply(conv.receive(message, trio.current_time()))
         await effects.apply(effects.played_latencies())
-        if conv.configured and not configured and self.parts.on_configured:
-            self.parts.on_configured()
+        if conv.configured and not configured:
+            self.state.moments.configured()
+            if self.parts.on_configured:
+                self.parts.on_configured()
 
     # -- tool results --------------------------------------------------------------------------
     async def _tool_results(self, effects: Effects) -> None:

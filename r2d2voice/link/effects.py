@@ -1,6 +1,7 @@
 """Carries out the protocol core's actions: audio to the speaker channel, records to the
 recorder channel, client events to the uplink, barge-in on the playout buffer, function calls
-to the tool runner, the hang-up to the connection.
+to the tool runner, the hang-up to the connection, the turn's moments to the event stream
+(``link/moments.py``).
 
 Channel policies (the channels are made in ``appliance/pipeline.py`` and ``link/``): audio
 never waits (a full channel drops the chunk and counts it); records wait and log that they
@@ -22,6 +23,7 @@ from r2d2voice.link.state import LinkState
 from r2d2voice.link.tools import ToolJob
 from r2d2voice.protocol.actions import (
     Action,
+    AudioDone,
     BargeIn,
     CallTool,
     HangUp,
@@ -32,6 +34,8 @@ from r2d2voice.protocol.actions import (
     StoreError,
     StoreMessage,
     StoreResponse,
+    UserSpeaking,
+    UserStopped,
 )
 from r2d2voice.realtime.client_events import RATE, ClientEvent
 
@@ -68,6 +72,12 @@ class Effects:
                 self._play(action)
             elif isinstance(action, BargeIn):
                 await self._barge_in()
+            elif isinstance(action, UserSpeaking):
+                state.moments.user_speaking()
+            elif isinstance(action, UserStopped):
+                state.moments.user_stopped()
+            elif isinstance(action, AudioDone):
+                state.moments.audio_done(action.item_id)
             elif isinstance(action, Send):
                 await self._send(action.event)
             elif isinstance(action, CallTool):
@@ -133,11 +143,13 @@ class Effects:
 
     def _play(self, action: Play) -> None:
         state = self.state
+        pcm = np.frombuffer(action.pcm, dtype="<i2")
         try:
-            self.audio.send_nowait(AudioChunk(action.item_id,
-                                              np.frombuffer(action.pcm, dtype="<i2")))
+            self.audio.send_nowait(AudioChunk(action.item_id, pcm))
         except trio.WouldBlock:
             state.stats.audio_chunks_dropped += 1
+            return
+        state.moments.queued(action.item_id, len(pcm))
 
     async def _barge_in(self) -> None:
         """Stop the reply the speaker is playing; the core decides what the service hears."""
@@ -146,13 +158,14 @@ class Effects:
         if item is None:
             return
         buffer.cancel(item)
+        self.state.moments.cut(item)
         self.state.stats.interruptions += 1
         played = buffer.played_samples(item)
         log.info("barge-in: reply %s stopped after %.2f s", item, played / RATE)
         await self.apply(self.state.conversation.interrupted(item, played))
 
     def _count(self, record: Record) -> None:
-        stats = self.state.stats
+        stats, moments = self.state.stats, self.state.moments
         if isinstance(record, StoreMessage) and not record.partial:
             if record.role == "user":
                 stats.user_turns += 1
@@ -161,11 +174,15 @@ class Effects:
             else:
                 stats.assistant_turns += 1
             self.console.transcript(record.role, record.text)
+            moments.emit("transcript", role=record.role, text=record.text)
         elif isinstance(record, StoreError):
             stats.service_errors += 1
+            moments.emit("error", message=record.message)
             # a fatal one ends the run with its own one-line error
             log.log(logging.DEBUG if record.fatal else logging.WARNING, "service error %s%s: %s",
                     record.type, f" ({record.code})" if record.code else "", record.message)
+        elif isinstance(record, StoreResponse) and record.status == "in_progress":
+            moments.response_started()
         elif isinstance(record, StoreResponse) and record.status in ("failed", "incomplete"):
             log.warning("reply %s %s: %s", record.response_id, record.status,
                         _reason(record.status_details))

@@ -14,6 +14,7 @@ from r2d2voice.protocol.actions import Record
 from r2d2voice.protocol.core import End, EndReason, ProtocolCore
 from r2d2voice.realtime.client_events import SessionConfig
 from r2d2voice.realtime.conversation import Conversation
+from r2d2voice.system.events import Events
 
 #: makes the protocol core of one session: (the session's configuration, turns of context)
 CoreFactory = Callable[[SessionConfig, tuple[tuple[str, str], ...]], ProtocolCore]
@@ -75,6 +76,8 @@ class LinkParts:
     #: each session's configuration, made as it starts (the memory the robot has by then);
     #: None: ``config`` as it is
     configure: Callable[[SessionConfig], Awaitable[SessionConfig]] | None = None
+    #: the run's event stream (system/events.py; a silent hub by default)
+    events: Events = field(default_factory=Events)
 
     async def new_core(self, context: list[tuple[str, str]]) -> ProtocolCore:
         """A session's core: its configuration made now (the memory it has by now), offering

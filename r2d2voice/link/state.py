@@ -17,6 +17,7 @@ import trio
 
 from r2d2voice.audio.gates import EchoGate
 from r2d2voice.audio.playout import PlayoutBuffer
+from r2d2voice.link.moments import Moments
 from r2d2voice.protocol.core import EndReason
 from r2d2voice.realtime.conversation import Conversation
 from r2d2voice.system.config import default
@@ -152,6 +153,8 @@ class LinkState:
     epoch: int = 0
     connected: bool = False
     session_ids: list[str] = field(default_factory=list)
+    #: what the link tells the run's event stream (a silent hub unless the run gives one)
+    moments: Moments = field(default_factory=Moments)
 
     async def hold(self, predicate: Callable[[], bool], seconds: float) -> None:
         await self.watch.hold(predicate, seconds)

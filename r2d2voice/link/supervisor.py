@@ -90,6 +90,10 @@ class Supervisor:
         self._counted: dict[str, int] = {}
         #: why the run must end with an error, raised once everything is drained and stored
         self.failure: ConfigError | RuntimeFailure | None = None
+        #: how the conversation in progress ended: the gate closed it (its reason), and how
+        #: its last connection ended
+        self._closed: str | None = None
+        self._end: EndReason | None = None
 
     async def run(self, frames: trio.MemoryReceiveChannel[bytes],
                   audio: trio.MemorySendChannel[AudioChunk],
@@ -104,7 +108,7 @@ class Supervisor:
             async with results_recv:
                 async with trio.open_nursery() as nursery:
                     runner = ToolRunner(self.tools, records, self.parts.offer,
-                                        self.parts.on_record)
+                                        self.parts.on_record, self.state.moments)
                     nursery.start_soon(runner.run, calls_recv, results_send)
                     async with calls_send:
                         try:
@@ -123,14 +127,17 @@ class Supervisor:
             opening = await self.gate.wait_open()
             if opening is None or self.state.stopping:
                 return
+            moments = self.state.moments
             if opening.new_conversation:
                 previous = None
                 self.chain_start = len(self.state.session_ids)
                 self.backoff.reset()
                 self.replacing = None
+                moments.conversation_started()
             ports = _Ports(feed, audio, records, tools, opening)
             first = len(self.state.session_ids)
             failure: ConfigError | RuntimeFailure | None = None
+            self._closed = self._end = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._close_when_gate_says, nursery.cancel_scope)
                 try:
@@ -138,12 +145,15 @@ class Supervisor:
                 except (ConfigError, RuntimeFailure) as exc:  # raised as it is, not in a group
                     failure = exc
                 nursery.cancel_scope.cancel()
+            moments.conversation_ended(
+                ended_as(self._closed, self._end, failed=failure is not None))
             await self.gate.over(self.state.session_ids[first:])
             if failure is not None:
                 raise failure
 
     async def _close_when_gate_says(self, scope: trio.CancelScope) -> None:
         reason = await self.gate.wait_close()
+        self._closed = reason
         log.info("conversation over (%s): closing", reason)
         if self._current is not None:
             await self._current.finish(EndReason(End.DONE, reason))
@@ -170,6 +180,7 @@ class Supervisor:
                 self._giving_up_at = started + limit
             try:
                 end, previous = await self._connection(ports, previous)
+                self._end = end
             except RuntimeFailure as exc:  # could not connect: try again
                 if not policy.reconnect:
                     raise
@@ -207,6 +218,7 @@ class Supervisor:
                     state.session_ids[self.chain_start:], self.policy.context_turns)
             session_id = await self.parts.sessions.begin(previous, ports.opening.metadata)
             state.session_ids.append(session_id)
+            state.moments.session(session_id)
             state.conversation = core = await self.parts.new_core(context)
             state.epoch += 1
             state.connected = True
@@ -275,6 +287,20 @@ class _Ports:
     records: trio.MemorySendChannel[tuple[str, Record]]
     tools: ToolPorts
     opening: Opening
+
+
+def ended_as(closed: str | None, end: EndReason | None, *, failed: bool = False) -> str:
+    """How a conversation ended, in a word or two (``conversation_ended {reason}``): what the
+    session gate said when it closed it (``idle``, ``no service``, ``listening off``), else
+    how its last connection ended (``end of input``, ``stopped``, ``hangup``, ``lost``,
+    ``fatal``)."""
+    if closed is not None:
+        return closed
+    if end is None:
+        return "failed" if failed else "stopped"
+    if end.kind is End.DONE:
+        return "end of input" if end.detail == "input ended" else "stopped"
+    return end.kind.value
 
 
 def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:

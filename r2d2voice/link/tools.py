@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import trio
 
+from r2d2voice.link.moments import Moments
 from r2d2voice.protocol.actions import CallTool, Record
 from r2d2voice.protocol.tool_records import StoreToolResult
 
@@ -121,11 +122,14 @@ class ToolRunner:
     def __init__(self, caller: ToolCaller,
                  records: trio.MemorySendChannel[tuple[str, Record]],
                  offer: ToolOffer | None = None,
-                 observe: Callable[[Record], None] = lambda _: None) -> None:
+                 observe: Callable[[Record], None] = lambda _: None,
+                 moments: Moments | None = None) -> None:
         self.caller = caller
         self.records = records
         self.offer = offer
         self.observe = observe
+        #: ``tool_started`` / ``tool_finished {name, status}`` go to the event stream
+        self.moments = moments or Moments()
 
     async def run(self, calls: trio.MemoryReceiveChannel[ToolJob],
                   results: trio.MemorySendChannel[ToolNews]) -> None:
@@ -166,7 +170,9 @@ class ToolRunner:
             result: StoreToolResult | None = None
             delivered = False
             try:
+                self.moments.emit("tool_started", name=job.call.name)
                 result = await self.caller(job.call, CallHooks(end_conversation, ask))
+                self.moments.emit("tool_finished", name=job.call.name, status=result.status)
                 await results.send(ToolDone(job, result))
                 delivered = True
             except trio.BrokenResourceError:  # the link is gone

@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 
 from r2d2voice.live.client_events import RATE
 from r2d2voice.live.server_events import ASSISTANT, USER, TranscriptDelta
-from r2d2voice.protocol.actions import Action, BargeIn, StoreInterrupted, StoreMessage
+from r2d2voice.protocol.actions import (
+    Action,
+    AudioDone,
+    BargeIn,
+    StoreInterrupted,
+    StoreMessage,
+    UserSpeaking,
+    UserStopped,
+)
 
 #: A speaker's silence this long (ms of the timeline) ends their utterance.
 PAUSE_MS = 1000
@@ -63,6 +71,8 @@ class Stretch:
     cut: bool = False
     #: counted in :attr:`Utterances.replies_done` (a robot stretch that went quiet)
     done: bool = False
+    #: its end was told: :class:`AudioDone` (the robot's), :class:`UserStopped` (the person's)
+    told: bool = False
 
     @property
     def seq(self) -> int:
@@ -109,6 +119,8 @@ class Utterances:
             stretch = None
         if stretch is None:
             stretch = self._new(ev.role, ev.start_ms, ev.end_ms, now)
+            if ev.role == USER:
+                out.append(UserSpeaking(stretch.item_id))
         if stretch.start_ms is None:  # robot audio that came before its words
             stretch.start_ms = ev.start_ms
         stretch.parts.append(ev.delta)
@@ -139,9 +151,11 @@ class Utterances:
             quiet = now - stretch.last_at
             if stretch.parts and quiet * 1000 >= self.pause_ms:
                 self._done(stretch)
+                out += self._told(stretch)  # the robot went quiet: its audio is over
             if not stretch.parts:
                 if quiet > WORDLESS_S:
                     del self.open[stretch.role]  # audio without words: nothing to store
+                    out += self._told(stretch)
             elif (timeline_ms - stretch.end_ms > self.pause_ms
                   and quiet * 1000 >= self.pause_ms):
                 out += self._close(stretch)
@@ -204,11 +218,20 @@ class Utterances:
         closed = self._close(robot) if self.open.get(ASSISTANT) is robot else []
         return [BargeIn(user_item), *closed]
 
+    def _told(self, stretch: Stretch) -> list[Action]:
+        """The end of a stretch, once: the person stopped, or the robot's audio is over."""
+        if stretch.told or (stretch.role == ASSISTANT and not stretch.audio_samples):
+            return []
+        stretch.told = True
+        return [UserStopped(stretch.item_id) if stretch.role == USER
+                else AudioDone(stretch.item_id)]
+
     def _close(self, stretch: Stretch, *, partial: bool = False) -> list[Action]:
         if self.open.get(stretch.role) is stretch:
             del self.open[stretch.role]
+        told = self._told(stretch)
         if not stretch.parts:
-            return []
+            return told
         self._done(stretch)
         text = stretch.text
         raw = None
@@ -216,5 +239,5 @@ class Utterances:
             raw = "[" + ",".join(stretch.raw) + "]"
         stretch.raw = []
         self.committed += 1
-        return [StoreMessage(stretch.role, stretch.item_id, stretch.seq, text, raw=raw,
-                             partial=partial)]
+        return [*told, StoreMessage(stretch.role, stretch.item_id, stretch.seq, text, raw=raw,
+                                    partial=partial)]

@@ -36,6 +36,29 @@ class BargeIn:
 
 
 @dataclass(frozen=True, slots=True)
+class UserSpeaking:
+    """The service hears the person speaking (``user_speaking``)."""
+
+    user_item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserStopped:
+    """The service heard the person stop speaking (``user_stopped``); their turn is to be
+    answered."""
+
+    user_item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AudioDone:
+    """No more audio of reply ``item_id`` will come: its response is over (completed, cut or
+    failed) or the connection is gone. What is queued of it still plays."""
+
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Send:
     """Send this client event (serialised by :meth:`Conversation.send`)."""
 
@@ -136,4 +159,5 @@ Record = (
     StoreSession | StoreMessage | StoreInterrupted | StoreResponse | StoreUsage | StoreLatency
     | StoreError | StoreToolCall | StoreToolResult
 )
-Action = Play | BargeIn | Send | CallTool | HangUp | Notice | Record
+Action = (Play | BargeIn | UserSpeaking | UserStopped | AudioDone | Send | CallTool | HangUp
+          | Notice | Record)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from r2d2voice.protocol.actions import (
     Action,
+    AudioDone,
     BargeIn,
     Notice,
     Play,
@@ -32,6 +33,8 @@ from r2d2voice.protocol.actions import (
     StoreMessage,
     StoreResponse,
     StoreSession,
+    UserSpeaking,
+    UserStopped,
 )
 from r2d2voice.protocol.core import End, EndReason, LocalProtocolError
 from r2d2voice.protocol.tool_records import StoreToolResult
@@ -319,6 +322,7 @@ class Conversation:
             out.append(StoreError("connection_lost", None, self.end.detail, False))
         out += self.items.unfinished()
         out += self.tools.remote.unanswered()
+        out += [AudioDone(item_id) for item_id in self.items.audio_over()]
         self.phase = Phase.CLOSED
         self.turn = Turn.IDLE
         self.active_response = None
@@ -374,11 +378,11 @@ class Conversation:
     def _on_speech_started(self, ev: SpeechStarted, now: float) -> list[Action]:
         if self.active_response is not None and self.interrupt_response:
             remember(self._cut, self.active_response, True)  # the service cancels it
-        return [BargeIn(ev.item_id)]
+        return [UserSpeaking(ev.item_id), BargeIn(ev.item_id)]
 
     def _on_speech_stopped(self, ev: SpeechStopped, now: float) -> list[Action]:
         self.latency.speech_stopped(now)
-        return []
+        return [UserStopped(ev.item_id)]
 
     def _on_timeout(self, ev: TimeoutTriggered, now: float) -> list[Action]:
         remember(self._nudges, ev.item_id, True)
@@ -463,6 +467,7 @@ class Conversation:
                                            ev.status_details,
                                            self.latency.response_done(ev.response_id))]
         out += self.items.unfinished(ev.response_id)  # a reply cut off: keep what was said
+        out += [AudioDone(item_id) for item_id in self.items.audio_over(ev.response_id)]
         out += self.tools.response_done(ev.response_id, ev.status, ev.status_details)
         return out + self._request_response()
 

@@ -18,6 +18,8 @@ class Reply:
     text: list[str] = field(default_factory=list)
     audio_samples: int = 0
     done: bool = False
+    #: no more audio of it comes (told once: :meth:`Items.audio_over`)
+    audio_over: bool = False
 
 
 class Items:
@@ -63,6 +65,18 @@ class Items:
                 reply.done = True
                 yield StoreMessage("assistant", item_id, reply.seq, "".join(reply.text),
                                    reply.response_id, partial=True)
+
+    def audio_over(self, response_id: str | None = None) -> list[str]:
+        """Replies (of ``response_id``, or all) that streamed audio and whose audio is now over,
+        each named once."""
+        over = []
+        for item_id, reply in self._replies.items():
+            if response_id is not None and reply.response_id != response_id:
+                continue
+            if reply.audio_samples and not reply.audio_over:
+                reply.audio_over = True
+                over.append(item_id)
+        return over
 
     def tracked(self) -> tuple[int, int]:
         """(items with a seq, replies) remembered now."""

@@ -131,6 +131,21 @@ def _postgres_url(v: str) -> str | None:
     return v
 
 
+def _mqtt_url(v: str) -> str | None:
+    if not v:
+        return None
+    if not v.lower().startswith(("mqtt://", "mqtts://")) or not urlsplit(v).hostname:
+        raise ValueError
+    return v
+
+
+def _mqtt_prefix(v: str) -> str:
+    v = v.strip().strip("/")
+    if not v or any(c in v for c in "+#\0"):
+        raise ValueError
+    return v
+
+
 def _off_or_int(lo: int, hi: int) -> Callable[[str], int | None]:
     number = _int(lo, hi)
 
@@ -207,6 +222,12 @@ KEYS: tuple[Key, ...] = (
         "this robot's name in the fleet (default: the hostname)"),
     Key("R2D2_TOOLS", "tools", None, _path, "the path of a tools file",
         "function tools the model may call"),
+    Key("R2D2_MQTT_URL", "mqtt_url", None, _mqtt_url, "an mqtt:// or mqtts:// URL",
+        "MQTT broker for Home Assistant (docs/body.md)", secret=True),
+    Key("R2D2_MQTT_PREFIX", "mqtt_prefix", "homeassistant", _mqtt_prefix,
+        "an MQTT topic without wildcards", "Home Assistant's discovery prefix"),
+    Key("R2D2_MQTT_CA", "mqtt_ca", None, _path, "the path of a PEM file",
+        "CA certificates an mqtts:// broker is checked against (default: the system's)"),
     Key("R2D2_LISTEN", "listen", "always", _choice(LISTEN_MODES), "'always' or 'wake'",
         "wake: a conversation starts with the wake word"),
     Key("R2D2_WAKE_WORD", "wake_word", "hey_mycroft", _str,
@@ -313,6 +334,9 @@ class Settings:
     #: None: the hostname (resolved and checked where it is used, by the shipper)
     device_id: str | None = default("device_id")
     tools: str | None = default("tools")
+    mqtt_url: str | None = field(default=default("mqtt_url"), repr=False)
+    mqtt_prefix: str = default("mqtt_prefix")
+    mqtt_ca: str | None = default("mqtt_ca")
     listen: str = default("listen")
     wake_word: str = default("wake_word")
     conversation_idle_s: float = default("conversation_idle_s")
@@ -384,9 +408,10 @@ class Settings:
         return f"in {source}"
 
     def secrets(self) -> list[str]:
-        """Every value the logs must never show: API keys, the fleet URL and its password."""
+        """Every value the logs must never show: API keys, the fleet and MQTT URLs and their
+        passwords."""
         found = [self.api_key, self.azure_api_key]
-        for url in (self.ship_url, self.fleet_db):
+        for url in (self.ship_url, self.fleet_db, self.mqtt_url):
             if url:
                 password = urlsplit(url).password
                 found += [url, password, unquote(password) if password else None]

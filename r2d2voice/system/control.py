@@ -26,7 +26,8 @@ from r2d2voice.errors import ConfigError, RuntimeFailure
 
 log = logging.getLogger("r2d2voice.system.control")
 
-__all__ = ["PID_NAME", "SOCKET_NAME", "SYSTEM_DIR", "runtime_dir", "send_wake", "serve_control"]
+__all__ = ["PID_NAME", "SOCKET_NAME", "SYSTEM_DIR", "bind_unix", "runtime_dir", "send_wake",
+           "serve_control"]
 
 SOCKET_NAME = "control.sock"
 PID_NAME = "r2d2voice.pid"
@@ -107,21 +108,32 @@ async def _on_signals(signals: trio.abc.ReceiveChannel[int], on_wake: Wake) -> N
 
 async def _listen(path: Path) -> trio.SocketListener | None:
     """A listener on ``path``; a stale socket file is replaced, a live one left alone."""
+    try:
+        return await bind_unix(path)
+    except FileExistsError:
+        log.warning("another r2d2voice run answers `r2d2voice wake` on %s; this one only "
+                    "takes SIGUSR1 (pid %d)", path, os.getpid())
+    except OSError as exc:
+        log.warning("no control socket at %s (%s): `r2d2voice wake` falls back to SIGUSR1",
+                    path, exc.strerror or exc)
+    return None
+
+
+async def bind_unix(path: Path, *, backlog: int = 4) -> trio.SocketListener:
+    """A listener on the Unix socket ``path`` (a run's sockets: control, events). A stale socket
+    file is replaced; one another process still answers on is FileExistsError; OSError when it
+    cannot be made."""
     if path.exists() or path.is_symlink():
         if await trio.to_thread.run_sync(_is_live, path):
-            log.warning("another r2d2voice run answers `r2d2voice wake` on %s; this one only "
-                        "takes SIGUSR1 (pid %d)", path, os.getpid())
-            return None
+            raise FileExistsError(f"{path} is served by another process")
         path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(path))
-        sock.listen(4)
-    except OSError as exc:
+        sock.listen(backlog)
+    except OSError:
         sock.close()
-        log.warning("no control socket at %s (%s): `r2d2voice wake` falls back to SIGUSR1",
-                    path, exc.strerror or exc)
-        return None
+        raise
     return trio.SocketListener(sock)
 
 

@@ -73,10 +73,10 @@ def read_tools_file(path: str | os.PathLike[str],
         raise ConfigError(f"tools file {path} cannot be read: {one_line(exc)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {one_line(exc)}") from None
-    unknown = sorted(set(raw) - {"builtins", "tool", "mcp"})
+    unknown = sorted(set(raw) - {"builtins", "tool", "mcp", "hook"})  # [[hook]]: tools/hooks.py
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} "
-                          "(expected 'builtins', [[tool]] or [[mcp]])")
+                          "(expected 'builtins', [[tool]], [[mcp]] or [[hook]])")
     builtins = _builtins(path, raw.get("builtins", []))
     entries = raw.get("tool", [])
     if not isinstance(entries, list):

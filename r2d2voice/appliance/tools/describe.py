@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import trio
 
 from r2d2voice.appliance.tools.config import CommandSpec
+from r2d2voice.appliance.tools.hooks import read_hooks
 from r2d2voice.appliance.tools.mcp.config import McpSpec
 from r2d2voice.appliance.tools.runner import Toolbox, load_tools
 
@@ -27,20 +28,25 @@ def tools_command(path: str | os.PathLike[str], check: bool, out: TextIO,
     connects to nothing."""
     box = load_tools(path, variables=variables)
     servers = box.mcp.specs if box.mcp is not None else ()
+    hooks = read_hooks(path, variables)  # [[hook]] entries are checked too (tools/hooks.py)
+    counted = f", {len(hooks)} hook{'s' if len(hooks) != 1 else ''}" if hooks else ""
     if check:
         more = f", {len(servers)} MCP servers (not connected)" if servers else ""
-        out.write(f"ok: {len(box)} tools{more}\n")
+        out.write(f"ok: {len(box)} tools{more}{counted}\n")
         return
     if box.mcp is not None:
         trio.run(_connect_briefly, box)
     mcp_names = {t.get("name") for t in box.mcp.session_tools()} if box.mcp else set()
     local = [e for e in box.session_tools() if e.get("type") == "function"
              and e["name"] not in mcp_names]
-    out.write(f"{len(local)} tools in {path}\n")
+    out.write(f"{len(local)} tools{counted} in {path}\n")
     for entry in local:
         out.write("\n" + "\n".join(describe(entry, box.command_of(entry["name"]))) + "\n")
     for spec in servers:
         out.write("\n" + "\n".join(_server(box, spec)) + "\n")
+    for hook in hooks:
+        out.write(f"\nhook #{hook.index}  {' '.join(hook.command)}  (timeout "
+                  f"{hook.timeout_s:g} s)\n  on: {', '.join(hook.on)}\n")
 
 
 async def _connect_briefly(box: Toolbox) -> None:
