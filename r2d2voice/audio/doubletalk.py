@@ -1,0 +1,181 @@
+"""Double talk: is someone speaking over the robot? Pure logic on 10 ms levels, the caller's
+clock.
+
+WebRTC's AEC3 removes the robot's voice from the microphone, but while it plays it also
+suppresses much of a person talking over it (with the echo 13 dB above the person only a
+quarter of their chunks stay above the service's VAD level), and on tonal replies (R2's
+trills and warbles) it leaves short residual bursts. So each 10 ms chunk of its output is
+compared with what the *reference* predicts:
+
+- **Predicted residual**: the reference level held over the room's tail (``TAIL_DB_PER_CHUNK``:
+  -60 dB in 0.3 s) plus a *coupling*: the 90th percentile of output-minus-reference, tracked
+  while nobody seems to speak (a quantile tracker: fast up, slow down). It follows how well
+  the canceller is doing with this speaker, this room, this kind of sound.
+- **Evidence**: a chunk ``MARGIN_DB`` above the predicted residual, above ``EVIDENCE_DBFS`` and
+  ``FLOOR_MARGIN_DB`` above the room's noise floor (tracked while nothing plays).
+- **Not a person**: a chunk the canceller removed almost nothing from (output within
+  ``FAILED_DB`` of its input) while the input is no louder than the expected echo (the
+  reference plus the speaker-to-mic *coupling* before cancellation, its median tracked
+  likewise) is the canceller missing a beat on a tonal sound, not a person; it is guarded.
+- **Tonal echo**: on a tonal reply the canceller misses a beat at each new note; a chunk
+  whose energy sits at the reference's few spectral peaks (``echo_like``, computed by the
+  caller only for candidates) is echo, not a person.
+- **Guard**: a chunk without evidence while the speaker is active is brought down to the noise
+  floor: the canceller's residual never reaches the service (the robot never hears itself).
+  Evidence passes untouched, with a short hangover so words are not chopped.
+- **Duck**: ``EVIDENCE_CHUNKS`` of the last ``WINDOW_CHUNKS`` with evidence duck the playback
+  by ``DUCK_DB`` for ``HOLD_S``, held while evidence goes on. Ducked, the echo falls below the
+  person, the canceller lets them through, the service's VAD hears them and interrupts the
+  reply (the link's barge-in). The reference is tapped after the duck, so the echo path the
+  canceller learnt stays valid.
+- **Recovery**: a cough or a door is not followed by more evidence: the hold runs out and the
+  reply comes back up where it was (``recoveries``), nothing truncated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+EVIDENCE_DBFS = -45.0
+FLOOR_MARGIN_DB = 10.0
+MARGIN_DB = 6.0
+WINDOW_CHUNKS = 10
+EVIDENCE_CHUNKS = 3
+HANGOVER_CHUNKS = 4
+DUCK_DB = -20.0
+HOLD_S = 0.6
+#: the room's reverberation: -60 dB over 0.3 s is -2 dB per 10 ms chunk
+TAIL_DB_PER_CHUNK = 2.0
+#: below this the reference is silence (nothing that could echo)
+ACTIVE_DBFS = -65.0
+#: the coupling's quantile tracker (90th percentile): up this much per chunk above it, down
+#: a ninth of it below. It starts at the echo before any cancellation (mic minus reference).
+COUPLING_STEP_DB = 1.8
+COUPLING_RANGE_DB = (-45.0, 10.0)
+#: output within this of the input: the canceller removed (almost) nothing
+FAILED_DB = 3.0
+#: the median tracker's step for the speaker-to-mic coupling (before cancellation)
+ERL_STEP_DB = 0.5
+#: the reference's level is held this many chunks before it decays (the canceller's reference
+#: runs ahead of the microphone; the room's first reflections)
+HOLD_CHUNKS = 3
+#: the noise floor estimate follows the quietest chunk of each second while nothing plays
+FLOOR_WINDOW_S = 1.0
+
+
+@dataclass
+class DoubleTalkStatistics:
+    """``ducks``: times the playback was ducked; ``recoveries``: ducks that ran out with the
+    reply still playing (no barge-in followed: a cough, a door, a false alarm);
+    ``evidence_chunks``: 10 ms chunks taken for someone speaking; ``guarded_chunks``: chunks
+    brought down to the noise floor as echo."""
+
+    ducks: int = 0
+    recoveries: int = 0
+    evidence_chunks: int = 0
+    guarded_chunks: int = 0
+
+
+class DoubleTalk:
+    """Per 10 ms chunk of canceller output: the playback's duck gain and the chunk's gain."""
+
+    def __init__(self, *, duck_db: float = DUCK_DB, hold_s: float = HOLD_S,
+                 guard: bool = True) -> None:
+        self.ducked_gain = 10 ** (duck_db / 20)
+        self.hold_s = hold_s
+        self.guard = guard
+        self.stats = DoubleTalkStatistics()
+        self.floor_dbfs = -70.0
+        self.coupling_db: float | None = None
+        self.erl_db: float | None = None
+        self.hold_dbfs = -120.0
+        self._recent: deque[float] = deque(maxlen=HOLD_CHUNKS)
+        self._window: deque[bool] = deque(maxlen=WINDOW_CHUNKS)
+        self._ducked_until = -math.inf
+        self._hangover = 0
+        self._floor_min = math.inf
+        self._floor_since: float | None = None
+
+    def ducked(self, now: float) -> bool:
+        return now < self._ducked_until
+
+    def rest(self) -> None:
+        """Nothing plays any more: forget the moment, keep what was learnt of the room."""
+        self._window.clear()
+        self._ducked_until = -math.inf
+        self._hangover = 0
+        self.hold_dbfs = -120.0
+        self._recent.clear()
+
+    def forget(self) -> None:
+        """A new canceller (another device): what was learnt of the old one no longer holds."""
+        self.rest()
+        self.coupling_db = self.erl_db = None
+
+    def quiet(self, level_dbfs: float, now: float) -> None:
+        """A stretch of microphone audio with nothing playing (the noise floor's estimate)."""
+        if self._floor_since is None:
+            self._floor_since, self._floor_min = now, level_dbfs
+            return
+        self._floor_min = min(self._floor_min, level_dbfs)
+        if now - self._floor_since >= FLOOR_WINDOW_S:
+            self.floor_dbfs = max(-90.0, self._floor_min)
+            self._floor_since, self._floor_min = now, math.inf
+
+    def update(self, out_dbfs: float, ref_dbfs: float, mic_dbfs: float, now: float,
+               echo_like: Callable[[], bool] | None = None) -> tuple[float, float]:
+        """(duck gain for the playback, gain for this chunk) for a chunk of canceller output
+        at ``out_dbfs`` whose reference (what played alongside) was at ``ref_dbfs`` and whose
+        microphone input was at ``mic_dbfs``; ``echo_like()`` says whether the chunk's
+        spectrum is the reference's (asked only of a chunk loud enough to be evidence)."""
+        self._recent.append(ref_dbfs)
+        self.hold_dbfs = max(max(self._recent), self.hold_dbfs - TAIL_DB_PER_CHUNK)
+        if self.hold_dbfs < ACTIVE_DBFS:
+            self.quiet(out_dbfs, now)
+            self.rest()
+            return 1.0, 1.0
+        self._floor_since = None
+        lo, hi = COUPLING_RANGE_DB
+        if self.coupling_db is None:  # not cancelling yet: the residual is the whole echo
+            self.coupling_db = self.erl_db = min(hi, max(lo, mic_dbfs - self.hold_dbfs))
+        assert self.erl_db is not None
+        predicted = self.hold_dbfs + self.coupling_db
+        threshold = max(predicted + MARGIN_DB, EVIDENCE_DBFS, self.floor_dbfs + FLOOR_MARGIN_DB)
+        failed = (out_dbfs > mic_dbfs - FAILED_DB
+                  and mic_dbfs < self.hold_dbfs + self.erl_db + MARGIN_DB)
+        evidence = (out_dbfs > threshold and not failed
+                    and not (echo_like is not None and echo_like()))
+        was_ducked = self.ducked(now)
+        if not was_ducked and not evidence:
+            self._learn(out_dbfs - self.hold_dbfs, mic_dbfs - self.hold_dbfs)
+        self._window.append(evidence)
+        if evidence:
+            self.stats.evidence_chunks += 1
+            self._hangover = HANGOVER_CHUNKS
+            if sum(self._window) >= EVIDENCE_CHUNKS:
+                if not was_ducked:
+                    self.stats.ducks += 1
+                self._ducked_until = now + self.hold_s
+        elif was_ducked and not self.ducked(now + 0.01):
+            self.stats.recoveries += 1  # the hold runs out with the reply still playing
+        duck = self.ducked_gain if self.ducked(now) else 1.0
+        if evidence or not self.guard:
+            return duck, 1.0
+        if self._hangover > 0:
+            self._hangover -= 1
+            return duck, 1.0
+        self.stats.guarded_chunks += 1
+        return duck, min(1.0, 10 ** ((self.floor_dbfs - out_dbfs) / 20))
+
+    def _learn(self, excess_db: float, erl_db: float) -> None:
+        """The residual coupling's 90th percentile (+step above it, -step/9 below) and the
+        raw coupling's median."""
+        assert self.coupling_db is not None and self.erl_db is not None
+        lo, hi = COUPLING_RANGE_DB
+        step = COUPLING_STEP_DB if excess_db > self.coupling_db else -COUPLING_STEP_DB / 9
+        self.coupling_db = min(hi, max(lo, self.coupling_db + step))
+        step = ERL_STEP_DB if erl_db > self.erl_db else -ERL_STEP_DB
+        self.erl_db = min(hi, max(lo, self.erl_db + step))
