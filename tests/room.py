@@ -55,7 +55,7 @@ def impulse_response(rate: int, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n = int(TAIL_S * rate) + int(DIRECT_MS * rate / 1000) + 1
     h = np.zeros(n)
-    direct = int(round(DIRECT_MS * rate / 1000))
+    direct = round(DIRECT_MS * rate / 1000)
     h[direct] = 1.0
     for ms, gain in ((3.1, 0.45), (4.7, -0.3), (7.9, 0.25), (11.3, -0.18), (16.0, 0.12),
                      (19.4, -0.09)):
@@ -189,7 +189,7 @@ def simulate(canceller, reply: np.ndarray, *, rate: int, echo_gain: float,
     block = rate // 100
     seconds = seconds if seconds is not None else len(reply) / rate + 1.5
     steps = int(seconds * 100)
-    lag = int(round(out_latency * rate))
+    lag = round(out_latency * rate)
     path = EchoPath(rate, echo_gain, block, seed)
     total = steps * block + lag
     echo = np.zeros(total + block)

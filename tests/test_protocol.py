@@ -24,11 +24,15 @@ TURN_HEAD = {"type": "function", "name": "turn_head", "description": "Turn the d
              "parameters": {"type": "object", "required": ["degrees"],
                             "properties": {"degrees": {"type": "integer"}}}}
 TOOLS_CFG = c.SessionConfig(instructions="x", tools=(TURN_HEAD,), idle_timeout_ms=6000)
+SEMANTIC_CFG = c.SessionConfig(instructions="x", noise_reduction="far_field",
+                               turn_detection="semantic_vad", eagerness="low")
 
 EVERY_CLIENT_EVENT: list[c.ClientEvent] = [
     c.SessionUpdate(CFG),
     c.SessionUpdate(c.SessionConfig(instructions="x")),
     c.SessionUpdate(TOOLS_CFG),
+    c.SessionUpdate(SEMANTIC_CFG),
+    c.SessionUpdate(c.SessionConfig(instructions="x", noise_reduction="near_field")),
     c.ItemCreateFunctionOutput("call_1", "turned to -90"),
     c.AudioAppend(b"\x00\x01" * 480),
     c.AudioCommit(),
@@ -85,6 +89,16 @@ def test_session_update_is_ga_shaped() -> None:
     assert "modalities" not in sess and "input_audio_format" not in sess
     # no tools offered, no idle nudge, unless asked for
     assert "tools" not in sess and "tool_choice" not in sess and "idle_timeout_ms" not in td
+
+
+def test_noise_reduction_and_semantic_vad_are_asked_for_when_configured() -> None:
+    sess = c.to_dict(c.SessionUpdate(SEMANTIC_CFG), "evt_1")["session"]
+    assert sess["audio"]["input"]["noise_reduction"] == {"type": "far_field"}
+    assert sess["audio"]["input"]["turn_detection"] == {
+        "type": "semantic_vad", "eagerness": "low", "create_response": True,
+        "interrupt_response": True}
+    plain = c.to_dict(c.SessionUpdate(CFG), "evt_2")["session"]
+    assert "noise_reduction" not in plain["audio"]["input"]  # none asked for: the service's own
 
 
 def test_tools_and_the_idle_timeout_are_offered_when_configured() -> None:

@@ -15,6 +15,7 @@ from r2d2voice.appliance.endpoints import open_endpoint, plan_service
 from r2d2voice.appliance.pipeline import run_conversation
 from r2d2voice.appliance.signals import SIGNAL_REASONS
 from r2d2voice.appliance.tools import Toolbox, load_tools
+from r2d2voice.audio.echo import resolve_mode
 from r2d2voice.audio.playout import PlayoutBuffer
 from r2d2voice.errors import ConfigError, UsageError
 from r2d2voice.link.transport import Connector, open_realtime
@@ -72,6 +73,9 @@ def session_config(settings: Settings, toolbox: Toolbox | None = None) -> Sessio
         vad_silence_ms=settings.vad_silence_ms,
         retention_ratio=settings.truncation_ratio,
         token_limit=settings.context_token_limit or None,
+        noise_reduction=None if settings.noise_reduction == "off" else settings.noise_reduction,
+        turn_detection=settings.turn_detection,
+        eagerness=settings.vad_eagerness,
     )
 
 
@@ -121,7 +125,7 @@ def link_policy(settings: Settings) -> LinkPolicy:
     return LinkPolicy(
         session_max_seconds=settings.session_max_minutes * 60,
         context_turns=settings.context_turns,
-        duplex=settings.duplex,
+        duplex="half" if resolve_mode(settings.echo_mode()) == "half" else "full",
         echo_tail=settings.echo_tail_ms / 1000,
         barge_in_dbfs=settings.barge_in_dbfs,
     )

@@ -44,7 +44,8 @@ from r2d2voice.audio.pcm import RATE, rms_dbfs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EchoCanceller", "EchoStatistics", "SpeakerTap", "StreamClock", "load_apm"]
+__all__ = ["MODES", "EchoCanceller", "EchoStage", "EchoStatistics", "SpeakerTap", "StreamClock",
+           "echo_stage", "load_apm", "resolve_mode"]
 
 #: Microphone audio passes untouched once the speaker has been silent this long.
 REST_AFTER_S = 1.0
@@ -381,3 +382,40 @@ def _shift_in(history: np.ndarray, block: np.ndarray) -> None:
     n = len(block)
     history[:-n] = history[n:]
     history[-n:] = block
+
+
+#: ``R2D2_ECHO``: the canceller, today's half-duplex gate, or nothing (a headset).
+MODES = ("aec", "half", "off")
+UNAVAILABLE = ("no echo canceller (pip install livekit): half duplex, the microphone is held "
+               "back while the robot speaks")
+_warned = False
+
+
+def resolve_mode(requested: str) -> str:
+    """The echo handling a run gets for ``R2D2_ECHO``: ``aec`` needs the livekit package and
+    falls back to ``half`` without it (one warning per process, never an exit)."""
+    global _warned
+    if requested != "aec" or load_apm() is not None:
+        return requested
+    if not _warned:
+        _warned = True
+        log.warning("R2D2_ECHO=aec: %s", UNAVAILABLE)
+    return "half"
+
+
+@dataclass
+class EchoStage:
+    """The two halves of one run's canceller: the speaker's tap and the microphone's side."""
+
+    tap: SpeakerTap
+    canceller: EchoCanceller
+
+
+def echo_stage(requested: str) -> EchoStage | None:
+    """The canceller for ``R2D2_ECHO=requested``, or None (``half``, ``off``, or no livekit)."""
+    if resolve_mode(requested) != "aec":
+        return None
+    make = load_apm()
+    assert make is not None
+    tap = SpeakerTap()
+    return EchoStage(tap, EchoCanceller(make, tap))
