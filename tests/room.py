@@ -159,11 +159,12 @@ class EchoPath:
 
 @dataclass
 class Played:
-    """What one simulated conversation did: the canceller's output (24 kHz int16), what the
-    speaker played (after the duck, at ``rate``), the person alone at the microphone (24 kHz
-    float) and the duck gain the playback used per 10 ms."""
+    """What one simulated conversation did: the canceller's output and its input (24 kHz
+    int16), what the speaker played (after the duck, at ``rate``), the person alone at the
+    microphone (float at ``rate``) and the duck gain the playback used per 10 ms."""
 
     out: np.ndarray
+    mic: np.ndarray
     speaker: np.ndarray
     person: np.ndarray
     duck: np.ndarray
@@ -174,14 +175,17 @@ class Played:
 def simulate(canceller, reply: np.ndarray, *, rate: int, echo_gain: float,
              person: np.ndarray | None = None, person_at: float = 0.0,
              seconds: float | None = None, out_latency: float = 0.03,
-             in_latency: float = 0.02, stop_on=None, seed: int = 1) -> Played:
+             in_latency: float = 0.02, stop_on=None, seed: int = 1,
+             idle_stop: float = 1.0) -> Played:
     """Drive ``canceller`` (an :class:`~r2d2voice.audio.echo.EchoCanceller` and its tap) with
     the room, 10 ms at a time on a simulated clock, as the playback and capture callbacks
-    would: ``reply`` (int16 at ``rate``) is played from t = 0, its echo reaches the microphone
+    would: ``reply`` (int16 at ``rate``) is played from t = 0 (the output stream closes
+    ``idle_stop`` after it, as playback's does), its echo reaches the microphone
     after ``out_latency`` + the room's delay, the microphone's blocks reach the canceller
     ``in_latency`` after their ADC time, resampled to 24 kHz. ``person`` (float at ``rate``)
-    starts talking at ``person_at`` s. ``stop_on(out_so_far) -> bool`` stands for the service
-    interrupting the reply (checked every 10 ms; the speaker stops 10 ms later)."""
+    starts talking at ``person_at`` s. ``stop_on(more_output) -> bool`` (given each new piece of
+    output in turn) stands for the service interrupting the reply (the speaker stops 10 ms
+    later)."""
     from types import SimpleNamespace
 
     from r2d2voice.audio.pcm import RATE, Resampler
@@ -206,6 +210,7 @@ def simulate(canceller, reply: np.ndarray, *, rate: int, echo_gain: float,
     canceller.reset()
     mic_resampler = Resampler(rate, RATE)
     outs: list[np.ndarray] = []
+    mics: list[np.ndarray] = []
     speaker = np.zeros(steps * block, dtype=np.int16)
     ducks = np.zeros(steps)
     produced = 0
@@ -213,6 +218,8 @@ def simulate(canceller, reply: np.ndarray, *, rate: int, echo_gain: float,
     captured = 0  # physical samples handed to the canceller
     for k in range(steps):
         now = k / 100
+        if tap.playing and k * block >= len(reply) + idle_stop * rate:
+            tap.stop()
         piece = np.zeros((block, 2), dtype=np.int16)
         if stopped_at is None:
             src = reply[k * block:(k + 1) * block]
@@ -228,9 +235,11 @@ def simulate(canceller, reply: np.ndarray, *, rate: int, echo_gain: float,
             mic = echo[captured:captured + n] + alone[captured:captured + n] + noise[
                 captured:captured + n]
             pcm = mic_resampler.process(to_int16(mic))
+            mics.append(pcm)
             outs.append(canceller.process(pcm, produced / RATE))
             produced += len(pcm)
             captured += n
-            if stop_on is not None and stopped_at is None and stop_on(np.concatenate(outs)):
+            if stop_on is not None and stopped_at is None and stop_on(outs[-1]):
                 stopped_at = now + 0.01
-    return Played(np.concatenate(outs), speaker, alone, ducks, rate, stopped_at)
+    return Played(np.concatenate(outs), np.concatenate(mics), speaker, alone, ducks, rate,
+                  stopped_at)

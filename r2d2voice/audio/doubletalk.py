@@ -51,12 +51,14 @@ HOLD_S = 0.6
 TAIL_DB_PER_CHUNK = 2.0
 #: below this the reference is silence (nothing that could echo)
 ACTIVE_DBFS = -65.0
+#: the couplings are first measured on a reference at least this loud
+LEARN_FROM_DBFS = -40.0
 #: the coupling's quantile tracker (90th percentile): up this much per chunk above it, down
 #: a ninth of it below. It starts at the echo before any cancellation (mic minus reference).
 COUPLING_STEP_DB = 1.8
 COUPLING_RANGE_DB = (-45.0, 10.0)
 #: output within this of the input: the canceller removed (almost) nothing
-FAILED_DB = 3.0
+FAILED_DB = 6.0
 #: the median tracker's step for the speaker-to-mic coupling (before cancellation)
 ERL_STEP_DB = 0.5
 #: the reference's level is held this many chunks before it decays (the canceller's reference
@@ -139,9 +141,12 @@ class DoubleTalk:
             return 1.0, 1.0
         self._floor_since = None
         lo, hi = COUPLING_RANGE_DB
-        if self.coupling_db is None:  # not cancelling yet: the residual is the whole echo
+        if self.coupling_db is None or self.erl_db is None:
+            if self.hold_dbfs < LEARN_FROM_DBFS:  # too little played to tell: assume the worst
+                self._window.append(False)
+                return (self.ducked_gain if self.ducked(now) else 1.0), self._guard(out_dbfs)
+            # not cancelling yet: the residual is the whole echo
             self.coupling_db = self.erl_db = min(hi, max(lo, mic_dbfs - self.hold_dbfs))
-        assert self.erl_db is not None
         predicted = self.hold_dbfs + self.coupling_db
         threshold = max(predicted + MARGIN_DB, EVIDENCE_DBFS, self.floor_dbfs + FLOOR_MARGIN_DB)
         failed = (out_dbfs > mic_dbfs - FAILED_DB
@@ -149,7 +154,7 @@ class DoubleTalk:
         evidence = (out_dbfs > threshold and not failed
                     and not (echo_like is not None and echo_like()))
         was_ducked = self.ducked(now)
-        if not was_ducked and not evidence:
+        if not was_ducked and not evidence and self.hold_dbfs >= LEARN_FROM_DBFS:
             self._learn(out_dbfs - self.hold_dbfs, mic_dbfs - self.hold_dbfs)
         self._window.append(evidence)
         if evidence:
@@ -167,8 +172,12 @@ class DoubleTalk:
         if self._hangover > 0:
             self._hangover -= 1
             return duck, 1.0
+        return duck, self._guard(out_dbfs)
+
+    def _guard(self, out_dbfs: float) -> float:
+        """The gain that brings an echo chunk down to the noise floor."""
         self.stats.guarded_chunks += 1
-        return duck, min(1.0, 10 ** ((self.floor_dbfs - out_dbfs) / 20))
+        return min(1.0, 10 ** ((self.floor_dbfs - out_dbfs) / 20))
 
     def _learn(self, excess_db: float, erl_db: float) -> None:
         """The residual coupling's 90th percentile (+step above it, -step/9 below) and the

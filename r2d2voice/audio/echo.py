@@ -246,6 +246,8 @@ class EchoCanceller:
 
     def reset(self) -> None:
         """A new microphone stream (or speaker device): a fresh module, nothing pending."""
+        if self.apm is not None:
+            self.stats.resets += 1
         self.apm = None
         self.active = False
         self._pending = np.zeros(0, dtype=np.int16)
