@@ -298,6 +298,13 @@ class EchoCanceller:
     def _go_to_rest(self) -> None:
         self.active = False
         self.stats.rests += 1
+        dt = self.doubletalk
+        log.debug("echo canceller resting: %d chunks, %d resyncs, residual coupling %s dB, "
+                  "speaker->mic %s dB, %d ducks (%d recovered), %d chunks guarded",
+                  self.stats.chunks, self.stats.resyncs,
+                  "?" if dt.coupling_db is None else f"{dt.coupling_db:.0f}",
+                  "?" if dt.erl_db is None else f"{dt.erl_db:.0f}",
+                  dt.stats.ducks, dt.stats.recoveries, dt.stats.guarded_chunks)
         self._ref_pos = None
         self.tap.duck = 1.0
         self.doubletalk.rest()
@@ -373,6 +380,9 @@ class EchoCanceller:
         _shift_in(self._out_history, out)
         duck, gain = self.doubletalk.update(rms_dbfs(out), rms_dbfs(self._ref), rms_dbfs(mic), t,
                                             self._echo_like)
+        if duck != self.tap.duck:
+            log.debug("echo canceller: %s the playback (someone speaking over it?)",
+                      "ducking" if duck < 1.0 else "restoring")
         self.tap.duck = duck
         if gain != 1.0:
             out = np.round(out * gain).astype(np.int16)
