@@ -176,7 +176,7 @@ def simulate(canceller, reply: np.ndarray, *, rate: int, echo_gain: float,
              person: np.ndarray | None = None, person_at: float = 0.0,
              seconds: float | None = None, out_latency: float = 0.03,
              in_latency: float = 0.02, stop_on=None, seed: int = 1,
-             idle_stop: float = 1.0) -> Played:
+             idle_stop: float = 1.0, unreported: float = 0.0) -> Played:
     """Drive ``canceller`` (an :class:`~r2d2voice.audio.echo.EchoCanceller` and its tap) with
     the room, 10 ms at a time on a simulated clock, as the playback and capture callbacks
     would: ``reply`` (int16 at ``rate``) is played from t = 0 (the output stream closes
@@ -185,7 +185,8 @@ def simulate(canceller, reply: np.ndarray, *, rate: int, echo_gain: float,
     ``in_latency`` after their ADC time, resampled to 24 kHz. ``person`` (float at ``rate``)
     starts talking at ``person_at`` s. ``stop_on(more_output) -> bool`` (given each new piece of
     output in turn) stands for the service interrupting the reply (the speaker stops 10 ms
-    later)."""
+    later). ``unreported``: a delay of the echo PortAudio's timing does not show (a sound
+    server's buffers, a process in between)."""
     from types import SimpleNamespace
 
     from r2d2voice.audio.pcm import RATE, Resampler
@@ -193,7 +194,7 @@ def simulate(canceller, reply: np.ndarray, *, rate: int, echo_gain: float,
     block = rate // 100
     seconds = seconds if seconds is not None else len(reply) / rate + 1.5
     steps = int(seconds * 100)
-    lag = round(out_latency * rate)
+    lag = round((out_latency + unreported) * rate)
     path = EchoPath(rate, echo_gain, block, seed)
     total = steps * block + lag
     echo = np.zeros(total + block)

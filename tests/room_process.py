@@ -21,7 +21,7 @@ import numpy as np
 import sounddevice as sd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from room import EchoPath, fan_noise  # noqa: E402
+from room import EchoPath, fan_noise
 
 RATE = 48000
 BLOCK = RATE // 100
@@ -41,7 +41,7 @@ def main() -> None:
         outdata[:, 0] = np.clip(path.process(indata[:, 0]) + fan, -1, 1)
 
     with sd.Stream(device="pulse", samplerate=RATE, blocksize=BLOCK, channels=1,
-                   dtype="float32", latency=0.005, callback=callback):
+                   dtype="float32", latency=0.03, callback=callback):
         print("ready", flush=True)
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
 

@@ -241,21 +241,24 @@ async def test_a_person_talking_over_a_reply_is_heard_and_the_reply_truncated(
     async def script(db: Path) -> None:
         await say(pulse_rig, person["hello"])
         await until(db, "assistant", 1)
-        await trio.sleep(1.0)  # the reply is playing: talk over it
-        await say(pulse_rig, person["question"])
+        await trio.sleep(REPLY_SECONDS + AFTER_REPLY)  # a first reply, heard to its end
+        await say(pulse_rig, person["thanks"])
         await until(db, "assistant", 2)
+        await trio.sleep(1.0)  # the second reply is playing: talk over it
+        await say(pulse_rig, person["question"])
+        await until(db, "assistant", 3)
         await trio.sleep(REPLY_SECONDS + AFTER_REPLY)
 
     with room(pulse_rig, echo_db):
         run = await converse(pulse_rig, tmp_path, script)
 
-    assert [m["role"] for m in run.messages] == ["user", "assistant"] * 2, run.describe()
-    first, second = run.of_role("assistant")
-    assert first["interrupted"] == 1, run.describe()  # heard over the reply ...
-    assert 500 < first["played_ms"] < REPLY_SECONDS * 1000, run.describe()  # ... mid-way
-    assert second["interrupted"] == 0, run.describe()
+    assert [m["role"] for m in run.messages] == ["user", "assistant"] * 3, run.describe()
+    first, second, third = run.of_role("assistant")
+    assert first["interrupted"] == third["interrupted"] == 0, run.describe()
+    assert second["interrupted"] == 1, run.describe()  # heard over the reply ...
+    assert 500 < second["played_ms"] < REPLY_SECONDS * 1000, run.describe()  # ... mid-way
     (truncate,) = run.client_events("conversation.item.truncate")
-    assert truncate["audio_end_ms"] == first["played_ms"]  # the service keeps what was heard
+    assert truncate["audio_end_ms"] == second["played_ms"]  # the service keeps what was heard
     assert run.stats["interruptions"] == 1, run.describe()
     assert run.stats["frames_gated"] == 0
 

@@ -118,7 +118,7 @@ def test_a_cough_ducks_the_reply_for_a_moment_and_it_comes_back(voices):
     reply = voices["speech"]
     rng = np.random.default_rng(3)
     cough = np.zeros(int(0.15 * 48000))
-    cough[:] = rng.standard_normal(len(cough)) * 10 ** (-25 / 20) * np.hanning(len(cough))
+    cough[:] = rng.standard_normal(len(cough)) * 10 ** (-15 / 20) * np.hanning(len(cough))
     stage = canceller()
     played = simulate(stage, reply, rate=48000, echo_gain=echo_gain_for(reply, 48000, 5),
                       person=cough, person_at=2.0)

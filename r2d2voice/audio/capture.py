@@ -32,7 +32,7 @@ import trio
 
 from r2d2voice.audio.availability import DeviceStates, keep_device
 from r2d2voice.audio.devices import DeviceInfo
-from r2d2voice.audio.echo import EchoCanceller, StreamClock, stream_time
+from r2d2voice.audio.echo import EchoCanceller, PaClock, StreamClock
 from r2d2voice.audio.pcm import RATE, Framer, Resampler, float_to_pcm16, to_mono
 from r2d2voice.audio.portaudio import (
     DeviceUnavailable,
@@ -106,6 +106,7 @@ class _Capture:
         self.send = send
         self.echo = echo
         self.timeline = StreamClock()
+        self.pa_clock = PaClock()
         self.latency = 0.0
         self.stats = stats
         self.token = token
@@ -128,6 +129,7 @@ class _Capture:
         self.resampler = Resampler(rate, RATE, channels=1)
         self.framer = Framer()
         self.timeline.start(rate)
+        self.pa_clock = PaClock()
         self.produced = 0  # 24 kHz samples out of the resampler since the stream opened
         if self.echo is not None:
             self.echo.reset()
@@ -144,8 +146,8 @@ class _Capture:
     def callback(self, indata: np.ndarray, frames: int, time: Any, status: Any) -> None:
         with contextlib.suppress(Exception):  # RunFinishedError once trio has ended
             if self.echo is not None:
-                adc = stream_time(time, _time.monotonic(), "inputBufferAdcTime",
-                                  -self.latency - frames / self.rate)
+                adc = self.pa_clock.to_monotonic(time, _time.monotonic(), "inputBufferAdcTime",
+                                                 -self.latency - frames / self.rate)
                 self.timeline.update(self.written, adc)
             self.push(indata, bool(status.input_overflow))
 

@@ -1,5 +1,5 @@
-"""Double talk: is someone speaking over the robot? Pure logic on 10 ms levels, the caller's
-clock.
+"""Double talk: is someone speaking over the robot? Logic on 10 ms levels (numpy for one
+correlation), the caller's clock.
 
 WebRTC's AEC3 removes the robot's voice from the microphone, but while it plays it also
 suppresses much of a person talking over it (with the echo 13 dB above the person only a
@@ -7,6 +7,9 @@ quarter of their chunks stay above the service's VAD level), and on tonal replie
 trills and warbles) it leaves short residual bursts. So each 10 ms chunk of its output is
 compared with what the *reference* predicts:
 
+- **Delay**: the echo comes some time after its reference (the room, and whatever latency
+  PortAudio does not report): the lag that best correlates the microphone's levels with the
+  reference's is found every half second, and the reference's level is taken that late.
 - **Predicted residual**: the reference level held over the room's tail (``TAIL_DB_PER_CHUNK``:
   -60 dB in 0.3 s) plus a *coupling*: the 90th percentile of output-minus-reference, tracked
   while nobody seems to speak (a quantile tracker: fast up, slow down). It follows how well
@@ -15,14 +18,16 @@ compared with what the *reference* predicts:
   ``FLOOR_MARGIN_DB`` above the room's noise floor (tracked while nothing plays).
 - **Not a person**: a chunk the canceller removed almost nothing from (output within
   ``FAILED_DB`` of its input) while the input is no louder than the expected echo (the
-  reference plus the speaker-to-mic *coupling* before cancellation, its median tracked
-  likewise) is the canceller missing a beat on a tonal sound, not a person; it is guarded.
+  reference plus the speaker-to-mic *coupling* before cancellation, its 90th percentile
+  tracked likewise) is the canceller missing a beat on a tonal sound, not a person; it is guarded.
 - **Tonal echo**: on a tonal reply the canceller misses a beat at each new note; a chunk
   whose energy sits at the reference's few spectral peaks (``echo_like``, computed by the
   caller only for candidates) is echo, not a person.
-- **Guard**: a chunk without evidence while the speaker is active is brought down to the noise
-  floor: the canceller's residual never reaches the service (the robot never hears itself).
-  Evidence passes untouched, with a short hangover so words are not chopped.
+- **Guard**: while the speaker is active every chunk is brought down to the noise floor (the
+  canceller's residual never reaches the service: the robot never hears itself) unless it is
+  evidence *and* the playback has been ducked long enough for the duck to reach the
+  microphone (the echo's lag plus ``SETTLE_CHUNKS``): a burst of residual is 30 dB down by
+  then, a person is not. Passing evidence has a short hangover so words are not chopped.
 - **Duck**: ``EVIDENCE_CHUNKS`` of the last ``WINDOW_CHUNKS`` with evidence duck the playback
   by ``DUCK_DB`` for ``HOLD_S``, held while evidence goes on. Ducked, the echo falls below the
   person, the canceller lets them through, the service's VAD hears them and interrupts the
@@ -39,13 +44,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 EVIDENCE_DBFS = -45.0
 FLOOR_MARGIN_DB = 10.0
 MARGIN_DB = 6.0
 WINDOW_CHUNKS = 10
 EVIDENCE_CHUNKS = 3
 HANGOVER_CHUNKS = 4
-DUCK_DB = -20.0
+DUCK_DB = -30.0
+#: once ducked, the duck needs the echo's lag plus this many chunks to reach the microphone;
+#: only then does evidence pass (a residual burst of the canceller's is 30 dB down by then)
+SETTLE_CHUNKS = 5
 HOLD_S = 0.6
 #: the room's reverberation: -60 dB over 0.3 s is -2 dB per 10 ms chunk
 TAIL_DB_PER_CHUNK = 2.0
@@ -56,14 +66,23 @@ LEARN_FROM_DBFS = -40.0
 #: the coupling's quantile tracker (90th percentile): up this much per chunk above it, down
 #: a ninth of it below. It starts at the echo before any cancellation (mic minus reference).
 COUPLING_STEP_DB = 1.8
+FAR_BELOW_DB = 10.0
 COUPLING_RANGE_DB = (-45.0, 10.0)
 #: output within this of the input: the canceller removed (almost) nothing
 FAILED_DB = 6.0
-#: the median tracker's step for the speaker-to-mic coupling (before cancellation)
-ERL_STEP_DB = 0.5
-#: the reference's level is held this many chunks before it decays (the canceller's reference
-#: runs ahead of the microphone; the room's first reflections)
-HOLD_CHUNKS = 3
+#: the reference's level is held this many chunks before it decays (the delay's jitter, the
+#: room's first reflections)
+HOLD_CHUNKS = 2
+#: the echo's delay behind the reference, from their levels: the lag (in chunks, up to
+#: LAG_MAX) that best correlates the last LAG_HISTORY chunks, looked for every LAG_EVERY
+LAG_MAX = 30
+LAG_HISTORY = 200
+LAG_EVERY = 25
+#: (a lag is believed once found twice in a row, while nobody seems to speak); until then the
+#: echo may come from anywhere in the last UNKNOWN_LAG_CHUNKS of reference
+UNKNOWN_LAG_CHUNKS = 8
+#: a lag is believed when the correlation of the levels is at least this
+LAG_MIN_CORRELATION = 0.5
 #: the noise floor estimate follows the quietest chunk of each second while nothing plays
 FLOOR_WINDOW_S = 1.0
 
@@ -94,9 +113,17 @@ class DoubleTalk:
         self.coupling_db: float | None = None
         self.erl_db: float | None = None
         self.hold_dbfs = -120.0
-        self._recent: deque[float] = deque(maxlen=HOLD_CHUNKS)
+        #: the echo's delay behind the reference, in 10 ms chunks (see ``_find_lag``)
+        self.lag = 0
+        self._refs: deque[float] = deque(maxlen=LAG_HISTORY + LAG_MAX)
+        self._mics: deque[float] = deque(maxlen=LAG_HISTORY + LAG_MAX)
+        self._since_lag = 0
+        #: times a (new) lag was believed
+        self.lags_found = 0
+        self._candidate: int | None = None
         self._window: deque[bool] = deque(maxlen=WINDOW_CHUNKS)
         self._ducked_until = -math.inf
+        self._ducked_since = -math.inf
         self._hangover = 0
         self._floor_min = math.inf
         self._floor_since: float | None = None
@@ -106,16 +133,23 @@ class DoubleTalk:
 
     def rest(self) -> None:
         """Nothing plays any more: forget the moment, keep what was learnt of the room."""
+        self._silent()
+        self.hold_dbfs = -120.0
+        self._refs.clear()  # the levels' history is one stretch of playing (the lag stays)
+        self._mics.clear()
+        self._candidate = None
+
+    def _silent(self) -> None:
+        """The reference fell silent: no duck, no evidence pending."""
         self._window.clear()
         self._ducked_until = -math.inf
         self._hangover = 0
-        self.hold_dbfs = -120.0
-        self._recent.clear()
 
     def forget(self) -> None:
         """A new canceller (another device): what was learnt of the old one no longer holds."""
         self.rest()
         self.coupling_db = self.erl_db = None
+        self.lag = 0
 
     def quiet(self, level_dbfs: float, now: float) -> None:
         """A stretch of microphone audio with nothing playing (the noise floor's estimate)."""
@@ -133,11 +167,16 @@ class DoubleTalk:
         at ``out_dbfs`` whose reference (what played alongside) was at ``ref_dbfs`` and whose
         microphone input was at ``mic_dbfs``; ``echo_like()`` says whether the chunk's
         spectrum is the reference's (asked only of a chunk loud enough to be evidence)."""
-        self._recent.append(ref_dbfs)
-        self.hold_dbfs = max(max(self._recent), self.hold_dbfs - TAIL_DB_PER_CHUNK)
+        self._refs.append(max(ref_dbfs, -70.0))
+        self._mics.append(max(mic_dbfs, -70.0))
+        self._since_lag += 1
+        if self._since_lag >= LAG_EVERY and not self.ducked(now) and not any(self._window):
+            self._since_lag = 0  # looked for only while nobody seems to be speaking
+            self._find_lag()
+        self.hold_dbfs = max(self._lagged(), self.hold_dbfs - TAIL_DB_PER_CHUNK)
         if self.hold_dbfs < ACTIVE_DBFS:
             self.quiet(out_dbfs, now)
-            self.rest()
+            self._silent()
             return 1.0, 1.0
         self._floor_since = None
         lo, hi = COUPLING_RANGE_DB
@@ -159,17 +198,22 @@ class DoubleTalk:
         self._window.append(evidence)
         if evidence:
             self.stats.evidence_chunks += 1
-            self._hangover = HANGOVER_CHUNKS
             if sum(self._window) >= EVIDENCE_CHUNKS:
                 if not was_ducked:
                     self.stats.ducks += 1
+                    self._ducked_since = now
                 self._ducked_until = now + self.hold_s
         elif was_ducked and not self.ducked(now + 0.01):
             self.stats.recoveries += 1  # the hold runs out with the reply still playing
         duck = self.ducked_gain if self.ducked(now) else 1.0
-        if evidence or not self.guard:
+        if not self.guard:
             return duck, 1.0
-        if self._hangover > 0:
+        lag = self.lag if self.lags_found else UNKNOWN_LAG_CHUNKS
+        settled = self.ducked(now) and now - self._ducked_since >= (lag + SETTLE_CHUNKS) / 100
+        if settled and evidence:
+            self._hangover = HANGOVER_CHUNKS
+            return duck, 1.0
+        if settled and self._hangover > 0:
             self._hangover -= 1
             return duck, 1.0
         return duck, self._guard(out_dbfs)
@@ -179,12 +223,59 @@ class DoubleTalk:
         self.stats.guarded_chunks += 1
         return min(1.0, 10 ** ((self.floor_dbfs - out_dbfs) / 20))
 
+    def _lagged(self) -> float:
+        """The reference's level where the echo now comes from: around the lag once it is
+        known (``HOLD_CHUNKS`` of jitter), anywhere up to ``UNKNOWN_LAG_CHUNKS`` before."""
+        refs = self._refs
+        if self.lags_found:
+            newest, oldest = max(0, self.lag - 1), self.lag + HOLD_CHUNKS
+        else:
+            newest, oldest = 0, UNKNOWN_LAG_CHUNKS
+        hi = len(refs) - newest
+        lo = max(0, len(refs) - 1 - oldest)
+        level = max((refs[i] for i in range(lo, hi)), default=-120.0)
+        return level if level > -70.0 else -120.0
+
+    def _find_lag(self) -> None:
+        """The echo's delay: the lag that best correlates the microphone's levels with the
+        reference's, once enough has played (kept when nothing is clear)."""
+        if len(self._refs) < LAG_HISTORY // 4:
+            return
+        ref = np.fromiter(self._refs, float)
+        mic = np.fromiter(self._mics, float)
+        if ref.std() < 3.0:
+            return  # too little variation to tell
+        n = len(ref) - LAG_MAX
+        a = ref[:n] - ref[:n].mean()
+        best, best_lag = LAG_MIN_CORRELATION, None
+        for lag in range(LAG_MAX + 1):
+            b = mic[lag:lag + n] - mic[lag:lag + n].mean()
+            denom = np.sqrt((a * a).sum() * (b * b).sum())
+            corr = float((a * b).sum() / denom) if denom > 0 else 0.0
+            if corr > best:
+                best, best_lag = corr, lag
+        if best_lag is None:
+            return
+        confirmed = self._candidate is not None and abs(best_lag - self._candidate) <= 1
+        if confirmed and (best_lag != self.lag or not self.lags_found):
+            self.lag = best_lag
+            self.lags_found += 1  # the same lag twice in a row: believed
+        self._candidate = best_lag
+
     def _learn(self, excess_db: float, erl_db: float) -> None:
-        """The residual coupling's 90th percentile (+step above it, -step/9 below) and the
-        raw coupling's median."""
+        """The 90th percentiles (+step above, -step/9 below) of the residual coupling and of
+        the raw one (the echo before cancellation, relative to the reference's envelope)."""
         assert self.coupling_db is not None and self.erl_db is not None
-        lo, hi = COUPLING_RANGE_DB
-        step = COUPLING_STEP_DB if excess_db > self.coupling_db else -COUPLING_STEP_DB / 9
-        self.coupling_db = min(hi, max(lo, self.coupling_db + step))
-        step = ERL_STEP_DB if erl_db > self.erl_db else -ERL_STEP_DB
-        self.erl_db = min(hi, max(lo, self.erl_db + step))
+        self.coupling_db = _quantile_step(self.coupling_db, excess_db)
+        self.erl_db = _quantile_step(self.erl_db, erl_db)
+
+
+def _quantile_step(estimate: float, sample: float) -> float:
+    """One step of a 90th-percentile tracker: up ``COUPLING_STEP_DB`` when the sample is above,
+    down a ninth of it below (five times that when far below: a canceller converging)."""
+    lo, hi = COUPLING_RANGE_DB
+    if sample > estimate:
+        step = COUPLING_STEP_DB
+    else:
+        step = -COUPLING_STEP_DB / 9 * (5 if sample < estimate - FAR_BELOW_DB else 1)
+    return min(hi, max(lo, estimate + step))

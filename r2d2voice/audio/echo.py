@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,8 +45,8 @@ from r2d2voice.audio.pcm import RATE, rms_dbfs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "EchoCanceller", "EchoStage", "EchoStatistics", "SpeakerTap", "StreamClock",
-           "echo_stage", "load_apm", "resolve_mode"]
+__all__ = ["MODES", "EchoCanceller", "EchoStage", "EchoStatistics", "PaClock", "SpeakerTap",
+           "StreamClock", "echo_stage", "load_apm", "resolve_mode"]
 
 #: Microphone audio passes untouched once the speaker has been silent this long.
 REST_AFTER_S = 1.0
@@ -56,6 +57,9 @@ RING_SECONDS = 2.0
 #: A timing estimate this far from the smoothed one is a real jump (an underrun): follow it.
 SNAP_SECONDS = 0.005
 CHUNK = RATE // 100  # 10 ms at 24 kHz
+#: tuning aid: R2D2_ECHO_TRACE=DIR logs every chunk taken for someone speaking and writes what
+#: the canceller saw (mic.raw, ref.raw at the speaker's rate, out.raw; int16) into DIR
+TRACE = os.environ.get("R2D2_ECHO_TRACE") or None
 #: A reference is tonal when its TONAL_PEAKS strongest bins (of its recent spectrum) hold
 #: TONAL_SHARE of its energy; an output chunk is its echo when that share of it lies within
 #: TONAL_HZ of those bins.
@@ -108,14 +112,36 @@ class StreamClock:
         return None if self.offset is None else (t - self.offset) * self.rate
 
 
-def stream_time(info: Any, now: float, field: str, fallback: float) -> float:
-    """Monotonic time of a block's first sample from PortAudio's ``time`` struct: ``now`` plus
-    (``field`` - ``currentTime``), or ``now + fallback`` where PortAudio reports zeros."""
-    current = getattr(info, "currentTime", 0.0)
-    at = getattr(info, field, 0.0)
-    if current and at:
-        return now + (at - current)
-    return now + fallback
+class PaClock:
+    """PortAudio's stream clock -> the monotonic clock, for one stream's callback.
+
+    ``now - currentTime`` is the offset between the two clocks plus however long the callback
+    waited after PortAudio took ``currentTime`` (for the GIL: milliseconds, on a busy board).
+    The smallest offset seen is the true one; it is allowed to creep up by ``CREEP`` per call
+    (the clocks drift apart slowly) and jumps when the stream clock itself jumps (a wall clock
+    stepped by NTP: ALSA stamps with it).
+    """
+
+    CREEP = 1e-6
+    JUMP = 0.1
+
+    def __init__(self) -> None:
+        self.offset: float | None = None
+
+    def to_monotonic(self, info: Any, now: float, field: str, fallback: float) -> float:
+        """Monotonic time of a block's first sample from PortAudio's ``time`` struct
+        (``field``: ``outputBufferDacTime``, ``inputBufferAdcTime``), or ``now + fallback``
+        where PortAudio reports zeros."""
+        current = getattr(info, "currentTime", 0.0)
+        at = getattr(info, field, 0.0)
+        if not (current and at):
+            return now + fallback
+        seen = now - current
+        if self.offset is None or seen < self.offset or seen - self.offset > self.JUMP:
+            self.offset = seen
+        else:
+            self.offset += self.CREEP
+        return at + self.offset
 
 
 class SpeakerTap:
@@ -139,6 +165,7 @@ class SpeakerTap:
         self.duck = 1.0
         self._gain = 1.0
         self._latency = 0.0
+        self._pa = PaClock()
 
     def device_opened(self) -> None:
         """The speaker device was (re)opened: the echo path may be another (trio thread)."""
@@ -151,6 +178,7 @@ class SpeakerTap:
         self.rate, self._latency = rate, latency
         self.written = 0
         self.timeline.start(rate)
+        self._pa = PaClock()
         self._gain = self.duck
         self.segment += 1
         self.playing = True
@@ -171,7 +199,7 @@ class SpeakerTap:
             np.copyto(outdata, (outdata * ramp[:, np.newaxis]).astype(np.int16))
             self._gain = target
         now = self.clock()
-        dac = stream_time(time_info, now, "outputBufferDacTime", self._latency)
+        dac = self._pa.to_monotonic(time_info, now, "outputBufferDacTime", self._latency)
         w, cap = self.written, len(self.ring)
         start = w % cap
         first = min(n, cap - start)
@@ -299,9 +327,10 @@ class EchoCanceller:
         self.active = False
         self.stats.rests += 1
         dt = self.doubletalk
-        log.debug("echo canceller resting: %d chunks, %d resyncs, residual coupling %s dB, "
+        log.debug("echo canceller resting: %d chunks, %d resyncs, echo %d ms late, residual "
+                  "coupling %s dB, "
                   "speaker->mic %s dB, %d ducks (%d recovered), %d chunks guarded",
-                  self.stats.chunks, self.stats.resyncs,
+                  self.stats.chunks, self.stats.resyncs, dt.lag * 10,
                   "?" if dt.coupling_db is None else f"{dt.coupling_db:.0f}",
                   "?" if dt.erl_db is None else f"{dt.erl_db:.0f}",
                   dt.stats.ducks, dt.stats.recoveries, dt.stats.guarded_chunks)
@@ -378,8 +407,16 @@ class EchoCanceller:
         self.stats.chunks += 1
         out = np.frombuffer(data, dtype=np.int16)
         _shift_in(self._out_history, out)
+        before = self.doubletalk.stats.evidence_chunks
         duck, gain = self.doubletalk.update(rms_dbfs(out), rms_dbfs(self._ref), rms_dbfs(mic), t,
                                             self._echo_like)
+        if TRACE:
+            _trace(mic, self._ref, out)
+        if TRACE and self.doubletalk.stats.evidence_chunks != before:
+            dt = self.doubletalk
+            log.debug("evidence at %.2f: out %.0f mic %.0f ref %.0f hold %.0f coupling %.0f "
+                      "erl %.0f", t, rms_dbfs(out), rms_dbfs(mic), rms_dbfs(self._ref),
+                      dt.hold_dbfs, dt.coupling_db or 0, dt.erl_db or 0)
         if duck != self.tap.duck:
             log.debug("echo canceller: %s the playback (someone speaking over it?)",
                       "ducking" if duck < 1.0 else "restoring")
@@ -431,3 +468,11 @@ def echo_stage(requested: str) -> EchoStage | None:
     assert make is not None
     tap = SpeakerTap()
     return EchoStage(tap, EchoCanceller(make, tap))
+
+
+def _trace(mic: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
+    """Append one chunk of each to R2D2_ECHO_TRACE's files (tuning only: blocking writes)."""
+    assert TRACE is not None
+    for name, data in (("mic", mic), ("ref", ref), ("out", out)):
+        with open(os.path.join(TRACE, f"{name}.raw"), "ab") as f:
+            f.write(np.asarray(data, dtype="<i2").tobytes())
