@@ -13,6 +13,8 @@ the test itself, next to this (PulseAudio mixes them).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,10 +27,15 @@ from room import EchoPath, fan_noise
 
 RATE = 48000
 BLOCK = RATE // 100
+#: the stream's latency: enough that a busy machine does not starve it (a gap in the room's
+#: output would move the echo in time, which no real room does)
+LATENCY = 0.03
 
 
 def main() -> None:
     gain = float(sys.argv[1])
+    with contextlib.suppress(OSError):
+        os.nice(-10)  # the room must keep time on a busy machine (as root; else as it is)
     path = EchoPath(RATE, gain, BLOCK)
     noise = fan_noise(10.0, RATE).astype(np.float32)  # ten seconds of fan, looped
     at = 0
@@ -41,7 +48,7 @@ def main() -> None:
         outdata[:, 0] = np.clip(path.process(indata[:, 0]) + fan, -1, 1)
 
     with sd.Stream(device="pulse", samplerate=RATE, blocksize=BLOCK, channels=1,
-                   dtype="float32", latency=0.03, callback=callback):
+                   dtype="float32", latency=LATENCY, callback=callback):
         print("ready", flush=True)
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
 
