@@ -69,7 +69,7 @@ COUPLING_STEP_DB = 1.8
 FAR_BELOW_DB = 10.0
 COUPLING_RANGE_DB = (-45.0, 10.0)
 #: output within this of the input: the canceller removed (almost) nothing
-FAILED_DB = 6.0
+FAILED_DB = 4.0
 #: the reference's level is held this many chunks before it decays (the delay's jitter, the
 #: room's first reflections)
 HOLD_CHUNKS = 2
@@ -189,7 +189,7 @@ class DoubleTalk:
         predicted = self.hold_dbfs + self.coupling_db
         threshold = max(predicted + MARGIN_DB, EVIDENCE_DBFS, self.floor_dbfs + FLOOR_MARGIN_DB)
         failed = (out_dbfs > mic_dbfs - FAILED_DB
-                  and mic_dbfs < self.hold_dbfs + self.erl_db + MARGIN_DB)
+                  and mic_dbfs < self.hold_dbfs + self.erl_db + FAILED_DB)
         evidence = (out_dbfs > threshold and not failed
                     and not (echo_like is not None and echo_like()))
         was_ducked = self.ducked(now)
