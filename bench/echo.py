@@ -16,7 +16,8 @@ espeak-ng voice near full scale, and the local backend's R2 beeps):
 - *reduction*: the echo removed (microphone minus what is sent, median over the echo's frames
   after the first second).
 
-**CPU** (``--cpu``, on a private PulseAudio rig): a bare duplex PortAudio stream (the floor),
+**CPU** (``--cpu``, on a private PulseAudio rig): a bare duplex PortAudio pair (an input and an
+output stream opened as ``run`` opens them, both running, callbacks doing nothing: the floor),
 ``run`` with ``R2D2_ECHO=aec`` and ``run`` with ``R2D2_ECHO=off``, side by side, while a person
 (a recording played into the rig's microphone every few seconds) talks to the local backend and
 each run plays its replies. User+sys CPU of each over the same window, as a ratio to the floor.
@@ -149,14 +150,20 @@ def sweep(tmp: Path) -> None:
 # --------------------------------------------------------------------------- CPU on the rig
 
 DUPLEX_FLOOR = """
-import json, signal, sys, sounddevice as sd
-dev = sd.query_devices(kind="input")
-rate = int(dev["default_samplerate"])
-def callback(indata, outdata, frames, time, status):
+import json, signal, sounddevice as sd
+mic, out = sd.query_devices(kind="input"), sd.query_devices(kind="output")
+rate = int(mic["default_samplerate"])
+def listen(indata, frames, time, status):
+    pass
+def play(outdata, frames, time, status):
     outdata.fill(0)
-stream = sd.Stream(device=(dev["index"], sd.default.device[1]), samplerate=rate, channels=(1, 2),
-                   dtype=("float32", "int16"), blocksize=rate // 50, callback=callback)
-stream.start()
+streams = [sd.InputStream(device=mic["index"], samplerate=rate, blocksize=rate // 50,
+                          channels=max(1, min(2, int(mic["max_input_channels"]))),
+                          dtype="float32", callback=listen),
+           sd.OutputStream(device=out["index"], samplerate=int(out["default_samplerate"]),
+                           channels=2, dtype="int16", latency=0.03, callback=play)]
+for stream in streams:
+    stream.start()
 print(json.dumps({"rate": rate}), flush=True)
 signal.signal(signal.SIGTERM, lambda *a: None)
 signal.pause()
@@ -212,13 +219,13 @@ def cpu(window: float, warmup: float) -> None:
             server.terminate()
         turns = {m: _turns(tmp / f"{m}.db") for m in ("aec", "off")}
         print(f"\nCPU % of one core over {window:.0f} s of conversation (user+sys, all threads)")
-        print(f"floor (bare duplex PortAudio stream): {used['floor']:.2f}%")
+        print(f"floor (bare PortAudio input + output streams): {used['floor']:.2f}%")
         for mode in ("aec", "off"):
-            ratio = used[mode] / used["floor"]
+            ratio = used[mode] / max(used["floor"], 1e-9)
             print(f"run R2D2_ECHO={mode}: {used[mode]:.2f}%  ratio {ratio:.1f}x the floor  "
                   f"({turns[mode]} replies)")
         print(f"the canceller's share: {used['aec'] - used['off']:.2f}% of a core "
-              f"({used['aec'] / used['off']:.2f}x of run without it)")
+              f"({used['aec'] / max(used['off'], 1e-9):.2f}x of run without it)")
 
 
 def _turns(db: Path) -> int:
