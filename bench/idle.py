@@ -10,7 +10,8 @@ ALSA's pulse plugin):
   appliance opens it (device default rate, up to 2 channels, float32, 20 ms blocks, default
   latency), its callback only counting blocks;
 - ``always``: ``r2d2voice run --backend openai --url ws://127.0.0.1:PORT/v1/realtime`` with a
-  dummy ``OPENAI_API_KEY`` and a temp ``R2D2_DB``, streaming the silence to the local backend;
+  dummy ``OPENAI_API_KEY`` and a temp ``R2D2_DB``, streaming the silence to the local backend
+  (with the default ``R2D2_ECHO=aec``: the echo canceller rests while nothing plays);
 - ``wake``: ``r2d2voice run --listen wake`` (the same with the wake-word gate), once the CLI has
   ``--listen``; until then it is reported as not implemented.
 

@@ -83,19 +83,22 @@ def require_tool(name: str) -> None:
         pytest.skip(f"{name} is not installed")
 
 
-def espeak_wav(text: str, path: Path) -> Path:
-    """Speech made by espeak-ng, as a WAV file at ``path``."""
+def espeak_wav(text: str, path: Path, voice: tuple[str, ...] = ()) -> Path:
+    """Speech made by espeak-ng, as a WAV file at ``path``; ``voice``: more espeak-ng options
+    (``("-v", "en+f3", "-p", "70")``: another person than the default voice)."""
     require_tool("espeak-ng")
-    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+    subprocess.run(["espeak-ng", *voice, "-w", str(path), text], check=True,
+                   capture_output=True)
     return path
 
 
-def espeak_pcm(text: str, tmp_path: Path, rate: int = RATE) -> np.ndarray:
+def espeak_pcm(text: str, tmp_path: Path, rate: int = RATE,
+               voice: tuple[str, ...] = ()) -> np.ndarray:
     """Speech made by espeak-ng as int16 mono at ``rate``."""
     import soundfile as sf
     import soxr
 
-    wav = espeak_wav(text, tmp_path / "speech.wav")
+    wav = espeak_wav(text, tmp_path / f"speech-{abs(hash((text, voice)))}.wav", voice)
     data, native = sf.read(wav, dtype="float32")
     return np.round(soxr.resample(data, native, rate) * 32767).astype(np.int16)
 

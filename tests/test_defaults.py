@@ -121,6 +121,9 @@ REPEATED: list[tuple[str, str, str, str, object]] = [
     ("r2d2voice.live.client_events", "LiveConfig", "voice", "live_voice", None),
     ("r2d2voice.live.client_events", "LiveConfig", "delegate_model", "live_delegate_model",
      None),
+    ("r2d2voice.realtime.client_events", "SessionConfig", "turn_detection", "turn_detection",
+     None),
+    ("r2d2voice.realtime.client_events", "SessionConfig", "eagerness", "vad_eagerness", None),
 ]
 
 

@@ -193,19 +193,20 @@ async def test_the_embedded_backend_speaks_live_with_local_protocol_live(
     assert report["total"]["local_live_seconds"] >= 7 and report["total"]["cost_usd"] == 0
 
 
-@pytest.mark.parametrize("env", [{"R2D2_BACKEND": "live"},
-                                 {"R2D2_BACKEND": "local", "R2D2_LOCAL_PROTOCOL": "live"}])
+@pytest.mark.parametrize("env", [{"R2D2_BACKEND": "live", "R2D2_ECHO": "half"},
+                                 {"R2D2_BACKEND": "local", "R2D2_LOCAL_PROTOCOL": "live",
+                                  "R2D2_ECHO": "half"}])
 async def test_run_refuses_a_full_duplex_model_behind_the_half_duplex_gate(
         tmp_path: Path, env: dict[str, str]) -> None:
-    """R2D2_DUPLEX=half (the default) with GPT-Live: exit 3, saying why, before any device
-    or connection; ``replay`` (a file, no gate) is not concerned."""
+    """R2D2_ECHO=half with GPT-Live: exit 3, saying why, before any device or connection;
+    ``replay`` (a file, no gate) is not concerned."""
     r = await cli("run", "--url", "ws://127.0.0.1:9/v1/live/sessions", "--db",
                   str(tmp_path / "c.db"), cwd=tmp_path, env=clean_env(HOME=str(tmp_path), **env))
     err = r.stderr.decode()
     assert r.returncode == 3, err
     [line] = err.splitlines()  # no device looked for: one line
-    assert line.startswith("r2d2voice: error: R2D2_DUPLEX=half (by default)")
-    assert "can never be interrupted" in line and "--duplex full" in line
+    assert line.startswith("r2d2voice: error: R2D2_ECHO=half (in the environment)")
+    assert "can never be interrupted" in line and "R2D2_ECHO=aec" in line
 
 
 def test_backend_live_plans_the_live_service() -> None:

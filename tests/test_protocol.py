@@ -26,12 +26,16 @@ TURN_HEAD = {"type": "function", "name": "turn_head", "description": "Turn the d
 TOOLS_CFG = c.SessionConfig(instructions="x", tools=(TURN_HEAD,), idle_timeout_ms=6000)
 BOUNDED_CFG = c.SessionConfig(instructions="x", retention_ratio=0.5, token_limit=4000,
                               max_output_tokens=400)
+SEMANTIC_CFG = c.SessionConfig(instructions="x", noise_reduction="far_field",
+                               turn_detection="semantic_vad", eagerness="low")
 
 EVERY_CLIENT_EVENT: list[c.ClientEvent] = [
     c.SessionUpdate(CFG),
     c.SessionUpdate(c.SessionConfig(instructions="x")),
     c.SessionUpdate(TOOLS_CFG),
     c.SessionUpdate(BOUNDED_CFG),
+    c.SessionUpdate(SEMANTIC_CFG),
+    c.SessionUpdate(c.SessionConfig(instructions="x", noise_reduction="near_field")),
     c.ItemCreateFunctionOutput("call_1", "turned to -90"),
     c.AudioAppend(b"\x00\x01" * 480),
     c.AudioCommit(),
@@ -100,6 +104,16 @@ def test_a_reply_s_length_and_the_context_are_bounded_when_configured() -> None:
     bad["session"]["max_output_tokens"] = "a lot"  # the schema check can fail on this field
     with pytest.raises(ValidationError):
         CLIENT.validate_python(bad)
+
+
+def test_noise_reduction_and_semantic_vad_are_asked_for_when_configured() -> None:
+    sess = c.to_dict(c.SessionUpdate(SEMANTIC_CFG), "evt_1")["session"]
+    assert sess["audio"]["input"]["noise_reduction"] == {"type": "far_field"}
+    assert sess["audio"]["input"]["turn_detection"] == {
+        "type": "semantic_vad", "eagerness": "low", "create_response": True,
+        "interrupt_response": True}
+    plain = c.to_dict(c.SessionUpdate(CFG), "evt_2")["session"]
+    assert "noise_reduction" not in plain["audio"]["input"]  # none asked for: the service's own
 
 
 def test_tools_and_the_idle_timeout_are_offered_when_configured() -> None:

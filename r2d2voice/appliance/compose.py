@@ -29,6 +29,7 @@ from r2d2voice.appliance.tools.builtins import Volume
 from r2d2voice.appliance.tools.memory_brief import with_memory
 from r2d2voice.appliance.tools.offer import open_toolbox as offered_tools
 from r2d2voice.appliance.watching import watch_run
+from r2d2voice.audio.echo import resolve_mode
 from r2d2voice.audio.wake import WakeWordDetector
 from r2d2voice.errors import ConfigError, UsageError
 from r2d2voice.link.parts import LinkParts
@@ -95,6 +96,9 @@ def session_config(settings: Settings, toolbox: Toolbox | None = None) -> Sessio
         retention_ratio=settings.truncation_ratio,
         token_limit=settings.context_token_limit or None,
         max_output_tokens=settings.max_output_tokens,
+        noise_reduction=None if settings.noise_reduction == "off" else settings.noise_reduction,
+        turn_detection=settings.turn_detection,
+        eagerness=settings.vad_eagerness,
     )
 
 
@@ -180,11 +184,15 @@ class RunOptions:
     events: Events | None = None
 
 
-def link_policy(settings: Settings) -> LinkPolicy:
+def link_policy(settings: Settings, source: object = None) -> LinkPolicy:
+    """The link's policy from settings. Full duplex with ``R2D2_ECHO=off``, or with ``aec``
+    when ``source`` has an echo canceller (``source.echo``); half duplex otherwise."""
+    mode = resolve_mode(settings.echo_mode())
+    cancelled = mode == "aec" and getattr(source, "echo", None) is not None
     return LinkPolicy(
         session_max_seconds=settings.session_max_minutes * 60,
         context_turns=settings.context_turns,
-        duplex=settings.duplex,
+        duplex="full" if mode == "off" or cancelled else "half",
         echo_tail=settings.echo_tail_ms / 1000,
         barge_in_dbfs=settings.barge_in_dbfs,
     )
@@ -246,7 +254,7 @@ async def hold(settings: Settings, source: Source, sink: Sink,
                     parts = watching.parts = LinkParts(
                         endpoint, session_config(settings, toolbox), source, sessions,
                         switch or budget or gate, connect=options.connect,
-                        policy=options.policy or link_policy(settings),
+                        policy=options.policy or link_policy(settings, source),
                         console=_console(gate, options.console),
                         on_configured=options.on_configured,
                         configure=lambda config: with_memory(config, settings),

@@ -38,13 +38,15 @@ def core_factory(service: Service, settings: Settings) -> CoreFactory:
 def check_duplex(service: Service, settings: Settings, *, live_source: bool) -> None:
     """A full-duplex model behind the half-duplex echo gate can never be interrupted (the
     microphone is muted whenever it speaks, and it speaks whenever it likes): ConfigError
-    (exit 3) for GPT-Live with ``R2D2_DUPLEX=half`` on a microphone. A file has no gate."""
-    if service.protocol != LIVE or not live_source or settings.duplex != "half":
+    (exit 3) for GPT-Live with ``R2D2_ECHO=half`` (or the older ``R2D2_DUPLEX=half``) on a
+    microphone. A file has no gate."""
+    if service.protocol != LIVE or not live_source or settings.echo_mode() != "half":
         return
+    key = "duplex" if settings.sources.get("echo", "default") == "default" else "echo"
     raise ConfigError(
-        f"R2D2_DUPLEX=half ({settings.where('duplex')}) cannot work with GPT-Live "
+        f"R2D2_{key.upper()}=half ({settings.where(key)}) cannot work with GPT-Live "
         f"(R2D2_BACKEND={settings.backend}"
         + (", R2D2_LOCAL_PROTOCOL=live" if service.backend == "local" else "")
         + "): a full-duplex model behind a half-duplex gate can never be interrupted. Use "
-        "an echo-cancelled microphone or a headset with --duplex full (R2D2_DUPLEX=full), "
-        "or a Realtime backend")
+        "the echo canceller (R2D2_ECHO=aec, the default), a headset (R2D2_ECHO=off), or a "
+        "Realtime backend")

@@ -34,6 +34,8 @@ class ServiceConsole:
         self.said = "connecting"
         self.store_note = ""
         self.ship_note = ""
+        #: "no echo canceller: half duplex" when R2D2_ECHO=aec cannot be had
+        self.echo_note = ""
         self.devices = DeviceStates(on_change=self.refresh)
 
     def transcript(self, role: str, text: str) -> None:
@@ -42,7 +44,7 @@ class ServiceConsole:
     def status(self, text: str) -> None:
         self.said = text
         shown = self.devices.status or text
-        for note in (self.store_note, self.ship_note):
+        for note in (self.echo_note, self.store_note, self.ship_note):
             if note:
                 shown = f"{shown} · {note}"
         if shown != self.last:
@@ -87,6 +89,7 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     from r2d2voice.appliance.sinks import DeviceSink
     from r2d2voice.appliance.sources import DeviceSource
     from r2d2voice.audio.availability import device_at_start, label
+    from r2d2voice.audio.echo import echo_stage
     from r2d2voice.system.control import serve_control
     from r2d2voice.system.notify import run_watchdog, watchdog_interval
 
@@ -99,9 +102,13 @@ def run_command(settings: Settings, *, url: str | None) -> None:
     speaker_name = speaker.name if speaker else label(settings.output_device, "output")
     notifier = Notifier()
     console = ServiceConsole(notifier)
-    source = DeviceSource(mic or settings.input_device, states=console.devices)
+    echo = echo_stage(settings.echo_mode())  # None: half duplex, off, or no livekit (warned)
+    if echo is None and settings.echo_mode() == "aec":
+        console.echo_note = "no echo canceller: half duplex"
+    source = DeviceSource(mic or settings.input_device, states=console.devices,
+                          echo=echo.canceller if echo else None)
     sink = DeviceSink(speaker or settings.output_device, latency=settings.output_latency,
-                      states=console.devices)
+                      states=console.devices, tap=echo.tap if echo else None)
     stopper = Stopper()
     stopper.on_stop(notifier.stopping)
     interval = watchdog_interval()

@@ -8,6 +8,7 @@ import trio
 from r2d2voice.audio.availability import DeviceStates
 from r2d2voice.audio.devices import DeviceInfo
 from r2d2voice.audio.earcons import is_earcon
+from r2d2voice.audio.echo import SpeakerTap
 from r2d2voice.audio.files import WavWriter
 from r2d2voice.audio.pcm import FRAME_SAMPLES, RATE
 from r2d2voice.audio.playback import PlaybackStatistics, run_playback
@@ -87,13 +88,16 @@ class DeviceSink:
 
     def __init__(self, device: str | int | DeviceInfo | None, *,
                  latency: float | str | None = 0.03,
-                 states: DeviceStates | None = None) -> None:
+                 states: DeviceStates | None = None,
+                 tap: SpeakerTap | None = None) -> None:
         self.device = device
         self.latency = latency
         self.states = states
+        #: what reaches the speaker, for the echo canceller (None: no canceller)
+        self.tap = tap
         self.stats = PlaybackStatistics()
 
     async def run(self, receive: trio.MemoryReceiveChannel[AudioChunk],
                   buffer: PlayoutBuffer) -> None:
         await run_playback(receive, buffer, self.device, latency=self.latency, stats=self.stats,
-                           states=self.states)
+                           states=self.states, tap=self.tap)

@@ -14,6 +14,7 @@ from r2d2voice.audio import portaudio
 from r2d2voice.audio.availability import DeviceStates
 from r2d2voice.audio.capture import CaptureStatistics, run_capture
 from r2d2voice.audio.devices import DeviceInfo
+from r2d2voice.audio.echo import EchoCanceller
 from r2d2voice.audio.files import AudioReader
 from r2d2voice.audio.pcm import FRAME_SAMPLES, RATE, Framer
 from r2d2voice.audio.vad import EnergyVad, SpeechStarted, Turn
@@ -285,10 +286,13 @@ class DeviceSource:
 
     def __init__(self, device: str | int | DeviceInfo | None, *,
                  latency: float | str | None = None,
-                 states: DeviceStates | None = None) -> None:
+                 states: DeviceStates | None = None,
+                 echo: EchoCanceller | None = None) -> None:
         self.device = device
         self.latency = latency
         self.states = states
+        #: the echo canceller the microphone's audio goes through (None: none)
+        self.echo = echo
         self.stats = CaptureStatistics()
         #: set once capture runs, or once it deliberately waits for the microphone
         self.running = trio.Event()
@@ -301,7 +305,7 @@ class DeviceSource:
 
             async def capture(task_status: trio.TaskStatus[None]) -> None:
                 await run_capture(send, self.device, latency=self.latency, stats=self.stats,
-                                  states=self.states, capture=self._capture,
+                                  states=self.states, capture=self._capture, echo=self.echo,
                                   task_status=task_status)
                 nursery.cancel_scope.cancel()  # the receiver is gone: stop following too
 

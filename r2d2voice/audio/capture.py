@@ -12,6 +12,10 @@ knows that something happens sets :meth:`~_Capture.set_urgent` (``DeviceSource``
 conversation): then every block is handed over as it comes, and the barge-in gate and the end
 of a turn see the audio without the batch's delay. The first speech of a turn waits at most one
 batch (100 ms) longer for the service's VAD.
+
+Echo: with an :class:`~r2d2voice.audio.echo.EchoCanceller`, the callback also stamps each block
+with its ADC time (``inputBufferAdcTime`` on the monotonic clock) and the trio side runs the
+24 kHz audio through the canceller before framing it; a new stream resets the canceller.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time as _time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,7 @@ import trio
 
 from r2d2voice.audio.availability import DeviceStates, keep_device
 from r2d2voice.audio.devices import DeviceInfo
+from r2d2voice.audio.echo import EchoCanceller, PaClock, StreamClock
 from r2d2voice.audio.pcm import RATE, Framer, Resampler, float_to_pcm16, to_mono
 from r2d2voice.audio.portaudio import (
     DeviceUnavailable,
@@ -95,8 +101,13 @@ class _Capture:
     """The ring between PortAudio's thread and trio, and the framing on the trio side."""
 
     def __init__(self, send: trio.MemorySendChannel[bytes], stats: CaptureStatistics,
-                 token: trio.lowlevel.TrioToken, *, batch_ms: int = BATCH_MS) -> None:
+                 token: trio.lowlevel.TrioToken, *, batch_ms: int = BATCH_MS,
+                 echo: EchoCanceller | None = None) -> None:
         self.send = send
+        self.echo = echo
+        self.timeline = StreamClock()
+        self.pa_clock = PaClock()
+        self.latency = 0.0
         self.stats = stats
         self.token = token
         self.batch_ms = batch_ms
@@ -117,6 +128,11 @@ class _Capture:
         self.wake_pending = False
         self.resampler = Resampler(rate, RATE, channels=1)
         self.framer = Framer()
+        self.timeline.start(rate)
+        self.pa_clock = PaClock()
+        self.produced = 0  # 24 kHz samples out of the resampler since the stream opened
+        if self.echo is not None:
+            self.echo.reset()
 
     def set_urgent(self, urgent: bool) -> None:
         """Hand every block over at once (True) or in batches (False); trio thread."""
@@ -129,6 +145,10 @@ class _Capture:
 
     def callback(self, indata: np.ndarray, frames: int, time: Any, status: Any) -> None:
         with contextlib.suppress(Exception):  # RunFinishedError once trio has ended
+            if self.echo is not None:
+                adc = self.pa_clock.to_monotonic(time, _time.monotonic(), "inputBufferAdcTime",
+                                                 -self.latency - frames / self.rate)
+                self.timeline.update(self.written, adc)
             self.push(indata, bool(status.input_overflow))
 
     def push(self, block: np.ndarray, overflowed: bool) -> None:
@@ -165,6 +185,11 @@ class _Capture:
                  else np.concatenate((self.ring[start:], self.ring[:end])))
         pcm = float_to_pcm16(self.resampler.process(to_mono(block)))
         self.read = w  # the ring's samples are copied out (pcm is a new array)
+        if self.echo is not None and len(pcm):
+            at = self.timeline.time_of(self.produced * self.rate / RATE)
+            self.produced += len(pcm)
+            if at is not None:
+                pcm = self.echo.process(pcm, at)
         self._send(self.framer.push(pcm))
         if self.on_block is not None:
             self.on_block()
@@ -202,6 +227,7 @@ async def run_capture(
     stats: CaptureStatistics | None = None,
     states: DeviceStates | None = None,
     capture: list[_Capture] | None = None,
+    echo: EchoCanceller | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Record the microphone ``device`` names (a setting, or a device already found) and send
@@ -216,6 +242,7 @@ async def run_capture(
     :func:`~r2d2voice.audio.availability.keep_device`); the audio of the gap is lost.
     ``task_status.started()`` comes once capture runs or once it waits for the device.
     ``capture`` (a list) receives the :class:`_Capture`, for its owner to set its urgency.
+    ``echo``: the canceller the audio goes through before it is framed (reset per stream).
 
     Policy when the uplink channel is full: capture never blocks; the newest frame is dropped and
     counted in ``stats.frames_dropped`` (with a warning at most once a second).
@@ -224,7 +251,8 @@ async def run_capture(
     spec = device.name if isinstance(device, DeviceInfo) else device
     first = device if isinstance(device, DeviceInfo) else None
     async with send:
-        cap = _Capture(send, stats, trio.lowlevel.current_trio_token(), batch_ms=batch_ms)
+        cap = _Capture(send, stats, trio.lowlevel.current_trio_token(), batch_ms=batch_ms,
+                       echo=echo)
         if capture is not None:
             capture.append(cap)
         started = False
@@ -273,6 +301,7 @@ async def _session(cap: _Capture, device: DeviceInfo, *, block_ms: int,
     try:
         if pa.generation != generation:  # a rescan came first: the index may be another's
             raise Reopen
+        cap.latency = float(stream.latency)
         cap.configure(rate, channels)
         cap.stats.samplerate, cap.stats.channels = rate, channels
         await watch.start(stream, f"input device {device.describe()}")

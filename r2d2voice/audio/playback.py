@@ -9,6 +9,11 @@ has been empty long enough to flush the resampler it just writes zeros.
 A speaker that is missing or goes away is waited for (:mod:`r2d2voice.audio.availability`);
 meanwhile reply audio is dropped as it comes (nothing would hear it, and the echo gate must not
 hold the microphone for it).
+
+Echo: with a :class:`~r2d2voice.audio.echo.SpeakerTap`, every block the callback hands to the
+device (after the playout buffer, the volume gain and the earcons) goes through the tap: it is
+ducked when someone talks over the robot, then copied, with its DAC time, as the echo
+canceller's reference.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import trio
 from r2d2voice.audio.availability import DeviceStates, keep_device
 from r2d2voice.audio.capture import LOG_INTERVAL, Reopen
 from r2d2voice.audio.devices import DeviceInfo
+from r2d2voice.audio.echo import SpeakerTap
 from r2d2voice.audio.pcm import RATE, Resampler
 from r2d2voice.audio.portaudio import (
     DeviceUnavailable,
@@ -83,9 +89,11 @@ class _Output:
 
     PULL_SAMPLES = RATE // 100  # 10 ms at 24 kHz
 
-    def __init__(self, buffer: PlayoutBuffer, stats: PlaybackStatistics) -> None:
+    def __init__(self, buffer: PlayoutBuffer, stats: PlaybackStatistics,
+                 tap: SpeakerTap | None = None) -> None:
         self.buffer = buffer
         self.stats = stats
+        self.tap = tap
         self.resampler: Resampler | None = None  # set by configure() once the stream is open
         self.pull = np.zeros(self.PULL_SAMPLES, dtype=np.int16)
         self.fifo = np.zeros(0, dtype=np.int16)
@@ -121,14 +129,16 @@ class _Output:
             if self.zero_run >= FLUSH_SAMPLES and self.buffer.queued_samples() == 0:
                 outdata.fill(0)  # the fast path: nothing queued, nothing left in the pipe
                 self.fifo_len = 0
-                return
-            self._fill(frames)
-            n = min(frames, self.fifo_len)
-            outdata[:n] = self.fifo[:n, np.newaxis]  # mono -> every channel
-            outdata[n:] = 0
-            rest = self.fifo_len - n
-            self.fifo[:rest] = self.fifo[n : self.fifo_len]
-            self.fifo_len = rest
+            else:
+                self._fill(frames)
+                n = min(frames, self.fifo_len)
+                outdata[:n] = self.fifo[:n, np.newaxis]  # mono -> every channel
+                outdata[n:] = 0
+                rest = self.fifo_len - n
+                self.fifo[:rest] = self.fifo[n : self.fifo_len]
+                self.fifo_len = rest
+            if self.tap is not None:
+                self.tap.render(outdata, time)  # what leaves for the device: the reference
         except Exception:
             self.stats.callback_errors += 1
             outdata.fill(0)
@@ -166,10 +176,11 @@ class _Speaker:
 
     def __init__(self, buffer: PlayoutBuffer, stats: PlaybackStatistics, *,
                  latency: float | str | None, samplerate: int | None,
-                 idle_stop: float) -> None:
+                 idle_stop: float, tap: SpeakerTap | None = None) -> None:
         self.buffer = buffer
         self.stats = stats
-        self.output = _Output(buffer, stats)
+        self.tap = tap
+        self.output = _Output(buffer, stats, tap)
         self.latency = latency
         self.samplerate = samplerate
         self.idle_stop = idle_stop
@@ -211,6 +222,8 @@ class _Speaker:
         token = trio.lowlevel.current_trio_token()
         rates = candidate_rates(device.default_samplerate, self.samplerate)
         first = True
+        if self.tap is not None:
+            self.tap.device_opened()  # (re)opened: the canceller starts afresh
         while True:
             if not first:
                 while self.buffer.queued_samples() == 0:
@@ -236,6 +249,8 @@ class _Speaker:
                     running()
                     continue
                 self.output.configure(rate)
+                if self.tap is not None:
+                    self.tap.start(rate, float(stream.latency))
                 await watch.start(stream, label)
                 self.stats.starts += 1
                 async with trio.open_nursery() as nursery:
@@ -246,6 +261,8 @@ class _Speaker:
                     raise DeviceUnavailable(f"{label} stopped playing")
             finally:
                 await watch.close(stream)
+                if self.tap is not None:
+                    self.tap.stop()
                 pa.closed()
 
     async def run(self, spec: str | int | None, first: DeviceInfo | None,
@@ -288,6 +305,7 @@ async def run_playback(
     idle_stop: float = IDLE_STOP_SECONDS,
     stats: PlaybackStatistics | None = None,
     states: DeviceStates | None = None,
+    tap: SpeakerTap | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Play the chunks from ``receive`` on the speaker ``device`` names, through ``buffer``.
@@ -302,13 +320,15 @@ async def run_playback(
     ``buffer`` (``played_samples``). A missing or vanished speaker is waited for; meanwhile
     reply audio is dropped (``stats.dropped_samples``). ``task_status.started()`` comes once the
     device opened (it is then closed until audio comes) or once it is waited for.
+    ``tap``: every block handed to the device goes through it (the echo canceller's
+    reference, the double-talk duck).
     """
     stats = stats if stats is not None else PlaybackStatistics()
     spec = device.name if isinstance(device, DeviceInfo) else device
     first = device if isinstance(device, DeviceInfo) else None
     async with receive:
         speaker = _Speaker(buffer, stats, latency=latency, samplerate=samplerate,
-                           idle_stop=idle_stop)
+                           idle_stop=idle_stop, tap=tap)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_report_playback, stats)
             await nursery.start(speaker.run, spec, first, states)

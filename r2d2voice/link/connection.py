@@ -99,10 +99,8 @@ class Connection:
         """All tasks of this connection; returns how it ended once it is closed. Owns the
         control channel."""
         control_send, control_recv = trio.open_memory_channel[ClientEvent](CONTROL_BOUND)
-        offer = self.parts.offer
         effects = Effects(self.state, self.session_id, self.parts, audio, records,
-                          control_send, self.tools.calls, self.epoch,
-                          heard=offer.heard if offer is not None else None)
+                          control_send, self.tools.calls, self.epoch)
         state, policy = self.state, self.policy
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._uplink, feed, control_recv)

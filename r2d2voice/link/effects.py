@@ -11,7 +11,6 @@ waited; control events and tool calls wait (they are few and small).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,8 +48,7 @@ class Effects:
                  audio: trio.MemorySendChannel[AudioChunk],
                  records: trio.MemorySendChannel[tuple[str, Record]],
                  control: trio.MemorySendChannel[ClientEvent],
-                 calls: trio.MemorySendChannel[ToolJob] | None = None, epoch: int = 0, *,
-                 heard: Callable[[str, int | None], None] | None = None) -> None:
+                 calls: trio.MemorySendChannel[ToolJob] | None = None, epoch: int = 0) -> None:
         self.state = state
         self.session_id = session_id
         self.console = parts.console
@@ -61,7 +59,7 @@ class Effects:
         self.calls = calls
         self.epoch = epoch
         #: told each final user transcript (a call waiting for the person's yes)
-        self.heard = heard
+        self.heard = parts.offer.heard if parts.offer is not None else None
         #: set by :class:`HangUp`: the connection closes once the goodbye has played
         self.hang_up = trio.Event()
 

@@ -167,8 +167,7 @@ class LiveConversation:
         return [] if self.end is not None else [Send(ThinkingAppend(text))]
 
     def tools_offered(self, tools: tuple[dict[str, Any], ...]) -> list[Action]:
-        """A session's configuration is fixed once started: new tools are offered from the
-        next session on."""
+        """Fixed once started: new tools are offered from the next session on."""
         return []
 
     def statistics(self) -> dict[str, int]:

@@ -38,6 +38,11 @@ class SessionConfig:
     idle_timeout_ms: int | None = None
     #: the longest reply in tokens (``max_output_tokens``, 1..4096); None: not sent ("inf")
     max_output_tokens: int | None = None
+    #: ``audio.input.noise_reduction.type``: near_field, far_field; None: none asked for
+    noise_reduction: str | None = None
+    #: ``server_vad`` (the threshold and timings above) or ``semantic_vad`` (``eagerness``)
+    turn_detection: str = "server_vad"
+    eagerness: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,15 +164,15 @@ ClientEvent = (
 
 def _session(cfg: SessionConfig) -> dict[str, Any]:
     pcm = {"type": "audio/pcm", "rate": RATE}
-    turn_detection: dict[str, Any] = {
-        "type": "server_vad",
-        "threshold": cfg.vad_threshold,
-        "prefix_padding_ms": cfg.vad_prefix_ms,
-        "silence_duration_ms": cfg.vad_silence_ms,
-        "create_response": cfg.create_response,
-        "interrupt_response": cfg.interrupt_response,
-    }
-    if cfg.idle_timeout_ms is not None:
+    turn_detection: dict[str, Any] = {"type": cfg.turn_detection}
+    if cfg.turn_detection == "semantic_vad":
+        turn_detection["eagerness"] = cfg.eagerness
+    else:
+        turn_detection.update(threshold=cfg.vad_threshold, prefix_padding_ms=cfg.vad_prefix_ms,
+                              silence_duration_ms=cfg.vad_silence_ms)
+    turn_detection.update(create_response=cfg.create_response,
+                          interrupt_response=cfg.interrupt_response)
+    if cfg.idle_timeout_ms is not None and cfg.turn_detection == "server_vad":
         turn_detection["idle_timeout_ms"] = cfg.idle_timeout_ms
     session: dict[str, Any] = {
         "type": "realtime",
@@ -178,6 +183,8 @@ def _session(cfg: SessionConfig) -> dict[str, Any]:
                 "format": pcm,
                 "transcription": {"model": cfg.transcribe_model},
                 "turn_detection": turn_detection,
+                **({"noise_reduction": {"type": cfg.noise_reduction}}
+                   if cfg.noise_reduction else {}),
             },
             "output": {"format": dict(pcm), "voice": cfg.voice},
         },

@@ -32,6 +32,10 @@ BACKENDS = ("openai", "local", "azure", "live")
 DUPLEX_MODES = ("half", "full")
 #: the wire protocol the embedded local backend speaks (backend local)
 LOCAL_PROTOCOLS = ("realtime", "live")
+ECHO_MODES = ("aec", "half", "off")
+NOISE_REDUCTIONS = ("near_field", "far_field", "off")
+TURN_DETECTIONS = ("server_vad", "semantic_vad")
+EAGERNESS = ("low", "medium", "high", "auto")
 LISTEN_MODES = ("always", "wake")
 #: URL schemes of a fleet server (PostgreSQL): ``R2D2_DB``/``--db`` may name one for reports.
 FLEET_SCHEMES = ("postgresql://", "postgres://")
@@ -250,8 +254,16 @@ KEYS: tuple[Key, ...] = (
         "a whole number of ms between 0 and 5000", "audio kept before speech starts"),
     Key("R2D2_LOG_LEVEL", "log_level", "INFO", _choice(LOG_LEVELS, upper=True),
         "one of DEBUG, INFO, WARNING, ERROR", "log level"),
+    Key("R2D2_ECHO", "echo", "aec", _choice(ECHO_MODES), "'aec', 'half' or 'off'",
+        "aec: echo canceller, full duplex; half: mic muted while the robot speaks; off"),
     Key("R2D2_DUPLEX", "duplex", "half", _choice(DUPLEX_MODES), "'half' or 'full'",
-        "half: mic muted while the robot speaks"),
+        "old name: half = R2D2_ECHO=half, full = R2D2_ECHO=off (when R2D2_ECHO is not set)"),
+    Key("R2D2_NOISE_REDUCTION", "noise_reduction", "far_field", _choice(NOISE_REDUCTIONS),
+        "'near_field', 'far_field' or 'off'", "the service's input noise reduction"),
+    Key("R2D2_TURN_DETECTION", "turn_detection", "server_vad", _choice(TURN_DETECTIONS),
+        "'server_vad' or 'semantic_vad'", "how the service decides a turn has ended"),
+    Key("R2D2_VAD_EAGERNESS", "vad_eagerness", "auto", _choice(EAGERNESS),
+        "'low', 'medium', 'high' or 'auto'", "semantic_vad: how soon the robot answers"),
     Key("R2D2_ECHO_TAIL_MS", "echo_tail_ms", 300, _int(0, 5_000),
         "a whole number of ms between 0 and 5000", "mic stays muted this long after a reply"),
     Key("R2D2_BARGE_IN_DBFS", "barge_in_dbfs", -25.0, _off_or_number(-90.0, 0.0),
@@ -348,7 +360,11 @@ class Settings:
     vad_silence_ms: int = default("vad_silence_ms")
     vad_prefix_ms: int = default("vad_prefix_ms")
     log_level: str = default("log_level")
+    echo: str = default("echo")
     duplex: str = default("duplex")
+    noise_reduction: str = default("noise_reduction")
+    turn_detection: str = default("turn_detection")
+    vad_eagerness: str = default("vad_eagerness")
     echo_tail_ms: int = default("echo_tail_ms")
     barge_in_dbfs: float | None = default("barge_in_dbfs")
     context_turns: int = default("context_turns")
@@ -406,6 +422,14 @@ class Settings:
         if source.startswith("--"):
             return f"on the command line ({source})"
         return f"in {source}"
+
+    def echo_mode(self) -> str:
+        """``R2D2_ECHO``; where only the old ``R2D2_DUPLEX`` (or ``--duplex``) was given, its
+        meaning: half -> ``half``, full -> ``off``."""
+        if self.sources.get("echo", "default") == "default" and self.sources.get(
+                "duplex", "default") != "default":
+            return "half" if self.duplex == "half" else "off"
+        return self.echo
 
     def secrets(self) -> list[str]:
         """Every value the logs must never show: API keys, the fleet and MQTT URLs and their
