@@ -121,11 +121,15 @@ class LinkOptions(TypedDict, total=False):
     ship: bool
 
 
-def link_policy(settings: Settings) -> LinkPolicy:
+def link_policy(settings: Settings, source: object = None) -> LinkPolicy:
+    """The link's policy from settings. Full duplex with ``R2D2_ECHO=off``, or with ``aec``
+    when ``source`` has an echo canceller (``source.echo``); half duplex otherwise."""
+    mode = resolve_mode(settings.echo_mode())
+    cancelled = mode == "aec" and getattr(source, "echo", None) is not None
     return LinkPolicy(
         session_max_seconds=settings.session_max_minutes * 60,
         context_turns=settings.context_turns,
-        duplex="half" if resolve_mode(settings.echo_mode()) == "half" else "full",
+        duplex="full" if mode == "off" or cancelled else "half",
         echo_tail=settings.echo_tail_ms / 1000,
         barge_in_dbfs=settings.barge_in_dbfs,
     )
@@ -177,7 +181,7 @@ async def converse(
                 ctx = await run_conversation(
                     endpoint, session_config(settings, toolbox), source, sink, sessions,
                     store.record, console=console, stopper=stopper,
-                    on_configured=on_configured, policy=policy or link_policy(settings),
+                    on_configured=on_configured, policy=policy or link_policy(settings, source),
                     toolbox=toolbox, buffer=buffer, connect=connect,
                 )
         except BaseException as exc:

@@ -236,7 +236,7 @@ class _Listener:
         self.file = self.source if isinstance(self.source, FileSource) else None
         #: a file's frames are paced here: throughout (realtime), or during conversations
         self.pace_always = self.file is not None and self.file.realtime
-        policy = self.link.get("policy") or link_policy(self.settings)
+        policy = self.link.get("policy") or link_policy(self.settings, self.source)
         self.half_duplex = policy if self.source.live and policy.duplex == "half" else None
 
     async def run(self) -> Listening:
