@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from r2d2voice.protocol.wire import Ignored, ProtocolError, parse_with
+from r2d2voice.protocol.wire import mapping as _dict
+from r2d2voice.protocol.wire import opt_str as _opt_str
+from r2d2voice.protocol.wire import string as _s
 
 USER, ASSISTANT = "user", "assistant"
 #: Error codes no retry can fix: the run ends with exit 3.
@@ -131,28 +135,10 @@ class Info:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class Ignored:
-    """A well-formed event the appliance has no use for (or an unknown type)."""
-
-    type: str
-
-
 ServerEvent = (
     SessionStarted | TranscriptDelta | AudioDelta | DelegationCreated | Appended | UsageUpdated
     | SessionClosed | BackendResponse | BackendCall | ServiceError | Info | Ignored
 )
-
-
-class ProtocolError(ValueError):
-    """A message that is not a usable server event (non-JSON, binary, missing fields)."""
-
-
-def _s(d: dict[str, Any], key: str) -> str:
-    v = d.get(key)
-    if not isinstance(v, str):
-        raise ProtocolError(f"{d.get('type')!r} event without string field {key!r}")
-    return v
 
 
 def _i(d: dict[str, Any], key: str) -> int:
@@ -162,14 +148,6 @@ def _i(d: dict[str, Any], key: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ProtocolError(f"{d.get('type')!r} event without integer field {key!r}")
     return v
-
-
-def _dict(v: Any) -> dict[str, Any]:
-    return v if isinstance(v, dict) else {}
-
-
-def _opt_str(v: Any) -> str | None:
-    return v if isinstance(v, str) else None
 
 
 def _seconds(usage: Any) -> float | None:
@@ -254,18 +232,5 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str], ServerEvent]] = {
 
 
 def parse_event(message: str | bytes) -> ServerEvent:
-    """Turn one websocket message into an event record.
-
-    Raises ProtocolError for binary frames, non-JSON text and known event types missing the
-    fields the appliance needs; unknown types come back as :class:`Ignored`.
-    """
-    if isinstance(message, bytes):
-        raise ProtocolError(f"binary frame of {len(message)} bytes")
-    try:
-        d = json.loads(message)
-    except ValueError:
-        raise ProtocolError(f"non-JSON text frame: {message[:60]!r}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("type"), str):
-        raise ProtocolError("JSON frame without an event type")
-    parser = _PARSERS.get(d["type"])
-    return parser(d, message) if parser else Ignored(d["type"])
+    """Turn one websocket message into an event record (see :func:`parse_with`)."""
+    return parse_with(_PARSERS, message)  # type: ignore[no-any-return]
